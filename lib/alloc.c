@@ -1,0 +1,187 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The front door: the ta_* allocation API. It checks arguments, picks the
+ * path by size (the large path at or above the threshold, slabs below) and
+ * finds a block's path on free by asking the slab segment map, then the
+ * large table. Process set-up (options, fork handlers, the exit report)
+ * lives here too.
+ */
+#define _GNU_SOURCE
+#include "internal.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <string.h>
+
+static atomic_int process_state; /* 0 new, 1 initialising, 2 ready */
+
+static void fork_prepare(void)
+{
+    _ta_large_fork_prepare();
+    _ta_small_fork_prepare();
+}
+
+static void fork_parent(void)
+{
+    _ta_small_fork_parent();
+    _ta_large_fork_parent();
+}
+
+static void fork_child(void)
+{
+    _ta_small_fork_child();
+    _ta_large_fork_child();
+}
+
+static void process_init_slow(void)
+{
+    int expected = 0;
+    if (!atomic_compare_exchange_strong(&process_state, &expected, 1))
+        return; /* another thread (or this one, re-entered) is at it */
+    _ta_options_init();
+    /* pthread_atfork may allocate: it re-enters malloc, which is fine now
+     * that the options are read and the state says "initialising". */
+    pthread_atfork(fork_prepare, fork_parent, fork_child);
+    atomic_store_explicit(&process_state, 2, memory_order_release);
+}
+
+static inline void process_init(void)
+{
+    if (TA_UNLIKELY(atomic_load_explicit(&process_state, memory_order_acquire) != 2))
+        process_init_slow();
+}
+
+__attribute__((destructor)) static void process_done(void)
+{
+    if (_ta_opt(TA_OPT_STATS))
+        ta_stats_print(stderr, TA_STATS_TEXT);
+}
+
+static inline size_t threshold(void)
+{
+    return (size_t)_ta_opt(TA_OPT_THRESHOLD);
+}
+
+/* alignment: a power of two; 0 or <= TA_MIN_ALIGN means natural. */
+static void *alloc_aligned(size_t size, size_t alignment, bool zero)
+{
+    process_init();
+    if (size < threshold() && alignment <= ((size_t)64 << 10))
+        return _ta_small_alloc(size, alignment, zero);
+    if (alignment > ((size_t)1 << 40)) {
+        errno = ENOMEM;
+        return NULL;
+    }
+    return _ta_large_alloc(size, alignment, zero);
+}
+
+void *ta_malloc(size_t size)
+{
+    return alloc_aligned(size, 0, false);
+}
+
+void *ta_calloc(size_t count, size_t size)
+{
+    size_t total;
+    if (__builtin_mul_overflow(count, size, &total)) {
+        errno = ENOMEM;
+        return NULL;
+    }
+    return alloc_aligned(total, 0, true);
+}
+
+void ta_free(void *ptr)
+{
+    if (ptr == NULL)
+        return;
+    if (_ta_small_owns(ptr))
+        _ta_small_free(ptr, "free");
+    else if (!_ta_large_free(ptr))
+        _ta_fatal("free", ptr, "invalid pointer");
+}
+
+size_t ta_usable_size(const void *ptr)
+{
+    size_t usable;
+    if (ptr == NULL)
+        return 0;
+    if (_ta_small_owns(ptr))
+        return _ta_small_usable(ptr, "malloc_usable_size");
+    if (!_ta_large_lookup(ptr, &usable))
+        _ta_fatal("malloc_usable_size", ptr, "invalid pointer");
+    return usable;
+}
+
+void *ta_realloc(void *ptr, size_t size)
+{
+    if (ptr == NULL)
+        return ta_malloc(size);
+    if (size == 0) { /* glibc: free and return NULL */
+        ta_free(ptr);
+        return NULL;
+    }
+    process_init();
+    size_t old_usable;
+    bool small = _ta_small_owns(ptr);
+    if (small) {
+        old_usable = _ta_small_usable(ptr, "realloc");
+        /* Stay put while the block still fits and is not mostly slack. */
+        if (size <= old_usable && size >= old_usable / 2)
+            return ptr;
+    } else {
+        if (!_ta_large_lookup(ptr, &old_usable))
+            _ta_fatal("realloc", ptr, "invalid pointer");
+        if (size >= threshold())
+            return _ta_large_realloc(ptr, size); /* mremap: nothing copied */
+    }
+    void *fresh = ta_malloc(size);
+    if (fresh == NULL)
+        return NULL; /* the old block stays valid */
+    memcpy(fresh, ptr, size < old_usable ? size : old_usable);
+    ta_free(ptr);
+    return fresh;
+}
+
+static bool power_of_two(size_t a)
+{
+    return a != 0 && (a & (a - 1)) == 0;
+}
+
+void *ta_aligned_alloc(size_t alignment, size_t size)
+{
+    if (!power_of_two(alignment)) {
+        errno = EINVAL;
+        return NULL;
+    }
+    return alloc_aligned(size, alignment, false);
+}
+
+int ta_posix_memalign(void **out, size_t alignment, size_t size)
+{
+    if (!power_of_two(alignment) || alignment % sizeof(void *) != 0)
+        return EINVAL;
+    int saved = errno;
+    void *p = alloc_aligned(size, alignment, false);
+    int rc = p ? 0 : errno;
+    errno = saved;
+    if (p)
+        *out = p;
+    return rc;
+}
+
+void ta_trim(void)
+{
+    process_init();
+    _ta_large_trim();
+    _ta_small_trim();
+}
+
+const char *ta_version(void)
+{
+    return TA_VERSION_STRING;
+}
+
+int ta_version_number(void)
+{
+    return TA_VERSION_NUMBER;
+}

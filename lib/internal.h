@@ -1,0 +1,112 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Internals shared between the library's files (the "_ta_" tier): options,
+ * the two allocation paths' entry points, the always-on invariant check and
+ * a tiny lock. Lower layers never include the faces' headers.
+ */
+#ifndef TA_INTERNAL_H
+#define TA_INTERNAL_H
+
+#include "os.h"
+#include "tensoralloc.h"
+
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define TA_HIDDEN __attribute__((visibility("hidden")))
+#define TA_LIKELY(x) __builtin_expect(!!(x), 1)
+#define TA_UNLIKELY(x) __builtin_expect(!!(x), 0)
+
+/* The preload build must use initial-exec TLS (glibc manual, "Replacing
+ * malloc"); a dlopen-able build must not, or dlopen fails with "cannot
+ * allocate memory in static TLS block" (jemalloc #937). */
+#ifdef TA_PRELOAD
+#define TA_TLS __thread __attribute__((tls_model("initial-exec")))
+#else
+#define TA_TLS __thread
+#endif
+
+/* ---- fatal errors: metadata corruption and bad pointers stop the process */
+__attribute__((noreturn, cold)) void _ta_fatal(const char *call, const void *addr,
+                                                const char *what);
+#define TA_CHECK(cond, call, addr, what)                                                       \
+    do {                                                                                       \
+        if (TA_UNLIKELY(!(cond)))                                                              \
+            _ta_fatal(call, addr, what);                                                       \
+    } while (0)
+
+/* ---- options (options.c) ------------------------------------------------ */
+extern long long _ta_options[TA_OPT_COUNT_];
+void _ta_options_init(void); /* idempotent; reads environ, never allocates */
+static inline long long _ta_opt(ta_option_t o)
+{
+    return __atomic_load_n(&_ta_options[o], __ATOMIC_RELAXED);
+}
+/* Writes a message to stderr without allocating when VERBOSE is on (or
+ * always, when force is set). */
+void _ta_log(bool force, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* ---- a spin-then-yield lock: no allocation, fork-resettable ------------- */
+typedef struct {
+    atomic_int held;
+} ta_lock_t;
+void _ta_lock_slow(ta_lock_t *l);
+static inline void _ta_lock(ta_lock_t *l)
+{
+    int expected = 0;
+    if (!atomic_compare_exchange_weak_explicit(&l->held, &expected, 1, memory_order_acquire,
+                                               memory_order_relaxed))
+        _ta_lock_slow(l);
+}
+static inline void _ta_unlock(ta_lock_t *l)
+{
+    atomic_store_explicit(&l->held, 0, memory_order_release);
+}
+
+/* ---- sizes --------------------------------------------------------------- */
+#define TA_MIN_ALIGN 16
+static inline size_t _ta_align_up(size_t n, size_t a)
+{
+    return (n + a - 1) & ~(a - 1);
+}
+
+/* Mappings tensoralloc holds now (large blocks, pool entries, segments),
+ * for the vm.max_map_count guard. */
+extern atomic_long _ta_live_mappings;
+
+/* ---- large path (large.c) ------------------------------------------------ */
+/* Allocates a block with its own mapping; alignment is a power of two.
+ * zero: the caller needs zeroed memory. Returns NULL with errno set. */
+void *_ta_large_alloc(size_t size, size_t alignment, bool zero);
+/* Returns true and fills *usable if p is a live large block. */
+bool _ta_large_lookup(const void *p, size_t *usable);
+/* Frees a large block; returns false if p is not one. */
+bool _ta_large_free(void *p);
+/* Resizes a large block to size (>= threshold) with mremap; returns NULL
+ * with errno set on failure (the block is untouched then). */
+void *_ta_large_realloc(void *p, size_t size);
+void _ta_large_trim(void);
+/* Would a new mapping be refused by the vm.max_map_count guard? */
+bool _ta_large_near_map_limit(void);
+void _ta_large_stats(ta_stats_t *st);
+void _ta_large_fork_prepare(void);
+void _ta_large_fork_parent(void);
+void _ta_large_fork_child(void);
+
+/* ---- small path (slab.c) ------------------------------------------------- */
+#define TA_SMALL_MAX ((size_t)1 << 20) /* largest slab size class */
+void *_ta_small_alloc(size_t size, size_t alignment, bool zero);
+/* True if p lies in a slab segment (cheap, no lock). */
+bool _ta_small_owns(const void *p);
+void _ta_small_free(void *p, const char *call);
+size_t _ta_small_usable(const void *p, const char *call);
+void _ta_small_trim(void);
+void _ta_small_stats(ta_stats_t *st);
+void _ta_small_fork_prepare(void);
+void _ta_small_fork_parent(void);
+void _ta_small_fork_child(void);
+void _ta_small_thread_done(void);
+
+#endif

@@ -1,0 +1,553 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The large path: every block at or above the threshold owns one mapping
+ * and starts at its first byte. Metadata lives out of band in a hash table
+ * keyed by address. Freed mappings go back to the kernel or, within the
+ * pool's byte and age bounds, wait whole for the next large request, which
+ * takes the best fit and trims or grows it with munmap/mremap (never
+ * splitting one mapping between two blocks). The pool idea and its bounds
+ * follow rpmalloc 2.0's huge-mapping cache; the age limit is enforced by a
+ * purge thread so that memory goes back even if the program goes quiet.
+ *
+ * Locking: one lock guards the table, the pool and the statistics. No
+ * kernel call is made while holding it: work is decided under the lock,
+ * then done after it is released.
+ */
+#define _GNU_SOURCE
+#include "internal.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <string.h>
+#include <time.h>
+
+/* ---- the region table ---------------------------------------------------- */
+
+typedef struct {
+    uintptr_t addr;  /* 0 = empty slot */
+    size_t capacity; /* mapped bytes */
+    size_t size;     /* requested bytes, for statistics */
+} region_t;
+
+#define TABLE_MIN_SLOTS 1024
+
+static ta_lock_t large_lock;
+static region_t *table;
+static size_t table_slots; /* power of two */
+static size_t table_used;
+
+static size_t slot_of(uintptr_t addr, size_t slots)
+{
+    uint64_t h = (uint64_t)(addr >> 12) * 0x9E3779B97F4A7C15ULL;
+    return (size_t)(h >> 20) & (slots - 1);
+}
+
+static region_t *table_find(uintptr_t addr)
+{
+    if (table == NULL)
+        return NULL;
+    for (size_t i = slot_of(addr, table_slots);; i = (i + 1) & (table_slots - 1)) {
+        if (table[i].addr == addr)
+            return &table[i];
+        if (table[i].addr == 0)
+            return NULL;
+    }
+}
+
+static void table_put(region_t *slots, size_t nslots, region_t r)
+{
+    size_t i = slot_of(r.addr, nslots);
+    while (slots[i].addr != 0)
+        i = (i + 1) & (nslots - 1);
+    slots[i] = r;
+}
+
+/* Linear probing with backward-shift deletion: no tombstones to clean. */
+static void table_remove(region_t *r)
+{
+    size_t mask = table_slots - 1;
+    size_t hole = (size_t)(r - table);
+    for (size_t i = (hole + 1) & mask; table[i].addr != 0; i = (i + 1) & mask) {
+        size_t home = slot_of(table[i].addr, table_slots);
+        /* move entry i into the hole if its home is not in (hole, i] */
+        if (((i - home) & mask) >= ((i - hole) & mask)) {
+            table[hole] = table[i];
+            hole = i;
+        }
+    }
+    table[hole].addr = 0;
+    table_used--;
+}
+
+/* Makes room for one more entry; called without the lock held. The new
+ * table is mapped outside the lock and swapped in under it. */
+static int table_reserve(void)
+{
+    for (;;) {
+        _ta_lock(&large_lock);
+        size_t need = table_used + 1;
+        size_t slots = table_slots;
+        if (need * 10 <= slots * 7) /* load factor 0.7 */
+            return 0;               /* returns with the lock held */
+        _ta_unlock(&large_lock);
+
+        size_t new_slots = slots ? slots * 2 : TABLE_MIN_SLOTS;
+        size_t bytes = _ta_align_up(new_slots * sizeof(region_t), _ta_os_page_size());
+        void *mem;
+        int rc = _ta_os_map(bytes, _ta_os_page_size(), &mem);
+        if (rc != 0)
+            return rc;
+        region_t *old = NULL;
+        size_t old_bytes = 0;
+        _ta_lock(&large_lock);
+        if (table_slots == slots) {
+            for (size_t i = 0; i < table_slots; i++)
+                if (table[i].addr)
+                    table_put(mem, new_slots, table[i]);
+            old = table;
+            old_bytes = _ta_align_up(table_slots * sizeof(region_t), _ta_os_page_size());
+            table = mem;
+            table_slots = new_slots;
+            mem = NULL;
+        }
+        _ta_unlock(&large_lock);
+        if (old)
+            _ta_os_unmap(old, old_bytes);
+        if (mem)
+            _ta_os_unmap(mem, bytes);
+    }
+}
+
+/* ---- statistics (guarded by large_lock) ----------------------------------- */
+
+static struct {
+    uint64_t live_bytes, peak_bytes, live_count, mapped_bytes, alloc_count;
+    uint64_t pool_hits, pool_misses, pool_expired, fallbacks;
+} large_stats;
+
+/* ---- the retain pool -------------------------------------------------------- */
+
+typedef struct {
+    uintptr_t addr;
+    size_t capacity;
+    uint64_t freed_ms;
+} pool_entry_t;
+
+#define POOL_MAX_ENTRIES 64
+
+static pool_entry_t pool[POOL_MAX_ENTRIES];
+static size_t pool_count;
+static size_t pool_bytes;
+
+/* A region to unmap once the lock is released. */
+typedef struct {
+    uintptr_t addr;
+    size_t size;
+} unmap_t;
+
+static void pool_remove_at(size_t i)
+{
+    pool_bytes -= pool[i].capacity;
+    pool[i] = pool[--pool_count];
+}
+
+/* Takes out the entry that serves a request of capacity cap best: the
+ * smallest entry >= cap whose address meets align, else the largest
+ * smaller one (to be grown). Returns false if the pool has nothing. */
+static bool pool_take(size_t cap, size_t align, pool_entry_t *out)
+{
+    size_t best = POOL_MAX_ENTRIES, below = POOL_MAX_ENTRIES;
+    for (size_t i = 0; i < pool_count; i++) {
+        if (pool[i].addr & (align - 1))
+            continue;
+        if (pool[i].capacity >= cap) {
+            if (best == POOL_MAX_ENTRIES || pool[i].capacity < pool[best].capacity)
+                best = i;
+        } else if (below == POOL_MAX_ENTRIES || pool[i].capacity > pool[below].capacity) {
+            below = i;
+        }
+    }
+    size_t pick = best != POOL_MAX_ENTRIES ? best : below;
+    if (pick == POOL_MAX_ENTRIES)
+        return false;
+    *out = pool[pick];
+    pool_remove_at(pick);
+    return true;
+}
+
+/* Moves entries that are too old, or beyond the bounds, into out[]. */
+static size_t pool_evict(uint64_t now_ms, size_t max_bytes, uint64_t max_age, unmap_t *out)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < pool_count;) {
+        if (now_ms - pool[i].freed_ms >= max_age || pool_bytes > max_bytes) {
+            out[n++] = (unmap_t){pool[i].addr, pool[i].capacity};
+            if (now_ms - pool[i].freed_ms >= max_age)
+                large_stats.pool_expired++;
+            pool_remove_at(i);
+        } else {
+            i++;
+        }
+    }
+    return n;
+}
+
+static void unmap_all(const unmap_t *list, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        _ta_os_unmap((void *)list[i].addr, list[i].size);
+        atomic_fetch_sub_explicit(&_ta_live_mappings, 1, memory_order_relaxed);
+    }
+}
+
+/* ---- the purge thread --------------------------------------------------------
+ * Started the first time the pool receives a mapping, outside any lock.
+ * It sleeps while the pool is empty and otherwise wakes often enough to
+ * unmap entries within about a quarter of RETAIN_MS of their deadline. */
+
+static pthread_mutex_t purger_mutex = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t purger_wake = PTHREAD_COND_INITIALIZER;
+static atomic_int purger_state; /* 0 none, 1 starting/running */
+
+static void *purger_main(void *arg)
+{
+    (void)arg;
+    for (;;) {
+        pthread_mutex_lock(&purger_mutex);
+        _ta_lock(&large_lock);
+        size_t count = pool_count;
+        _ta_unlock(&large_lock);
+        if (count == 0)
+            pthread_cond_wait(&purger_wake, &purger_mutex);
+        pthread_mutex_unlock(&purger_mutex);
+
+        long long ms = _ta_opt(TA_OPT_RETAIN_MS) / 4;
+        ms = ms < 5 ? 5 : ms > 250 ? 250 : ms;
+        struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+        nanosleep(&ts, NULL);
+
+        unmap_t victims[POOL_MAX_ENTRIES];
+        _ta_lock(&large_lock);
+        size_t n = pool_evict(_ta_os_now_ms(), (size_t)_ta_opt(TA_OPT_RETAIN_BYTES),
+                              (uint64_t)_ta_opt(TA_OPT_RETAIN_MS), victims);
+        _ta_unlock(&large_lock);
+        unmap_all(victims, n);
+    }
+    return NULL;
+}
+
+static void purger_start(void)
+{
+    int expected = 0;
+    if (!atomic_compare_exchange_strong(&purger_state, &expected, 1))
+        return;
+    /* The purge thread must not take the program's signals. */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    pthread_attr_setstacksize(&attr, 64 << 10);
+    pthread_t tid;
+    if (pthread_create(&tid, &attr, purger_main, NULL) != 0) {
+        atomic_store(&purger_state, 0);
+        _ta_log(false, "tensoralloc: no purge thread; the pool ages only on allocator calls\n");
+    }
+    pthread_attr_destroy(&attr);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+}
+
+static void purger_notify(void)
+{
+    pthread_mutex_lock(&purger_mutex);
+    pthread_cond_signal(&purger_wake);
+    pthread_mutex_unlock(&purger_mutex);
+}
+
+/* ---- the vm.max_map_count guard --------------------------------------------- */
+
+static long map_limit(void)
+{
+    static long kernel_limit;
+    long override = (long)_ta_opt(TA_OPT_MAX_MAP_COUNT);
+    if (override > 0)
+        return override;
+    if (__atomic_load_n(&kernel_limit, __ATOMIC_RELAXED) == 0)
+        __atomic_store_n(&kernel_limit, _ta_os_max_map_count(), __ATOMIC_RELAXED);
+    /* Leave room for the program's own mappings: libraries, stacks, files. */
+    long k = kernel_limit;
+    long reserve = k / 8 > 1024 ? k / 8 : 1024;
+    return k > 2 * reserve ? k - reserve : k / 2;
+}
+
+bool _ta_large_near_map_limit(void)
+{
+    return atomic_load_explicit(&_ta_live_mappings, memory_order_relaxed) + 1 >= map_limit();
+}
+
+/* ---- allocation ------------------------------------------------------------------ */
+
+static size_t natural_alignment(size_t cap)
+{
+    return cap >= TA_HUGE_PAGE ? TA_HUGE_PAGE : _ta_os_page_size();
+}
+
+static void name_and_advise(void *p, size_t cap, size_t from)
+{
+    if (cap >= TA_HUGE_PAGE && _ta_opt(TA_OPT_THP) && _ta_os_thp_available())
+        _ta_os_advise_hugepage((char *)p + from, cap - from);
+    _ta_os_name(p, cap, "tensoralloc");
+}
+
+/* Fits a pooled entry to cap: trims the tail or grows it. Returns the
+ * block's address, or NULL (the entry is then unmapped). */
+static void *pool_fit(pool_entry_t e, size_t cap, size_t align, bool zero)
+{
+    void *p = (void *)e.addr;
+    size_t dirty = e.capacity;
+    if (e.capacity > cap) {
+        _ta_os_unmap((char *)p + cap, e.capacity - cap);
+        dirty = cap;
+    } else if (e.capacity < cap) {
+        if (_ta_os_remap_aligned(p, e.capacity, cap, align, &p) != 0) {
+            _ta_os_unmap(p, e.capacity);
+            atomic_fetch_sub_explicit(&_ta_live_mappings, 1, memory_order_relaxed);
+            return NULL;
+        }
+        name_and_advise(p, cap, e.capacity);
+    }
+    if (zero)
+        memset(p, 0, dirty);
+    return p;
+}
+
+void *_ta_large_alloc(size_t size, size_t alignment, bool zero)
+{
+    size_t page = _ta_os_page_size();
+    if (size > SIZE_MAX - TA_HUGE_PAGE) {
+        errno = ENOMEM;
+        return NULL;
+    }
+    size_t cap = _ta_align_up(size ? size : 1, page);
+    size_t align = natural_alignment(cap);
+    if (alignment > align)
+        align = alignment;
+
+    void *p = NULL;
+    pool_entry_t e;
+    _ta_lock(&large_lock);
+    bool from_pool = pool_take(cap, align, &e);
+    _ta_unlock(&large_lock);
+    if (from_pool)
+        p = pool_fit(e, cap, align, zero);
+
+    if (p == NULL) {
+        if (_ta_large_near_map_limit()) {
+            _ta_large_trim(); /* pool entries are mappings too */
+            if (_ta_large_near_map_limit() && size <= TA_SMALL_MAX) {
+                _ta_lock(&large_lock);
+                large_stats.fallbacks++;
+                _ta_unlock(&large_lock);
+                return _ta_small_alloc(size, alignment, zero);
+            }
+        }
+        int rc = _ta_os_map(cap, align, &p);
+        if (rc != 0) {
+            errno = ENOMEM;
+            return NULL;
+        }
+        atomic_fetch_add_explicit(&_ta_live_mappings, 1, memory_order_relaxed);
+        name_and_advise(p, cap, 0);
+        from_pool = false;
+    }
+
+    if (table_reserve() != 0) { /* on success the lock is held */
+        _ta_os_unmap(p, cap);
+        atomic_fetch_sub_explicit(&_ta_live_mappings, 1, memory_order_relaxed);
+        errno = ENOMEM;
+        return NULL;
+    }
+    table_put(table, table_slots, (region_t){(uintptr_t)p, cap, size});
+    table_used++;
+    large_stats.live_bytes += size;
+    if (large_stats.live_bytes > large_stats.peak_bytes)
+        large_stats.peak_bytes = large_stats.live_bytes;
+    large_stats.live_count++;
+    large_stats.mapped_bytes += cap;
+    large_stats.alloc_count++;
+    if (from_pool)
+        large_stats.pool_hits++;
+    else
+        large_stats.pool_misses++;
+    _ta_unlock(&large_lock);
+    return p;
+}
+
+bool _ta_large_lookup(const void *p, size_t *usable)
+{
+    _ta_lock(&large_lock);
+    region_t *r = table_find((uintptr_t)p);
+    if (r)
+        *usable = r->capacity;
+    _ta_unlock(&large_lock);
+    return r != NULL;
+}
+
+bool _ta_large_free(void *p)
+{
+    unmap_t victims[POOL_MAX_ENTRIES + 1];
+    size_t n = 0;
+    bool wake = false;
+    uint64_t now = _ta_os_now_ms();
+    size_t max_bytes = (size_t)_ta_opt(TA_OPT_RETAIN_BYTES);
+
+    _ta_lock(&large_lock);
+    region_t *r = table_find((uintptr_t)p);
+    if (r == NULL) {
+        _ta_unlock(&large_lock);
+        return false;
+    }
+    region_t gone = *r;
+    table_remove(r);
+    large_stats.live_bytes -= gone.size;
+    large_stats.live_count--;
+    large_stats.mapped_bytes -= gone.capacity;
+    /* Entries past their age go now, on any call, as well as by the thread. */
+    n = pool_evict(now, max_bytes, (uint64_t)_ta_opt(TA_OPT_RETAIN_MS), victims);
+    if (gone.capacity <= max_bytes && _ta_opt(TA_OPT_RETAIN_MS) > 0) {
+        if (pool_count == POOL_MAX_ENTRIES) { /* the oldest makes room */
+            size_t oldest = 0;
+            for (size_t i = 1; i < pool_count; i++)
+                if (pool[i].freed_ms < pool[oldest].freed_ms)
+                    oldest = i;
+            victims[n++] = (unmap_t){pool[oldest].addr, pool[oldest].capacity};
+            pool_remove_at(oldest);
+        }
+        wake = pool_count == 0;
+        pool[pool_count++] = (pool_entry_t){gone.addr, gone.capacity, now};
+        pool_bytes += gone.capacity;
+        /* Over the byte bound: drop the oldest entries, newest stays. */
+        while (pool_bytes > max_bytes) {
+            size_t oldest = 0;
+            for (size_t i = 1; i < pool_count; i++)
+                if (pool[i].freed_ms < pool[oldest].freed_ms)
+                    oldest = i;
+            victims[n++] = (unmap_t){pool[oldest].addr, pool[oldest].capacity};
+            pool_remove_at(oldest);
+        }
+    } else {
+        victims[n++] = (unmap_t){gone.addr, gone.capacity};
+    }
+    _ta_unlock(&large_lock);
+
+    unmap_all(victims, n);
+    if (wake) {
+        if (atomic_load_explicit(&purger_state, memory_order_relaxed) == 0)
+            purger_start();
+        purger_notify();
+    }
+    return true;
+}
+
+void *_ta_large_realloc(void *p, size_t size)
+{
+    size_t page = _ta_os_page_size();
+    if (size > SIZE_MAX - TA_HUGE_PAGE) {
+        errno = ENOMEM;
+        return NULL;
+    }
+    size_t cap = _ta_align_up(size, page);
+    _ta_lock(&large_lock);
+    region_t *r = table_find((uintptr_t)p);
+    if (r == NULL) {
+        _ta_unlock(&large_lock);
+        return NULL;
+    }
+    region_t old = *r;
+    if (cap == old.capacity) { /* same pages: only the accounting changes */
+        large_stats.live_bytes += size - old.size;
+        if (large_stats.live_bytes > large_stats.peak_bytes)
+            large_stats.peak_bytes = large_stats.live_bytes;
+        r->size = size;
+        _ta_unlock(&large_lock);
+        return p;
+    }
+    /* Take the entry out while the kernel moves the pages; nobody else may
+     * legally touch this block meanwhile. */
+    table_remove(r);
+    _ta_unlock(&large_lock);
+
+    void *q = NULL;
+    int rc = _ta_os_remap_aligned(p, old.capacity, cap, natural_alignment(cap), &q);
+    if (rc == 0 && cap > old.capacity && q == p)
+        name_and_advise(q, cap, old.capacity);
+    else if (rc == 0 && cap > old.capacity)
+        name_and_advise(q, cap, 0);
+
+    _ta_lock(&large_lock);
+    if (rc != 0) { /* failed: put the old block back as it was */
+        table_put(table, table_slots, old);
+        table_used++;
+        _ta_unlock(&large_lock);
+        errno = ENOMEM;
+        return NULL;
+    }
+    table_put(table, table_slots, (region_t){(uintptr_t)q, cap, size});
+    table_used++;
+    large_stats.live_bytes += size - old.size;
+    if (large_stats.live_bytes > large_stats.peak_bytes)
+        large_stats.peak_bytes = large_stats.live_bytes;
+    large_stats.mapped_bytes += cap - old.capacity;
+    _ta_unlock(&large_lock);
+    return q;
+}
+
+void _ta_large_trim(void)
+{
+    unmap_t victims[POOL_MAX_ENTRIES];
+    _ta_lock(&large_lock);
+    size_t n = pool_evict(_ta_os_now_ms(), 0, 0, victims);
+    _ta_unlock(&large_lock);
+    unmap_all(victims, n);
+}
+
+void _ta_large_stats(ta_stats_t *st)
+{
+    _ta_lock(&large_lock);
+    st->large_live_bytes = large_stats.live_bytes;
+    st->large_peak_bytes = large_stats.peak_bytes;
+    st->large_live_count = large_stats.live_count;
+    st->large_mapped_bytes = large_stats.mapped_bytes;
+    st->large_alloc_count = large_stats.alloc_count;
+    st->pool_bytes = pool_bytes;
+    st->pool_entries = pool_count;
+    st->pool_hits = large_stats.pool_hits;
+    st->pool_misses = large_stats.pool_misses;
+    st->pool_expired = large_stats.pool_expired;
+    st->maxmap_fallbacks = large_stats.fallbacks;
+    _ta_unlock(&large_lock);
+    st->map_limit = (uint64_t)map_limit();
+}
+
+/* ---- fork: hold the lock across fork; the child has no purge thread ----------- */
+
+void _ta_large_fork_prepare(void)
+{
+    pthread_mutex_lock(&purger_mutex);
+    _ta_lock(&large_lock);
+}
+
+void _ta_large_fork_parent(void)
+{
+    _ta_unlock(&large_lock);
+    pthread_mutex_unlock(&purger_mutex);
+}
+
+void _ta_large_fork_child(void)
+{
+    _ta_unlock(&large_lock);
+    pthread_mutex_unlock(&purger_mutex);
+    atomic_store(&purger_state, 0);
+}

@@ -1,0 +1,308 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Linux OS layer: mmap/munmap/mremap/madvise/prctl and the few /proc and
+ * /sys reads tensoralloc needs. Nothing here allocates from the heap, so it
+ * is safe from inside malloc before any constructor has run.
+ */
+#define _GNU_SOURCE
+#include "os.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdatomic.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifndef PR_SET_VMA
+#define PR_SET_VMA 0x53564d41
+#define PR_SET_VMA_ANON_NAME 0
+#endif
+
+extern char **environ;
+
+static _Atomic uint64_t count_map, count_unmap, count_remap, count_madvise, count_map_fail;
+static _Atomic long fail_map_countdown, fail_remap_countdown;
+
+static void counter_bump(_Atomic uint64_t *c)
+{
+    atomic_fetch_add_explicit(c, 1, memory_order_relaxed);
+}
+
+/* A countdown armed by a test fires when it reaches exactly 1. */
+static int hook_fires(_Atomic long *countdown)
+{
+    long left = atomic_load_explicit(countdown, memory_order_relaxed);
+    while (left > 0) {
+        if (atomic_compare_exchange_weak(countdown, &left, left - 1))
+            return left == 1;
+    }
+    return 0;
+}
+
+void _ta_os_fail_nth_map(long n)
+{
+    atomic_store(&fail_map_countdown, n);
+}
+
+void _ta_os_fail_nth_remap(long n)
+{
+    atomic_store(&fail_remap_countdown, n);
+}
+
+static int raw_map(size_t size, void **out)
+{
+    if (hook_fires(&fail_map_countdown)) {
+        counter_bump(&count_map_fail);
+        return ENOMEM;
+    }
+    counter_bump(&count_map);
+    void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) {
+        counter_bump(&count_map_fail);
+        return errno;
+    }
+    *out = p;
+    return 0;
+}
+
+int _ta_os_unmap(void *addr, size_t size)
+{
+    int saved = errno;
+    counter_bump(&count_unmap);
+    int rc = munmap(addr, size) == 0 ? 0 : errno;
+    errno = saved;
+    return rc;
+}
+
+int _ta_os_map(size_t size, size_t align, void **out)
+{
+    int saved = errno;
+    void *p;
+    int rc = raw_map(size, &p);
+    if (rc == 0 && ((uintptr_t)p & (align - 1)) != 0) {
+        /* Linux >= 6.7 aligns big anonymous mappings to 2 MiB itself; when
+         * it does not, map with slack and cut both ends off. */
+        _ta_os_unmap(p, size);
+        size_t slack = align - _ta_os_page_size();
+        if (size + slack < size) {
+            rc = ENOMEM;
+        } else if ((rc = raw_map(size + slack, &p)) == 0) {
+            uintptr_t start = ((uintptr_t)p + align - 1) & ~(uintptr_t)(align - 1);
+            size_t head = start - (uintptr_t)p;
+            if (head)
+                _ta_os_unmap(p, head);
+            if (slack - head)
+                _ta_os_unmap((char *)start + size, slack - head);
+            p = (void *)start;
+        }
+    }
+    if (rc == 0)
+        *out = p;
+    errno = saved;
+    return rc;
+}
+
+int _ta_os_remap(void *addr, size_t old_size, size_t new_size, void **out)
+{
+    int saved = errno;
+    int rc = 0;
+    if (hook_fires(&fail_remap_countdown)) {
+        rc = ENOMEM;
+    } else {
+        counter_bump(&count_remap);
+        void *p = mremap(addr, old_size, new_size, MREMAP_MAYMOVE);
+        if (p == MAP_FAILED)
+            rc = errno;
+        else
+            *out = p;
+    }
+    errno = saved;
+    return rc;
+}
+
+int _ta_os_remap_in_place(void *addr, size_t old_size, size_t new_size)
+{
+    int saved = errno;
+    int rc = 0;
+    if (hook_fires(&fail_remap_countdown)) {
+        rc = ENOMEM;
+    } else {
+        counter_bump(&count_remap);
+        if (mremap(addr, old_size, new_size, 0) == MAP_FAILED)
+            rc = errno;
+    }
+    errno = saved;
+    return rc;
+}
+
+int _ta_os_remap_aligned(void *addr, size_t old_size, size_t new_size, size_t align,
+                         void **out)
+{
+    if (align <= _ta_os_page_size() || new_size < old_size)
+        return _ta_os_remap(addr, old_size, new_size, out);
+    int rc = _ta_os_remap_in_place(addr, old_size, new_size);
+    if (rc == 0) {
+        *out = addr;
+        return 0;
+    }
+    void *dest;
+    if ((rc = _ta_os_map(new_size, align, &dest)) != 0)
+        return rc;
+    int saved = errno;
+    counter_bump(&count_remap);
+    void *p = mremap(addr, old_size, new_size, MREMAP_MAYMOVE | MREMAP_FIXED, dest);
+    rc = p == MAP_FAILED ? errno : 0;
+    errno = saved;
+    if (rc != 0)
+        _ta_os_unmap(dest, new_size);
+    else
+        *out = p;
+    return rc;
+}
+
+static int advise(void *addr, size_t size, int advice)
+{
+    int saved = errno;
+    counter_bump(&count_madvise);
+    int rc = madvise(addr, size, advice) == 0 ? 0 : errno;
+    errno = saved;
+    return rc;
+}
+
+int _ta_os_advise_hugepage(void *addr, size_t size)
+{
+    return advise(addr, size, MADV_HUGEPAGE);
+}
+
+int _ta_os_advise_dontneed(void *addr, size_t size)
+{
+    return advise(addr, size, MADV_DONTNEED);
+}
+
+int _ta_os_name(void *addr, size_t size, const char *name)
+{
+    static _Atomic int unsupported;
+    if (atomic_load_explicit(&unsupported, memory_order_relaxed))
+        return ENOSYS;
+    int saved = errno;
+    int rc = prctl(PR_SET_VMA, PR_SET_VMA_ANON_NAME, (unsigned long)addr, size,
+                   (unsigned long)name) == 0
+                 ? 0
+                 : errno;
+    if (rc == EINVAL || rc == ENOSYS) /* kernel without CONFIG_ANON_VMA_NAME */
+        atomic_store_explicit(&unsupported, 1, memory_order_relaxed);
+    errno = saved;
+    return rc;
+}
+
+size_t _ta_os_page_size(void)
+{
+    static _Atomic size_t cached;
+    size_t ps = atomic_load_explicit(&cached, memory_order_relaxed);
+    if (ps == 0) {
+        long v = sysconf(_SC_PAGESIZE);
+        ps = v > 0 ? (size_t)v : 4096;
+        atomic_store_explicit(&cached, ps, memory_order_relaxed);
+    }
+    return ps;
+}
+
+/* Reads a small file into buf (NUL-terminated); returns bytes read or -1. */
+static long read_small_file(const char *path, char *buf, size_t cap)
+{
+    int saved = errno;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    long total = -1;
+    if (fd >= 0) {
+        total = 0;
+        while ((size_t)total < cap - 1) {
+            ssize_t n = read(fd, buf + total, cap - 1 - (size_t)total);
+            if (n <= 0)
+                break;
+            total += n;
+        }
+        buf[total] = '\0';
+        close(fd);
+    }
+    errno = saved;
+    return total;
+}
+
+int _ta_os_thp_available(void)
+{
+    char buf[128];
+    if (read_small_file("/sys/kernel/mm/transparent_hugepage/enabled", buf, sizeof buf) <= 0)
+        return 0;
+    return strstr(buf, "[never]") == NULL;
+}
+
+static long parse_long(const char *s)
+{
+    long v = 0;
+    while (*s == ' ' || *s == '\t')
+        s++;
+    while (*s >= '0' && *s <= '9')
+        v = v * 10 + (*s++ - '0');
+    return v;
+}
+
+long _ta_os_max_map_count(void)
+{
+    char buf[64];
+    if (read_small_file("/proc/sys/vm/max_map_count", buf, sizeof buf) <= 0)
+        return 65530;
+    long v = parse_long(buf);
+    return v > 0 ? v : 65530;
+}
+
+size_t _ta_os_rss(void)
+{
+    char buf[4096];
+    if (read_small_file("/proc/self/status", buf, sizeof buf) <= 0)
+        return 0;
+    const char *line = strstr(buf, "VmRSS:");
+    return line ? (size_t)parse_long(line + 6) * 1024 : 0;
+}
+
+uint64_t _ta_os_now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+void _ta_os_write_stderr(const char *buf, size_t len)
+{
+    int saved = errno;
+    while (len > 0) {
+        ssize_t n = write(2, buf, len);
+        if (n <= 0)
+            break;
+        buf += n;
+        len -= (size_t)n;
+    }
+    errno = saved;
+}
+
+const char *_ta_os_getenv(const char *name)
+{
+    size_t len = strlen(name);
+    if (environ == NULL)
+        return NULL;
+    for (char **e = environ; *e; e++)
+        if (strncmp(*e, name, len) == 0 && (*e)[len] == '=')
+            return *e + len + 1;
+    return NULL;
+}
+
+void _ta_os_counters(_ta_os_counters_t *out)
+{
+    out->map = atomic_load_explicit(&count_map, memory_order_relaxed);
+    out->unmap = atomic_load_explicit(&count_unmap, memory_order_relaxed);
+    out->remap = atomic_load_explicit(&count_remap, memory_order_relaxed);
+    out->madvise = atomic_load_explicit(&count_madvise, memory_order_relaxed);
+    out->map_failures = atomic_load_explicit(&count_map_fail, memory_order_relaxed);
+}

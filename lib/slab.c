@@ -1,0 +1,706 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The small path: size-class slabs in 4 MiB segments that this file maps
+ * itself. A segment is 64 slab pages of 64 KiB; page 0 holds the segment's
+ * metadata (span descriptors with free bitmaps), so nothing is kept inside
+ * a free block except the link of a pending cross-thread free. A span is a
+ * run of pages serving one size class.
+ *
+ * Every thread owns a heap (segments, spans per class) and allocates and
+ * frees its own blocks without locks or atomics. A block freed by another
+ * thread is pushed on its owner heap's lock-free stack, which the owner
+ * drains when a class runs dry and on trim (the idea of mimalloc's
+ * thread-free lists, kept to one list per heap). A span that empties gives
+ * its pages back to the segment; free pages are returned to the kernel
+ * with MADV_DONTNEED once a heap holds more than a few MiB of them, and on
+ * trim. A heap whose thread exits is abandoned and later adopted whole by
+ * a new thread, so heaps are never destroyed.
+ */
+#define _GNU_SOURCE
+#include "internal.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <string.h>
+
+#define SEGMENT_SHIFT 22
+#define SEGMENT_SIZE ((size_t)1 << SEGMENT_SHIFT) /* 4 MiB */
+#define SLAB_PAGE_SHIFT 16
+#define SLAB_PAGE_SIZE ((size_t)1 << SLAB_PAGE_SHIFT) /* 64 KiB */
+#define SEGMENT_PAGES 64
+#define SPAN_MAX_BLOCKS 4096
+#define SEGMENT_MAGIC 0x5441534547ULL /* "TASEG" */
+#define PURGE_LIMIT ((size_t)2 << 20)  /* free pages a heap may keep */
+#define STATS_BATCH 65536              /* live-byte deltas flushed beyond this */
+
+/* ---- size classes: 16-byte steps to 128, then four per doubling -------- */
+
+#define CLASS_COUNT 60
+
+typedef struct {
+    uint32_t block_size;
+    uint16_t capacity; /* blocks per span */
+    uint8_t pages;     /* slab pages per span */
+} class_info_t;
+
+static class_info_t classes[CLASS_COUNT];
+
+static void classes_init(void)
+{
+    for (int c = 0; c < CLASS_COUNT; c++) {
+        size_t bs;
+        if (c < 8) {
+            bs = 16 * (size_t)(c + 1);
+        } else {
+            int step = c - 8; /* 160 192 224 256 | 320 ... */
+            size_t base = (size_t)128 << (step / 4);
+            bs = base + (base / 4) * (size_t)(step % 4 + 1);
+        }
+        size_t k = 1;
+        for (; k < 16; k++) {
+            size_t span = k * SLAB_PAGE_SIZE;
+            size_t cap = span / bs;
+            if (cap >= 1 && (span - cap * bs) * 8 <= span)
+                break;
+        }
+        size_t cap = k * SLAB_PAGE_SIZE / bs;
+        classes[c] = (class_info_t){(uint32_t)bs, (uint16_t)(cap > SPAN_MAX_BLOCKS ? SPAN_MAX_BLOCKS : cap),
+                                    (uint8_t)k};
+    }
+}
+
+static inline int class_of(size_t size)
+{
+    if (size <= 128)
+        return size ? (int)((size - 1) >> 4) : 0;
+    int lg = 63 - __builtin_clzll((unsigned long long)(size - 1)); /* 2^lg < size <= 2^(lg+1) */
+    size_t base = (size_t)1 << lg;
+    int quarter = (int)((size - 1 - base) / (base / 4)); /* 0..3 */
+    return 8 + (lg - 7) * 4 + quarter;
+}
+
+/* ---- metadata: spans, segments, heaps ------------------------------------ */
+
+struct heap_s;
+
+typedef struct span_s {
+    struct span_s *next, *prev; /* the heap's partial list of this class */
+    uint32_t block_size;
+    uint16_t capacity;
+    uint16_t used;
+    uint16_t cursor; /* no free bit lives below this word */
+    uint8_t class_idx;
+    uint8_t pages;
+    uint8_t in_use;
+    uint8_t listed; /* on the partial list */
+    uint64_t free_bits[SPAN_MAX_BLOCKS / 64]; /* 1 = free */
+} span_t;
+
+typedef struct segment_s {
+    uint64_t magic;
+    struct heap_s *heap;
+    struct segment_s *next, *prev;
+    uint64_t used_pages;  /* bit i: page i belongs to a span (bit 0: this header) */
+    uint64_t dirty_pages; /* free pages still backed by memory */
+    uint8_t page_span[SEGMENT_PAGES]; /* page -> first page of its span */
+    span_t spans[SEGMENT_PAGES];     /* indexed by a span's first page */
+} segment_t;
+
+_Static_assert(sizeof(segment_t) <= SLAB_PAGE_SIZE, "segment header must fit in page 0");
+
+typedef struct heap_s {
+    span_t *current[CLASS_COUNT];
+    span_t *partial[CLASS_COUNT];
+    segment_t *segments;
+    segment_t *spare; /* one empty segment kept to avoid map/unmap churn */
+    _Atomic(void *) remote; /* blocks freed by other threads */
+    struct heap_s *next_all;
+    struct heap_s *next_abandoned;
+    size_t dirty_bytes;
+    bool registered; /* on all_heaps */
+    int64_t live_delta; /* not yet flushed to small_live */
+} heap_t;
+
+/* ---- global state ---------------------------------------------------------- */
+
+static ta_lock_t heaps_lock; /* guards all_heaps, abandoned, heap_chunk */
+static heap_t *all_heaps;
+static heap_t *abandoned;
+static char *heap_chunk;
+static size_t heap_chunk_left;
+static atomic_bool slab_ready;
+static pthread_key_t heap_key;
+
+static TA_TLS heap_t *tls_heap;
+
+static _Atomic int64_t small_live, small_peak;
+static _Atomic uint64_t committed_bytes, segment_bytes, span_count, heap_count;
+
+/* One bit per 4 MiB of a 48-bit address space marks slab segments, so that
+ * free() can tell a slab block from a large block without touching either. */
+#define SEGMAP_BITS ((size_t)1 << (48 - SEGMENT_SHIFT))
+static _Atomic(uint64_t *) segmap;
+
+static bool segmap_ensure(void)
+{
+    if (atomic_load_explicit(&segmap, memory_order_acquire))
+        return true;
+    void *mem;
+    size_t bytes = SEGMAP_BITS / 8;
+    if (_ta_os_map(bytes, _ta_os_page_size(), &mem) != 0)
+        return false;
+    uint64_t *expected = NULL;
+    if (!atomic_compare_exchange_strong(&segmap, &expected, (uint64_t *)mem))
+        _ta_os_unmap(mem, bytes);
+    return true;
+}
+
+static void segmap_set(uintptr_t seg, bool on)
+{
+    uint64_t *map = atomic_load_explicit(&segmap, memory_order_acquire);
+    size_t bit = seg >> SEGMENT_SHIFT;
+    _Atomic uint64_t *word = (_Atomic uint64_t *)&map[bit / 64];
+    if (on)
+        atomic_fetch_or_explicit(word, 1ULL << (bit % 64), memory_order_release);
+    else
+        atomic_fetch_and_explicit(word, ~(1ULL << (bit % 64)), memory_order_release);
+}
+
+bool _ta_small_owns(const void *p)
+{
+    uintptr_t a = (uintptr_t)p;
+    uint64_t *map = atomic_load_explicit(&segmap, memory_order_acquire);
+    if (map == NULL || (a >> 48) != 0)
+        return false;
+    size_t bit = a >> SEGMENT_SHIFT;
+    return (atomic_load_explicit((_Atomic uint64_t *)&map[bit / 64], memory_order_acquire) >>
+            (bit % 64)) & 1;
+}
+
+/* ---- statistics helpers ------------------------------------------------------ */
+
+static void live_flush(heap_t *h)
+{
+    int64_t now = atomic_fetch_add_explicit(&small_live, h->live_delta, memory_order_relaxed) +
+                  h->live_delta;
+    h->live_delta = 0;
+    int64_t peak = atomic_load_explicit(&small_peak, memory_order_relaxed);
+    while (now > peak &&
+           !atomic_compare_exchange_weak_explicit(&small_peak, &peak, now, memory_order_relaxed,
+                                                  memory_order_relaxed))
+        ;
+}
+
+static inline void live_add(heap_t *h, int64_t bytes)
+{
+    h->live_delta += bytes;
+    if (h->live_delta > STATS_BATCH || h->live_delta < -STATS_BATCH)
+        live_flush(h);
+}
+
+/* ---- heaps ---------------------------------------------------------------------- */
+
+static void thread_exit_cb(void *arg);
+
+static void slab_init_once(void)
+{
+    _ta_lock(&heaps_lock);
+    if (!atomic_load_explicit(&slab_ready, memory_order_relaxed)) {
+        classes_init();
+        pthread_key_create(&heap_key, thread_exit_cb);
+        atomic_store_explicit(&slab_ready, true, memory_order_release);
+    }
+    _ta_unlock(&heaps_lock);
+}
+
+/* Adopts an abandoned heap or carves a new one. */
+static heap_t *heap_acquire(void)
+{
+    if (!atomic_load_explicit(&slab_ready, memory_order_acquire))
+        slab_init_once();
+    heap_t *h = NULL;
+    _ta_lock(&heaps_lock);
+    if (abandoned) {
+        h = abandoned;
+        abandoned = h->next_abandoned;
+        h->next_abandoned = NULL;
+    } else if (heap_chunk_left >= sizeof(heap_t)) {
+        h = (heap_t *)heap_chunk;
+        heap_chunk += _ta_align_up(sizeof(heap_t), 64);
+        heap_chunk_left -= _ta_align_up(sizeof(heap_t), 64);
+    }
+    _ta_unlock(&heaps_lock);
+    if (h == NULL) {
+        size_t bytes = 16 * _ta_align_up(sizeof(heap_t), 64);
+        void *mem;
+        if (_ta_os_map(_ta_align_up(bytes, _ta_os_page_size()), _ta_os_page_size(), &mem) != 0)
+            return NULL;
+        atomic_fetch_add_explicit(&_ta_live_mappings, 1, memory_order_relaxed);
+        h = mem;
+        _ta_lock(&heaps_lock);
+        heap_chunk = (char *)mem + _ta_align_up(sizeof(heap_t), 64);
+        heap_chunk_left = bytes - _ta_align_up(sizeof(heap_t), 64);
+        _ta_unlock(&heaps_lock);
+    }
+    if (!h->registered) { /* new: fresh zero memory */
+        h->registered = true;
+        _ta_lock(&heaps_lock);
+        h->next_all = all_heaps;
+        all_heaps = h;
+        _ta_unlock(&heaps_lock);
+        atomic_fetch_add_explicit(&heap_count, 1, memory_order_relaxed);
+    }
+    tls_heap = h;
+    pthread_setspecific(heap_key, h);
+    return h;
+}
+
+static inline heap_t *heap_get(void)
+{
+    heap_t *h = tls_heap;
+    return TA_LIKELY(h != NULL) ? h : heap_acquire();
+}
+
+/* ---- segments and page runs ------------------------------------------------------ */
+
+static inline segment_t *segment_of(const void *p)
+{
+    return (segment_t *)((uintptr_t)p & ~(uintptr_t)(SEGMENT_SIZE - 1));
+}
+
+static inline char *span_start(segment_t *seg, span_t *s)
+{
+    return (char *)seg + (size_t)(s - seg->spans) * SLAB_PAGE_SIZE;
+}
+
+static segment_t *segment_new(heap_t *h)
+{
+    if (!segmap_ensure())
+        return NULL;
+    void *mem;
+    if (_ta_os_map(SEGMENT_SIZE, SEGMENT_SIZE, &mem) != 0)
+        return NULL;
+    atomic_fetch_add_explicit(&_ta_live_mappings, 1, memory_order_relaxed);
+    _ta_os_name(mem, SEGMENT_SIZE, "tensoralloc-slab");
+    segment_t *seg = mem;
+    seg->magic = SEGMENT_MAGIC;
+    seg->heap = h;
+    seg->used_pages = 1;
+    seg->next = h->segments;
+    if (h->segments)
+        h->segments->prev = seg;
+    h->segments = seg;
+    segmap_set((uintptr_t)seg, true);
+    atomic_fetch_add_explicit(&segment_bytes, SEGMENT_SIZE, memory_order_relaxed);
+    return seg;
+}
+
+static void segment_unlink(heap_t *h, segment_t *seg)
+{
+    if (seg->prev)
+        seg->prev->next = seg->next;
+    else
+        h->segments = seg->next;
+    if (seg->next)
+        seg->next->prev = seg->prev;
+}
+
+static void segment_release(heap_t *h, segment_t *seg)
+{
+    segment_unlink(h, seg);
+    h->dirty_bytes -= (size_t)__builtin_popcountll(seg->dirty_pages) * SLAB_PAGE_SIZE;
+    segmap_set((uintptr_t)seg, false);
+    atomic_fetch_sub_explicit(&segment_bytes, SEGMENT_SIZE, memory_order_relaxed);
+    _ta_os_unmap(seg, SEGMENT_SIZE);
+    atomic_fetch_sub_explicit(&_ta_live_mappings, 1, memory_order_relaxed);
+}
+
+/* First run of k free pages, or -1. */
+static int find_run(uint64_t used, int k)
+{
+    uint64_t want = k == 64 ? ~0ULL : ((1ULL << k) - 1);
+    for (int i = 1; i + k <= SEGMENT_PAGES; i++)
+        if (((used >> i) & want) == 0)
+            return i;
+    return -1;
+}
+
+static span_t *span_new(heap_t *h, int c)
+{
+    const class_info_t *ci = &classes[c];
+    segment_t *seg;
+    int first = -1;
+    for (seg = h->segments; seg; seg = seg->next)
+        if ((first = find_run(seg->used_pages, ci->pages)) >= 0)
+            break;
+    if (seg == NULL) {
+        if ((seg = segment_new(h)) == NULL)
+            return NULL;
+        first = find_run(seg->used_pages, ci->pages);
+    }
+    if (h->spare == seg) /* the kept empty segment is in use again */
+        h->spare = NULL;
+    uint64_t run = (ci->pages == 64 ? ~0ULL : ((1ULL << ci->pages) - 1)) << first;
+    uint64_t was_dirty = seg->dirty_pages & run;
+    seg->used_pages |= run;
+    seg->dirty_pages &= ~run;
+    h->dirty_bytes -= (size_t)__builtin_popcountll(was_dirty) * SLAB_PAGE_SIZE;
+    for (int i = 0; i < ci->pages; i++)
+        seg->page_span[first + i] = (uint8_t)first;
+
+    span_t *s = &seg->spans[first];
+    s->next = s->prev = NULL;
+    s->block_size = ci->block_size;
+    s->capacity = ci->capacity;
+    s->used = 0;
+    s->cursor = 0;
+    s->class_idx = (uint8_t)c;
+    s->pages = ci->pages;
+    s->in_use = 1;
+    s->listed = 0;
+    size_t words = (ci->capacity + 63) / 64;
+    for (size_t w = 0; w < words; w++)
+        s->free_bits[w] = ~0ULL;
+    if (ci->capacity % 64)
+        s->free_bits[words - 1] = (1ULL << (ci->capacity % 64)) - 1;
+    atomic_fetch_add_explicit(&committed_bytes, (uint64_t)ci->pages * SLAB_PAGE_SIZE,
+                              memory_order_relaxed);
+    atomic_fetch_add_explicit(&span_count, 1, memory_order_relaxed);
+    return s;
+}
+
+static void partial_push(heap_t *h, span_t *s)
+{
+    s->prev = NULL;
+    s->next = h->partial[s->class_idx];
+    if (s->next)
+        s->next->prev = s;
+    h->partial[s->class_idx] = s;
+    s->listed = 1;
+}
+
+static void partial_unlink(heap_t *h, span_t *s)
+{
+    if (s->prev)
+        s->prev->next = s->next;
+    else
+        h->partial[s->class_idx] = s->next;
+    if (s->next)
+        s->next->prev = s->prev;
+    s->next = s->prev = NULL;
+    s->listed = 0;
+}
+
+static void heap_purge(heap_t *h);
+
+/* Gives an empty span's pages back to its segment. */
+static void span_release(heap_t *h, segment_t *seg, span_t *s)
+{
+    if (s->listed)
+        partial_unlink(h, s);
+    if (h->current[s->class_idx] == s)
+        h->current[s->class_idx] = NULL;
+    int first = (int)(s - seg->spans);
+    uint64_t run = (s->pages == 64 ? ~0ULL : ((1ULL << s->pages) - 1)) << first;
+    s->in_use = 0;
+    seg->used_pages &= ~run;
+    seg->dirty_pages |= run;
+    h->dirty_bytes += (size_t)s->pages * SLAB_PAGE_SIZE;
+    atomic_fetch_sub_explicit(&committed_bytes, (uint64_t)s->pages * SLAB_PAGE_SIZE,
+                              memory_order_relaxed);
+    atomic_fetch_sub_explicit(&span_count, 1, memory_order_relaxed);
+    if (seg->used_pages == 1) { /* only the header left */
+        if (h->spare == NULL) {
+            h->spare = seg;
+        } else if (h->spare != seg) {
+            segment_release(h, seg);
+            return;
+        }
+    }
+    if (h->dirty_bytes > PURGE_LIMIT)
+        heap_purge(h);
+}
+
+/* Returns free pages to the kernel, one madvise per run of dirty pages. */
+static void heap_purge(heap_t *h)
+{
+    for (segment_t *seg = h->segments; seg; seg = seg->next) {
+        uint64_t d = seg->dirty_pages;
+        while (d) {
+            int start = __builtin_ctzll(d);
+            uint64_t rest = d >> start;
+            int len = rest == ~0ULL ? 64 - start : __builtin_ctzll(~rest);
+            _ta_os_advise_dontneed((char *)seg + (size_t)start * SLAB_PAGE_SIZE,
+                                   (size_t)len * SLAB_PAGE_SIZE);
+            uint64_t run = (len == 64 ? ~0ULL : ((1ULL << len) - 1)) << start;
+            d &= ~run;
+        }
+        seg->dirty_pages = 0;
+    }
+    h->dirty_bytes = 0;
+}
+
+/* ---- blocks ------------------------------------------------------------------------ */
+
+static inline void *span_take(segment_t *seg, span_t *s)
+{
+    size_t w = s->cursor;
+    while (s->free_bits[w] == 0)
+        w++;
+    int b = __builtin_ctzll(s->free_bits[w]);
+    s->free_bits[w] &= s->free_bits[w] - 1;
+    s->cursor = (uint16_t)w;
+    s->used++;
+    return span_start(seg, s) + (w * 64 + (size_t)b) * s->block_size;
+}
+
+/* Frees block idx of span s, owned by heap h (the calling thread's). */
+static void block_free_local(heap_t *h, segment_t *seg, span_t *s, uint32_t idx,
+                             const char *call, const void *p)
+{
+    uint64_t bit = 1ULL << (idx % 64);
+    TA_CHECK(!(s->free_bits[idx / 64] & bit), call, p, "double free");
+    s->free_bits[idx / 64] |= bit;
+    if (idx / 64 < s->cursor)
+        s->cursor = (uint16_t)(idx / 64);
+    bool was_full = s->used == s->capacity;
+    s->used--;
+    live_add(h, -(int64_t)s->block_size);
+    if (h->current[s->class_idx] == s)
+        return;
+    if (s->used == 0)
+        span_release(h, seg, s);
+    else if (was_full)
+        partial_push(h, s);
+}
+
+/* Validates p and finds its segment, span and block index. */
+static span_t *block_locate(const void *p, const char *call, segment_t **seg_out,
+                            uint32_t *idx_out)
+{
+    segment_t *seg = segment_of(p);
+    TA_CHECK(seg->magic == SEGMENT_MAGIC, call, p, "corrupted slab segment");
+    size_t page = ((uintptr_t)p - (uintptr_t)seg) >> SLAB_PAGE_SHIFT;
+    TA_CHECK(page > 0, call, p, "invalid pointer");
+    span_t *s = &seg->spans[seg->page_span[page]];
+    TA_CHECK(s->in_use, call, p, "invalid pointer (free page)");
+    size_t off = (size_t)((const char *)p - span_start(seg, s));
+    uint32_t idx = (uint32_t)(off / s->block_size);
+    TA_CHECK(idx < s->capacity && (size_t)idx * s->block_size == off, call, p,
+             "invalid pointer (not the start of a block)");
+    *seg_out = seg;
+    *idx_out = idx;
+    return s;
+}
+
+/* Drains the blocks other threads freed into h. */
+static void heap_collect(heap_t *h)
+{
+    void *list = atomic_exchange_explicit(&h->remote, NULL, memory_order_acquire);
+    while (list) {
+        void *next = *(void **)list;
+        segment_t *seg;
+        uint32_t idx;
+        span_t *s = block_locate(list, "free", &seg, &idx);
+        block_free_local(h, seg, s, idx, "free", list);
+        list = next;
+    }
+}
+
+static void *alloc_slow(heap_t *h, int c)
+{
+    /* The current span is full: it leaves the class's slot unlisted, and a
+     * free into it (also one drained just below) lists it again. */
+    h->current[c] = NULL;
+    heap_collect(h);
+    span_t *s = h->partial[c];
+    if (s) {
+        partial_unlink(h, s);
+    } else if ((s = span_new(h, c)) == NULL) {
+        return NULL;
+    }
+    h->current[c] = s;
+    return span_take(segment_of(s), s);
+}
+
+void *_ta_small_alloc(size_t size, size_t alignment, bool zero)
+{
+    heap_t *h = heap_get();
+    if (TA_UNLIKELY(h == NULL)) {
+        errno = ENOMEM;
+        return NULL;
+    }
+    if (alignment > TA_MIN_ALIGN) {
+        size = _ta_align_up(size ? size : 1, alignment);
+    }
+    int c = class_of(size);
+    /* Blocks are aligned to their size's largest power-of-two factor (spans
+     * start on 64 KiB); move up until the class size is a multiple. */
+    while (alignment > TA_MIN_ALIGN && classes[c].block_size % alignment)
+        c++;
+    if (TA_UNLIKELY(c >= CLASS_COUNT)) {
+        errno = ENOMEM;
+        return NULL;
+    }
+    span_t *s = h->current[c];
+    void *p;
+    if (TA_LIKELY(s != NULL && s->used < s->capacity))
+        p = span_take(segment_of(s), s);
+    else if ((p = alloc_slow(h, c)) == NULL) {
+        errno = ENOMEM;
+        return NULL;
+    }
+    live_add(h, classes[c].block_size);
+    if (zero)
+        memset(p, 0, classes[c].block_size);
+    return p;
+}
+
+void _ta_small_free(void *p, const char *call)
+{
+    segment_t *seg;
+    uint32_t idx;
+    span_t *s = block_locate(p, call, &seg, &idx);
+    heap_t *h = tls_heap;
+    if (TA_LIKELY(seg->heap == h)) {
+        block_free_local(h, seg, s, idx, call, p);
+        return;
+    }
+    heap_t *owner = seg->heap;
+    void *head = atomic_load_explicit(&owner->remote, memory_order_relaxed);
+    do {
+        *(void **)p = head;
+    } while (!atomic_compare_exchange_weak_explicit(&owner->remote, &head, p,
+                                                    memory_order_release, memory_order_relaxed));
+}
+
+size_t _ta_small_usable(const void *p, const char *call)
+{
+    segment_t *seg;
+    uint32_t idx;
+    span_t *s = block_locate(p, call, &seg, &idx);
+    TA_CHECK(!(s->free_bits[idx / 64] & (1ULL << (idx % 64))), call, p,
+             "pointer to a free block");
+    return s->block_size;
+}
+
+/* ---- trim, thread exit, fork --------------------------------------------------------- */
+
+/* Drains, drops empty current spans and purges everything free in h. */
+static void heap_tidy(heap_t *h)
+{
+    heap_collect(h);
+    for (int c = 0; c < CLASS_COUNT; c++) {
+        span_t *s = h->current[c];
+        if (s && s->used == 0) {
+            h->current[c] = NULL;
+            span_release(h, segment_of(s), s);
+        }
+    }
+    if (h->spare) {
+        segment_t *spare = h->spare;
+        h->spare = NULL;
+        segment_release(h, spare);
+    }
+    heap_purge(h);
+    live_flush(h);
+}
+
+void _ta_small_trim(void)
+{
+    if (tls_heap)
+        heap_tidy(tls_heap);
+    /* Abandoned heaps: take each out of the list so no thread adopts it
+     * while we work, then put it back. */
+    heap_t *taken;
+    _ta_lock(&heaps_lock);
+    taken = abandoned;
+    abandoned = NULL;
+    _ta_unlock(&heaps_lock);
+    heap_t *last = NULL;
+    for (heap_t *h = taken; h; h = h->next_abandoned) {
+        heap_tidy(h);
+        last = h;
+    }
+    if (last) {
+        _ta_lock(&heaps_lock);
+        last->next_abandoned = abandoned;
+        abandoned = taken;
+        _ta_unlock(&heaps_lock);
+    }
+}
+
+static void heap_abandon(heap_t *h)
+{
+    heap_tidy(h);
+    _ta_lock(&heaps_lock);
+    h->next_abandoned = abandoned;
+    abandoned = h;
+    _ta_unlock(&heaps_lock);
+}
+
+static void thread_exit_cb(void *arg)
+{
+    heap_t *h = arg;
+    if (h == NULL)
+        return;
+    tls_heap = NULL;
+    heap_abandon(h);
+}
+
+void _ta_small_thread_done(void)
+{
+    heap_t *h = tls_heap;
+    if (h) {
+        tls_heap = NULL;
+        pthread_setspecific(heap_key, NULL);
+        heap_abandon(h);
+    }
+}
+
+void _ta_small_fork_prepare(void)
+{
+    _ta_lock(&heaps_lock);
+}
+
+void _ta_small_fork_parent(void)
+{
+    _ta_unlock(&heaps_lock);
+}
+
+/* In the child only the forking thread lives on: every other heap is
+ * orphaned, so hand them to the abandoned list for adoption. */
+void _ta_small_fork_child(void)
+{
+    for (heap_t *h = all_heaps; h; h = h->next_all) {
+        if (h == tls_heap)
+            continue;
+        bool listed = false;
+        for (heap_t *a = abandoned; a; a = a->next_abandoned)
+            listed |= a == h;
+        if (!listed) {
+            h->next_abandoned = abandoned;
+            abandoned = h;
+        }
+    }
+    _ta_unlock(&heaps_lock);
+}
+
+void _ta_small_stats(ta_stats_t *st)
+{
+    if (tls_heap)
+        live_flush(tls_heap);
+    int64_t live = atomic_load_explicit(&small_live, memory_order_relaxed);
+    st->small_live_bytes = live > 0 ? (uint64_t)live : 0;
+    st->small_peak_bytes = (uint64_t)atomic_load_explicit(&small_peak, memory_order_relaxed);
+    st->small_committed_bytes = atomic_load_explicit(&committed_bytes, memory_order_relaxed);
+    st->small_segment_bytes = atomic_load_explicit(&segment_bytes, memory_order_relaxed);
+    st->small_spans = atomic_load_explicit(&span_count, memory_order_relaxed);
+    st->heaps = atomic_load_explicit(&heap_count, memory_order_relaxed);
+    uint64_t dirty = 0;
+    _ta_lock(&heaps_lock);
+    for (heap_t *h = all_heaps; h; h = h->next_all)
+        dirty += __atomic_load_n(&h->dirty_bytes, __ATOMIC_RELAXED);
+    _ta_unlock(&heaps_lock);
+    st->small_dirty_bytes = dirty;
+}

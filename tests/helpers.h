@@ -1,0 +1,54 @@
+/* SPDX-License-Identifier: MIT */
+/* Shared by the Criterion suites: RSS, patterns, and the hidden internals
+ * (fault hooks) reachable because the suites link the static library. */
+#ifndef TA_TEST_HELPERS_H
+#define TA_TEST_HELPERS_H
+
+#include "os.h"
+#include "tensoralloc.h"
+
+#include <stdint.h>
+#include <string.h>
+
+#define MiB ((size_t)1 << 20)
+#define KiB ((size_t)1 << 10)
+
+static inline size_t rss_bytes(void)
+{
+    return _ta_os_rss();
+}
+
+/* A pattern that differs per block and per offset, so overlaps show. */
+static inline void pattern_fill(void *p, size_t n, uint64_t seed)
+{
+    unsigned char *b = p;
+    for (size_t i = 0; i < n; i++)
+        b[i] = (unsigned char)(seed * 31 + i * 7 + (i >> 8));
+}
+
+static inline int pattern_ok(const void *p, size_t n, uint64_t seed)
+{
+    const unsigned char *b = p;
+    for (size_t i = 0; i < n; i++)
+        if (b[i] != (unsigned char)(seed * 31 + i * 7 + (i >> 8)))
+            return 0;
+    return 1;
+}
+
+/* Touches one byte per page: cheap way to make pages resident. */
+static inline void touch_pages(void *p, size_t n)
+{
+    for (size_t i = 0; i < n; i += 4096)
+        ((volatile char *)p)[i] = (char)i;
+}
+
+static inline ta_stats_t stats_now(void)
+{
+    ta_stats_t st;
+    memset(&st, 0, sizeof st);
+    st.size = sizeof st;
+    ta_stats_get(&st);
+    return st;
+}
+
+#endif

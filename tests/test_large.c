@@ -1,0 +1,224 @@
+/* SPDX-License-Identifier: MIT */
+/* Suite "large": one mapping per block, the retain pool, mremap, names,
+ * huge-page advice, and memory really going back to the kernel. */
+#define _GNU_SOURCE
+#include "helpers.h"
+
+#include <criterion/criterion.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+/* Finds the /proc/self/smaps entry starting at p and copies it into buf. */
+static int smaps_entry(const void *p, char *buf, size_t cap)
+{
+    FILE *f = fopen("/proc/self/smaps", "r");
+    if (!f)
+        return 0;
+    char line[512];
+    int found = 0;
+    size_t used = 0;
+    buf[0] = 0;
+    while (fgets(line, sizeof line, f)) {
+        unsigned long start, end;
+        if (sscanf(line, "%lx-%lx ", &start, &end) == 2 && strchr(line, '-') < strchr(line, ' ')) {
+            if (found)
+                break;
+            found = start == (unsigned long)(uintptr_t)p;
+        }
+        if (found && used + strlen(line) < cap) {
+            strcpy(buf + used, line);
+            used += strlen(line);
+        }
+    }
+    fclose(f);
+    return found;
+}
+
+Test(large, block_starts_at_its_own_mapping)
+{
+    void *a = ta_malloc(3 * MiB), *b = ta_malloc(300 * KiB);
+    char buf[8192];
+    cr_assert(smaps_entry(a, buf, sizeof buf), "no mapping starts at %p", a);
+    cr_assert(smaps_entry(b, buf, sizeof buf), "no mapping starts at %p", b);
+    ta_free(a);
+    ta_free(b);
+}
+
+Test(large, huge_blocks_are_advised_hugepage)
+{
+    if (!_ta_os_thp_available())
+        cr_skip_test("transparent huge pages are disabled on this machine");
+    unsigned char *p = ta_malloc(8 * MiB);
+    char buf[8192];
+    cr_assert(smaps_entry(p, buf, sizeof buf));
+    const char *flags = strstr(buf, "VmFlags:");
+    cr_assert_not_null(flags);
+    cr_assert(strstr(flags, " hg"), "MADV_HUGEPAGE missing: %s", flags);
+    ta_free(p);
+}
+
+Test(large, mappings_are_named)
+{
+    unsigned char *p = ta_malloc(8 * MiB);
+    char buf[8192];
+    cr_assert(smaps_entry(p, buf, sizeof buf));
+    if (_ta_os_name(p, 8 * MiB, "tensoralloc") != 0)
+        cr_skip_test("this kernel cannot name anonymous mappings (no CONFIG_ANON_VMA_NAME)");
+    cr_assert(strstr(buf, "[anon:tensoralloc]"), "mapping not named:\n%s", buf);
+    ta_free(p);
+}
+
+Test(large, thp_off_gives_no_huge_advice)
+{
+    cr_assert_eq(ta_option_set(TA_OPT_THP, 0), 0);
+    unsigned char *p = ta_malloc(8 * MiB);
+    char buf[8192];
+    cr_assert(smaps_entry(p, buf, sizeof buf));
+    const char *flags = strstr(buf, "VmFlags:");
+    cr_assert_not_null(flags);
+    cr_assert_null(strstr(flags, " hg"), "THP=0 but advised: %s", flags);
+    ta_free(p);
+}
+
+Test(large, pool_hands_a_freed_mapping_to_the_next_block)
+{
+    ta_option_set(TA_OPT_RETAIN_MS, 60000);
+    void *a = ta_malloc(16 * MiB);
+    touch_pages(a, 16 * MiB);
+    ta_free(a);
+    ta_stats_t st = stats_now();
+    cr_assert_eq(st.pool_entries, 1);
+    cr_assert_eq(st.pool_bytes, 16 * MiB);
+    void *b = ta_malloc(16 * MiB);
+    cr_assert_eq(a, b, "same-size request should reuse the pooled mapping");
+    ta_stats_t st2 = stats_now();
+    cr_assert_eq(st2.pool_hits, st.pool_hits + 1);
+    cr_assert_eq(st2.pool_bytes, 0);
+    /* a smaller request trims the pooled mapping instead of a new one */
+    ta_free(b);
+    void *c = ta_malloc(10 * MiB);
+    cr_assert_eq(c, a);
+    cr_assert_eq(ta_usable_size(c), 10 * MiB);
+    ta_free(c);
+    /* a larger one grows it (mremap) */
+    void *d = ta_malloc(20 * MiB);
+    cr_assert_eq((uintptr_t)d % (2 * MiB), 0);
+    cr_assert_eq(stats_now().pool_hits, st2.pool_hits + 2);
+    memset(d, 1, 20 * MiB);
+    ta_free(d);
+    ta_trim();
+    cr_assert_eq(stats_now().pool_bytes, 0);
+}
+
+Test(large, retain_zero_unmaps_on_every_free)
+{
+    ta_option_set(TA_OPT_RETAIN_BYTES, 0);
+    ta_stats_t before = stats_now();
+    for (int i = 0; i < 10; i++)
+        ta_free(ta_malloc(4 * MiB));
+    ta_stats_t after = stats_now();
+    cr_assert_eq(after.pool_bytes, 0);
+    cr_assert_eq(after.pool_hits, before.pool_hits);
+    cr_assert_geq(after.os_unmap_calls - before.os_unmap_calls, 10);
+}
+
+Test(large, pool_respects_its_byte_bound)
+{
+    ta_option_set(TA_OPT_RETAIN_BYTES, 20 * MiB);
+    ta_option_set(TA_OPT_RETAIN_MS, 60000);
+    void *p[8];
+    for (int i = 0; i < 8; i++)
+        p[i] = ta_malloc(8 * MiB);
+    for (int i = 0; i < 8; i++) {
+        ta_free(p[i]);
+        cr_assert_leq(stats_now().pool_bytes, 20 * MiB);
+    }
+    cr_assert_eq(stats_now().pool_bytes, 16 * MiB);
+}
+
+Test(large, pool_expires_without_allocator_calls)
+{
+    ta_option_set(TA_OPT_RETAIN_MS, 100);
+    size_t start = rss_bytes();
+    void *p = ta_malloc(64 * MiB);
+    memset(p, 7, 64 * MiB);
+    ta_free(p);
+    cr_assert_eq(stats_now().pool_bytes, 64 * MiB);
+    /* no allocator call from here on: the purge thread must do it */
+    for (int i = 0; i < 100 && stats_now().pool_bytes; i++)
+        usleep(20000);
+    ta_stats_t st = stats_now();
+    cr_assert_eq(st.pool_bytes, 0, "pooled mapping still there after 2 s");
+    cr_assert_geq(st.pool_expired, 1);
+    cr_assert_lt(rss_bytes(), start + 16 * MiB);
+}
+
+Test(large, realloc_uses_mremap_and_copies_nothing)
+{
+    size_t n = 256 * MiB;
+    unsigned char *p = ta_malloc(n);
+    for (size_t i = 0; i < n; i += 4096)
+        p[i] = (unsigned char)(i >> 12);
+    size_t rss_before = rss_bytes();
+    uint64_t remaps = stats_now().os_remap_calls;
+    unsigned char *q = ta_realloc(p, 2 * n);
+    cr_assert_not_null(q);
+    /* A copy would fault in another 256 MiB; mremap moves page tables. */
+    cr_assert_lt(rss_bytes(), rss_before + 32 * MiB, "realloc grew RSS: it copied");
+    cr_assert_gt(stats_now().os_remap_calls, remaps);
+    cr_assert_eq((uintptr_t)q % (2 * MiB), 0);
+    for (size_t i = 0; i < n; i += 4096)
+        cr_assert_eq(q[i], (unsigned char)(i >> 12));
+    unsigned char *r = ta_realloc(q, n / 2);
+    cr_assert_not_null(r);
+    for (size_t i = 0; i < n / 2; i += 4096)
+        cr_assert_eq(r[i], (unsigned char)(i >> 12));
+    cr_assert_eq(ta_usable_size(r), n / 2);
+    ta_free(r);
+}
+
+Test(large, one_gib_freed_and_trimmed_goes_back)
+{
+    size_t start = rss_bytes();
+    enum { N = 64 };
+    void *blocks[N];
+    for (int i = 0; i < N; i++) {
+        blocks[i] = ta_malloc(16 * MiB);
+        cr_assert_not_null(blocks[i]);
+        memset(blocks[i], i, 16 * MiB);
+    }
+    cr_assert_gt(rss_bytes(), start + 900 * MiB);
+    for (int i = 0; i < N; i++)
+        ta_free(blocks[i]);
+    ta_trim();
+    size_t end = rss_bytes();
+    cr_assert_lt(end, start + 16 * MiB, "RSS %zu MiB above start", (end - start) >> 20);
+}
+
+Test(large, statistics_agree_with_allocations)
+{
+    ta_option_set(TA_OPT_RETAIN_BYTES, 0);
+    ta_stats_t base = stats_now();
+    size_t sizes[] = {300 * KiB, 1 * MiB, 5 * MiB + 1};
+    void *p[3];
+    size_t mapped = 0, live = 0;
+    for (int i = 0; i < 3; i++) {
+        p[i] = ta_malloc(sizes[i]);
+        live += sizes[i];
+        mapped += ta_usable_size(p[i]);
+    }
+    ta_stats_t st = stats_now();
+    cr_assert_eq(st.large_live_count - base.large_live_count, 3);
+    cr_assert_eq(st.large_live_bytes - base.large_live_bytes, live);
+    cr_assert_eq(st.large_mapped_bytes - base.large_mapped_bytes, mapped);
+    cr_assert_geq(st.large_peak_bytes, st.large_live_bytes);
+    struct mallinfo2 mi = ta_mallinfo2();
+    cr_assert_eq(mi.hblks, st.large_live_count);
+    cr_assert_eq(mi.hblkhd, st.large_mapped_bytes);
+    for (int i = 0; i < 3; i++)
+        ta_free(p[i]);
+    st = stats_now();
+    cr_assert_eq(st.large_live_count, base.large_live_count);
+    cr_assert_eq(st.large_live_bytes, base.large_live_bytes);
+}

@@ -1,0 +1,84 @@
+/* SPDX-License-Identifier: MIT */
+/* Suite "slab": size classes, block reuse, and small frees lowering RSS. */
+#include "helpers.h"
+
+#include <criterion/criterion.h>
+#include <stdlib.h>
+
+Test(slab, every_small_size_is_usable_and_disjoint)
+{
+    enum { N = 4096 };
+    static unsigned char *p[N];
+    static size_t n[N];
+    for (int i = 0; i < N; i++) {
+        n[i] = (size_t)(i * 37 % 20000) + 1;
+        p[i] = ta_malloc(n[i]);
+        cr_assert_not_null(p[i]);
+        cr_assert_geq(ta_usable_size(p[i]), n[i]);
+        pattern_fill(p[i], n[i], (uint64_t)i);
+    }
+    for (int i = 0; i < N; i++)
+        cr_assert(pattern_ok(p[i], n[i], (uint64_t)i), "block %d (%zu B) overwritten", i, n[i]);
+    for (int i = 0; i < N; i++)
+        ta_free(p[i]);
+}
+
+Test(slab, usable_size_is_a_class_size)
+{
+    cr_assert_eq(ta_usable_size(ta_malloc(1)), 16);
+    cr_assert_eq(ta_usable_size(ta_malloc(17)), 32);
+    cr_assert_eq(ta_usable_size(ta_malloc(129)), 160);
+    cr_assert_eq(ta_usable_size(ta_malloc(1000)), 1024);
+    cr_assert_eq(ta_usable_size(ta_malloc(1025)), 1280);
+}
+
+Test(slab, freed_block_is_reused)
+{
+    void *a = ta_malloc(48);
+    ta_free(a);
+    void *b = ta_malloc(48);
+    cr_assert_eq(a, b, "the lowest free block of the current span comes back first");
+    ta_free(b);
+}
+
+Test(slab, a_million_small_objects_freed_lower_rss)
+{
+    enum { N = 1000000 };
+    void **p = ta_malloc(N * sizeof *p); /* 8 MB: a large block */
+    size_t start = rss_bytes();
+    for (int i = 0; i < N; i++) {
+        p[i] = ta_malloc(16 + (size_t)(i % 8) * 16);
+        cr_assert_not_null(p[i]);
+        *(int *)p[i] = i;
+    }
+    cr_assert_gt(rss_bytes(), start + 50 * MiB);
+    ta_stats_t st = stats_now();
+    cr_assert_geq(st.small_live_bytes, (size_t)N * 16);
+    for (int i = 0; i < N; i++) {
+        cr_assert_eq(*(int *)p[i], i);
+        ta_free(p[i]);
+    }
+    ta_trim();
+    size_t end = rss_bytes();
+    cr_assert_lt(end, start + 16 * MiB, "RSS %zu MiB above start", (end - start) >> 20);
+    ta_free(p);
+}
+
+Test(slab, statistics_track_small_bytes)
+{
+    ta_stats_t a = stats_now();
+    enum { N = 1000 };
+    void *p[N];
+    for (int i = 0; i < N; i++)
+        p[i] = ta_malloc(1000); /* class 1024 */
+    ta_stats_t b = stats_now();
+    cr_assert_eq(b.small_live_bytes - a.small_live_bytes, (uint64_t)N * 1024);
+    cr_assert_geq(b.small_committed_bytes, b.small_live_bytes);
+    struct mallinfo2 mi = ta_mallinfo2();
+    cr_assert_eq(mi.uordblks, b.small_live_bytes);
+    cr_assert_eq(mi.arena, b.small_committed_bytes);
+    for (int i = 0; i < N; i++)
+        ta_free(p[i]);
+    ta_stats_t c = stats_now();
+    cr_assert_eq(c.small_live_bytes, a.small_live_bytes);
+}
