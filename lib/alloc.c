@@ -131,8 +131,13 @@ void *ta_realloc(void *ptr, size_t size)
     } else {
         if (!_ta_large_lookup(ptr, &old_usable))
             _ta_fatal("realloc", ptr, "invalid pointer");
-        if (size >= threshold())
-            return _ta_large_realloc(ptr, size); /* mremap: nothing copied */
+        if (size >= threshold()) {
+            void *moved = _ta_large_realloc(ptr, size); /* mremap: nothing copied */
+            if (moved != NULL)
+                return moved;
+            /* The kernel refused the remap; a fresh block and a copy may
+             * still succeed, and a failure there leaves ptr intact. */
+        }
     }
     void *fresh = ta_malloc(size);
     if (fresh == NULL)

@@ -294,10 +294,12 @@ static size_t natural_alignment(size_t cap)
     return cap >= TA_HUGE_PAGE ? TA_HUGE_PAGE : _ta_os_page_size();
 }
 
-static void name_and_advise(void *p, size_t cap, size_t from)
+/* Always the whole mapping: advising part of it would split the VMA, and
+ * mremap refuses (EFAULT) to move or grow a range spanning two VMAs. */
+static void name_and_advise(void *p, size_t cap)
 {
     if (cap >= TA_HUGE_PAGE && _ta_opt(TA_OPT_THP) && _ta_os_thp_available())
-        _ta_os_advise_hugepage((char *)p + from, cap - from);
+        _ta_os_advise_hugepage(p, cap);
     _ta_os_name(p, cap, "tensoralloc");
 }
 
@@ -316,7 +318,7 @@ static void *pool_fit(pool_entry_t e, size_t cap, size_t align, bool zero)
             atomic_fetch_sub_explicit(&_ta_live_mappings, 1, memory_order_relaxed);
             return NULL;
         }
-        name_and_advise(p, cap, e.capacity);
+        name_and_advise(p, cap);
     }
     if (zero)
         memset(p, 0, dirty);
@@ -359,7 +361,7 @@ void *_ta_large_alloc(size_t size, size_t alignment, bool zero)
             return NULL;
         }
         atomic_fetch_add_explicit(&_ta_live_mappings, 1, memory_order_relaxed);
-        name_and_advise(p, cap, 0);
+        name_and_advise(p, cap);
         from_pool = false;
     }
 
@@ -481,10 +483,8 @@ void *_ta_large_realloc(void *p, size_t size)
 
     void *q = NULL;
     int rc = _ta_os_remap_aligned(p, old.capacity, cap, natural_alignment(cap), &q);
-    if (rc == 0 && cap > old.capacity && q == p)
-        name_and_advise(q, cap, old.capacity);
-    else if (rc == 0 && cap > old.capacity)
-        name_and_advise(q, cap, 0);
+    if (rc == 0 && cap > old.capacity)
+        name_and_advise(q, cap);
 
     _ta_lock(&large_lock);
     if (rc != 0) { /* failed: put the old block back as it was */

@@ -85,6 +85,13 @@ static bool parse_value(const char *s, option_kind_t kind, long long *out)
     return true;
 }
 
+extern char **environ;
+
+static bool environ_ready(void)
+{
+    return environ != NULL;
+}
+
 void _ta_options_init(void)
 {
     if (atomic_load_explicit(&options_state, memory_order_acquire) == 2)
@@ -121,7 +128,9 @@ void _ta_options_init(void)
                         option_table[i].min, option_table[i].max, option_table[i].def);
         }
     }
-    atomic_store_explicit(&options_state, 2, memory_order_release);
+    /* Before libc has set environ (the dynamic loader's first mallocs) the
+     * defaults serve, and the variables are read again on a later call. */
+    atomic_store_explicit(&options_state, environ_ready() ? 2 : 0, memory_order_release);
 }
 
 long long ta_option_get(ta_option_t option)

@@ -19,7 +19,8 @@ int _ta_os_map(size_t size, size_t align, void **out);
 int _ta_os_unmap(void *addr, size_t size);
 /* Resize a mapping, moving it if needed; *out receives the new address. */
 int _ta_os_remap(void *addr, size_t old_size, size_t new_size, void **out);
-/* Resize, growing in place when the range above is free, else moving to
+/* Resize, growing in place when addr is aligned and the range above is
+ * free, else moving to
  * a destination aligned to align (moving between 2 MiB-aligned addresses
  * lets the kernel move huge-page entries whole instead of splitting them).
  * On failure the old mapping is untouched. */

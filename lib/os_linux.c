@@ -143,8 +143,9 @@ int _ta_os_remap_aligned(void *addr, size_t old_size, size_t new_size, size_t al
 {
     if (align <= _ta_os_page_size() || new_size < old_size)
         return _ta_os_remap(addr, old_size, new_size, out);
-    int rc = _ta_os_remap_in_place(addr, old_size, new_size);
-    if (rc == 0) {
+    int rc;
+    if (((uintptr_t)addr & (align - 1)) == 0 &&
+        (rc = _ta_os_remap_in_place(addr, old_size, new_size)) == 0) {
         *out = addr;
         return 0;
     }

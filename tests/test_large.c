@@ -222,3 +222,26 @@ Test(large, statistics_agree_with_allocations)
     cr_assert_eq(st.large_live_count, base.large_live_count);
     cr_assert_eq(st.large_live_bytes, base.large_live_bytes);
 }
+
+/* Growing step by step across 2 MiB once split the mapping into two VMAs
+ * (huge-page advice on the new part only), and mremap then failed. */
+Test(large, realloc_in_small_steps_across_huge_page_size)
+{
+    size_t n = 300 * KiB;
+    unsigned char *p = ta_malloc(n);
+    pattern_fill(p, n, 1);
+    uint64_t copies_before = stats_now().os_remap_calls;
+    while (n < 40 * MiB) {
+        size_t m = n + n / 8 + 4096;
+        unsigned char *q = ta_realloc(p, m);
+        cr_assert_not_null(q, "realloc %zu -> %zu failed", n, m);
+        cr_assert(pattern_ok(q, n, 1), "contents lost at %zu", n);
+        pattern_fill(q, m, 1);
+        p = q;
+        n = m;
+    }
+    cr_assert_gt(stats_now().os_remap_calls, copies_before + 20);
+    if (n >= 2 * MiB)
+        cr_assert_eq((uintptr_t)p % (2 * MiB), 0, "grown block lost its 2 MiB alignment");
+    ta_free(p);
+}

@@ -1,0 +1,376 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The preload face: the C library's allocation symbols, glibc's __libc_*
+ * aliases, the statistics and tuning calls (mallinfo2, malloc_trim,
+ * malloc_stats, malloc_info, mallopt) and the C++ operators new/delete,
+ * all forwarded to the ta_* front door. Built only into
+ * libtensoralloc-preload.so, whose version script exports exactly these
+ * plus ta_*. Written in C: operator new's failure path reaches libstdc++
+ * through weak references, so a C program preloading this library does
+ * not load libstdc++.
+ */
+#define _GNU_SOURCE
+#include "internal.h"
+
+#include <errno.h>
+#include <malloc.h>
+#include <stdio.h>
+#include <string.h>
+
+#include <stdlib.h>
+
+/* Aliases need not repeat every attribute glibc's headers put on malloc. */
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmissing-attributes"
+#endif
+
+/* Names no system header declares (or not in every glibc version). */
+void cfree(void *ptr);
+void free_sized(void *ptr, size_t size);
+void free_aligned_sized(void *ptr, size_t alignment, size_t size);
+void *_Znwm(size_t n);
+void *_Znam(size_t n);
+void *_ZnwmRKSt9nothrow_t(size_t n, const void *t);
+void *_ZnamRKSt9nothrow_t(size_t n, const void *t);
+void *_ZnwmSt11align_val_t(size_t n, size_t a);
+void *_ZnamSt11align_val_t(size_t n, size_t a);
+void *_ZnwmSt11align_val_tRKSt9nothrow_t(size_t n, size_t a, const void *t);
+void *_ZnamSt11align_val_tRKSt9nothrow_t(size_t n, size_t a, const void *t);
+void _ZdlPv(void *p);
+void _ZdaPv(void *p);
+void _ZdlPvm(void *p, size_t n);
+void _ZdaPvm(void *p, size_t n);
+void _ZdlPvRKSt9nothrow_t(void *p, const void *t);
+void _ZdaPvRKSt9nothrow_t(void *p, const void *t);
+void _ZdlPvSt11align_val_t(void *p, size_t a);
+void _ZdaPvSt11align_val_t(void *p, size_t a);
+void _ZdlPvmSt11align_val_t(void *p, size_t n, size_t a);
+void _ZdaPvmSt11align_val_t(void *p, size_t n, size_t a);
+void _ZdlPvSt11align_val_tRKSt9nothrow_t(void *p, size_t a, const void *t);
+void _ZdaPvSt11align_val_tRKSt9nothrow_t(void *p, size_t a, const void *t);
+
+#define EXPORT __attribute__((visibility("default")))
+#define ALIAS(name) __attribute__((alias(#name), visibility("default")))
+
+/* ---- C ------------------------------------------------------------------ */
+
+EXPORT void *malloc(size_t size)
+{
+    return ta_malloc(size);
+}
+
+EXPORT void free(void *ptr)
+{
+    ta_free(ptr);
+}
+
+EXPORT void *calloc(size_t count, size_t size)
+{
+    return ta_calloc(count, size);
+}
+
+EXPORT void *realloc(void *ptr, size_t size)
+{
+    return ta_realloc(ptr, size);
+}
+
+EXPORT void *reallocarray(void *ptr, size_t count, size_t size)
+{
+    size_t total;
+    if (__builtin_mul_overflow(count, size, &total)) {
+        errno = ENOMEM;
+        return NULL;
+    }
+    return ta_realloc(ptr, total);
+}
+
+/* glibc's memalign rounds a non-power-of-two alignment up. */
+EXPORT void *memalign(size_t alignment, size_t size)
+{
+    if (alignment <= TA_MIN_ALIGN)
+        return ta_malloc(size);
+    if (alignment > ((size_t)1 << 62)) {
+        errno = EINVAL;
+        return NULL;
+    }
+    size_t a = TA_MIN_ALIGN;
+    while (a < alignment)
+        a <<= 1;
+    return ta_aligned_alloc(a, size);
+}
+
+EXPORT int posix_memalign(void **out, size_t alignment, size_t size)
+{
+    return ta_posix_memalign(out, alignment, size);
+}
+
+EXPORT void *aligned_alloc(size_t alignment, size_t size)
+{
+    return ta_aligned_alloc(alignment, size);
+}
+
+EXPORT void *valloc(size_t size)
+{
+    return ta_aligned_alloc(_ta_os_page_size(), size);
+}
+
+EXPORT void *pvalloc(size_t size)
+{
+    size_t page = _ta_os_page_size();
+    if (size > SIZE_MAX - page) {
+        errno = ENOMEM;
+        return NULL;
+    }
+    return ta_aligned_alloc(page, _ta_align_up(size ? size : 1, page));
+}
+
+EXPORT size_t malloc_usable_size(void *ptr)
+{
+    return ta_usable_size(ptr);
+}
+
+EXPORT void cfree(void *ptr)
+{
+    ta_free(ptr);
+}
+
+EXPORT void free_sized(void *ptr, size_t size)
+{
+    (void)size;
+    ta_free(ptr);
+}
+
+EXPORT void free_aligned_sized(void *ptr, size_t alignment, size_t size)
+{
+    (void)alignment;
+    (void)size;
+    ta_free(ptr);
+}
+
+/* ---- glibc's internal names, used by some programs and by ld.so --------- */
+
+void *__libc_malloc(size_t size) ALIAS(malloc);
+void __libc_free(void *ptr) ALIAS(free);
+void *__libc_calloc(size_t count, size_t size) ALIAS(calloc);
+void *__libc_realloc(void *ptr, size_t size) ALIAS(realloc);
+void *__libc_memalign(size_t alignment, size_t size) ALIAS(memalign);
+void *__libc_valloc(size_t size) ALIAS(valloc);
+void *__libc_pvalloc(size_t size) ALIAS(pvalloc);
+void __libc_cfree(void *ptr) ALIAS(cfree);
+int __posix_memalign(void **out, size_t alignment, size_t size) ALIAS(posix_memalign);
+
+/* ---- statistics and tuning ----------------------------------------------- */
+
+EXPORT struct mallinfo2 mallinfo2(void)
+{
+    return ta_mallinfo2();
+}
+
+static int clamp_int(size_t v)
+{
+    return v > (size_t)__INT_MAX__ ? __INT_MAX__ : (int)v;
+}
+
+EXPORT struct mallinfo mallinfo(void)
+{
+    struct mallinfo2 m2 = ta_mallinfo2();
+    struct mallinfo m;
+    m.arena = clamp_int(m2.arena);
+    m.ordblks = clamp_int(m2.ordblks);
+    m.smblks = clamp_int(m2.smblks);
+    m.hblks = clamp_int(m2.hblks);
+    m.hblkhd = clamp_int(m2.hblkhd);
+    m.usmblks = clamp_int(m2.usmblks);
+    m.fsmblks = clamp_int(m2.fsmblks);
+    m.uordblks = clamp_int(m2.uordblks);
+    m.fordblks = clamp_int(m2.fordblks);
+    m.keepcost = clamp_int(m2.keepcost);
+    return m;
+}
+
+/* Returns 1 if anything was given back to the kernel, as glibc does. */
+EXPORT int malloc_trim(size_t pad)
+{
+    (void)pad;
+    ta_stats_t before = {.size = sizeof before}, after = {.size = sizeof after};
+    ta_stats_get(&before);
+    ta_trim();
+    ta_stats_get(&after);
+    return after.os_unmap_calls + after.os_madvise_calls >
+           before.os_unmap_calls + before.os_madvise_calls;
+}
+
+/* glibc's layout, tensoralloc's figures: one "arena" (the slabs). */
+EXPORT void malloc_stats(void)
+{
+    ta_stats_t st = {.size = sizeof st};
+    ta_stats_get(&st);
+    int saved = errno;
+    fprintf(stderr,
+            "Arena 0:\nsystem bytes     = %10llu\nin use bytes     = %10llu\n"
+            "Total (incl. mmap):\nsystem bytes     = %10llu\nin use bytes     = %10llu\n"
+            "max mmap regions = %10llu\nmax mmap bytes   = %10llu\n",
+            (unsigned long long)st.small_committed_bytes,
+            (unsigned long long)st.small_live_bytes,
+            (unsigned long long)(st.small_committed_bytes + st.large_mapped_bytes),
+            (unsigned long long)(st.small_live_bytes + st.large_live_bytes),
+            (unsigned long long)st.large_live_count,
+            (unsigned long long)st.large_peak_bytes);
+    errno = saved;
+}
+
+/* glibc's XML shape (malloc/malloc.c, __malloc_info), our figures. */
+EXPORT int malloc_info(int options, FILE *fp)
+{
+    if (options != 0) {
+        errno = EINVAL;
+        return -1;
+    }
+    if (fp == NULL) {
+        errno = EINVAL;
+        return -1;
+    }
+    ta_stats_t st = {.size = sizeof st};
+    ta_stats_get(&st);
+    fprintf(fp,
+            "<malloc version=\"1\">\n<heap nr=\"0\">\n<sizes>\n</sizes>\n"
+            "<total type=\"fast\" count=\"0\" size=\"0\"/>\n"
+            "<total type=\"rest\" count=\"%llu\" size=\"%llu\"/>\n"
+            "<system type=\"current\" size=\"%llu\"/>\n<system type=\"max\" size=\"%llu\"/>\n"
+            "<aspace type=\"total\" size=\"%llu\"/>\n<aspace type=\"mprotect\" size=\"%llu\"/>\n"
+            "</heap>\n"
+            "<total type=\"fast\" count=\"0\" size=\"0\"/>\n"
+            "<total type=\"rest\" count=\"%llu\" size=\"%llu\"/>\n"
+            "<total type=\"mmap\" count=\"%llu\" size=\"%llu\"/>\n"
+            "<total type=\"pool\" count=\"%llu\" size=\"%llu\"/>\n"
+            "<system type=\"current\" size=\"%llu\"/>\n<system type=\"max\" size=\"%llu\"/>\n"
+            "<aspace type=\"total\" size=\"%llu\"/>\n<aspace type=\"mprotect\" size=\"%llu\"/>\n"
+            "</malloc>\n",
+            (unsigned long long)st.small_spans,
+            (unsigned long long)(st.small_committed_bytes - st.small_live_bytes),
+            (unsigned long long)st.small_committed_bytes,
+            (unsigned long long)st.small_peak_bytes,
+            (unsigned long long)st.small_segment_bytes,
+            (unsigned long long)st.small_segment_bytes,
+            (unsigned long long)st.small_spans,
+            (unsigned long long)(st.small_committed_bytes - st.small_live_bytes),
+            (unsigned long long)st.large_live_count,
+            (unsigned long long)st.large_mapped_bytes,
+            (unsigned long long)st.pool_entries, (unsigned long long)st.pool_bytes,
+            (unsigned long long)(st.small_committed_bytes + st.large_mapped_bytes),
+            (unsigned long long)(st.small_peak_bytes + st.large_peak_bytes),
+            (unsigned long long)(st.small_segment_bytes + st.large_mapped_bytes + st.pool_bytes),
+            (unsigned long long)(st.small_segment_bytes + st.large_mapped_bytes + st.pool_bytes));
+    return 0;
+}
+
+/* mallopt: the parameters that have a meaning here change the options;
+ * the arena and fast-bin knobs have nothing to act on and are accepted.
+ * Values from <malloc.h>. Returns 1 on success, 0 on error, as glibc. */
+EXPORT int mallopt(int param, int value)
+{
+    switch (param) {
+    case M_MMAP_THRESHOLD: /* large path threshold, within its bounds */
+        if (value < 0)
+            return 0;
+        return ta_option_set(TA_OPT_THRESHOLD,
+                             value < (16 << 10) ? (16 << 10)
+                             : value > (1 << 20) ? (1 << 20)
+                                                 : value) == 0;
+    case M_TRIM_THRESHOLD: /* free memory kept before it goes back: the pool */
+        return value >= 0 && ta_option_set(TA_OPT_RETAIN_BYTES, value) == 0;
+    case M_MMAP_MAX:   /* mmap is how large blocks exist: accepted, no effect */
+    case M_ARENA_MAX:  /* no arenas */
+    case M_ARENA_TEST:
+    case M_TOP_PAD:
+    case M_MXFAST:
+    case M_PERTURB:
+    case M_CHECK_ACTION:
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+/* ---- C++ operators new and delete ------------------------------------------
+ * Mangled names for the Itanium ABI (x86-64, AArch64). The throwing forms
+ * follow [new.delete.single]: on failure call the new-handler, retry, and
+ * throw std::bad_alloc when there is none. */
+
+typedef void (*new_handler_t)(void);
+extern new_handler_t _ZSt15get_new_handlerv(void) __attribute__((weak));
+extern void _ZSt17__throw_bad_allocv(void) __attribute__((weak, noreturn));
+
+static void *new_failed(size_t size, size_t alignment, bool nothrow)
+{
+    for (;;) {
+        new_handler_t handler = _ZSt15get_new_handlerv ? _ZSt15get_new_handlerv() : NULL;
+        if (handler == NULL) {
+            if (nothrow)
+                return NULL;
+            if (_ZSt17__throw_bad_allocv)
+                _ZSt17__throw_bad_allocv();
+            _ta_fatal("operator new", NULL, "out of memory and no C++ runtime to throw");
+        }
+        handler();
+        void *p = alignment ? ta_aligned_alloc(alignment, size) : ta_malloc(size);
+        if (p)
+            return p;
+    }
+}
+
+static inline void *cxx_new(size_t size, size_t alignment, bool nothrow)
+{
+    void *p = alignment ? ta_aligned_alloc(alignment, size) : ta_malloc(size);
+    return TA_LIKELY(p != NULL) ? p : new_failed(size, alignment, nothrow);
+}
+
+EXPORT void *_Znwm(size_t n) { return cxx_new(n, 0, false); }
+EXPORT void *_Znam(size_t n) { return cxx_new(n, 0, false); }
+EXPORT void *_ZnwmRKSt9nothrow_t(size_t n, const void *t) { (void)t; return cxx_new(n, 0, true); }
+EXPORT void *_ZnamRKSt9nothrow_t(size_t n, const void *t) { (void)t; return cxx_new(n, 0, true); }
+EXPORT void *_ZnwmSt11align_val_t(size_t n, size_t a) { return cxx_new(n, a, false); }
+EXPORT void *_ZnamSt11align_val_t(size_t n, size_t a) { return cxx_new(n, a, false); }
+EXPORT void *_ZnwmSt11align_val_tRKSt9nothrow_t(size_t n, size_t a, const void *t)
+{
+    (void)t;
+    return cxx_new(n, a, true);
+}
+EXPORT void *_ZnamSt11align_val_tRKSt9nothrow_t(size_t n, size_t a, const void *t)
+{
+    (void)t;
+    return cxx_new(n, a, true);
+}
+
+EXPORT void _ZdlPv(void *p) { ta_free(p); }
+EXPORT void _ZdaPv(void *p) { ta_free(p); }
+EXPORT void _ZdlPvm(void *p, size_t n) { (void)n; ta_free(p); }
+EXPORT void _ZdaPvm(void *p, size_t n) { (void)n; ta_free(p); }
+EXPORT void _ZdlPvRKSt9nothrow_t(void *p, const void *t) { (void)t; ta_free(p); }
+EXPORT void _ZdaPvRKSt9nothrow_t(void *p, const void *t) { (void)t; ta_free(p); }
+EXPORT void _ZdlPvSt11align_val_t(void *p, size_t a) { (void)a; ta_free(p); }
+EXPORT void _ZdaPvSt11align_val_t(void *p, size_t a) { (void)a; ta_free(p); }
+EXPORT void _ZdlPvmSt11align_val_t(void *p, size_t n, size_t a)
+{
+    (void)n;
+    (void)a;
+    ta_free(p);
+}
+EXPORT void _ZdaPvmSt11align_val_t(void *p, size_t n, size_t a)
+{
+    (void)n;
+    (void)a;
+    ta_free(p);
+}
+EXPORT void _ZdlPvSt11align_val_tRKSt9nothrow_t(void *p, size_t a, const void *t)
+{
+    (void)a;
+    (void)t;
+    ta_free(p);
+}
+EXPORT void _ZdaPvSt11align_val_tRKSt9nothrow_t(void *p, size_t a, const void *t)
+{
+    (void)a;
+    (void)t;
+    ta_free(p);
+}
