@@ -1,0 +1,50 @@
+#!/bin/sh
+# SPDX-License-Identifier: MIT
+# launcher.sh RUN_SCRIPT PRELOAD_LIB HELPER_DIR: tensoralloc-run's options,
+# errors and --stats, and the Python helper read through it.
+run=$1 lib=$2 helper=$3
+fail=0
+check() { if eval "$2"; then echo "ok - $1"; else echo "not ok - $1"; fail=1; fi; }
+echo "1..7"
+check "--help exits 0 and shows usage" "sh '$run' --help | grep -q '^usage: tensoralloc-run'"
+sh "$run" --bogus true >/dev/null 2>&1; rc=$?
+check "an unknown option exits 2" "[ $rc -eq 2 ]"
+sh "$run" --library /nonexistent/lib.so true >/dev/null 2>&1; rc=$?
+check "a missing library exits 127" "[ $rc -eq 127 ]"
+out=$(sh "$run" --library "$lib" --stats -- /bin/echo child 2>&1)
+check "--stats prints statistics at exit" "echo \"\$out\" | grep -q 'tensoralloc .* statistics'"
+check "the command's own output is kept" "echo \"\$out\" | grep -q '^child$'"
+py=/usr/bin/python3
+if [ -x $py ]; then
+    out=$(PYTHONPATH="$helper" sh "$run" --library "$lib" --threshold 64K --retain 0 -- $py -c '
+import ctypes, tensoralloc
+assert tensoralloc.available()
+st = tensoralloc.stats()
+print("threshold", st["opt_threshold"], "retain", st["opt_retain_bytes"])
+before = tensoralloc.snapshot()
+blob = bytearray(100 * 2**20)
+after = tensoralloc.snapshot()
+print(tensoralloc.diff(before, after))
+assert after["large_mapped"] - before["large_mapped"] >= 100 * 2**20
+ours = tensoralloc.mallinfo2()
+glibc = ctypes.CDLL("libc.so.6").mallinfo2
+class MI(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split())]
+glibc.restype = MI
+g = glibc()
+assert g.hblkhd < ours["hblkhd"], (g.hblkhd, ours["hblkhd"])
+print("glibc hblkhd", g.hblkhd, "ours", ours["hblkhd"] >= 100 * 2**20)
+del blob
+tensoralloc.trim()
+print("version", tensoralloc.version())
+' 2>&1)
+    check "options reach the process; helper snapshot/diff/mallinfo2 work" \
+        "echo \"\$out\" | grep -q 'threshold 65536 retain 0' && echo \"\$out\" | grep -q '^large_mapped: ' && echo \"\$out\" | grep -q 'ours True'"
+    [ $fail -eq 0 ] || echo "$out" | sed 's/^/# /'
+    out=$(PYTHONPATH="$helper" $py -c 'import tensoralloc; print(tensoralloc.available())')
+    check "helper says unavailable without the library" "[ '$out' = False ]"
+else
+    echo "ok - python helper # SKIP /usr/bin/python3 absent"
+    echo "ok - python helper unavailable # SKIP /usr/bin/python3 absent"
+fi
+exit $fail
