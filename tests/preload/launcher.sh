@@ -11,7 +11,7 @@ sh "$run" --bogus true >/dev/null 2>&1; rc=$?
 check "an unknown option exits 2" "[ $rc -eq 2 ]"
 sh "$run" --library /nonexistent/lib.so true >/dev/null 2>&1; rc=$?
 check "a missing library exits 127" "[ $rc -eq 127 ]"
-out=$(sh "$run" --library "$lib" --stats -- /bin/echo child 2>&1)
+out=$(sh "$run" --library "$lib" --stats -- perl -e 'print "child\n"' 2>&1)
 check "--stats prints statistics at exit" "echo \"\$out\" | grep -q 'tensoralloc .* statistics'"
 check "the command's own output is kept" "echo \"\$out\" | grep -q '^child$'"
 py=/usr/bin/python3
