@@ -15,8 +15,10 @@
 
 static atomic_int process_state; /* 0 new, 1 initialising, 2 ready */
 
+/* Lock order: purge mutex, large lock, heaps lock. */
 static void fork_prepare(void)
 {
+    _ta_purge_fork_prepare();
     _ta_large_fork_prepare();
     _ta_small_fork_prepare();
 }
@@ -25,12 +27,14 @@ static void fork_parent(void)
 {
     _ta_small_fork_parent();
     _ta_large_fork_parent();
+    _ta_purge_fork_parent();
 }
 
 static void fork_child(void)
 {
     _ta_small_fork_child();
     _ta_large_fork_child();
+    _ta_purge_fork_child();
 }
 
 static void process_init_slow(void)
@@ -94,10 +98,16 @@ void ta_free(void *ptr)
 {
     if (ptr == NULL)
         return;
-    if (_ta_small_owns(ptr))
-        _ta_small_free(ptr, "free");
-    else if (!_ta_large_free(ptr))
+    if (_ta_small_owns(ptr)) {
+        if (TA_UNLIKELY(_ta_small_free(ptr, "free")))
+            _ta_purge_wake(); /* freed into an exited thread's heap */
+        return;
+    }
+    int rc = _ta_large_free(ptr);
+    if (TA_UNLIKELY(rc == TA_LARGE_NOT_MINE))
         _ta_fatal("free", ptr, "invalid pointer");
+    if (rc == TA_LARGE_POOLED_FIRST)
+        _ta_purge_wake(); /* the pool has a deadline to keep */
 }
 
 size_t ta_usable_size(const void *ptr)

@@ -82,8 +82,14 @@ extern atomic_long _ta_live_mappings;
 void *_ta_large_alloc(size_t size, size_t alignment, bool zero);
 /* Returns true and fills *usable if p is a live large block. */
 bool _ta_large_lookup(const void *p, size_t *usable);
-/* Frees a large block; returns false if p is not one. */
-bool _ta_large_free(void *p);
+/* Frees a large block. Returns TA_LARGE_NOT_MINE if p is not one, and
+ * TA_LARGE_POOLED_FIRST when the block went into an empty pool (the purge
+ * thread then has work). */
+enum { TA_LARGE_NOT_MINE = 0, TA_LARGE_FREED = 1, TA_LARGE_POOLED_FIRST = 2 };
+int _ta_large_free(void *p);
+/* Unmaps pool entries past their age or beyond the byte bound; returns
+ * true while entries remain. */
+bool _ta_large_expire(void);
 /* Resizes a large block to size (>= threshold) with mremap; returns NULL
  * with errno set on failure (the block is untouched then). */
 void *_ta_large_realloc(void *p, size_t size);
@@ -100,7 +106,9 @@ void _ta_large_fork_child(void);
 void *_ta_small_alloc(size_t size, size_t alignment, bool zero);
 /* True if p lies in a slab segment (cheap, no lock). */
 bool _ta_small_owns(const void *p);
-void _ta_small_free(void *p, const char *call);
+/* Returns true when the block was the first one pushed to an abandoned
+ * heap (no thread owns it: the purge thread must collect it). */
+bool _ta_small_free(void *p, const char *call);
 size_t _ta_small_usable(const void *p, const char *call);
 void _ta_small_trim(void);
 void _ta_small_stats(ta_stats_t *st);
@@ -108,5 +116,14 @@ void _ta_small_fork_prepare(void);
 void _ta_small_fork_parent(void);
 void _ta_small_fork_child(void);
 void _ta_small_thread_done(void);
+/* Drains and purges abandoned heaps; true while any still has work. */
+bool _ta_small_collect_abandoned(void);
+
+/* ---- the purge thread (purge.c) ----------------------------------------- */
+/* Starts the thread if needed and wakes it: there is work with a deadline. */
+void _ta_purge_wake(void);
+void _ta_purge_fork_prepare(void);
+void _ta_purge_fork_parent(void);
+void _ta_purge_fork_child(void);
 
 #endif

@@ -6,8 +6,9 @@
  * pool's byte and age bounds, wait whole for the next large request, which
  * takes the best fit and trims or grows it with munmap/mremap (never
  * splitting one mapping between two blocks). The pool idea and its bounds
- * follow rpmalloc 2.0's huge-mapping cache; the age limit is enforced by a
- * purge thread so that memory goes back even if the program goes quiet.
+ * follow rpmalloc 2.0's huge-mapping cache; the age limit is enforced on
+ * every free and by the purge thread (purge.c), so that memory goes back
+ * even if the program goes quiet.
  *
  * Locking: one lock guards the table, the pool and the statistics. No
  * kernel call is made while holding it: work is decided under the lock,
@@ -17,10 +18,7 @@
 #include "internal.h"
 
 #include <errno.h>
-#include <pthread.h>
-#include <signal.h>
 #include <string.h>
-#include <time.h>
 
 /* ---- the region table ---------------------------------------------------- */
 
@@ -134,7 +132,8 @@ typedef struct {
     uint64_t freed_ms;
 } pool_entry_t;
 
-#define POOL_MAX_ENTRIES 64
+#define POOL_MAX_ENTRIES 1024
+#define EVICT_BATCH 32 /* victims collected per pass, on the stack */
 
 static pool_entry_t pool[POOL_MAX_ENTRIES];
 static size_t pool_count;
@@ -176,14 +175,17 @@ static bool pool_take(size_t cap, size_t align, pool_entry_t *out)
     return true;
 }
 
-/* Moves entries that are too old, or beyond the bounds, into out[]. */
-static size_t pool_evict(uint64_t now_ms, size_t max_bytes, uint64_t max_age, unmap_t *out)
+/* Moves up to cap entries that are too old, or beyond the byte bound,
+ * into out[]; returns how many. */
+static size_t pool_evict(uint64_t now_ms, size_t max_bytes, uint64_t max_age, unmap_t *out,
+                         size_t cap)
 {
     size_t n = 0;
-    for (size_t i = 0; i < pool_count;) {
-        if (now_ms - pool[i].freed_ms >= max_age || pool_bytes > max_bytes) {
+    for (size_t i = 0; i < pool_count && n < cap;) {
+        bool aged = now_ms - pool[i].freed_ms >= max_age;
+        if (aged || pool_bytes > max_bytes) {
             out[n++] = (unmap_t){pool[i].addr, pool[i].capacity};
-            if (now_ms - pool[i].freed_ms >= max_age)
+            if (aged)
                 large_stats.pool_expired++;
             pool_remove_at(i);
         } else {
@@ -199,71 +201,6 @@ static void unmap_all(const unmap_t *list, size_t n)
         _ta_os_unmap((void *)list[i].addr, list[i].size);
         atomic_fetch_sub_explicit(&_ta_live_mappings, 1, memory_order_relaxed);
     }
-}
-
-/* ---- the purge thread --------------------------------------------------------
- * Started the first time the pool receives a mapping, outside any lock.
- * It sleeps while the pool is empty and otherwise wakes often enough to
- * unmap entries within about a quarter of RETAIN_MS of their deadline. */
-
-static pthread_mutex_t purger_mutex = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t purger_wake = PTHREAD_COND_INITIALIZER;
-static atomic_int purger_state; /* 0 none, 1 starting/running */
-
-static void *purger_main(void *arg)
-{
-    (void)arg;
-    for (;;) {
-        pthread_mutex_lock(&purger_mutex);
-        _ta_lock(&large_lock);
-        size_t count = pool_count;
-        _ta_unlock(&large_lock);
-        if (count == 0)
-            pthread_cond_wait(&purger_wake, &purger_mutex);
-        pthread_mutex_unlock(&purger_mutex);
-
-        long long ms = _ta_opt(TA_OPT_RETAIN_MS) / 4;
-        ms = ms < 5 ? 5 : ms > 250 ? 250 : ms;
-        struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
-        nanosleep(&ts, NULL);
-
-        unmap_t victims[POOL_MAX_ENTRIES];
-        _ta_lock(&large_lock);
-        size_t n = pool_evict(_ta_os_now_ms(), (size_t)_ta_opt(TA_OPT_RETAIN_BYTES),
-                              (uint64_t)_ta_opt(TA_OPT_RETAIN_MS), victims);
-        _ta_unlock(&large_lock);
-        unmap_all(victims, n);
-    }
-    return NULL;
-}
-
-static void purger_start(void)
-{
-    int expected = 0;
-    if (!atomic_compare_exchange_strong(&purger_state, &expected, 1))
-        return;
-    /* The purge thread must not take the program's signals. */
-    sigset_t all, old;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &old);
-    pthread_attr_t attr;
-    pthread_attr_init(&attr);
-    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-    pthread_attr_setstacksize(&attr, 64 << 10);
-    pthread_t tid;
-    if (pthread_create(&tid, &attr, purger_main, NULL) != 0) {
-        atomic_store(&purger_state, 0);
-        _ta_log(false, "tensoralloc: no purge thread; the pool ages only on allocator calls\n");
-    }
-    pthread_attr_destroy(&attr);
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
-}
-
-static void purger_notify(void)
-{
-    pthread_mutex_lock(&purger_mutex);
-    pthread_cond_signal(&purger_wake);
-    pthread_mutex_unlock(&purger_mutex);
 }
 
 /* ---- the vm.max_map_count guard --------------------------------------------- */
@@ -397,60 +334,76 @@ bool _ta_large_lookup(const void *p, size_t *usable)
     return r != NULL;
 }
 
-bool _ta_large_free(void *p)
+/* The pool entry freed longest ago. */
+static size_t pool_oldest(void)
 {
-    unmap_t victims[POOL_MAX_ENTRIES + 1];
+    size_t oldest = 0;
+    for (size_t i = 1; i < pool_count; i++)
+        if (pool[i].freed_ms < pool[oldest].freed_ms)
+            oldest = i;
+    return oldest;
+}
+
+int _ta_large_free(void *p)
+{
+    unmap_t victims[EVICT_BATCH + 2];
     size_t n = 0;
-    bool wake = false;
+    int result = TA_LARGE_FREED;
     uint64_t now = _ta_os_now_ms();
     size_t max_bytes = (size_t)_ta_opt(TA_OPT_RETAIN_BYTES);
+    uint64_t max_age = (uint64_t)_ta_opt(TA_OPT_RETAIN_MS);
 
     _ta_lock(&large_lock);
     region_t *r = table_find((uintptr_t)p);
     if (r == NULL) {
         _ta_unlock(&large_lock);
-        return false;
+        return TA_LARGE_NOT_MINE;
     }
     region_t gone = *r;
     table_remove(r);
     large_stats.live_bytes -= gone.size;
     large_stats.live_count--;
     large_stats.mapped_bytes -= gone.capacity;
-    /* Entries past their age go now, on any call, as well as by the thread. */
-    n = pool_evict(now, max_bytes, (uint64_t)_ta_opt(TA_OPT_RETAIN_MS), victims);
-    if (gone.capacity <= max_bytes && _ta_opt(TA_OPT_RETAIN_MS) > 0) {
-        if (pool_count == POOL_MAX_ENTRIES) { /* the oldest makes room */
-            size_t oldest = 0;
-            for (size_t i = 1; i < pool_count; i++)
-                if (pool[i].freed_ms < pool[oldest].freed_ms)
-                    oldest = i;
-            victims[n++] = (unmap_t){pool[oldest].addr, pool[oldest].capacity};
-            pool_remove_at(oldest);
+    if (gone.capacity <= max_bytes && max_age > 0) {
+        /* Make room: first what is over its age, then the oldest, so that
+         * the newest mapping (the likeliest to be wanted) stays. */
+        n = pool_evict(now, max_bytes, max_age, victims, EVICT_BATCH);
+        if (pool_count == POOL_MAX_ENTRIES) {
+            size_t o = pool_oldest();
+            victims[n++] = (unmap_t){pool[o].addr, pool[o].capacity};
+            pool_remove_at(o);
         }
-        wake = pool_count == 0;
+        if (pool_count == 0)
+            result = TA_LARGE_POOLED_FIRST;
         pool[pool_count++] = (pool_entry_t){gone.addr, gone.capacity, now};
         pool_bytes += gone.capacity;
-        /* Over the byte bound: drop the oldest entries, newest stays. */
-        while (pool_bytes > max_bytes) {
-            size_t oldest = 0;
-            for (size_t i = 1; i < pool_count; i++)
-                if (pool[i].freed_ms < pool[oldest].freed_ms)
-                    oldest = i;
-            victims[n++] = (unmap_t){pool[oldest].addr, pool[oldest].capacity};
-            pool_remove_at(oldest);
+        while (pool_bytes > max_bytes && n < EVICT_BATCH + 1) {
+            size_t o = pool_oldest();
+            victims[n++] = (unmap_t){pool[o].addr, pool[o].capacity};
+            pool_remove_at(o);
         }
     } else {
         victims[n++] = (unmap_t){gone.addr, gone.capacity};
     }
     _ta_unlock(&large_lock);
-
     unmap_all(victims, n);
-    if (wake) {
-        if (atomic_load_explicit(&purger_state, memory_order_relaxed) == 0)
-            purger_start();
-        purger_notify();
-    }
-    return true;
+    return result;
+}
+
+bool _ta_large_expire(void)
+{
+    unmap_t victims[EVICT_BATCH];
+    size_t n;
+    bool left;
+    do {
+        _ta_lock(&large_lock);
+        n = pool_evict(_ta_os_now_ms(), (size_t)_ta_opt(TA_OPT_RETAIN_BYTES),
+                       (uint64_t)_ta_opt(TA_OPT_RETAIN_MS), victims, EVICT_BATCH);
+        left = pool_count > 0;
+        _ta_unlock(&large_lock);
+        unmap_all(victims, n);
+    } while (n == EVICT_BATCH);
+    return left;
 }
 
 void *_ta_large_realloc(void *p, size_t size)
@@ -506,11 +459,14 @@ void *_ta_large_realloc(void *p, size_t size)
 
 void _ta_large_trim(void)
 {
-    unmap_t victims[POOL_MAX_ENTRIES];
-    _ta_lock(&large_lock);
-    size_t n = pool_evict(_ta_os_now_ms(), 0, 0, victims);
-    _ta_unlock(&large_lock);
-    unmap_all(victims, n);
+    unmap_t victims[EVICT_BATCH];
+    size_t n;
+    do {
+        _ta_lock(&large_lock);
+        n = pool_evict(_ta_os_now_ms(), 0, 0, victims, EVICT_BATCH);
+        _ta_unlock(&large_lock);
+        unmap_all(victims, n);
+    } while (n == EVICT_BATCH);
 }
 
 void _ta_large_stats(ta_stats_t *st)
@@ -531,23 +487,19 @@ void _ta_large_stats(ta_stats_t *st)
     st->map_limit = (uint64_t)map_limit();
 }
 
-/* ---- fork: hold the lock across fork; the child has no purge thread ----------- */
+/* ---- fork: hold the lock across fork so the child's table is whole ------- */
 
 void _ta_large_fork_prepare(void)
 {
-    pthread_mutex_lock(&purger_mutex);
     _ta_lock(&large_lock);
 }
 
 void _ta_large_fork_parent(void)
 {
     _ta_unlock(&large_lock);
-    pthread_mutex_unlock(&purger_mutex);
 }
 
 void _ta_large_fork_child(void)
 {
     _ta_unlock(&large_lock);
-    pthread_mutex_unlock(&purger_mutex);
-    atomic_store(&purger_state, 0);
 }

@@ -28,7 +28,7 @@ typedef struct {
 static const option_desc_t option_table[TA_OPT_COUNT_] = {
     [TA_OPT_THRESHOLD] = {"THRESHOLD", 256 << 10, 16 << 10, 1 << 20, KIND_SIZE},
     [TA_OPT_RETAIN_BYTES] = {"RETAIN_BYTES", 1LL << 30, 0, 1LL << 50, KIND_SIZE},
-    [TA_OPT_RETAIN_MS] = {"RETAIN_MS", 1000, 0, 3600 * 1000, KIND_MS},
+    [TA_OPT_RETAIN_MS] = {"RETAIN_MS", 500, 0, 3600 * 1000, KIND_MS},
     [TA_OPT_THP] = {"THP", 1, 0, 1, KIND_BOOL},
     [TA_OPT_STATS] = {"STATS", 0, 0, 1, KIND_BOOL},
     [TA_OPT_VERBOSE] = {"VERBOSE", 0, 0, 1, KIND_BOOL},

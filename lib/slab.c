@@ -118,6 +118,7 @@ typedef struct heap_s {
     struct heap_s *next_abandoned;
     size_t dirty_bytes;
     bool registered; /* on all_heaps */
+    atomic_bool abandoned; /* no thread owns it: it sits on the abandoned list */
     int64_t live_delta; /* not yet flushed to small_live */
 } heap_t;
 
@@ -224,6 +225,7 @@ static heap_t *heap_acquire(void)
         h = abandoned;
         abandoned = h->next_abandoned;
         h->next_abandoned = NULL;
+        atomic_store_explicit(&h->abandoned, false, memory_order_relaxed);
     } else if (heap_chunk_left >= sizeof(heap_t)) {
         h = (heap_t *)heap_chunk;
         heap_chunk += _ta_align_up(sizeof(heap_t), 64);
@@ -556,7 +558,7 @@ void *_ta_small_alloc(size_t size, size_t alignment, bool zero)
     return p;
 }
 
-void _ta_small_free(void *p, const char *call)
+bool _ta_small_free(void *p, const char *call)
 {
     segment_t *seg;
     uint32_t idx;
@@ -564,7 +566,7 @@ void _ta_small_free(void *p, const char *call)
     heap_t *h = tls_heap;
     if (TA_LIKELY(seg->heap == h)) {
         block_free_local(h, seg, s, idx, call, p);
-        return;
+        return false;
     }
     heap_t *owner = seg->heap;
     void *head = atomic_load_explicit(&owner->remote, memory_order_relaxed);
@@ -572,6 +574,7 @@ void _ta_small_free(void *p, const char *call)
         *(void **)p = head;
     } while (!atomic_compare_exchange_weak_explicit(&owner->remote, &head, p,
                                                     memory_order_release, memory_order_relaxed));
+    return head == NULL && atomic_load_explicit(&owner->abandoned, memory_order_relaxed);
 }
 
 size_t _ta_small_usable(const void *p, const char *call)
@@ -606,20 +609,19 @@ static void heap_tidy(heap_t *h)
     live_flush(h);
 }
 
-void _ta_small_trim(void)
+/* Tidies the abandoned heaps that have pending frees or free pages (all
+ * of them when every is set). Each is taken off the list so that no
+ * thread adopts it meanwhile, then put back. */
+static void tidy_abandoned(bool every)
 {
-    if (tls_heap)
-        heap_tidy(tls_heap);
-    /* Abandoned heaps: take each out of the list so no thread adopts it
-     * while we work, then put it back. */
-    heap_t *taken;
     _ta_lock(&heaps_lock);
-    taken = abandoned;
+    heap_t *taken = abandoned;
     abandoned = NULL;
     _ta_unlock(&heaps_lock);
     heap_t *last = NULL;
     for (heap_t *h = taken; h; h = h->next_abandoned) {
-        heap_tidy(h);
+        if (every || atomic_load_explicit(&h->remote, memory_order_relaxed) || h->dirty_bytes)
+            heap_tidy(h);
         last = h;
     }
     if (last) {
@@ -630,9 +632,23 @@ void _ta_small_trim(void)
     }
 }
 
+void _ta_small_trim(void)
+{
+    if (tls_heap)
+        heap_tidy(tls_heap);
+    tidy_abandoned(true);
+}
+
+bool _ta_small_collect_abandoned(void)
+{
+    tidy_abandoned(false);
+    return false; /* frees arriving later wake the purge thread again */
+}
+
 static void heap_abandon(heap_t *h)
 {
     heap_tidy(h);
+    atomic_store_explicit(&h->abandoned, true, memory_order_relaxed);
     _ta_lock(&heaps_lock);
     h->next_abandoned = abandoned;
     abandoned = h;
@@ -679,6 +695,7 @@ void _ta_small_fork_child(void)
         for (heap_t *a = abandoned; a; a = a->next_abandoned)
             listed |= a == h;
         if (!listed) {
+            atomic_store_explicit(&h->abandoned, true, memory_order_relaxed);
             h->next_abandoned = abandoned;
             abandoned = h;
         }

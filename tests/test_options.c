@@ -27,7 +27,7 @@ Test(options, bad_value_warns_once_and_keeps_default, .init = cr_redirect_stderr
     setenv("TENSORALLOC_THRESHOLD", "lots", 1);
     setenv("TENSORALLOC_RETAIN_MS", "-5", 1);
     cr_assert_eq(ta_option_get(TA_OPT_THRESHOLD), 256 * 1024);
-    cr_assert_eq(ta_option_get(TA_OPT_RETAIN_MS), 1000);
+    cr_assert_eq(ta_option_get(TA_OPT_RETAIN_MS), 500);
     void *p = ta_malloc(10);
     ta_free(p);
     fflush(stderr);
@@ -35,7 +35,7 @@ Test(options, bad_value_warns_once_and_keeps_default, .init = cr_redirect_stderr
         "tensoralloc: ignoring TENSORALLOC_THRESHOLD=lots (expected a size such as 512K or "
         "2M in [16384, 1048576]); keeping 262144\n"
         "tensoralloc: ignoring TENSORALLOC_RETAIN_MS=-5 (expected a number in [0, "
-        "3600000]); keeping 1000\n");
+        "3600000]); keeping 500\n");
 }
 
 Test(options, threshold_out_of_range_is_refused)

@@ -1,0 +1,93 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The purge thread: gives memory back on time even when the program stops
+ * calling the allocator. It unmaps pool entries past RETAIN_MS and drains
+ * the heaps of exited threads that other threads keep freeing into. It is
+ * started on the first need (outside any lock), sleeps while there is
+ * nothing to do, blocks every signal, and is recreated after fork.
+ */
+#define _GNU_SOURCE
+#include "internal.h"
+
+#include <pthread.h>
+#include <signal.h>
+#include <time.h>
+
+static pthread_mutex_t purge_mutex = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t purge_cond = PTHREAD_COND_INITIALIZER;
+static atomic_int purge_started;
+static bool purge_pending; /* guarded by purge_mutex: a wake since the last pass */
+
+static void *purge_main(void *arg)
+{
+    (void)arg;
+    for (;;) {
+        pthread_mutex_lock(&purge_mutex);
+        while (!purge_pending)
+            pthread_cond_wait(&purge_cond, &purge_mutex);
+        purge_pending = false;
+        pthread_mutex_unlock(&purge_mutex);
+
+        /* Work until nothing with a deadline is left, then wait again. */
+        for (;;) {
+            long long ms = _ta_opt(TA_OPT_RETAIN_MS) / 4;
+            ms = ms < 5 ? 5 : ms > 250 ? 250 : ms;
+            struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+            nanosleep(&ts, NULL);
+            bool more = _ta_small_collect_abandoned();
+            more |= _ta_large_expire();
+            if (!more)
+                break;
+        }
+    }
+    return NULL;
+}
+
+static void purge_start(void)
+{
+    int expected = 0;
+    if (!atomic_compare_exchange_strong(&purge_started, &expected, 1))
+        return;
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old); /* the thread inherits "all blocked" */
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    pthread_attr_setstacksize(&attr, 128 << 10);
+    pthread_t tid;
+    if (pthread_create(&tid, &attr, purge_main, NULL) != 0) {
+        atomic_store(&purge_started, 0);
+        _ta_log(false, "tensoralloc: no purge thread; the pool ages on allocator calls only\n");
+    }
+    pthread_attr_destroy(&attr);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+}
+
+void _ta_purge_wake(void)
+{
+    if (atomic_load_explicit(&purge_started, memory_order_relaxed) == 0)
+        purge_start();
+    pthread_mutex_lock(&purge_mutex);
+    purge_pending = true;
+    pthread_cond_signal(&purge_cond);
+    pthread_mutex_unlock(&purge_mutex);
+}
+
+void _ta_purge_fork_prepare(void)
+{
+    pthread_mutex_lock(&purge_mutex);
+}
+
+void _ta_purge_fork_parent(void)
+{
+    pthread_mutex_unlock(&purge_mutex);
+}
+
+/* The child has no purge thread; the next need starts one. */
+void _ta_purge_fork_child(void)
+{
+    pthread_mutex_unlock(&purge_mutex);
+    atomic_store(&purge_started, 0);
+    purge_pending = false;
+}
