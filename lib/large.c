@@ -240,14 +240,24 @@ static void name_and_advise(void *p, size_t cap)
     _ta_os_name(p, cap, "tensoralloc");
 }
 
-/* Fits a pooled entry to cap: trims the tail or grows it. Returns the
- * block's address, or NULL (the entry is then unmapped). */
-static void *pool_fit(pool_entry_t e, size_t cap, size_t align, bool zero)
+/* Fits a pooled entry to *capp: trims the tail or grows it, and stores the
+ * capacity the block ends up with. Returns the block's address, or NULL
+ * (the entry is then unmapped). */
+static void *pool_fit(pool_entry_t e, size_t *capp, size_t align, bool zero)
 {
+    size_t cap = *capp;
     void *p = (void *)e.addr;
     size_t dirty = e.capacity;
     if (e.capacity > cap) {
-        _ta_os_unmap((char *)p + cap, e.capacity - cap);
+        /* Cut a huge-page mapping only on a 2 MiB boundary: cutting inside
+         * a huge page splits it, and on model-switch that tripled the run
+         * time (docs/design.md). The block keeps the rest of that page. */
+        size_t huge_cut = _ta_align_up(cap, TA_HUGE_PAGE);
+        if (cap >= TA_HUGE_PAGE && ((uintptr_t)p & (TA_HUGE_PAGE - 1)) == 0 &&
+            huge_cut < e.capacity)
+            cap = huge_cut;
+        if (cap < e.capacity)
+            _ta_os_unmap((char *)p + cap, e.capacity - cap);
         dirty = cap;
     } else if (e.capacity < cap) {
         if (_ta_os_remap_aligned(p, e.capacity, cap, align, &p) != 0) {
@@ -259,6 +269,7 @@ static void *pool_fit(pool_entry_t e, size_t cap, size_t align, bool zero)
     }
     if (zero)
         memset(p, 0, dirty);
+    *capp = cap;
     return p;
 }
 
@@ -280,7 +291,7 @@ void *_ta_large_alloc(size_t size, size_t alignment, bool zero)
     bool from_pool = pool_take(cap, align, &e);
     _ta_unlock(&large_lock);
     if (from_pool)
-        p = pool_fit(e, cap, align, zero);
+        p = pool_fit(e, &cap, align, zero);
 
     if (p == NULL) {
         if (_ta_large_near_map_limit()) {

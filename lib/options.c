@@ -87,6 +87,20 @@ static bool parse_value(const char *s, option_kind_t kind, long long *out)
 
 extern char **environ;
 
+/* The pool may hold an eighth of physical memory, between 64 MiB and
+ * 8 GiB: enough for a whole evicted model to be reused by the next one
+ * (docs/design.md), small next to the machine. */
+static long long retain_bytes_default(void)
+{
+    long long ram = (long long)_ta_os_physical_memory();
+    long long v = ram / 8;
+    if (v < (64LL << 20))
+        v = 64LL << 20;
+    if (v > (8LL << 30))
+        v = 8LL << 30;
+    return v;
+}
+
 static bool environ_ready(void)
 {
     return environ != NULL;
@@ -104,6 +118,7 @@ void _ta_options_init(void)
     }
     for (int i = 0; i < TA_OPT_COUNT_; i++)
         _ta_options[i] = option_table[i].def;
+    _ta_options[TA_OPT_RETAIN_BYTES] = retain_bytes_default();
     /* VERBOSE first, so that warnings about the others can be shown. */
     for (int pass = 0; pass < 2; pass++) {
         for (int i = 0; i < TA_OPT_COUNT_; i++) {

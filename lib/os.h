@@ -36,8 +36,11 @@ int _ta_os_advise_dontneed(void *addr, size_t size);
 int _ta_os_name(void *addr, size_t size, const char *name);
 
 size_t _ta_os_page_size(void);
-/* 1 if transparent huge pages are "always" or "madvise", else 0. */
+/* 1 if transparent huge pages are "always" or "madvise", else 0 (read
+ * once). */
 int _ta_os_thp_available(void);
+/* Bytes of physical memory, 0 if unknown. */
+size_t _ta_os_physical_memory(void);
 /* vm.max_map_count, or 65530 if it cannot be read. */
 long _ta_os_max_map_count(void);
 /* Resident set size of this process in bytes (VmRSS), 0 if unknown. */

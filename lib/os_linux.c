@@ -234,10 +234,21 @@ static long read_small_file(const char *path, char *buf, size_t cap)
 
 int _ta_os_thp_available(void)
 {
-    char buf[128];
-    if (read_small_file("/sys/kernel/mm/transparent_hugepage/enabled", buf, sizeof buf) <= 0)
-        return 0;
-    return strstr(buf, "[never]") == NULL;
+    static _Atomic int cached = -1; /* read once: the hot path asks often */
+    int v = atomic_load_explicit(&cached, memory_order_relaxed);
+    if (v < 0) {
+        char buf[128];
+        v = read_small_file("/sys/kernel/mm/transparent_hugepage/enabled", buf, sizeof buf) > 0 &&
+            strstr(buf, "[never]") == NULL;
+        atomic_store_explicit(&cached, v, memory_order_relaxed);
+    }
+    return v;
+}
+
+size_t _ta_os_physical_memory(void)
+{
+    long pages = sysconf(_SC_PHYS_PAGES);
+    return pages > 0 ? (size_t)pages * _ta_os_page_size() : 0;
 }
 
 static long parse_long(const char *s)

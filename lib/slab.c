@@ -30,7 +30,7 @@
 #define SEGMENT_PAGES 64
 #define SPAN_MAX_BLOCKS 4096
 #define SEGMENT_MAGIC 0x5441534547ULL /* "TASEG" */
-#define PURGE_LIMIT ((size_t)2 << 20)  /* free pages a heap may keep */
+#define PURGE_LIMIT ((size_t)8 << 20)  /* free pages a heap may keep */
 #define STATS_BATCH 65536              /* live-byte deltas flushed beyond this */
 
 /* ---- size classes: 16-byte steps to 128, then four per doubling -------- */
@@ -117,6 +117,7 @@ typedef struct heap_s {
     struct heap_s *next_all;
     struct heap_s *next_abandoned;
     size_t dirty_bytes;
+    uint64_t dirty_since_ms; /* when dirty_bytes last left zero */
     bool registered; /* on all_heaps */
     atomic_bool abandoned; /* no thread owns it: it sits on the abandoned list */
     int64_t live_delta; /* not yet flushed to small_live */
@@ -407,6 +408,8 @@ static void span_release(heap_t *h, segment_t *seg, span_t *s)
     s->in_use = 0;
     seg->used_pages &= ~run;
     seg->dirty_pages |= run;
+    if (h->dirty_bytes == 0)
+        h->dirty_since_ms = _ta_os_now_ms();
     h->dirty_bytes += (size_t)s->pages * SLAB_PAGE_SIZE;
     atomic_fetch_sub_explicit(&committed_bytes, (uint64_t)s->pages * SLAB_PAGE_SIZE,
                               memory_order_relaxed);
@@ -589,8 +592,11 @@ size_t _ta_small_usable(const void *p, const char *call)
 
 /* ---- trim, thread exit, fork --------------------------------------------------------- */
 
-/* Drains, drops empty current spans and purges everything free in h. */
-static void heap_tidy(heap_t *h)
+/* Drains pending frees and drops empty current spans. Free pages go back
+ * to the kernel when force is set or once they have waited RETAIN_MS (a
+ * heap adopted soon after reuses them without faults). Returns true while
+ * free pages wait. */
+static bool heap_tidy(heap_t *h, bool force)
 {
     heap_collect(h);
     for (int c = 0; c < CLASS_COUNT; c++) {
@@ -600,20 +606,25 @@ static void heap_tidy(heap_t *h)
             span_release(h, segment_of(s), s);
         }
     }
+    live_flush(h);
+    if (!force && h->dirty_bytes &&
+        _ta_os_now_ms() - h->dirty_since_ms < (uint64_t)_ta_opt(TA_OPT_RETAIN_MS))
+        return true;
     if (h->spare) {
         segment_t *spare = h->spare;
         h->spare = NULL;
         segment_release(h, spare);
     }
     heap_purge(h);
-    live_flush(h);
+    return false;
 }
 
 /* Tidies the abandoned heaps that have pending frees or free pages (all
  * of them when every is set). Each is taken off the list so that no
  * thread adopts it meanwhile, then put back. */
-static void tidy_abandoned(bool every)
+static bool tidy_abandoned(bool every)
 {
+    bool waiting = false;
     _ta_lock(&heaps_lock);
     heap_t *taken = abandoned;
     abandoned = NULL;
@@ -621,7 +632,7 @@ static void tidy_abandoned(bool every)
     heap_t *last = NULL;
     for (heap_t *h = taken; h; h = h->next_abandoned) {
         if (every || atomic_load_explicit(&h->remote, memory_order_relaxed) || h->dirty_bytes)
-            heap_tidy(h);
+            waiting |= heap_tidy(h, every);
         last = h;
     }
     if (last) {
@@ -630,24 +641,24 @@ static void tidy_abandoned(bool every)
         abandoned = taken;
         _ta_unlock(&heaps_lock);
     }
+    return waiting;
 }
 
 void _ta_small_trim(void)
 {
     if (tls_heap)
-        heap_tidy(tls_heap);
+        heap_tidy(tls_heap, true);
     tidy_abandoned(true);
 }
 
 bool _ta_small_collect_abandoned(void)
 {
-    tidy_abandoned(false);
-    return false; /* frees arriving later wake the purge thread again */
+    return tidy_abandoned(false); /* later frees wake the purge thread again */
 }
 
 static void heap_abandon(heap_t *h)
 {
-    heap_tidy(h);
+    heap_tidy(h, true);
     atomic_store_explicit(&h->abandoned, true, memory_order_relaxed);
     _ta_lock(&heaps_lock);
     h->next_abandoned = abandoned;
