@@ -1,0 +1,113 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: MIT
+"""torch-switch: a PyTorch model cache switching between state dicts.
+
+A few state dicts of different shapes are saved to disk (by a child
+process, so that making them does not count), then loaded, converted
+(fp32 -> fp16 -> fp32, as a cache does when it moves models between
+devices and dtypes), kept in an LRU cache under a byte budget and evicted.
+Reports time, peak RSS, and RSS once the cache is cleared, relative to the
+RSS before the first load. Prints key=value lines for bench/run.
+"""
+import argparse
+import gc
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections import OrderedDict
+
+
+def status_bytes(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def prepare(directory, models, scale):
+    import torch
+    torch.manual_seed(0)
+    for m in range(models):
+        layers = 8 + 6 * m
+        width = int((512 + 256 * m) * scale)
+        sd = {}
+        for i in range(layers):
+            sd[f"layer{i}.weight"] = torch.randn(width, width)
+            sd[f"layer{i}.bias"] = torch.randn(width)
+            sd[f"layer{i}.norm"] = torch.ones(width)
+        sd["embed"] = torch.randn(width * 4, width)
+        torch.save(sd, os.path.join(directory, f"model{m}.pt"))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", type=int, default=6)
+    ap.add_argument("--switches", type=int, default=20)
+    ap.add_argument("--budget-mib", type=int, default=400)
+    ap.add_argument("--scale", type=float, default=1.0)
+    ap.add_argument("--prepare", metavar="DIR")
+    args = ap.parse_args()
+    if args.prepare:
+        prepare(args.prepare, args.models, args.scale)
+        return 0
+    try:
+        import torch
+    except ImportError:
+        print("torch-switch: torch is not importable", file=sys.stderr)
+        return 77
+    torch.set_num_threads(2)
+    with tempfile.TemporaryDirectory() as d:
+        subprocess.run([sys.executable, __file__, "--prepare", d, "--models", str(args.models),
+                        "--scale", str(args.scale)], check=True)
+        gc.collect()
+        rss_start = status_bytes("VmRSS")
+        budget = args.budget_mib << 20
+        cache = OrderedDict()
+        sizes = {}
+        state, order = 12345, []
+        for _ in range(args.switches):  # a fixed pseudo-random switching order
+            state = (state * 1103515245 + 12345) % 2**31
+            order.append((state >> 16) % args.models)
+        t0 = time.monotonic()
+        loads = hits = 0
+        for m in order:
+            if m in cache:
+                cache.move_to_end(m)
+                hits += 1
+                continue
+            path = os.path.join(d, f"model{m}.pt")
+            sd = torch.load(path, map_location="cpu")
+            sd = {k: v.to(torch.float16) for k, v in sd.items()}  # convert
+            sd = {k: v.to(torch.float32) for k, v in sd.items()}  # and back
+            size = sum(v.numel() * v.element_size() for v in sd.values())
+            while cache and sum(sizes[k] for k in cache) + size > budget:
+                old, _ = cache.popitem(last=False)
+                del _
+            cache[m] = sd
+            sizes[m] = size
+            del sd
+            loads += 1
+        cache.clear()
+        gc.collect()
+        wall = time.monotonic() - t0
+        rss_clear = status_bytes("VmRSS")
+        time.sleep(1)
+        rss_1s = status_bytes("VmRSS")
+        mib = 1 << 20
+        print("workload=torch-switch")
+        print(f"wall_s={wall:.4f}")
+        print(f"peak_rss_mib={status_bytes('VmHWM') / mib:.1f}")
+        print(f"rss_start_mib={rss_start / mib:.1f}")
+        print(f"peak_above_start_mib={(status_bytes('VmHWM') - rss_start) / mib:.1f}")
+        print(f"rss_cleared_above_start_mib={(rss_clear - rss_start) / mib:.1f}")
+        print(f"rss_1s_above_start_mib={(rss_1s - rss_start) / mib:.1f}")
+        print(f"loads={loads}")
+        print(f"hits={hits}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
