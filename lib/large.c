@@ -195,12 +195,60 @@ static size_t pool_evict(uint64_t now_ms, size_t max_bytes, uint64_t max_age, un
     return n;
 }
 
+/* ---- the huge-page rule ------------------------------------------------------
+ * THP=1 advises every mapping of 2 MiB and more. THP=2 (auto, the default)
+ * advises a fresh mapping only while this process has recently given back
+ * at least as many bytes: huge pages are then carved from memory the kernel
+ * just got back. Taking never-touched or long-free memory as huge pages
+ * was twice as slow as 4 KiB pages on model-switch here (a VM whose free
+ * memory is reported to the host), while recycling it as huge pages made
+ * large-churn 3x faster (docs/design.md). */
+
+#define RECYCLE_WINDOW_MS 1000
+
+static _Atomic uint64_t recycled_bytes, recycled_since_ms;
+
+static void recycled_add(size_t bytes)
+{
+    uint64_t now = _ta_os_now_ms();
+    if (now - atomic_load_explicit(&recycled_since_ms, memory_order_relaxed) > RECYCLE_WINDOW_MS) {
+        atomic_store_explicit(&recycled_since_ms, now, memory_order_relaxed);
+        atomic_store_explicit(&recycled_bytes, 0, memory_order_relaxed);
+    }
+    atomic_fetch_add_explicit(&recycled_bytes, bytes, memory_order_relaxed);
+}
+
+/* Should a mapping of cap bytes, fresh_bytes of which are untouched, be
+ * advised MADV_HUGEPAGE? */
+static bool thp_wanted(size_t cap, size_t fresh_bytes)
+{
+    long long mode = _ta_opt(TA_OPT_THP);
+    if (cap < TA_HUGE_PAGE || mode == 0 || !_ta_os_thp_available())
+        return false;
+    if (mode == 1 || fresh_bytes == 0)
+        return true;
+    uint64_t now = _ta_os_now_ms();
+    if (now - atomic_load_explicit(&recycled_since_ms, memory_order_relaxed) > RECYCLE_WINDOW_MS)
+        return false;
+    uint64_t credit = atomic_load_explicit(&recycled_bytes, memory_order_relaxed);
+    while (credit >= fresh_bytes) {
+        if (atomic_compare_exchange_weak_explicit(&recycled_bytes, &credit, credit - fresh_bytes,
+                                                  memory_order_relaxed, memory_order_relaxed))
+            return true;
+    }
+    return false;
+}
+
 static void unmap_all(const unmap_t *list, size_t n)
 {
+    size_t bytes = 0;
     for (size_t i = 0; i < n; i++) {
         _ta_os_unmap((void *)list[i].addr, list[i].size);
         atomic_fetch_sub_explicit(&_ta_live_mappings, 1, memory_order_relaxed);
+        bytes += list[i].size;
     }
+    if (bytes)
+        recycled_add(bytes);
 }
 
 /* ---- the vm.max_map_count guard --------------------------------------------- */
@@ -233,9 +281,9 @@ static size_t natural_alignment(size_t cap)
 
 /* Always the whole mapping: advising part of it would split the VMA, and
  * mremap refuses (EFAULT) to move or grow a range spanning two VMAs. */
-static void name_and_advise(void *p, size_t cap)
+static void name_and_advise(void *p, size_t cap, size_t fresh_bytes)
 {
-    if (cap >= TA_HUGE_PAGE && _ta_opt(TA_OPT_THP) && _ta_os_thp_available())
+    if (thp_wanted(cap, fresh_bytes))
         _ta_os_advise_hugepage(p, cap);
     _ta_os_name(p, cap, "tensoralloc");
 }
@@ -256,8 +304,10 @@ static void *pool_fit(pool_entry_t e, size_t *capp, size_t align, bool zero)
         if (cap >= TA_HUGE_PAGE && ((uintptr_t)p & (TA_HUGE_PAGE - 1)) == 0 &&
             huge_cut < e.capacity)
             cap = huge_cut;
-        if (cap < e.capacity)
+        if (cap < e.capacity) {
             _ta_os_unmap((char *)p + cap, e.capacity - cap);
+            recycled_add(e.capacity - cap);
+        }
         dirty = cap;
     } else if (e.capacity < cap) {
         if (_ta_os_remap_aligned(p, e.capacity, cap, align, &p) != 0) {
@@ -265,7 +315,7 @@ static void *pool_fit(pool_entry_t e, size_t *capp, size_t align, bool zero)
             atomic_fetch_sub_explicit(&_ta_live_mappings, 1, memory_order_relaxed);
             return NULL;
         }
-        name_and_advise(p, cap);
+        name_and_advise(p, cap, cap - e.capacity);
     }
     if (zero)
         memset(p, 0, dirty);
@@ -309,7 +359,7 @@ void *_ta_large_alloc(size_t size, size_t alignment, bool zero)
             return NULL;
         }
         atomic_fetch_add_explicit(&_ta_live_mappings, 1, memory_order_relaxed);
-        name_and_advise(p, cap);
+        name_and_advise(p, cap, cap);
         from_pool = false;
     }
 
@@ -448,7 +498,7 @@ void *_ta_large_realloc(void *p, size_t size)
     void *q = NULL;
     int rc = _ta_os_remap_aligned(p, old.capacity, cap, natural_alignment(cap), &q);
     if (rc == 0 && cap > old.capacity)
-        name_and_advise(q, cap);
+        name_and_advise(q, cap, cap - old.capacity);
 
     _ta_lock(&large_lock);
     if (rc != 0) { /* failed: put the old block back as it was */

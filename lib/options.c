@@ -15,7 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef enum { KIND_SIZE, KIND_MS, KIND_BOOL, KIND_COUNT } option_kind_t;
+typedef enum { KIND_SIZE, KIND_MS, KIND_BOOL, KIND_COUNT, KIND_THP } option_kind_t;
 
 typedef struct {
     const char *name; /* after TENSORALLOC_ */
@@ -29,7 +29,7 @@ static const option_desc_t option_table[TA_OPT_COUNT_] = {
     [TA_OPT_THRESHOLD] = {"THRESHOLD", 256 << 10, 16 << 10, 1 << 20, KIND_SIZE},
     [TA_OPT_RETAIN_BYTES] = {"RETAIN_BYTES", 1LL << 30, 0, 1LL << 50, KIND_SIZE},
     [TA_OPT_RETAIN_MS] = {"RETAIN_MS", 500, 0, 3600 * 1000, KIND_MS},
-    [TA_OPT_THP] = {"THP", 1, 0, 1, KIND_BOOL},
+    [TA_OPT_THP] = {"THP", 2, 0, 2, KIND_THP},
     [TA_OPT_STATS] = {"STATS", 0, 0, 1, KIND_BOOL},
     [TA_OPT_VERBOSE] = {"VERBOSE", 0, 0, 1, KIND_BOOL},
     [TA_OPT_MAX_MAP_COUNT] = {"MAX_MAP_COUNT", 0, 0, 1LL << 31, KIND_COUNT},
@@ -42,6 +42,11 @@ static atomic_int options_state; /* 0 = not read, 1 = reading, 2 = ready */
 /* Parses "123", "64K", "2MiB", "1g"; returns false on anything else. */
 static bool parse_value(const char *s, option_kind_t kind, long long *out)
 {
+    if (kind == KIND_THP) { /* off, on, or auto */
+        if (strcasecmp(s, "auto") == 0 || strcmp(s, "2") == 0)
+            return (*out = 2), true;
+        kind = KIND_BOOL;
+    }
     if (kind == KIND_BOOL) {
         static const char *const yes[] = {"1", "on", "yes", "true"};
         static const char *const no[] = {"0", "off", "no", "false"};
@@ -139,6 +144,7 @@ void _ta_options_init(void)
                         var, text,
                         option_table[i].kind == KIND_SIZE ? "a size such as 512K or 2M"
                         : option_table[i].kind == KIND_BOOL ? "0 or 1"
+                        : option_table[i].kind == KIND_THP  ? "off, on or auto"
                                                              : "a number",
                         option_table[i].min, option_table[i].max, option_table[i].def);
         }
