@@ -94,6 +94,13 @@ bool _ta_large_expire(void);
  * with errno set on failure (the block is untouched then). */
 void *_ta_large_realloc(void *p, size_t size);
 void _ta_large_trim(void);
+/* Marks (pin) or unmarks the large block starting at p as registered with
+ * CUDA and returns its mapping. Returns 0, -1 if p is not a live large
+ * block, 1 if it already is in that state. */
+int _ta_large_pin_mark(const void *p, bool pin, uintptr_t *base, size_t *capacity);
+/* Called, without locks held, before a pinned block's pages are unmapped,
+ * pooled or moved (installed by the CUDA module). */
+void _ta_large_set_unpin_hook(void (*hook)(uintptr_t base, size_t capacity));
 /* Would a new mapping be refused by the vm.max_map_count guard? */
 bool _ta_large_near_map_limit(void);
 void _ta_large_stats(ta_stats_t *st);

@@ -26,6 +26,7 @@ typedef struct {
     uintptr_t addr;  /* 0 = empty slot */
     size_t capacity; /* mapped bytes */
     size_t size;     /* requested bytes, for statistics */
+    bool pinned;     /* registered with the CUDA runtime (cuda.c) */
 } region_t;
 
 #define TABLE_MIN_SLOTS 1024
@@ -115,6 +116,40 @@ static int table_reserve(void)
         if (mem)
             _ta_os_unmap(mem, bytes);
     }
+}
+
+/* ---- pinning: the CUDA module marks blocks and is called back to unpin a
+ * block before its pages are unmapped, pooled or moved --------------------- */
+
+static void unpin_none(uintptr_t base, size_t capacity)
+{
+    (void)base;
+    (void)capacity;
+}
+
+static void (*volatile unpin_hook)(uintptr_t, size_t) = unpin_none;
+
+void _ta_large_set_unpin_hook(void (*hook)(uintptr_t base, size_t capacity))
+{
+    unpin_hook = hook ? hook : unpin_none;
+}
+
+int _ta_large_pin_mark(const void *p, bool pin, uintptr_t *base, size_t *capacity)
+{
+    _ta_lock(&large_lock);
+    region_t *r = table_find((uintptr_t)p);
+    int rc = 0;
+    if (r == NULL)
+        rc = -1;
+    else if (r->pinned == pin)
+        rc = 1;
+    else {
+        r->pinned = pin;
+        *base = r->addr;
+        *capacity = r->capacity;
+    }
+    _ta_unlock(&large_lock);
+    return rc;
 }
 
 /* ---- statistics (guarded by large_lock) ----------------------------------- */
@@ -369,7 +404,7 @@ void *_ta_large_alloc(size_t size, size_t alignment, bool zero)
         errno = ENOMEM;
         return NULL;
     }
-    table_put(table, table_slots, (region_t){(uintptr_t)p, cap, size});
+    table_put(table, table_slots, (region_t){(uintptr_t)p, cap, size, false});
     table_used++;
     large_stats.live_bytes += size;
     if (large_stats.live_bytes > large_stats.peak_bytes)
@@ -419,6 +454,14 @@ int _ta_large_free(void *p)
     if (r == NULL) {
         _ta_unlock(&large_lock);
         return TA_LARGE_NOT_MINE;
+    }
+    if (TA_UNLIKELY(r->pinned)) { /* unregister before the pages go away */
+        r->pinned = false;
+        region_t pinned = *r;
+        _ta_unlock(&large_lock);
+        unpin_hook(pinned.addr, pinned.capacity);
+        _ta_lock(&large_lock);
+        r = table_find((uintptr_t)p);
     }
     region_t gone = *r;
     table_remove(r);
@@ -481,6 +524,14 @@ void *_ta_large_realloc(void *p, size_t size)
         _ta_unlock(&large_lock);
         return NULL;
     }
+    if (TA_UNLIKELY(r->pinned)) { /* moving pages must not stay registered */
+        r->pinned = false;
+        region_t pinned = *r;
+        _ta_unlock(&large_lock);
+        unpin_hook(pinned.addr, pinned.capacity);
+        _ta_lock(&large_lock);
+        r = table_find((uintptr_t)p);
+    }
     region_t old = *r;
     if (cap == old.capacity) { /* same pages: only the accounting changes */
         large_stats.live_bytes += size - old.size;
@@ -508,7 +559,7 @@ void *_ta_large_realloc(void *p, size_t size)
         errno = ENOMEM;
         return NULL;
     }
-    table_put(table, table_slots, (region_t){(uintptr_t)q, cap, size});
+    table_put(table, table_slots, (region_t){(uintptr_t)q, cap, size, false});
     table_used++;
     large_stats.live_bytes += size - old.size;
     if (large_stats.live_bytes > large_stats.peak_bytes)
