@@ -454,3 +454,21 @@ API err_t cudaMemcpyAsync(void *dst, const void *src, size_t n, int kind, stream
     stream_push(s, op);
     return OK;
 }
+
+API err_t cudaDeviceSynchronize(void)
+{
+    return OK;
+}
+
+/* Synchronous copy: pageable host memory is allowed here. */
+API err_t cudaMemcpy(void *dst, const void *src, size_t n, int kind)
+{
+    pthread_mutex_lock(&mu);
+    const void *dev = kind == 1 ? dst : src;
+    int bad = (kind != 1 && kind != 2) || find_covering(dev, n, 2) < 0;
+    pthread_mutex_unlock(&mu);
+    if (bad)
+        return E_INVALID;
+    memcpy(dst, src, n);
+    return OK;
+}
