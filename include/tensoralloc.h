@@ -137,6 +137,24 @@ TA_API long long ta_option_get(ta_option_t option);
 TA_API int ta_option_set(ta_option_t option, long long value);
 TA_API const char *ta_option_name(ta_option_t option);
 
+/* ---- error codes ---------------------------------------------------------
+ * Calls that return an int give 0, a positive errno value, or one of these. */
+enum {
+    TA_ENORUNTIME = 1000, /* no loadable libcudart (or an entry point missing) */
+    TA_ENODEVICE,         /* runtime loaded, but no usable device or driver */
+    TA_ECUDA,             /* a CUDA call failed: see ta_cuda_last_error() */
+    TA_EPINNED,           /* the block is already pinned */
+    TA_ENOTPINNED,        /* the block is not pinned */
+    TA_ENOTLARGE,         /* not the start of a live large block */
+    TA_EBUDGET,           /* the request can never fit the budget */
+    TA_ENOTSUP,           /* this build lacks the feature */
+    TA_EFORMAT,           /* a malformed file: see ta_cache_last_error() */
+    TA_ECACHEFULL,        /* no room: everything left is locked */
+};
+
+/* A message for any code this library returns (errno values included). */
+TA_API const char *ta_strerror(int err);
+
 /* ---- version ---------------------------------------------------------- */
 
 TA_API const char *ta_version(void);

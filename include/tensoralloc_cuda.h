@@ -8,7 +8,7 @@
  * unaffected. All calls are thread-safe.
  *
  * Return values: 0 on success, else a positive errno (EINVAL, ENOMEM) or
- * one of the TA_E* codes below.
+ * one of the TA_E* codes of tensoralloc.h; ta_strerror names them.
  */
 #ifndef TENSORALLOC_CUDA_H
 #define TENSORALLOC_CUDA_H
@@ -18,20 +18,6 @@
 #ifdef __cplusplus
 extern "C" {
 #endif
-
-enum {
-    TA_ENORUNTIME = 1000, /* no loadable libcudart (or an entry point missing) */
-    TA_ENODEVICE,         /* runtime loaded, but no usable device or driver */
-    TA_ECUDA,             /* a CUDA call failed: see ta_cuda_last_error() */
-    TA_EPINNED,           /* the block is already pinned */
-    TA_ENOTPINNED,        /* the block is not pinned */
-    TA_ENOTLARGE,         /* not the start of a live large block */
-    TA_EBUDGET,           /* the request can never fit the pinned budget */
-    TA_ENOTSUP,           /* this build has no CUDA staging module */
-};
-
-/* A message for any code this library returns (errno values included). */
-TA_API const char *ta_strerror(int err);
 
 /* Loads the runtime and selects device (ordinal); idempotent per device.
  * Called implicitly by the other calls with device 0. */

@@ -131,27 +131,16 @@ static int ensure(void)
     return rc;
 }
 
+bool _ta_cuda_ready(void)
+{
+    return __atomic_load_n(&rt_status, __ATOMIC_ACQUIRE) == 0 && rt_device >= 0;
+}
+
 int ta_cuda_last_error(const char **message)
 {
     if (message)
         *message = last_message ? last_message : "no error";
     return last_code;
-}
-
-const char *ta_strerror(int err)
-{
-    switch (err) {
-    case 0: return "success";
-    case TA_ENORUNTIME: return "CUDA runtime (libcudart) not found or incomplete";
-    case TA_ENODEVICE: return "no CUDA device or driver";
-    case TA_ECUDA: return "a CUDA runtime call failed (see ta_cuda_last_error)";
-    case TA_EPINNED: return "block already pinned";
-    case TA_ENOTPINNED: return "block not pinned";
-    case TA_ENOTLARGE: return "not the start of a live large block";
-    case TA_EBUDGET: return "request larger than the pinned budget";
-    case TA_ENOTSUP: return "built without CUDA staging";
-    default: return strerror(err);
-    }
 }
 
 /* ---- statistics ----------------------------------------------------------------- */

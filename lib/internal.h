@@ -126,6 +126,10 @@ void _ta_small_thread_done(void);
 /* Drains and purges abandoned heaps; true while any still has work. */
 bool _ta_small_collect_abandoned(void);
 
+/* ---- CUDA staging (cuda.c / cuda_none.c) ---------------------------------- */
+/* True once the runtime is loaded and a device selected (no loading here). */
+bool _ta_cuda_ready(void);
+
 /* ---- the purge thread (purge.c) ----------------------------------------- */
 /* Starts the thread if needed and wakes it: there is work with a deadline. */
 void _ta_purge_wake(void);

@@ -1,0 +1,164 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * tensoralloc model cache: named entries of tensors under a RAM budget and
+ * a VRAM budget, least-recently-used eviction of unlocked entries, loading
+ * from raw and safetensors files straight into per-tensor mappings, moves
+ * to and from the GPU through the CUDA staging module, and statistics with
+ * memory snapshots. Thread-safe. In libtensoralloc only (not the preload
+ * library). See docs/cache.md.
+ *
+ * Calls return 0, a positive errno (EINVAL, ENOMEM, ENOENT, EEXIST, EBUSY,
+ * or the errno of a failed read) or a TA_E* code of tensoralloc.h.
+ */
+#ifndef TENSORALLOC_CACHE_H
+#define TENSORALLOC_CACHE_H
+
+#include "tensoralloc.h"
+
+#include <stdbool.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum {
+    TA_DTYPE_BOOL, TA_DTYPE_U8, TA_DTYPE_I8, TA_DTYPE_U16, TA_DTYPE_I16, TA_DTYPE_F16,
+    TA_DTYPE_BF16, TA_DTYPE_U32, TA_DTYPE_I32, TA_DTYPE_F32, TA_DTYPE_U64, TA_DTYPE_I64,
+    TA_DTYPE_F64, TA_DTYPE_F8_E4M3, TA_DTYPE_F8_E5M2, TA_DTYPE_COUNT_
+} ta_dtype_t;
+
+/* Bytes per element (0 for an unknown dtype) and the safetensors name. */
+TA_API size_t ta_dtype_size(ta_dtype_t dtype);
+TA_API const char *ta_dtype_name(ta_dtype_t dtype);
+
+#define TA_MAX_DIMS 8
+
+typedef struct {
+    const char *name;
+    ta_dtype_t dtype;
+    int ndim;
+    int64_t shape[TA_MAX_DIMS];
+    size_t nbytes;
+    void *data;        /* host copy, NULL when the entry holds none */
+    void *device_data; /* device copy, NULL when not on the device */
+} ta_tensor_t;
+
+typedef enum { TA_LOG_ERROR, TA_LOG_WARN, TA_LOG_INFO, TA_LOG_DEBUG } ta_log_level_t;
+typedef void (*ta_log_fn)(void *arg, ta_log_level_t level, const char *message);
+
+/* What a load or tensor allocation does when the budget cannot be met
+ * because the rest of the cache is locked. */
+typedef enum {
+    TA_OVERFLOW_REFUSE = 0, /* fail with TA_ECACHEFULL; the cache is unchanged */
+    TA_OVERFLOW_ADMIT = 1,  /* admit over budget, log a warning, count it */
+} ta_overflow_t;
+
+typedef struct {
+    size_t size;               /* sizeof(ta_cache_config_t) */
+    size_t ram_budget;         /* bytes of host tensor memory */
+    size_t vram_budget;        /* bytes of device tensor memory; 0: no device use */
+    int device;                /* CUDA device ordinal */
+    size_t device_working_mem; /* device bytes to leave free for computation */
+    bool keep_ram_copy;        /* keep host copies of entries on the device */
+    ta_overflow_t overflow;
+    ta_log_fn log;             /* NULL: no logging */
+    void *log_arg;
+    ta_log_level_t log_level;  /* messages up to this level are passed on */
+} ta_cache_config_t;
+
+typedef struct ta_cache ta_cache_t;
+typedef struct ta_entry ta_entry_t;
+
+TA_API int ta_cache_create(const ta_cache_config_t *config, ta_cache_t **out);
+/* Frees every entry (entries still locked included: do not use them). */
+TA_API void ta_cache_destroy(ta_cache_t *cache);
+
+/* A hit returns the entry locked (ta_entry_unlock when done) and counts a
+ * hit; ENOENT counts a miss. A get of an entry another thread is loading
+ * waits for the load. */
+TA_API int ta_cache_get(ta_cache_t *cache, const char *key, ta_entry_t **out);
+TA_API void ta_entry_unlock(ta_entry_t *entry);
+/* Evicts an unlocked entry now (EBUSY if locked, ENOENT if absent). */
+TA_API int ta_cache_remove(ta_cache_t *cache, const char *key);
+
+/* Loads a safetensors file into a new entry (EEXIST if key exists). The
+ * header is read and checked whole before anything is evicted or
+ * allocated: a bad file (TA_EFORMAT, message in ta_cache_last_error)
+ * leaves the cache exactly as it was. Returns the entry locked. */
+TA_API int ta_cache_load_safetensors(ta_cache_t *cache, const char *key, const char *path,
+                                     ta_entry_t **out);
+/* Loads a raw file as one tensor named "data"; its size must match the
+ * dtype and shape. */
+TA_API int ta_cache_load_raw(ta_cache_t *cache, const char *key, const char *path,
+                             ta_dtype_t dtype, int ndim, const int64_t *shape, ta_entry_t **out);
+/* Creates an empty entry, locked, to fill with ta_entry_add_tensor. */
+TA_API int ta_cache_create_entry(ta_cache_t *cache, const char *key, ta_entry_t **out);
+/* Allocates a tensor in a locked entry, charged to the RAM budget (making
+ * room first); *data receives its memory (uninitialised). */
+TA_API int ta_entry_add_tensor(ta_entry_t *entry, const char *name, ta_dtype_t dtype, int ndim,
+                               const int64_t *shape, void **data);
+
+TA_API const char *ta_entry_key(const ta_entry_t *entry);
+TA_API size_t ta_entry_tensor_count(const ta_entry_t *entry);
+/* By index or by name; fills *out (valid while the entry is locked). */
+TA_API int ta_entry_tensor_at(const ta_entry_t *entry, size_t index, ta_tensor_t *out);
+TA_API int ta_entry_tensor(const ta_entry_t *entry, const char *name, ta_tensor_t *out);
+TA_API size_t ta_entry_ram_bytes(const ta_entry_t *entry);
+TA_API size_t ta_entry_vram_bytes(const ta_entry_t *entry);
+
+/* Device moves of a locked entry through the staging module. to_device
+ * makes room in VRAM by evicting the device copies of unlocked entries,
+ * least recently used first (an entry without a host copy is evicted
+ * whole), and frees the host copy unless keep_ram_copy. to_host makes the
+ * host copy again (charged to the RAM budget) and frees the device copy.
+ * Without a GPU these return TA_ENODEVICE or TA_ENORUNTIME. */
+TA_API int ta_entry_to_device(ta_entry_t *entry);
+TA_API int ta_entry_to_host(ta_entry_t *entry);
+
+/* The message of the last failed cache call of this thread. */
+TA_API const char *ta_cache_last_error(void);
+
+/* ---- statistics and memory snapshots ------------------------------------ */
+
+typedef struct {
+    size_t size; /* sizeof(ta_cache_stats_t), set by the caller */
+    uint32_t version;
+    uint32_t reserved;
+    uint64_t hits, misses;
+    uint64_t high_watermark; /* most RAM bytes the cache held */
+    uint64_t in_cache;       /* entries now */
+    uint64_t cleared;        /* entries evicted to make room, in total */
+    uint64_t ram_budget, ram_used;
+    uint64_t vram_budget, vram_used;
+    uint64_t over_budget_admits;
+    uint64_t loads, load_bytes;
+    double load_seconds; /* file reads: load_bytes / load_seconds = B/s */
+    uint64_t device_moves;
+} ta_cache_stats_t;
+
+#define TA_CACHE_STATS_VERSION 1
+TA_API int ta_cache_stats_get(ta_cache_t *cache, ta_cache_stats_t *stats);
+/* Statistics as JSON, with each entry's largest loaded size (InvokeAI's
+ * loaded_model_sizes). */
+TA_API int ta_cache_stats_json(ta_cache_t *cache, FILE *out);
+
+typedef struct {
+    uint64_t rss;             /* process resident set */
+    uint64_t mapped;          /* mallinfo2 hblkhd: large blocks */
+    uint64_t small_used;      /* uordblks */
+    uint64_t small_free;      /* fordblks */
+    uint64_t total_allocated; /* arena + hblkhd */
+    uint64_t total_used;      /* uordblks + hblkhd */
+    uint64_t vram;            /* device memory in use (0 without a device) */
+} ta_memory_snapshot_t;
+
+TA_API void ta_memory_snapshot(ta_memory_snapshot_t *out);
+/* One metric per line: "name (+delta GB): before GB -> after GB". Returns
+ * the length written (as snprintf). */
+TA_API int ta_memory_snapshot_diff(const ta_memory_snapshot_t *before,
+                                   const ta_memory_snapshot_t *after, char *buf, size_t len);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

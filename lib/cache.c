@@ -1,0 +1,1009 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The model cache: entries of tensors keyed by name, a RAM and a VRAM
+ * budget, LRU eviction of unlocked entries, loads from raw and safetensors
+ * files straight into per-tensor memory (each large tensor its own
+ * tensoralloc mapping), device moves through the staging module, and the
+ * statistics and memory-snapshot diffs that InvokeAI's cache logged.
+ *
+ * One mutex guards the cache's lists and counters. File reads, copies and
+ * frees happen outside it: a load reserves its bytes and inserts a locked
+ * "loading" entry, reads, then publishes it; evicted entries are unlinked
+ * under the mutex and freed after it is released.
+ */
+#define _GNU_SOURCE
+#include "internal.h"
+#include "safetensors.h"
+#include "tensoralloc_cache.h"
+#include "tensoralloc_cuda.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#define READ_CHUNK ((size_t)64 << 20)
+#define PINNED_BUDGET ((size_t)256 << 20)
+
+typedef struct {
+    char *name;
+    ta_dtype_t dtype;
+    int ndim;
+    int64_t shape[TA_MAX_DIMS];
+    size_t nbytes;
+    void *data;
+    void *dev;
+} tensor_t;
+
+struct ta_entry {
+    ta_cache_t *cache;
+    char *key;
+    tensor_t *tensors;
+    size_t count, cap;
+    size_t ram_bytes;  /* charged: tensor bytes with a host copy */
+    size_t vram_bytes; /* charged: tensor bytes on the device */
+    int locks;
+    bool loading;
+    struct ta_entry *prev, *next; /* LRU order: head least recently used */
+};
+
+typedef struct {
+    char *key;
+    uint64_t bytes;
+} size_record_t;
+
+struct ta_cache {
+    ta_cache_config_t cfg;
+    pthread_mutex_t mu;
+    pthread_cond_t loaded;
+    ta_entry_t *head, *tail;
+    size_t count;
+    size_t ram_used, vram_used;
+    ta_cache_stats_t st;
+    size_record_t *sizes;
+    size_t nsizes;
+    ta_pinned_pool_t *pool;
+};
+
+static TA_TLS char last_error[256];
+
+const char *ta_cache_last_error(void)
+{
+    return last_error;
+}
+
+static int fail(int rc, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static int fail(int rc, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(last_error, sizeof last_error, fmt, ap);
+    va_end(ap);
+    return rc;
+}
+
+static void cache_log(ta_cache_t *c, ta_log_level_t level, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void cache_log(ta_cache_t *c, ta_log_level_t level, const char *fmt, ...)
+{
+    if (!c->cfg.log || level > c->cfg.log_level)
+        return;
+    char msg[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    c->cfg.log(c->cfg.log_arg, level, msg);
+}
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* ---- memory snapshots ------------------------------------------------------ */
+
+void ta_memory_snapshot(ta_memory_snapshot_t *out)
+{
+    struct mallinfo2 mi = ta_mallinfo2();
+    memset(out, 0, sizeof *out);
+    out->rss = _ta_os_rss();
+    out->mapped = mi.hblkhd;
+    out->small_used = mi.uordblks;
+    out->small_free = mi.fordblks;
+    out->total_allocated = mi.arena + mi.hblkhd;
+    out->total_used = mi.uordblks + mi.hblkhd;
+    size_t fr, total;
+    if (_ta_cuda_ready() && ta_cuda_mem_info(&fr, &total) == 0)
+        out->vram = total - fr;
+}
+
+int ta_memory_snapshot_diff(const ta_memory_snapshot_t *a, const ta_memory_snapshot_t *b,
+                            char *buf, size_t len)
+{
+    static const char *const names[] = {"Process RAM",     "tensoralloc mapped (large)",
+                                        "small path used", "small path free",
+                                        "total allocated", "total used",
+                                        "VRAM"};
+    const uint64_t va[] = {a->rss,        a->mapped,          a->small_used, a->small_free,
+                           a->total_allocated, a->total_used, a->vram};
+    const uint64_t vb[] = {b->rss,        b->mapped,          b->small_used, b->small_free,
+                           b->total_allocated, b->total_used, b->vram};
+    const double GB = 1e9;
+    int total = 0;
+    for (int i = 0; i < 7; i++) {
+        int n = snprintf(len > (size_t)total ? buf + total : NULL,
+                         len > (size_t)total ? len - (size_t)total : 0,
+                         "%-30s (%+.3f): %.3fGB -> %.3fGB\n", names[i],
+                         ((double)vb[i] - (double)va[i]) / GB, (double)va[i] / GB,
+                         (double)vb[i] / GB);
+        if (n < 0)
+            return n;
+        total += n;
+    }
+    return total;
+}
+
+static void log_snapshot_diff(ta_cache_t *c, const ta_memory_snapshot_t *before)
+{
+    if (!c->cfg.log || c->cfg.log_level < TA_LOG_DEBUG)
+        return;
+    ta_memory_snapshot_t after;
+    ta_memory_snapshot(&after);
+    char buf[1024];
+    ta_memory_snapshot_diff(before, &after, buf, sizeof buf);
+    for (char *line = strtok(buf, "\n"); line; line = strtok(NULL, "\n"))
+        cache_log(c, TA_LOG_DEBUG, "%s", line);
+}
+
+static void snapshot_if_debug(ta_cache_t *c, ta_memory_snapshot_t *s)
+{
+    if (c->cfg.log && c->cfg.log_level >= TA_LOG_DEBUG)
+        ta_memory_snapshot(s);
+}
+
+/* ---- entries and the LRU list (cache mutex held) ----------------------------- */
+
+static ta_entry_t *find(ta_cache_t *c, const char *key)
+{
+    for (ta_entry_t *e = c->head; e; e = e->next)
+        if (strcmp(e->key, key) == 0)
+            return e;
+    return NULL;
+}
+
+static void lru_unlink(ta_cache_t *c, ta_entry_t *e)
+{
+    if (e->prev)
+        e->prev->next = e->next;
+    else
+        c->head = e->next;
+    if (e->next)
+        e->next->prev = e->prev;
+    else
+        c->tail = e->prev;
+    e->prev = e->next = NULL;
+}
+
+static void lru_push_recent(ta_cache_t *c, ta_entry_t *e)
+{
+    e->prev = c->tail;
+    e->next = NULL;
+    if (c->tail)
+        c->tail->next = e;
+    else
+        c->head = e;
+    c->tail = e;
+}
+
+static void record_size(ta_cache_t *c, const char *key, uint64_t bytes)
+{
+    for (size_t i = 0; i < c->nsizes; i++)
+        if (strcmp(c->sizes[i].key, key) == 0) {
+            if (bytes > c->sizes[i].bytes)
+                c->sizes[i].bytes = bytes;
+            return;
+        }
+    size_record_t *grown = realloc(c->sizes, (c->nsizes + 1) * sizeof *grown);
+    char *k = strdup(key);
+    if (!grown || !k) {
+        free(k);
+        if (grown)
+            c->sizes = grown;
+        return; /* statistics only: losing one record is not an error */
+    }
+    c->sizes = grown;
+    c->sizes[c->nsizes++] = (size_record_t){k, bytes};
+}
+
+static void watermark(ta_cache_t *c)
+{
+    if (c->ram_used > c->st.high_watermark)
+        c->st.high_watermark = c->ram_used;
+}
+
+/* Takes e out of the cache (its memory is freed later by entry_free). */
+static void detach(ta_cache_t *c, ta_entry_t *e)
+{
+    lru_unlink(c, e);
+    c->ram_used -= e->ram_bytes;
+    c->vram_used -= e->vram_bytes;
+    c->count--;
+}
+
+static void entry_free(ta_entry_t *e)
+{
+    if (!e)
+        return;
+    for (size_t i = 0; i < e->count; i++) {
+        ta_free(e->tensors[i].data);
+        if (e->tensors[i].dev)
+            ta_cuda_device_free(e->tensors[i].dev);
+        free(e->tensors[i].name);
+    }
+    free(e->tensors);
+    free(e->key);
+    free(e);
+}
+
+typedef struct {
+    ta_entry_t *whole[64]; /* entries evicted */
+    size_t nwhole;
+    void **device[64]; /* device copies dropped: NULL-terminated pointer lists */
+    size_t ndevice;
+} victims_t;
+
+static void victims_free(victims_t *v)
+{
+    for (size_t i = 0; i < v->nwhole; i++)
+        entry_free(v->whole[i]);
+    for (size_t i = 0; i < v->ndevice; i++) {
+        for (void **d = v->device[i]; *d; d++)
+            ta_cuda_device_free(*d);
+        free(v->device[i]);
+    }
+}
+
+/* Evicts least recently used unlocked entries until need more RAM bytes
+ * fit the budget. Returns 0, or TA_ECACHEFULL when the rest is locked (or
+ * too many victims for one pass; the caller retries). */
+static int make_room_ram(ta_cache_t *c, size_t need, victims_t *v)
+{
+    while (c->ram_used + need > c->cfg.ram_budget) {
+        ta_entry_t *victim = NULL;
+        for (ta_entry_t *e = c->head; e; e = e->next)
+            if (e->locks == 0 && !e->loading && e->ram_bytes > 0) {
+                victim = e;
+                break;
+            }
+        if (!victim || v->nwhole == 64)
+            return victim ? EAGAIN : TA_ECACHEFULL;
+        detach(c, victim);
+        v->whole[v->nwhole++] = victim;
+        c->st.cleared++;
+        cache_log(c, TA_LOG_DEBUG, "evicted '%s' (%zu bytes) to make room", victim->key,
+                  victim->ram_bytes);
+    }
+    return 0;
+}
+
+/* Reserves need RAM bytes under the budget, evicting as needed; applies
+ * the overflow policy. Cache mutex held; victims are freed by the caller
+ * after unlocking. */
+static int reserve_ram(ta_cache_t *c, size_t need, victims_t *v, const char *what)
+{
+    if (need > c->cfg.ram_budget && c->cfg.overflow == TA_OVERFLOW_REFUSE)
+        return fail(TA_EBUDGET, "%s needs %zu bytes, more than the RAM budget of %zu", what,
+                    need, c->cfg.ram_budget);
+    int rc = make_room_ram(c, need, v);
+    if (rc == TA_ECACHEFULL) {
+        if (c->cfg.overflow == TA_OVERFLOW_REFUSE)
+            return fail(rc, "%s needs %zu bytes: %zu of %zu in use and the rest is locked", what,
+                        need, c->ram_used, c->cfg.ram_budget);
+        c->st.over_budget_admits++;
+        cache_log(c, TA_LOG_WARN, "%s admitted over the RAM budget: %zu + %zu > %zu", what,
+                  c->ram_used, need, c->cfg.ram_budget);
+        rc = 0;
+    }
+    if (rc == 0) {
+        c->ram_used += need;
+        watermark(c);
+    }
+    return rc;
+}
+
+/* ---- creation ----------------------------------------------------------------- */
+
+int ta_cache_create(const ta_cache_config_t *config, ta_cache_t **out)
+{
+    if (!config || !out || config->size < offsetof(ta_cache_config_t, log) ||
+        config->ram_budget == 0 || (unsigned)config->overflow > TA_OVERFLOW_ADMIT)
+        return fail(EINVAL, "invalid cache configuration");
+    ta_cache_t *c = calloc(1, sizeof *c);
+    if (!c)
+        return ENOMEM;
+    memcpy(&c->cfg, config, config->size < sizeof c->cfg ? config->size : sizeof c->cfg);
+    c->cfg.size = sizeof c->cfg;
+    pthread_mutex_init(&c->mu, NULL);
+    pthread_cond_init(&c->loaded, NULL);
+    c->st.ram_budget = c->cfg.ram_budget;
+    c->st.vram_budget = c->cfg.vram_budget;
+    *out = c;
+    return 0;
+}
+
+void ta_cache_destroy(ta_cache_t *c)
+{
+    if (!c)
+        return;
+    for (ta_entry_t *e = c->head, *next; e; e = next) {
+        next = e->next;
+        entry_free(e);
+    }
+    for (size_t i = 0; i < c->nsizes; i++)
+        free(c->sizes[i].key);
+    free(c->sizes);
+    ta_pinned_pool_destroy(c->pool);
+    pthread_mutex_destroy(&c->mu);
+    pthread_cond_destroy(&c->loaded);
+    free(c);
+}
+
+static ta_entry_t *entry_new(ta_cache_t *c, const char *key)
+{
+    ta_entry_t *e = calloc(1, sizeof *e);
+    if (!e || !(e->key = strdup(key))) {
+        free(e);
+        return NULL;
+    }
+    e->cache = c;
+    e->locks = 1;
+    return e;
+}
+
+/* Inserts a new locked entry with need bytes reserved, making room. */
+static int insert_reserved(ta_cache_t *c, const char *key, size_t need, bool loading,
+                           ta_entry_t **out)
+{
+    ta_entry_t *e = entry_new(c, key);
+    if (!e)
+        return ENOMEM;
+    e->loading = loading;
+    e->ram_bytes = need;
+    int rc;
+    victims_t v = {0};
+    for (;;) {
+        pthread_mutex_lock(&c->mu);
+        if (find(c, key)) {
+            rc = fail(EEXIST, "an entry '%s' already exists", key);
+        } else {
+            rc = reserve_ram(c, need, &v, key);
+            if (rc == 0) {
+                lru_push_recent(c, e);
+                c->count++;
+            }
+        }
+        pthread_mutex_unlock(&c->mu);
+        victims_free(&v);
+        if (rc != EAGAIN)
+            break;
+        v.nwhole = v.ndevice = 0;
+    }
+    if (rc) {
+        entry_free(e);
+        return rc;
+    }
+    *out = e;
+    return 0;
+}
+
+/* Removes an entry whose load failed; its reservation goes back. */
+static void abandon_entry(ta_cache_t *c, ta_entry_t *e)
+{
+    pthread_mutex_lock(&c->mu);
+    detach(c, e);
+    e->loading = false;
+    pthread_cond_broadcast(&c->loaded);
+    pthread_mutex_unlock(&c->mu);
+    entry_free(e);
+}
+
+static void publish(ta_cache_t *c, ta_entry_t *e, uint64_t bytes, double seconds)
+{
+    pthread_mutex_lock(&c->mu);
+    e->loading = false;
+    c->st.loads++;
+    c->st.load_bytes += bytes;
+    c->st.load_seconds += seconds;
+    record_size(c, e->key, e->ram_bytes);
+    pthread_cond_broadcast(&c->loaded);
+    pthread_mutex_unlock(&c->mu);
+}
+
+/* ---- tensors --------------------------------------------------------------------- */
+
+static int tensor_bytes(ta_dtype_t dtype, int ndim, const int64_t *shape, size_t *out)
+{
+    size_t es = ta_dtype_size(dtype);
+    if (es == 0)
+        return fail(EINVAL, "unknown dtype %d", (int)dtype);
+    if (ndim < 0 || ndim > TA_MAX_DIMS || (ndim > 0 && !shape))
+        return fail(EINVAL, "bad number of dimensions %d", ndim);
+    size_t n = es;
+    for (int i = 0; i < ndim; i++) {
+        if (shape[i] < 0)
+            return fail(EINVAL, "negative dimension %lld", (long long)shape[i]);
+        if (__builtin_mul_overflow(n, (size_t)shape[i], &n))
+            return fail(EINVAL, "shape overflows");
+    }
+    *out = n;
+    return 0;
+}
+
+static int entry_append(ta_entry_t *e, const char *name, ta_dtype_t dtype, int ndim,
+                        const int64_t *shape, size_t nbytes, void *data)
+{
+    if (e->count == e->cap) {
+        size_t cap = e->cap ? e->cap * 2 : 16;
+        tensor_t *grown = realloc(e->tensors, cap * sizeof *grown);
+        if (!grown)
+            return ENOMEM;
+        e->tensors = grown;
+        e->cap = cap;
+    }
+    tensor_t *t = &e->tensors[e->count];
+    memset(t, 0, sizeof *t);
+    if (!(t->name = strdup(name)))
+        return ENOMEM;
+    t->dtype = dtype;
+    t->ndim = ndim;
+    for (int i = 0; i < ndim; i++)
+        t->shape[i] = shape[i];
+    t->nbytes = nbytes;
+    t->data = data;
+    e->count++;
+    return 0;
+}
+
+/* Reads n bytes at off into dst in large chunks. */
+static int read_fully(int fd, void *dst, size_t n, uint64_t off, const char *path)
+{
+    for (size_t done = 0; done < n;) {
+        size_t want = n - done < READ_CHUNK ? n - done : READ_CHUNK;
+        ssize_t got = pread(fd, (char *)dst + done, want, (off_t)(off + done));
+        if (got < 0) {
+            if (errno == EINTR)
+                continue;
+            return fail(errno, "%s: read failed at offset %llu: %s", path,
+                        (unsigned long long)(off + done), strerror(errno));
+        }
+        if (got == 0)
+            return fail(TA_EFORMAT, "%s: file ends at offset %llu, %zu bytes short", path,
+                        (unsigned long long)(off + done), n - done);
+        done += (size_t)got;
+    }
+    return 0;
+}
+
+/* ---- loading ------------------------------------------------------------------------ */
+
+int ta_cache_load_safetensors(ta_cache_t *c, const char *key, const char *path,
+                              ta_entry_t **out)
+{
+    if (!c || !key || !path || !out)
+        return fail(EINVAL, "NULL argument");
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return fail(errno, "%s: %s", path, strerror(errno));
+    _ta_st_header_t h;
+    char why[200] = "";
+    int rc = _ta_st_read_header(fd, &h, why, sizeof why);
+    if (rc) {
+        close(fd);
+        return rc == TA_EFORMAT ? fail(rc, "%s: %s", path, why)
+                                : fail(rc, "%s: %s", path, strerror(rc));
+    }
+    uint64_t total = 0;
+    for (size_t i = 0; i < h.count; i++)
+        total += h.tensors[i].end - h.tensors[i].begin;
+    ta_memory_snapshot_t before;
+    snapshot_if_debug(c, &before);
+    ta_entry_t *e;
+    if ((rc = insert_reserved(c, key, (size_t)total, true, &e)) != 0) {
+        _ta_st_free(&h);
+        close(fd);
+        return rc;
+    }
+    double t0 = now_s();
+    for (size_t i = 0; i < h.count && rc == 0; i++) {
+        _ta_st_tensor_t *st = &h.tensors[i];
+        size_t n = (size_t)(st->end - st->begin);
+        void *data = ta_malloc(n ? n : 1); /* large tensors: a mapping each */
+        if (!data) {
+            rc = fail(ENOMEM, "%s: no memory for tensor '%s' (%zu bytes)", path, st->name, n);
+            break;
+        }
+        rc = read_fully(fd, data, n, h.data_start + st->begin, path);
+        if (rc == 0)
+            rc = entry_append(e, st->name, st->dtype, st->ndim, st->shape, n, data);
+        if (rc)
+            ta_free(data);
+    }
+    double dt = now_s() - t0;
+    close(fd);
+    _ta_st_free(&h);
+    if (rc) {
+        abandon_entry(c, e);
+        return rc;
+    }
+    publish(c, e, total, dt);
+    cache_log(c, TA_LOG_INFO, "loaded '%s' from %s: %zu tensors, %.3f GB in %.2f s (%.0f MB/s)",
+              key, path, e->count, (double)total / 1e9, dt, dt > 0 ? (double)total / dt / 1e6 : 0);
+    log_snapshot_diff(c, &before);
+    *out = e;
+    return 0;
+}
+
+int ta_cache_load_raw(ta_cache_t *c, const char *key, const char *path, ta_dtype_t dtype,
+                      int ndim, const int64_t *shape, ta_entry_t **out)
+{
+    if (!c || !key || !path || !out)
+        return fail(EINVAL, "NULL argument");
+    size_t n;
+    int rc = tensor_bytes(dtype, ndim, shape, &n);
+    if (rc)
+        return rc;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return fail(errno, "%s: %s", path, strerror(errno));
+    off_t size = lseek(fd, 0, SEEK_END);
+    if (size < 0 || (uint64_t)size != n) {
+        close(fd);
+        return fail(TA_EFORMAT, "%s: file is %lld bytes, the shape needs %zu", path,
+                    (long long)size, n);
+    }
+    ta_memory_snapshot_t before;
+    snapshot_if_debug(c, &before);
+    ta_entry_t *e;
+    if ((rc = insert_reserved(c, key, n, true, &e)) != 0) {
+        close(fd);
+        return rc;
+    }
+    double t0 = now_s();
+    void *data = ta_malloc(n ? n : 1);
+    rc = data ? read_fully(fd, data, n, 0, path) : fail(ENOMEM, "no memory for %zu bytes", n);
+    if (rc == 0)
+        rc = entry_append(e, "data", dtype, ndim, shape, n, data);
+    double dt = now_s() - t0;
+    close(fd);
+    if (rc) {
+        ta_free(data);
+        abandon_entry(c, e);
+        return rc;
+    }
+    publish(c, e, n, dt);
+    cache_log(c, TA_LOG_INFO, "loaded '%s' from %s: %zu bytes in %.2f s", key, path, n, dt);
+    log_snapshot_diff(c, &before);
+    *out = e;
+    return 0;
+}
+
+int ta_cache_create_entry(ta_cache_t *c, const char *key, ta_entry_t **out)
+{
+    if (!c || !key || !out)
+        return fail(EINVAL, "NULL argument");
+    return insert_reserved(c, key, 0, false, out);
+}
+
+int ta_entry_add_tensor(ta_entry_t *e, const char *name, ta_dtype_t dtype, int ndim,
+                        const int64_t *shape, void **data)
+{
+    if (!e || !name || !data)
+        return fail(EINVAL, "NULL argument");
+    size_t n;
+    int rc = tensor_bytes(dtype, ndim, shape, &n);
+    if (rc)
+        return rc;
+    ta_cache_t *c = e->cache;
+    victims_t v = {0};
+    do {
+        v.nwhole = v.ndevice = 0;
+        pthread_mutex_lock(&c->mu);
+        if (e->locks <= 0)
+            rc = fail(EINVAL, "entry '%s' is not locked", e->key);
+        else if ((rc = reserve_ram(c, n, &v, name)) == 0) {
+            e->ram_bytes += n;
+            record_size(c, e->key, e->ram_bytes);
+        }
+        pthread_mutex_unlock(&c->mu);
+        victims_free(&v);
+    } while (rc == EAGAIN);
+    if (rc)
+        return rc;
+    void *p = ta_malloc(n ? n : 1);
+    if (!p || (rc = entry_append(e, name, dtype, ndim, shape, n, p)) != 0) {
+        ta_free(p);
+        pthread_mutex_lock(&c->mu);
+        e->ram_bytes -= n;
+        c->ram_used -= n;
+        pthread_mutex_unlock(&c->mu);
+        return fail(ENOMEM, "no memory for tensor '%s' (%zu bytes)", name, n);
+    }
+    *data = p;
+    return 0;
+}
+
+/* ---- lookups ------------------------------------------------------------------------- */
+
+int ta_cache_get(ta_cache_t *c, const char *key, ta_entry_t **out)
+{
+    if (!c || !key || !out)
+        return fail(EINVAL, "NULL argument");
+    pthread_mutex_lock(&c->mu);
+    ta_entry_t *e;
+    while ((e = find(c, key)) && e->loading)
+        pthread_cond_wait(&c->loaded, &c->mu);
+    if (!e) {
+        c->st.misses++;
+        pthread_mutex_unlock(&c->mu);
+        return fail(ENOENT, "no entry '%s'", key);
+    }
+    c->st.hits++;
+    e->locks++;
+    lru_unlink(c, e);
+    lru_push_recent(c, e);
+    pthread_mutex_unlock(&c->mu);
+    *out = e;
+    return 0;
+}
+
+void ta_entry_unlock(ta_entry_t *e)
+{
+    if (!e)
+        return;
+    pthread_mutex_lock(&e->cache->mu);
+    if (e->locks > 0)
+        e->locks--;
+    pthread_mutex_unlock(&e->cache->mu);
+}
+
+int ta_cache_remove(ta_cache_t *c, const char *key)
+{
+    if (!c || !key)
+        return fail(EINVAL, "NULL argument");
+    pthread_mutex_lock(&c->mu);
+    ta_entry_t *e = find(c, key);
+    int rc = 0;
+    if (!e)
+        rc = fail(ENOENT, "no entry '%s'", key);
+    else if (e->locks > 0 || e->loading)
+        rc = fail(EBUSY, "entry '%s' is locked", key);
+    else
+        detach(c, e);
+    pthread_mutex_unlock(&c->mu);
+    if (rc == 0)
+        entry_free(e);
+    return rc;
+}
+
+const char *ta_entry_key(const ta_entry_t *e)
+{
+    return e ? e->key : NULL;
+}
+
+size_t ta_entry_tensor_count(const ta_entry_t *e)
+{
+    return e ? e->count : 0;
+}
+
+size_t ta_entry_ram_bytes(const ta_entry_t *e)
+{
+    return e ? e->ram_bytes : 0;
+}
+
+size_t ta_entry_vram_bytes(const ta_entry_t *e)
+{
+    return e ? e->vram_bytes : 0;
+}
+
+int ta_entry_tensor_at(const ta_entry_t *e, size_t index, ta_tensor_t *out)
+{
+    if (!e || !out || index >= e->count)
+        return EINVAL;
+    const tensor_t *t = &e->tensors[index];
+    out->name = t->name;
+    out->dtype = t->dtype;
+    out->ndim = t->ndim;
+    memcpy(out->shape, t->shape, sizeof out->shape);
+    out->nbytes = t->nbytes;
+    out->data = t->data;
+    out->device_data = t->dev;
+    return 0;
+}
+
+int ta_entry_tensor(const ta_entry_t *e, const char *name, ta_tensor_t *out)
+{
+    if (!e || !name || !out)
+        return EINVAL;
+    for (size_t i = 0; i < e->count; i++)
+        if (strcmp(e->tensors[i].name, name) == 0)
+            return ta_entry_tensor_at(e, i, out);
+    return fail(ENOENT, "entry '%s' has no tensor '%s'", e->key, name);
+}
+
+/* ---- device moves ----------------------------------------------------------------------- */
+
+static size_t entry_bytes(const ta_entry_t *e)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < e->count; i++)
+        n += e->tensors[i].nbytes;
+    return n;
+}
+
+/* Makes need VRAM bytes fit: device copies of unlocked entries go, least
+ * recently used first; an entry with no host copy goes whole. */
+static int make_room_vram(ta_cache_t *c, size_t need, victims_t *v)
+{
+    while (c->vram_used + need > c->cfg.vram_budget) {
+        ta_entry_t *victim = NULL;
+        for (ta_entry_t *e = c->head; e; e = e->next)
+            if (e->locks == 0 && !e->loading && e->vram_bytes > 0) {
+                victim = e;
+                break;
+            }
+        if (!victim)
+            return TA_ECACHEFULL;
+        if (v->nwhole == 64 || v->ndevice == 64)
+            return EAGAIN;
+        void **devs = victim->ram_bytes ? calloc(victim->count + 1, sizeof *devs) : NULL;
+        if (victim->ram_bytes == 0 || devs == NULL) { /* no host copy: it goes whole */
+            free(devs);
+            detach(c, victim);
+            v->whole[v->nwhole++] = victim;
+            c->st.cleared++;
+        } else { /* unlocked, so nobody else touches its tensors now */
+            size_t k = 0;
+            for (size_t i = 0; i < victim->count; i++)
+                if (victim->tensors[i].dev) {
+                    devs[k++] = victim->tensors[i].dev;
+                    victim->tensors[i].dev = NULL;
+                }
+            c->vram_used -= victim->vram_bytes;
+            victim->vram_bytes = 0;
+            v->device[v->ndevice++] = devs;
+        }
+    }
+    return 0;
+}
+
+static int pool_ready(ta_cache_t *c)
+{
+    int rc = 0;
+    pthread_mutex_lock(&c->mu);
+    if (!c->pool)
+        rc = ta_pinned_pool_create(PINNED_BUDGET, &c->pool);
+    pthread_mutex_unlock(&c->mu);
+    return rc;
+}
+
+int ta_entry_to_device(ta_entry_t *e)
+{
+    if (!e || e->locks <= 0)
+        return fail(EINVAL, "the entry must be locked");
+    ta_cache_t *c = e->cache;
+    int rc = ta_cuda_init(c->cfg.device);
+    if (rc)
+        return fail(rc, "no device: %s", ta_strerror(rc));
+    if (e->vram_bytes > 0)
+        return 0;
+    if ((rc = pool_ready(c)) != 0)
+        return fail(rc, "pinned pool: %s", ta_strerror(rc));
+    size_t need = entry_bytes(e);
+    size_t dev_free, dev_total;
+    ta_memory_snapshot_t before;
+    snapshot_if_debug(c, &before);
+    victims_t v;
+    do {
+        v = (victims_t){0};
+        pthread_mutex_lock(&c->mu);
+        if (need > c->cfg.vram_budget && c->cfg.overflow == TA_OVERFLOW_REFUSE) {
+            rc = fail(TA_EBUDGET, "'%s' needs %zu bytes, more than the VRAM budget %zu", e->key,
+                      need, c->cfg.vram_budget);
+        } else {
+            rc = make_room_vram(c, need, &v);
+            if (rc == TA_ECACHEFULL && c->cfg.overflow == TA_OVERFLOW_ADMIT) {
+                c->st.over_budget_admits++;
+                cache_log(c, TA_LOG_WARN, "'%s' admitted over the VRAM budget", e->key);
+                rc = 0;
+            } else if (rc == TA_ECACHEFULL) {
+                rc = fail(rc, "'%s' needs %zu VRAM bytes; the rest is locked", e->key, need);
+            }
+        }
+        if (rc == 0) {
+            c->vram_used += need;
+            e->vram_bytes = need;
+        }
+        pthread_mutex_unlock(&c->mu);
+        victims_free(&v);
+    } while (rc == EAGAIN);
+    if (rc)
+        return rc;
+    /* after the evictions: is there room on the device itself? */
+    if ((rc = ta_cuda_mem_info(&dev_free, &dev_total)) != 0)
+        rc = fail(rc, "cudaMemGetInfo: %s", ta_strerror(rc));
+    else if (dev_free < need + c->cfg.device_working_mem)
+        rc = fail(ENOMEM, "the device has %zu bytes free; '%s' needs %zu plus %zu working", dev_free,
+                  e->key, need, c->cfg.device_working_mem);
+    double t0 = now_s();
+    for (size_t i = 0; i < e->count && rc == 0; i++) {
+        tensor_t *t = &e->tensors[i];
+        if ((rc = ta_cuda_device_alloc(t->nbytes ? t->nbytes : 1, &t->dev)) != 0) {
+            t->dev = NULL;
+            rc = fail(rc, "device allocation of '%s': %s", t->name, ta_strerror(rc));
+        } else if ((rc = ta_cuda_copy_to_device(c->pool, t->dev, t->data, t->nbytes)) != 0) {
+            rc = fail(rc, "copy of '%s' to the device: %s", t->name, ta_strerror(rc));
+        }
+    }
+    if (rc) { /* undo: the entry stays on the host */
+        for (size_t i = 0; i < e->count; i++)
+            if (e->tensors[i].dev) {
+                ta_cuda_device_free(e->tensors[i].dev);
+                e->tensors[i].dev = NULL;
+            }
+        pthread_mutex_lock(&c->mu);
+        c->vram_used -= e->vram_bytes;
+        e->vram_bytes = 0;
+        pthread_mutex_unlock(&c->mu);
+        return rc;
+    }
+    if (!c->cfg.keep_ram_copy) {
+        for (size_t i = 0; i < e->count; i++) {
+            ta_free(e->tensors[i].data);
+            e->tensors[i].data = NULL;
+        }
+        pthread_mutex_lock(&c->mu);
+        c->ram_used -= e->ram_bytes;
+        e->ram_bytes = 0;
+        pthread_mutex_unlock(&c->mu);
+    }
+    pthread_mutex_lock(&c->mu);
+    c->st.device_moves++;
+    pthread_mutex_unlock(&c->mu);
+    cache_log(c, TA_LOG_INFO, "moved '%s' to device %d in %.2f s (%.3f GB)", e->key,
+              c->cfg.device, now_s() - t0, (double)need / 1e9);
+    log_snapshot_diff(c, &before);
+    return 0;
+}
+
+int ta_entry_to_host(ta_entry_t *e)
+{
+    if (!e || e->locks <= 0)
+        return fail(EINVAL, "the entry must be locked");
+    ta_cache_t *c = e->cache;
+    if (e->vram_bytes == 0)
+        return 0;
+    int rc = pool_ready(c);
+    if (rc)
+        return fail(rc, "pinned pool: %s", ta_strerror(rc));
+    ta_memory_snapshot_t before;
+    snapshot_if_debug(c, &before);
+    size_t need = e->ram_bytes ? 0 : entry_bytes(e);
+    if (need) {
+        victims_t v;
+        do {
+            v = (victims_t){0};
+            pthread_mutex_lock(&c->mu);
+            rc = reserve_ram(c, need, &v, e->key);
+            if (rc == 0)
+                e->ram_bytes = need;
+            pthread_mutex_unlock(&c->mu);
+            victims_free(&v);
+        } while (rc == EAGAIN);
+        if (rc)
+            return rc;
+        for (size_t i = 0; i < e->count && rc == 0; i++) {
+            tensor_t *t = &e->tensors[i];
+            t->data = ta_malloc(t->nbytes ? t->nbytes : 1);
+            if (!t->data)
+                rc = fail(ENOMEM, "no memory for '%s'", t->name);
+            else if ((rc = ta_cuda_copy_to_host(c->pool, t->data, t->dev, t->nbytes)) != 0)
+                rc = fail(rc, "copy of '%s' to the host: %s", t->name, ta_strerror(rc));
+        }
+        if (rc) {
+            for (size_t i = 0; i < e->count; i++) {
+                ta_free(e->tensors[i].data);
+                e->tensors[i].data = NULL;
+            }
+            pthread_mutex_lock(&c->mu);
+            c->ram_used -= need;
+            e->ram_bytes = 0;
+            pthread_mutex_unlock(&c->mu);
+            return rc;
+        }
+    }
+    for (size_t i = 0; i < e->count; i++) {
+        ta_cuda_device_free(e->tensors[i].dev);
+        e->tensors[i].dev = NULL;
+    }
+    pthread_mutex_lock(&c->mu);
+    c->vram_used -= e->vram_bytes;
+    e->vram_bytes = 0;
+    c->st.device_moves++;
+    pthread_mutex_unlock(&c->mu);
+    cache_log(c, TA_LOG_INFO, "moved '%s' to the host", e->key);
+    log_snapshot_diff(c, &before);
+    return 0;
+}
+
+/* ---- statistics ------------------------------------------------------------------------------ */
+
+int ta_cache_stats_get(ta_cache_t *c, ta_cache_stats_t *out)
+{
+    if (!c || !out || out->size < offsetof(ta_cache_stats_t, hits))
+        return EINVAL;
+    size_t size = out->size;
+    pthread_mutex_lock(&c->mu);
+    ta_cache_stats_t s = c->st;
+    s.in_cache = c->count;
+    s.ram_used = c->ram_used;
+    s.vram_used = c->vram_used;
+    pthread_mutex_unlock(&c->mu);
+    s.size = size;
+    s.version = TA_CACHE_STATS_VERSION;
+    memcpy(out, &s, size < sizeof s ? size : sizeof s);
+    return 0;
+}
+
+static void json_string(FILE *f, const char *s)
+{
+    fputc('"', f);
+    for (; *s; s++) {
+        unsigned char ch = (unsigned char)*s;
+        if (ch == '"' || ch == '\\')
+            fprintf(f, "\\%c", ch);
+        else if (ch < 0x20)
+            fprintf(f, "\\u%04x", ch);
+        else
+            fputc(ch, f);
+    }
+    fputc('"', f);
+}
+
+int ta_cache_stats_json(ta_cache_t *c, FILE *f)
+{
+    if (!c || !f)
+        return EINVAL;
+    ta_cache_stats_t s = {.size = sizeof s};
+    ta_cache_stats_get(c, &s);
+    fprintf(f,
+            "{\"hits\": %llu, \"misses\": %llu, \"high_watermark\": %llu, \"in_cache\": %llu, "
+            "\"cleared\": %llu, \"cache_size\": %llu, \"ram_used\": %llu, \"vram_budget\": %llu, "
+            "\"vram_used\": %llu, \"over_budget_admits\": %llu, \"loads\": %llu, "
+            "\"load_bytes\": %llu, \"load_seconds\": %.6f, \"device_moves\": %llu, "
+            "\"loaded_model_sizes\": {",
+            (unsigned long long)s.hits, (unsigned long long)s.misses,
+            (unsigned long long)s.high_watermark, (unsigned long long)s.in_cache,
+            (unsigned long long)s.cleared, (unsigned long long)s.ram_budget,
+            (unsigned long long)s.ram_used, (unsigned long long)s.vram_budget,
+            (unsigned long long)s.vram_used, (unsigned long long)s.over_budget_admits,
+            (unsigned long long)s.loads, (unsigned long long)s.load_bytes, s.load_seconds,
+            (unsigned long long)s.device_moves);
+    pthread_mutex_lock(&c->mu);
+    for (size_t i = 0; i < c->nsizes; i++) {
+        if (i)
+            fputs(", ", f);
+        json_string(f, c->sizes[i].key);
+        fprintf(f, ": %llu", (unsigned long long)c->sizes[i].bytes);
+    }
+    pthread_mutex_unlock(&c->mu);
+    fputs("}}\n", f);
+    return ferror(f) ? EIO : 0;
+}

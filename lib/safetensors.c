@@ -1,0 +1,224 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Reads and checks a safetensors header with cJSON. Every rule is checked
+ * here, before the cache evicts or allocates anything, so a bad file
+ * changes nothing: header length inside the file, valid JSON, known
+ * dtypes, shapes that match the byte counts, offsets inside the data
+ * section, no two tensors sharing bytes, no duplicate names.
+ */
+#define _GNU_SOURCE
+#include "safetensors.h"
+
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+static const struct {
+    const char *name;
+    size_t size;
+} dtypes[TA_DTYPE_COUNT_] = {
+    [TA_DTYPE_BOOL] = {"BOOL", 1},    [TA_DTYPE_U8] = {"U8", 1},
+    [TA_DTYPE_I8] = {"I8", 1},        [TA_DTYPE_U16] = {"U16", 2},
+    [TA_DTYPE_I16] = {"I16", 2},      [TA_DTYPE_F16] = {"F16", 2},
+    [TA_DTYPE_BF16] = {"BF16", 2},    [TA_DTYPE_U32] = {"U32", 4},
+    [TA_DTYPE_I32] = {"I32", 4},      [TA_DTYPE_F32] = {"F32", 4},
+    [TA_DTYPE_U64] = {"U64", 8},      [TA_DTYPE_I64] = {"I64", 8},
+    [TA_DTYPE_F64] = {"F64", 8},      [TA_DTYPE_F8_E4M3] = {"F8_E4M3", 1},
+    [TA_DTYPE_F8_E5M2] = {"F8_E5M2", 1},
+};
+
+size_t ta_dtype_size(ta_dtype_t dtype)
+{
+    return (unsigned)dtype < TA_DTYPE_COUNT_ ? dtypes[dtype].size : 0;
+}
+
+const char *ta_dtype_name(ta_dtype_t dtype)
+{
+    return (unsigned)dtype < TA_DTYPE_COUNT_ ? dtypes[dtype].name : "?";
+}
+
+int _ta_st_dtype_from_name(const char *name)
+{
+    for (int i = 0; i < TA_DTYPE_COUNT_; i++)
+        if (strcmp(name, dtypes[i].name) == 0)
+            return i;
+    return -1;
+}
+
+void _ta_st_free(_ta_st_header_t *h)
+{
+    for (size_t i = 0; i < h->count; i++)
+        free(h->tensors[i].name);
+    free(h->tensors);
+    memset(h, 0, sizeof *h);
+}
+
+/* A JSON number that is a whole number in [0, 2^53]. */
+static bool whole(const cJSON *n, uint64_t *out)
+{
+    if (!cJSON_IsNumber(n) || n->valuedouble < 0 || n->valuedouble > 9007199254740992.0 ||
+        n->valuedouble != (double)(uint64_t)n->valuedouble)
+        return false;
+    *out = (uint64_t)n->valuedouble;
+    return true;
+}
+
+static int by_begin(const void *a, const void *b)
+{
+    const _ta_st_tensor_t *x = a, *y = b;
+    return x->begin < y->begin ? -1 : x->begin > y->begin;
+}
+
+#define FAIL(...)                                                                               \
+    do {                                                                                        \
+        snprintf(err, errlen, __VA_ARGS__);                                                     \
+        rc = TA_EFORMAT;                                                                        \
+        goto out;                                                                               \
+    } while (0)
+
+int _ta_st_read_header(int fd, _ta_st_header_t *out, char *err, size_t errlen)
+{
+    memset(out, 0, sizeof *out);
+    int rc = 0;
+    char *text = NULL;
+    cJSON *root = NULL;
+    struct stat st;
+    if (fstat(fd, &st) != 0)
+        return errno;
+    uint64_t size = (uint64_t)st.st_size;
+    unsigned char len8[8];
+    if (size < 8)
+        FAIL("file is %llu bytes, shorter than the 8-byte header length",
+             (unsigned long long)size);
+    if (pread(fd, len8, 8, 0) != 8)
+        return errno ? errno : EIO;
+    uint64_t n = 0;
+    for (int i = 7; i >= 0; i--)
+        n = n << 8 | len8[i]; /* little-endian */
+    if (n > size - 8)
+        FAIL("header length %llu runs past the end of the file (%llu bytes after the length)",
+             (unsigned long long)n, (unsigned long long)(size - 8));
+    if (n > TA_ST_MAX_HEADER)
+        FAIL("header length %llu exceeds the 100 MiB limit", (unsigned long long)n);
+    if (n < 2)
+        FAIL("header length %llu is too short for a JSON object", (unsigned long long)n);
+    text = malloc((size_t)n + 1);
+    if (!text)
+        return ENOMEM;
+    if (pread(fd, text, (size_t)n, 8) != (ssize_t)n) {
+        rc = errno ? errno : EIO;
+        goto out;
+    }
+    text[n] = '\0';
+    root = cJSON_ParseWithLength(text, (size_t)n);
+    if (root == NULL) {
+        const char *where = cJSON_GetErrorPtr();
+        long at = where && where >= text && where <= text + n ? (long)(where - text) : -1;
+        FAIL("header is not valid JSON (error near byte %ld of %llu)", at,
+             (unsigned long long)n);
+    }
+    if (!cJSON_IsObject(root))
+        FAIL("header is JSON but not an object");
+    out->data_start = 8 + n;
+    out->data_len = size - 8 - n;
+    size_t count = 0;
+    for (cJSON *c = root->child; c; c = c->next)
+        count += strcmp(c->string, "__metadata__") != 0;
+    out->tensors = calloc(count ? count : 1, sizeof *out->tensors);
+    if (!out->tensors) {
+        rc = ENOMEM;
+        goto out;
+    }
+    for (cJSON *c = root->child; c; c = c->next) {
+        if (strcmp(c->string, "__metadata__") == 0) {
+            if (!cJSON_IsObject(c))
+                FAIL("__metadata__ is not an object");
+            continue;
+        }
+        const char *name = c->string;
+        for (size_t i = 0; i < out->count; i++)
+            if (strcmp(out->tensors[i].name, name) == 0)
+                FAIL("tensor '%s' appears twice", name);
+        if (!cJSON_IsObject(c))
+            FAIL("tensor '%s': not an object", name);
+        const cJSON *dt = cJSON_GetObjectItemCaseSensitive(c, "dtype");
+        const cJSON *shape = cJSON_GetObjectItemCaseSensitive(c, "shape");
+        const cJSON *offs = cJSON_GetObjectItemCaseSensitive(c, "data_offsets");
+        if (!cJSON_IsString(dt))
+            FAIL("tensor '%s': missing dtype", name);
+        int dtype = _ta_st_dtype_from_name(dt->valuestring);
+        if (dtype < 0)
+            FAIL("tensor '%s': unknown dtype '%s'", name, dt->valuestring);
+        if (!cJSON_IsArray(shape))
+            FAIL("tensor '%s': shape is not an array", name);
+        _ta_st_tensor_t *t = &out->tensors[out->count];
+        t->name = strdup(name);
+        if (!t->name) {
+            rc = ENOMEM;
+            goto out;
+        }
+        out->count++;
+        t->dtype = (ta_dtype_t)dtype;
+        int ndim = cJSON_GetArraySize(shape);
+        if (ndim > TA_MAX_DIMS)
+            FAIL("tensor '%s': %d dimensions, at most %d supported", name, ndim, TA_MAX_DIMS);
+        t->ndim = ndim;
+        uint64_t elems = 1;
+        int d = 0;
+        for (const cJSON *e = shape->child; e; e = e->next, d++) {
+            uint64_t v;
+            if (!whole(e, &v))
+                FAIL("tensor '%s': shape[%d] is not a non-negative integer", name, d);
+            t->shape[d] = (int64_t)v;
+            if (v && elems > UINT64_MAX / v)
+                FAIL("tensor '%s': shape overflows", name);
+            elems *= v;
+        }
+        if (!cJSON_IsArray(offs) || cJSON_GetArraySize(offs) != 2 ||
+            !whole(offs->child, &t->begin) || !whole(offs->child->next, &t->end))
+            FAIL("tensor '%s': data_offsets is not a pair of non-negative integers", name);
+        if (t->begin > t->end || t->end > out->data_len)
+            FAIL("tensor '%s': data_offsets [%llu, %llu] out of range (data section is %llu "
+                 "bytes)",
+                 name, (unsigned long long)t->begin, (unsigned long long)t->end,
+                 (unsigned long long)out->data_len);
+        uint64_t esize = dtypes[dtype].size;
+        if (elems > UINT64_MAX / esize || elems * esize != t->end - t->begin)
+            FAIL("tensor '%s': shape of %llu %s elements needs %llu bytes but data_offsets "
+                 "span %llu",
+                 name, (unsigned long long)elems, dtypes[dtype].name,
+                 (unsigned long long)(elems * esize), (unsigned long long)(t->end - t->begin));
+    }
+    /* no two tensors may share bytes */
+    if (out->count > 1) {
+        _ta_st_tensor_t *sorted = malloc(out->count * sizeof *sorted);
+        if (!sorted) {
+            rc = ENOMEM;
+            goto out;
+        }
+        memcpy(sorted, out->tensors, out->count * sizeof *sorted);
+        qsort(sorted, out->count, sizeof *sorted, by_begin);
+        for (size_t i = 1; i < out->count; i++) {
+            const _ta_st_tensor_t *a = &sorted[i - 1], *b = &sorted[i];
+            if (b->begin < a->end && b->end > b->begin) {
+                snprintf(err, errlen,
+                         "tensors '%s' [%llu, %llu) and '%s' [%llu, %llu) overlap", a->name,
+                         (unsigned long long)a->begin, (unsigned long long)a->end, b->name,
+                         (unsigned long long)b->begin, (unsigned long long)b->end);
+                rc = TA_EFORMAT;
+                break;
+            }
+        }
+        free(sorted);
+    }
+out:
+    cJSON_Delete(root);
+    free(text);
+    if (rc)
+        _ta_st_free(out);
+    return rc;
+}

@@ -1,0 +1,634 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Suite "cache": eviction order, locks, the budget invariant under a long
+ * randomized run, exact statistics, safetensors and raw loading (every
+ * malformed case leaves the cache as it was), device moves against the
+ * CUDA test double, and concurrent use.
+ */
+#define _GNU_SOURCE
+#include "helpers.h"
+#include "tensoralloc_cache.h"
+
+#include <criterion/criterion.h>
+#include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+static char dir[64];
+
+static void make_dir(void)
+{
+    strcpy(dir, "/tmp/ta-cache-XXXXXX");
+    cr_assert_not_null(mkdtemp(dir));
+}
+
+static void remove_dir(void)
+{
+    char cmd[128];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    if (system(cmd) != 0)
+        cr_log_warn("could not remove %s", dir);
+}
+
+TestSuite(cache, .init = make_dir, .fini = remove_dir);
+
+static ta_cache_t *new_cache(size_t budget, ta_overflow_t overflow)
+{
+    ta_cache_config_t cfg = {.size = sizeof cfg, .ram_budget = budget, .overflow = overflow,
+                             .vram_budget = 0, .keep_ram_copy = true};
+    ta_cache_t *c;
+    cr_assert_eq(ta_cache_create(&cfg, &c), 0);
+    return c;
+}
+
+static ta_cache_stats_t cstats(ta_cache_t *c)
+{
+    ta_cache_stats_t s = {.size = sizeof s};
+    cr_assert_eq(ta_cache_stats_get(c, &s), 0);
+    return s;
+}
+
+/* An entry of one U8 tensor of n bytes filled with fill; left unlocked. */
+static int put(ta_cache_t *c, const char *key, size_t n, int fill)
+{
+    ta_entry_t *e;
+    int rc = ta_cache_create_entry(c, key, &e);
+    if (rc)
+        return rc;
+    int64_t shape[1] = {(int64_t)n};
+    void *data;
+    rc = ta_entry_add_tensor(e, "w", TA_DTYPE_U8, 1, shape, &data);
+    if (rc == 0)
+        memset(data, fill, n);
+    ta_entry_unlock(e);
+    if (rc)
+        ta_cache_remove(c, key);
+    return rc;
+}
+
+static bool present(ta_cache_t *c, const char *key)
+{
+    ta_entry_t *e;
+    if (ta_cache_get(c, key, &e) != 0)
+        return false;
+    ta_entry_unlock(e);
+    return true;
+}
+
+Test(cache, least_recently_used_goes_first)
+{
+    ta_cache_t *c = new_cache(3 * MiB, TA_OVERFLOW_REFUSE);
+    cr_assert_eq(put(c, "a", MiB, 1), 0);
+    cr_assert_eq(put(c, "b", MiB, 2), 0);
+    cr_assert_eq(put(c, "c", MiB, 3), 0);
+    cr_assert(present(c, "a")); /* a is now the most recent */
+    cr_assert_eq(put(c, "d", MiB, 4), 0);
+    cr_assert_not(present(c, "b"), "b was the least recently used");
+    cr_assert(present(c, "a") && present(c, "c") && present(c, "d"));
+    cr_assert_eq(put(c, "e", 2 * MiB, 5), 0); /* LRU now: a, c, d -> a and c go */
+    cr_assert_not(present(c, "a"));
+    cr_assert_not(present(c, "c"));
+    cr_assert(present(c, "d") && present(c, "e"));
+    cr_assert_eq(cstats(c).cleared, 3);
+    ta_cache_destroy(c);
+}
+
+Test(cache, locked_entries_are_never_evicted)
+{
+    ta_cache_t *c = new_cache(2 * MiB, TA_OVERFLOW_REFUSE);
+    cr_assert_eq(put(c, "a", MiB, 1), 0);
+    ta_entry_t *held;
+    cr_assert_eq(ta_cache_get(c, "a", &held), 0); /* locked */
+    cr_assert_eq(put(c, "b", MiB, 2), 0);
+    cr_assert_eq(put(c, "c", MiB, 3), 0); /* b goes, a stays */
+    cr_assert_not(present(c, "b"));
+    ta_entry_t *c_held;
+    cr_assert_eq(ta_cache_get(c, "c", &c_held), 0);
+    ta_cache_stats_t before = cstats(c);
+    cr_assert_eq(put(c, "d", MiB, 4), TA_ECACHEFULL, "everything else is locked");
+    cr_assert(strstr(ta_cache_last_error(), "locked"), "%s", ta_cache_last_error());
+    ta_cache_stats_t after = cstats(c);
+    cr_assert_eq(after.in_cache, before.in_cache);
+    cr_assert_eq(after.ram_used, before.ram_used);
+    ta_tensor_t t;
+    cr_assert_eq(ta_entry_tensor(held, "w", &t), 0);
+    cr_assert_eq(((unsigned char *)t.data)[MiB - 1], 1, "locked data intact");
+    cr_assert_eq(ta_cache_remove(c, "a"), EBUSY);
+    ta_entry_unlock(held);
+    ta_entry_unlock(c_held);
+    cr_assert_eq(ta_cache_remove(c, "a"), 0);
+    cr_assert_eq(ta_cache_remove(c, "a"), ENOENT);
+    cr_assert_eq(put(c, "toobig", 3 * MiB, 0), TA_EBUDGET);
+    ta_cache_destroy(c);
+}
+
+static char logged[8192];
+static void capture_log(void *arg, ta_log_level_t level, const char *msg)
+{
+    (void)arg;
+    size_t used = strlen(logged);
+    snprintf(logged + used, sizeof logged - used, "%d:%s\n", (int)level, msg);
+}
+
+Test(cache, admit_policy_goes_over_budget_with_a_warning)
+{
+    ta_cache_config_t cfg = {.size = sizeof cfg, .ram_budget = MiB,
+                             .overflow = TA_OVERFLOW_ADMIT, .log = capture_log,
+                             .log_level = TA_LOG_WARN};
+    ta_cache_t *c;
+    cr_assert_eq(ta_cache_create(&cfg, &c), 0);
+    ta_entry_t *e;
+    cr_assert_eq(ta_cache_create_entry(c, "a", &e), 0);
+    int64_t shape[1] = {(int64_t)(2 * MiB)};
+    void *d;
+    cr_assert_eq(ta_entry_add_tensor(e, "w", TA_DTYPE_U8, 1, shape, &d), 0);
+    ta_cache_stats_t s = cstats(c);
+    cr_assert_eq(s.over_budget_admits, 1);
+    cr_assert_eq(s.ram_used, 2 * MiB);
+    cr_assert(strstr(logged, "over the RAM budget"), "%s", logged);
+    ta_entry_unlock(e);
+    ta_cache_destroy(c);
+}
+
+Test(cache, statistics_are_exact)
+{
+    ta_cache_t *c = new_cache(4 * MiB, TA_OVERFLOW_REFUSE);
+    cr_assert_eq(put(c, "a", MiB, 1), 0);
+    cr_assert_eq(put(c, "b", 2 * MiB, 2), 0);
+    cr_assert(present(c, "a"));
+    cr_assert(present(c, "a"));
+    cr_assert_not(present(c, "zzz"));
+    cr_assert_eq(put(c, "c", 2 * MiB, 3), 0); /* evicts b */
+    ta_cache_stats_t s = cstats(c);
+    cr_assert_eq(s.hits, 2);
+    cr_assert_eq(s.misses, 1);
+    cr_assert_eq(s.in_cache, 2);
+    cr_assert_eq(s.cleared, 1);
+    cr_assert_eq(s.ram_used, 3 * MiB);
+    cr_assert_eq(s.high_watermark, 3 * MiB);
+    cr_assert_eq(s.ram_budget, 4 * MiB);
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&buf, &len);
+    cr_assert_eq(ta_cache_stats_json(c, f), 0);
+    fclose(f);
+    cr_assert(strstr(buf, "\"hits\": 2"), "%s", buf);
+    cr_assert(strstr(buf, "\"loaded_model_sizes\": {\"a\": 1048576, \"b\": 2097152, \"c\": 2097152}"),
+              "%s", buf);
+    free(buf);
+    ta_cache_destroy(c);
+}
+
+/* Budget invariant: a long random sequence of operations, checked after
+ * each; entries this test holds locked must keep their data. */
+Test(cache, budget_holds_after_every_operation, .timeout = 120)
+{
+    const size_t budget = 8 * MiB;
+    ta_cache_t *c = new_cache(budget, TA_OVERFLOW_REFUSE);
+    uint64_t seed = 12345;
+    ta_entry_t *held[4] = {0};
+    int held_fill[4] = {0};
+    int ops = 0, refused = 0;
+    for (int i = 0; i < 6000; i++) {
+        seed = seed * 6364136223846793005ULL + 1442695040888963407ULL;
+        unsigned r = (unsigned)(seed >> 33);
+        char key[16];
+        snprintf(key, sizeof key, "k%u", r % 40);
+        switch (r % 7) {
+        case 0: case 1: case 2: {
+            size_t n = (size_t)(r >> 8) % (3 * MiB) + 1;
+            int rc = put(c, key, n, (int)(r & 0x7f));
+            cr_assert(rc == 0 || rc == EEXIST || rc == TA_ECACHEFULL, "put rc %d", rc);
+            refused += rc == TA_ECACHEFULL;
+            break;
+        }
+        case 3: present(c, key); break;
+        case 4: ta_cache_remove(c, key); break;
+        case 5: { /* hold one entry locked for a while */
+            int k = (int)(r >> 12) % 4;
+            if (held[k]) {
+                ta_tensor_t t;
+                cr_assert_eq(ta_entry_tensor(held[k], "w", &t), 0);
+                cr_assert_eq(((unsigned char *)t.data)[t.nbytes - 1], held_fill[k],
+                             "data of a locked entry changed");
+                ta_entry_unlock(held[k]);
+                held[k] = NULL;
+            } else if (ta_cache_get(c, key, &held[k]) == 0) {
+                ta_tensor_t t;
+                ta_entry_tensor(held[k], "w", &t);
+                held_fill[k] = ((unsigned char *)t.data)[t.nbytes - 1];
+            }
+            break;
+        }
+        default: break;
+        }
+        ta_cache_stats_t s = cstats(c);
+        cr_assert_leq(s.ram_used, budget, "op %d: %llu used of %zu", i,
+                      (unsigned long long)s.ram_used, budget);
+        cr_assert_leq(s.high_watermark, budget);
+        ops++;
+    }
+    for (int k = 0; k < 4; k++)
+        ta_entry_unlock(held[k]);
+    for (int k = 0; k < 40; k++) {
+        char key[16];
+        snprintf(key, sizeof key, "k%d", k);
+        ta_cache_remove(c, key);
+    }
+    ta_cache_stats_t s = cstats(c);
+    cr_assert_eq(s.ram_used, 0);
+    cr_assert_eq(s.in_cache, 0);
+    cr_assert_gt(s.cleared, 100, "the run exercised eviction");
+    cr_log_info("%d operations, %d refused, %llu evictions", ops, refused,
+                (unsigned long long)s.cleared);
+    ta_cache_destroy(c);
+}
+
+/* ---- safetensors ------------------------------------------------------------- */
+
+/* Writes a safetensors file: header text as given, then data_len bytes. */
+static void write_file(const char *path, uint64_t header_len_field, const char *header,
+                       size_t data_len, unsigned char fill)
+{
+    FILE *f = fopen(path, "wb");
+    cr_assert_not_null(f);
+    unsigned char len8[8];
+    for (int i = 0; i < 8; i++)
+        len8[i] = (unsigned char)(header_len_field >> (8 * i));
+    fwrite(len8, 1, 8, f);
+    fwrite(header, 1, strlen(header), f);
+    for (size_t i = 0; i < data_len; i++)
+        fputc((int)(unsigned char)(fill + i * 7), f);
+    fclose(f);
+}
+
+static void write_st(const char *path, const char *header, size_t data_len)
+{
+    write_file(path, strlen(header), header, data_len, 3);
+}
+
+Test(cache, safetensors_load_by_name_dtype_shape)
+{
+    char path[128];
+    snprintf(path, sizeof path, "%s/m.safetensors", dir);
+    /* a: F32 [2,3] = 24 bytes at 0; b: I64 [4] = 32 at 24; big: BF16 [512,1024] */
+    const char *hdr = "{\"__metadata__\":{\"format\":\"pt\"},"
+                      "\"a\":{\"dtype\":\"F32\",\"shape\":[2,3],\"data_offsets\":[0,24]},"
+                      "\"b\":{\"dtype\":\"I64\",\"shape\":[4],\"data_offsets\":[24,56]},"
+                      "\"big\":{\"dtype\":\"BF16\",\"shape\":[512,1024],"
+                      "\"data_offsets\":[56,1048632]}}";
+    write_st(path, hdr, 1048632);
+    ta_cache_t *c = new_cache(8 * MiB, TA_OVERFLOW_REFUSE);
+    ta_entry_t *e;
+    cr_assert_eq(ta_cache_load_safetensors(c, "m", path, &e), 0, "%s", ta_cache_last_error());
+    cr_assert_eq(ta_entry_tensor_count(e), 3);
+    ta_tensor_t t;
+    cr_assert_eq(ta_entry_tensor(e, "b", &t), 0);
+    cr_assert_eq(t.dtype, TA_DTYPE_I64);
+    cr_assert_eq(t.ndim, 1);
+    cr_assert_eq(t.shape[0], 4);
+    cr_assert_eq(t.nbytes, 32);
+    cr_assert_eq(((unsigned char *)t.data)[0], (unsigned char)(3 + 24 * 7), "bytes from offset 24");
+    cr_assert_eq(ta_entry_tensor(e, "big", &t), 0);
+    cr_assert_eq(t.shape[0], 512);
+    cr_assert_eq(t.shape[1], 1024);
+    cr_assert_eq(t.nbytes, 1048576);
+    cr_assert_eq(((unsigned char *)t.data)[1000], (unsigned char)(3 + (56 + 1000) * 7));
+    cr_assert_eq(ta_usable_size(t.data) >= t.nbytes, 1);
+    cr_assert_eq(ta_entry_tensor(e, "nope", &t), ENOENT);
+    cr_assert_eq(ta_entry_ram_bytes(e), 1048632);
+    ta_cache_stats_t s = cstats(c);
+    cr_assert_eq(s.loads, 1);
+    cr_assert_eq(s.load_bytes, 1048632);
+    cr_assert_eq(ta_cache_load_safetensors(c, "m", path, &e), EEXIST);
+    ta_entry_unlock(e);
+    ta_cache_destroy(c);
+}
+
+/* Each malformed file is refused with a precise message, and the cache is
+ * exactly as it was: "keep" would have been evicted by a load that got past
+ * the checks. */
+static void expect_refused(const char *path, const char *needle)
+{
+    ta_cache_t *c = new_cache(2 * MiB, TA_OVERFLOW_REFUSE);
+    cr_assert_eq(put(c, "keep", 2 * MiB - 100, 9), 0);
+    ta_cache_stats_t before = cstats(c);
+    ta_entry_t *e = NULL;
+    int rc = ta_cache_load_safetensors(c, "bad", path, &e);
+    cr_assert_eq(rc, TA_EFORMAT, "%s: rc %d (%s)", path, rc, ta_cache_last_error());
+    cr_assert(strstr(ta_cache_last_error(), needle), "message '%s' lacks '%s'",
+              ta_cache_last_error(), needle);
+    cr_assert_null(e);
+    ta_cache_stats_t after = cstats(c);
+    cr_assert_eq(after.in_cache, before.in_cache);
+    cr_assert_eq(after.ram_used, before.ram_used);
+    cr_assert_eq(after.cleared, before.cleared);
+    cr_assert_eq(after.loads, before.loads);
+    cr_assert(present(c, "keep"));
+    cr_assert_not(present(c, "bad"));
+    ta_cache_destroy(c);
+}
+
+Test(cache, malformed_safetensors_are_refused_and_change_nothing)
+{
+    char p[128];
+    const char *ok_tensor = "{\"w\":{\"dtype\":\"F32\",\"shape\":[4],\"data_offsets\":[0,16]}}";
+
+    snprintf(p, sizeof p, "%s/short", dir);
+    FILE *f = fopen(p, "wb");
+    fwrite("\x05\x00\x00", 1, 3, f);
+    fclose(f);
+    expect_refused(p, "shorter than the 8-byte header length");
+
+    snprintf(p, sizeof p, "%s/len", dir);
+    write_file(p, 1000000, ok_tensor, 16, 0);
+    expect_refused(p, "runs past the end of the file");
+
+    snprintf(p, sizeof p, "%s/json", dir);
+    write_st(p, "{\"w\":{\"dtype\":\"F32\",\"shape\":[4],", 16);
+    expect_refused(p, "not valid JSON");
+
+    snprintf(p, sizeof p, "%s/notobj", dir);
+    write_st(p, "[1,2,3]", 0);
+    expect_refused(p, "not an object");
+
+    snprintf(p, sizeof p, "%s/range", dir);
+    write_st(p, "{\"w\":{\"dtype\":\"F32\",\"shape\":[4],\"data_offsets\":[0,16]}}", 8);
+    expect_refused(p, "out of range");
+
+    snprintf(p, sizeof p, "%s/truncated", dir); /* data cut short: same check */
+    write_st(p, "{\"w\":{\"dtype\":\"U8\",\"shape\":[100],\"data_offsets\":[0,100]}}", 99);
+    expect_refused(p, "out of range (data section is 99 bytes)");
+
+    snprintf(p, sizeof p, "%s/overlap", dir);
+    write_st(p, "{\"a\":{\"dtype\":\"U8\",\"shape\":[10],\"data_offsets\":[0,10]},"
+                "\"b\":{\"dtype\":\"U8\",\"shape\":[10],\"data_offsets\":[5,15]}}",
+             15);
+    expect_refused(p, "overlap");
+
+    snprintf(p, sizeof p, "%s/dtype", dir);
+    write_st(p, "{\"w\":{\"dtype\":\"Q4\",\"shape\":[4],\"data_offsets\":[0,2]}}", 2);
+    expect_refused(p, "unknown dtype 'Q4'");
+
+    snprintf(p, sizeof p, "%s/shape", dir);
+    write_st(p, "{\"w\":{\"dtype\":\"F32\",\"shape\":[2,3],\"data_offsets\":[0,20]}}", 20);
+    expect_refused(p, "needs 24 bytes but data_offsets span 20");
+
+    snprintf(p, sizeof p, "%s/negshape", dir);
+    write_st(p, "{\"w\":{\"dtype\":\"F32\",\"shape\":[-1],\"data_offsets\":[0,4]}}", 4);
+    expect_refused(p, "shape[0] is not a non-negative integer");
+
+    snprintf(p, sizeof p, "%s/offs", dir);
+    write_st(p, "{\"w\":{\"dtype\":\"U8\",\"shape\":[4],\"data_offsets\":[4]}}", 8);
+    expect_refused(p, "not a pair");
+
+    snprintf(p, sizeof p, "%s/dup", dir);
+    write_st(p, "{\"w\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1]},"
+                "\"w\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[1,2]}}",
+             2);
+    expect_refused(p, "appears twice");
+}
+
+Test(cache, committed_fixtures)
+{
+    const char *data = getenv("TA_TEST_DATA");
+    cr_assert_not_null(data, "TA_TEST_DATA not set (run through meson test)");
+    char p[512];
+    ta_cache_t *c = new_cache(MiB, TA_OVERFLOW_REFUSE);
+    ta_entry_t *e;
+    snprintf(p, sizeof p, "%s/tiny.safetensors", data);
+    cr_assert_eq(ta_cache_load_safetensors(c, "tiny", p, &e), 0, "%s", ta_cache_last_error());
+    ta_tensor_t t;
+    cr_assert_eq(ta_entry_tensor(e, "weight", &t), 0);
+    cr_assert_eq(t.dtype, TA_DTYPE_F32);
+    cr_assert_eq(t.ndim, 2);
+    float expect[6] = {0, 1, 2, 3, 4, 5};
+    cr_assert_arr_eq(t.data, expect, sizeof expect);
+    cr_assert_eq(ta_entry_tensor(e, "bias", &t), 0);
+    cr_assert_eq(t.dtype, TA_DTYPE_F16);
+    ta_entry_unlock(e);
+    snprintf(p, sizeof p, "%s/bad-overlap.safetensors", data);
+    cr_assert_eq(ta_cache_load_safetensors(c, "o", p, &e), TA_EFORMAT);
+    cr_assert(strstr(ta_cache_last_error(), "overlap"), "%s", ta_cache_last_error());
+    snprintf(p, sizeof p, "%s/bad-truncated.safetensors", data);
+    cr_assert_eq(ta_cache_load_safetensors(c, "t", p, &e), TA_EFORMAT);
+    cr_assert(strstr(ta_cache_last_error(), "out of range"), "%s", ta_cache_last_error());
+    cr_assert_eq(ta_cache_load_safetensors(c, "x", "/nonexistent/file", &e), ENOENT);
+    ta_cache_destroy(c);
+}
+
+Test(cache, raw_files)
+{
+    char p[128];
+    snprintf(p, sizeof p, "%s/raw.bin", dir);
+    FILE *f = fopen(p, "wb");
+    for (int i = 0; i < 4096; i++)
+        fputc(i & 0xff, f);
+    fclose(f);
+    ta_cache_t *c = new_cache(MiB, TA_OVERFLOW_REFUSE);
+    ta_entry_t *e;
+    int64_t shape[2] = {32, 32};
+    cr_assert_eq(ta_cache_load_raw(c, "r", p, TA_DTYPE_F32, 2, shape, &e), 0);
+    ta_tensor_t t;
+    cr_assert_eq(ta_entry_tensor(e, "data", &t), 0);
+    cr_assert_eq(((unsigned char *)t.data)[4095], 0xff);
+    ta_entry_unlock(e);
+    int64_t wrong[1] = {100};
+    cr_assert_eq(ta_cache_load_raw(c, "r2", p, TA_DTYPE_F32, 1, wrong, &e), TA_EFORMAT);
+    cr_assert(strstr(ta_cache_last_error(), "file is 4096 bytes, the shape needs 400"), "%s",
+              ta_cache_last_error());
+    cr_assert_eq(cstats(c).in_cache, 1);
+    ta_cache_destroy(c);
+}
+
+Test(cache, snapshot_diff_one_metric_per_line)
+{
+    ta_memory_snapshot_t a, b;
+    ta_memory_snapshot(&a);
+    void *p = ta_malloc(64 * MiB);
+    memset(p, 1, 64 * MiB);
+    ta_memory_snapshot(&b);
+    cr_assert_geq(b.mapped - a.mapped, 64 * MiB);
+    cr_assert_gt(b.rss, a.rss);
+    char buf[1024];
+    int n = ta_memory_snapshot_diff(&a, &b, buf, sizeof buf);
+    cr_assert_gt(n, 0);
+    int lines = 0;
+    for (char *s = buf; *s; s++)
+        lines += *s == '\n';
+    cr_assert_eq(lines, 7, "%s", buf);
+    cr_assert(strstr(buf, "Process RAM"), "%s", buf);
+    cr_assert(strstr(buf, "tensoralloc mapped (large)     (+0.067)"), "%s", buf);
+    ta_free(p);
+}
+
+Test(cache, loads_log_snapshot_diffs_at_debug)
+{
+    char path[128];
+    snprintf(path, sizeof path, "%s/m.safetensors", dir);
+    write_st(path, "{\"w\":{\"dtype\":\"U8\",\"shape\":[3000000],\"data_offsets\":[0,3000000]}}",
+             3000000);
+    ta_cache_config_t cfg = {.size = sizeof cfg, .ram_budget = 8 * MiB, .log = capture_log,
+                             .log_level = TA_LOG_DEBUG};
+    ta_cache_t *c;
+    cr_assert_eq(ta_cache_create(&cfg, &c), 0);
+    logged[0] = 0;
+    ta_entry_t *e;
+    cr_assert_eq(ta_cache_load_safetensors(c, "m", path, &e), 0);
+    cr_assert(strstr(logged, "loaded 'm' from"), "%s", logged);
+    cr_assert(strstr(logged, "MB/s"), "%s", logged);
+    cr_assert(strstr(logged, "3:Process RAM"), "%s", logged);
+    cr_assert(strstr(logged, "3:VRAM"), "%s", logged);
+    ta_entry_unlock(e);
+    ta_cache_destroy(c);
+}
+
+/* ---- concurrency ----------------------------------------------------------------- */
+
+static ta_cache_t *shared;
+static char shared_dir[64];
+static atomic_int conc_errors;
+
+static void *worker(void *arg)
+{
+    uint64_t seed = (uint64_t)(uintptr_t)arg;
+    for (int i = 0; i < 400; i++) {
+        seed = seed * 6364136223846793005ULL + 1442695040888963407ULL;
+        unsigned r = (unsigned)(seed >> 33);
+        char key[16], path[128];
+        snprintf(key, sizeof key, "m%u", r % 6);
+        snprintf(path, sizeof path, "%s/m%u.safetensors", shared_dir, r % 6);
+        ta_entry_t *e;
+        int rc = ta_cache_get(shared, key, &e);
+        if (rc == ENOENT) {
+            rc = ta_cache_load_safetensors(shared, key, path, &e);
+            if (rc == EEXIST || rc == TA_ECACHEFULL)
+                continue;
+        }
+        if (rc) {
+            atomic_fetch_add(&conc_errors, 1);
+            continue;
+        }
+        ta_tensor_t t;
+        if (ta_entry_tensor(e, "w", &t) != 0 ||
+            ((unsigned char *)t.data)[t.nbytes - 1] != (unsigned char)(3 + (t.nbytes - 1) * 7))
+            atomic_fetch_add(&conc_errors, 1);
+        ta_entry_unlock(e);
+        if (r % 5 == 0)
+            ta_cache_remove(shared, key);
+    }
+    return NULL;
+}
+
+Test(cache, concurrent_gets_loads_and_evictions, .timeout = 120)
+{
+    strcpy(shared_dir, dir);
+    for (int m = 0; m < 6; m++) {
+        char path[128], hdr[200];
+        size_t n = (size_t)(m + 1) * 300 * KiB;
+        snprintf(path, sizeof path, "%s/m%d.safetensors", dir, m);
+        snprintf(hdr, sizeof hdr,
+                 "{\"w\":{\"dtype\":\"U8\",\"shape\":[%zu],\"data_offsets\":[0,%zu]}}", n, n);
+        write_st(path, hdr, n);
+    }
+    shared = new_cache(3 * MiB, TA_OVERFLOW_REFUSE);
+    pthread_t t[4];
+    for (int i = 0; i < 4; i++)
+        pthread_create(&t[i], NULL, worker, (void *)(uintptr_t)(i + 1));
+    for (int i = 0; i < 4; i++)
+        pthread_join(t[i], NULL);
+    cr_assert_eq(atomic_load(&conc_errors), 0);
+    ta_cache_stats_t s = cstats(shared);
+    cr_assert_leq(s.ram_used, 3 * MiB);
+    cr_assert_gt(s.hits + s.misses, 1000);
+    ta_cache_destroy(shared);
+}
+
+/* ---- device moves, against the CUDA test double ------------------------------ */
+
+Test(cache, device_moves_respect_the_vram_budget)
+{
+    setenv("TENSORALLOC_CUDART", getenv("FAKE_CUDART_PATH"), 1);
+    ta_cache_config_t cfg = {.size = sizeof cfg, .ram_budget = 16 * MiB,
+                             .vram_budget = 3 * MiB, .keep_ram_copy = false};
+    ta_cache_t *c;
+    cr_assert_eq(ta_cache_create(&cfg, &c), 0);
+    cr_assert_eq(put(c, "a", 2 * MiB, 0x11), 0);
+    cr_assert_eq(put(c, "b", 2 * MiB, 0x22), 0);
+    ta_entry_t *a, *b;
+    cr_assert_eq(ta_cache_get(c, "a", &a), 0);
+    cr_assert_eq(ta_entry_to_device(a), 0, "%s", ta_cache_last_error());
+    ta_cache_stats_t s = cstats(c);
+    cr_assert_eq(s.vram_used, 2 * MiB);
+    cr_assert_eq(s.ram_used, 2 * MiB, "no RAM copy kept: a's host bytes were freed");
+    ta_tensor_t t;
+    ta_entry_tensor(a, "w", &t);
+    cr_assert_null(t.data);
+    cr_assert_not_null(t.device_data);
+    /* while a is locked, b cannot get VRAM */
+    cr_assert_eq(ta_cache_get(c, "b", &b), 0);
+    cr_assert_eq(ta_entry_to_device(b), TA_ECACHEFULL);
+    ta_entry_unlock(a);
+    /* now a is unlocked and has no host copy: it is evicted whole */
+    cr_assert_eq(ta_entry_to_device(b), 0, "%s", ta_cache_last_error());
+    cr_assert_not(present(c, "a"));
+    /* and back: the host copy is made again, data intact */
+    cr_assert_eq(ta_entry_to_host(b), 0, "%s", ta_cache_last_error());
+    ta_entry_tensor(b, "w", &t);
+    cr_assert_not_null(t.data);
+    cr_assert_null(t.device_data);
+    cr_assert_eq(((unsigned char *)t.data)[2 * MiB - 1], 0x22);
+    s = cstats(c);
+    cr_assert_eq(s.vram_used, 0);
+    cr_assert_eq(s.ram_used, 2 * MiB);
+    cr_assert_eq(s.device_moves, 3);
+    ta_entry_unlock(b);
+    ta_cache_destroy(c);
+}
+
+Test(cache, device_moves_keep_ram_copy_and_evict_device_copies_lru)
+{
+    setenv("TENSORALLOC_CUDART", getenv("FAKE_CUDART_PATH"), 1);
+    ta_cache_config_t cfg = {.size = sizeof cfg, .ram_budget = 16 * MiB,
+                             .vram_budget = 4 * MiB, .keep_ram_copy = true};
+    ta_cache_t *c;
+    cr_assert_eq(ta_cache_create(&cfg, &c), 0);
+    const char *keys[] = {"a", "b", "c"};
+    for (int i = 0; i < 3; i++) {
+        cr_assert_eq(put(c, keys[i], 2 * MiB, i + 1), 0);
+        ta_entry_t *e;
+        cr_assert_eq(ta_cache_get(c, keys[i], &e), 0);
+        cr_assert_eq(ta_entry_to_device(e), 0, "%s", ta_cache_last_error());
+        ta_entry_unlock(e);
+    }
+    /* a's device copy went for c's; a itself stays (it has a host copy) */
+    ta_entry_t *a;
+    cr_assert_eq(ta_cache_get(c, "a", &a), 0);
+    cr_assert_eq(ta_entry_vram_bytes(a), 0);
+    cr_assert_eq(ta_entry_ram_bytes(a), 2 * MiB);
+    ta_entry_unlock(a);
+    ta_cache_stats_t s = cstats(c);
+    cr_assert_eq(s.vram_used, 4 * MiB);
+    cr_assert_eq(s.ram_used, 6 * MiB);
+    ta_cache_destroy(c);
+}
+
+Test(cache, device_moves_fail_cleanly_without_a_gpu)
+{
+    setenv("TENSORALLOC_CUDART", "/nonexistent/libcudart.so", 1);
+    ta_cache_config_t cfg = {.size = sizeof cfg, .ram_budget = 4 * MiB, .vram_budget = MiB};
+    ta_cache_t *c;
+    cr_assert_eq(ta_cache_create(&cfg, &c), 0);
+    cr_assert_eq(put(c, "a", MiB, 1), 0);
+    ta_entry_t *a;
+    cr_assert_eq(ta_cache_get(c, "a", &a), 0);
+    cr_assert_eq(ta_entry_to_device(a), TA_ENORUNTIME);
+    ta_tensor_t t;
+    ta_entry_tensor(a, "w", &t);
+    cr_assert_eq(((unsigned char *)t.data)[0], 1, "the entry is untouched");
+    ta_entry_unlock(a);
+    ta_cache_destroy(c);
+}
