@@ -67,7 +67,7 @@ TA_API void ta_trim(void);
  */
 TA_API struct mallinfo2 ta_mallinfo2(void);
 
-#define TA_STATS_VERSION 1
+#define TA_STATS_VERSION 2
 
 typedef struct ta_stats_s {
     size_t size;      /* set to sizeof(ta_stats_t) by the caller */
@@ -106,6 +106,10 @@ typedef struct ta_stats_s {
     uint64_t opt_retain_ms;
     uint64_t opt_thp;
     uint64_t opt_verbose;
+    /* version 2 */
+    uint64_t mappings;            /* mappings tensoralloc holds (all kinds) */
+    uint64_t os_unmap_failures;   /* failed munmaps (the range is kept, retried) */
+    uint64_t os_advise_failures;  /* failed madvise calls (absorbed) */
 } ta_stats_t;
 
 /* Fills *stats; stats->size must be set. Returns 0 or EINVAL. */

@@ -274,16 +274,35 @@ static bool thp_wanted(size_t cap, size_t fresh_bytes)
     return false;
 }
 
+/* Gives a range back to the kernel. counted: the range is a mapping the
+ * guard already counts (else a piece cut off one). A failed munmap keeps the
+ * range in the pool, where expiry and trim try again. Called without the
+ * lock held. */
+static void release_mapping(uintptr_t addr, size_t size, bool counted)
+{
+    if (_ta_os_unmap((void *)addr, size) == 0) {
+        if (counted)
+            atomic_fetch_sub_explicit(&_ta_live_mappings, 1, memory_order_relaxed);
+        recycled_add(size);
+        return;
+    }
+    _ta_lock(&large_lock);
+    bool kept = pool_count < POOL_MAX_ENTRIES;
+    if (kept) {
+        pool[pool_count++] = (pool_entry_t){addr, size, _ta_os_now_ms()};
+        pool_bytes += size;
+    }
+    _ta_unlock(&large_lock);
+    if (kept && !counted)
+        atomic_fetch_add_explicit(&_ta_live_mappings, 1, memory_order_relaxed);
+    _ta_log(false, "tensoralloc: munmap(%p, %zu) failed; %s\n", (void *)addr, size,
+            kept ? "will retry" : "range lost");
+}
+
 static void unmap_all(const unmap_t *list, size_t n)
 {
-    size_t bytes = 0;
-    for (size_t i = 0; i < n; i++) {
-        _ta_os_unmap((void *)list[i].addr, list[i].size);
-        atomic_fetch_sub_explicit(&_ta_live_mappings, 1, memory_order_relaxed);
-        bytes += list[i].size;
-    }
-    if (bytes)
-        recycled_add(bytes);
+    for (size_t i = 0; i < n; i++)
+        release_mapping(list[i].addr, list[i].size, true);
 }
 
 /* ---- the vm.max_map_count guard --------------------------------------------- */
@@ -339,15 +358,12 @@ static void *pool_fit(pool_entry_t e, size_t *capp, size_t align, bool zero)
         if (cap >= TA_HUGE_PAGE && ((uintptr_t)p & (TA_HUGE_PAGE - 1)) == 0 &&
             huge_cut < e.capacity)
             cap = huge_cut;
-        if (cap < e.capacity) {
-            _ta_os_unmap((char *)p + cap, e.capacity - cap);
-            recycled_add(e.capacity - cap);
-        }
+        if (cap < e.capacity)
+            release_mapping(e.addr + cap, e.capacity - cap, false);
         dirty = cap;
     } else if (e.capacity < cap) {
         if (_ta_os_remap_aligned(p, e.capacity, cap, align, &p) != 0) {
-            _ta_os_unmap(p, e.capacity);
-            atomic_fetch_sub_explicit(&_ta_live_mappings, 1, memory_order_relaxed);
+            release_mapping(e.addr, e.capacity, true);
             return NULL;
         }
         name_and_advise(p, cap, cap - e.capacity);
@@ -399,8 +415,7 @@ void *_ta_large_alloc(size_t size, size_t alignment, bool zero)
     }
 
     if (table_reserve() != 0) { /* on success the lock is held */
-        _ta_os_unmap(p, cap);
-        atomic_fetch_sub_explicit(&_ta_live_mappings, 1, memory_order_relaxed);
+        release_mapping((uintptr_t)p, cap, true);
         errno = ENOMEM;
         return NULL;
     }

@@ -54,13 +54,16 @@ const char *_ta_os_getenv(const char *name);
 
 /* Counters of the kernel calls made so far (relaxed reads). */
 typedef struct {
-    uint64_t map, unmap, remap, madvise, map_failures;
+    uint64_t map, unmap, remap, madvise, map_failures, unmap_failures, advise_failures;
 } _ta_os_counters_t;
 void _ta_os_counters(_ta_os_counters_t *out);
 
-/* Test hook: make the Nth map (or remap) call from now fail with ENOMEM;
- * 0 disarms. Each hook fires once. */
+/* Test hooks: make the Nth map, remap, unmap or advise call from now fail
+ * (ENOMEM; EAGAIN for advise) without calling the kernel; 0 disarms. Each
+ * fires once. */
 void _ta_os_fail_nth_map(long n);
 void _ta_os_fail_nth_remap(long n);
+void _ta_os_fail_nth_unmap(long n);
+void _ta_os_fail_nth_advise(long n);
 
 #endif

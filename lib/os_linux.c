@@ -24,7 +24,9 @@
 extern char **environ;
 
 static _Atomic uint64_t count_map, count_unmap, count_remap, count_madvise, count_map_fail;
-static _Atomic long fail_map_countdown, fail_remap_countdown;
+static _Atomic uint64_t count_unmap_fail, count_advise_fail;
+static _Atomic long fail_map_countdown, fail_remap_countdown, fail_unmap_countdown,
+    fail_advise_countdown;
 
 static void counter_bump(_Atomic uint64_t *c)
 {
@@ -52,6 +54,16 @@ void _ta_os_fail_nth_remap(long n)
     atomic_store(&fail_remap_countdown, n);
 }
 
+void _ta_os_fail_nth_unmap(long n)
+{
+    atomic_store(&fail_unmap_countdown, n);
+}
+
+void _ta_os_fail_nth_advise(long n)
+{
+    atomic_store(&fail_advise_countdown, n);
+}
+
 static int raw_map(size_t size, void **out)
 {
     if (hook_fires(&fail_map_countdown)) {
@@ -71,8 +83,15 @@ static int raw_map(size_t size, void **out)
 int _ta_os_unmap(void *addr, size_t size)
 {
     int saved = errno;
-    counter_bump(&count_unmap);
-    int rc = munmap(addr, size) == 0 ? 0 : errno;
+    int rc;
+    if (hook_fires(&fail_unmap_countdown)) {
+        rc = ENOMEM;
+    } else {
+        counter_bump(&count_unmap);
+        rc = munmap(addr, size) == 0 ? 0 : errno;
+    }
+    if (rc)
+        counter_bump(&count_unmap_fail);
     errno = saved;
     return rc;
 }
@@ -167,8 +186,15 @@ int _ta_os_remap_aligned(void *addr, size_t old_size, size_t new_size, size_t al
 static int advise(void *addr, size_t size, int advice)
 {
     int saved = errno;
-    counter_bump(&count_madvise);
-    int rc = madvise(addr, size, advice) == 0 ? 0 : errno;
+    int rc;
+    if (hook_fires(&fail_advise_countdown)) {
+        rc = EAGAIN;
+    } else {
+        counter_bump(&count_madvise);
+        rc = madvise(addr, size, advice) == 0 ? 0 : errno;
+    }
+    if (rc)
+        counter_bump(&count_advise_fail);
     errno = saved;
     return rc;
 }
@@ -317,4 +343,6 @@ void _ta_os_counters(_ta_os_counters_t *out)
     out->remap = atomic_load_explicit(&count_remap, memory_order_relaxed);
     out->madvise = atomic_load_explicit(&count_madvise, memory_order_relaxed);
     out->map_failures = atomic_load_explicit(&count_map_fail, memory_order_relaxed);
+    out->unmap_failures = atomic_load_explicit(&count_unmap_fail, memory_order_relaxed);
+    out->advise_failures = atomic_load_explicit(&count_advise_fail, memory_order_relaxed);
 }

@@ -308,13 +308,26 @@ static void segment_unlink(heap_t *h, segment_t *seg)
         seg->next->prev = seg->prev;
 }
 
+/* Unmaps an empty segment. If the kernel refuses, the segment stays as
+ * the heap's spare, to be tried again on the next trim. The links live in
+ * the segment itself: it leaves the list before its memory goes. */
 static void segment_release(heap_t *h, segment_t *seg)
 {
+    uint64_t dirty = seg->dirty_pages;
     segment_unlink(h, seg);
-    h->dirty_bytes -= (size_t)__builtin_popcountll(seg->dirty_pages) * SLAB_PAGE_SIZE;
     segmap_set((uintptr_t)seg, false);
+    if (_ta_os_unmap(seg, SEGMENT_SIZE) != 0) {
+        segmap_set((uintptr_t)seg, true);
+        seg->prev = NULL;
+        seg->next = h->segments;
+        if (h->segments)
+            h->segments->prev = seg;
+        h->segments = seg;
+        h->spare = seg;
+        return;
+    }
+    h->dirty_bytes -= (size_t)__builtin_popcountll(dirty) * SLAB_PAGE_SIZE;
     atomic_fetch_sub_explicit(&segment_bytes, SEGMENT_SIZE, memory_order_relaxed);
-    _ta_os_unmap(seg, SEGMENT_SIZE);
     atomic_fetch_sub_explicit(&_ta_live_mappings, 1, memory_order_relaxed);
 }
 
@@ -435,14 +448,15 @@ static void heap_purge(heap_t *h)
             int start = __builtin_ctzll(d);
             uint64_t rest = d >> start;
             int len = rest == ~0ULL ? 64 - start : __builtin_ctzll(~rest);
-            _ta_os_advise_dontneed((char *)seg + (size_t)start * SLAB_PAGE_SIZE,
-                                   (size_t)len * SLAB_PAGE_SIZE);
             uint64_t run = (len == 64 ? ~0ULL : ((1ULL << len) - 1)) << start;
+            if (_ta_os_advise_dontneed((char *)seg + (size_t)start * SLAB_PAGE_SIZE,
+                                       (size_t)len * SLAB_PAGE_SIZE) == 0) {
+                seg->dirty_pages &= ~run; /* a failed advice leaves them dirty */
+                h->dirty_bytes -= (size_t)len * SLAB_PAGE_SIZE;
+            }
             d &= ~run;
         }
-        seg->dirty_pages = 0;
     }
-    h->dirty_bytes = 0;
 }
 
 /* ---- blocks ------------------------------------------------------------------------ */

@@ -18,7 +18,7 @@
     X(small_committed_bytes) X(small_dirty_bytes) X(small_segment_bytes) X(small_spans)        \
     X(heaps) X(os_map_calls) X(os_unmap_calls) X(os_remap_calls) X(os_madvise_calls)           \
     X(os_map_failures) X(opt_threshold) X(opt_retain_bytes) X(opt_retain_ms) X(opt_thp)        \
-    X(opt_verbose)
+    X(opt_verbose) X(mappings) X(os_unmap_failures) X(os_advise_failures)
 
 static void stats_collect(ta_stats_t *st)
 {
@@ -34,6 +34,9 @@ static void stats_collect(ta_stats_t *st)
     st->os_remap_calls = os.remap;
     st->os_madvise_calls = os.madvise;
     st->os_map_failures = os.map_failures;
+    st->os_unmap_failures = os.unmap_failures;
+    st->os_advise_failures = os.advise_failures;
+    st->mappings = (uint64_t)atomic_load_explicit(&_ta_live_mappings, memory_order_relaxed);
     st->opt_threshold = (uint64_t)_ta_opt(TA_OPT_THRESHOLD);
     st->opt_retain_bytes = (uint64_t)_ta_opt(TA_OPT_RETAIN_BYTES);
     st->opt_retain_ms = (uint64_t)_ta_opt(TA_OPT_RETAIN_MS);

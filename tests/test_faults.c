@@ -4,6 +4,9 @@
 
 #include <criterion/criterion.h>
 #include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/resource.h>
 
 Test(faults, failed_large_map_gives_enomem_and_no_leak)
 {
@@ -119,4 +122,137 @@ Test(faults, map_limit_reports_the_override)
     cr_assert_eq(stats_now().map_limit, 1234);
     ta_option_set(TA_OPT_MAX_MAP_COUNT, 0);
     cr_assert_gt(stats_now().map_limit, 1000);
+}
+
+/* A mixed workload of both paths, reallocs across sizes and trims; every
+ * failed allocation must be NULL with ENOMEM. Returns how many failed. */
+static int mixed_workload(void)
+{
+    void *keep[48] = {0};
+    int failed = 0;
+    for (int round = 0; round < 3; round++) {
+        for (int i = 0; i < 48; i++) {
+            size_t n = (i % 3 == 0) ? (size_t)(i + 1) * 300 * KiB : (size_t)(i * 997 % 90000) + 1;
+            errno = 0;
+            void *p = ta_malloc(n);
+            if (p == NULL) {
+                cr_assert_eq(errno, ENOMEM, "malloc(%zu) failed with errno %d", n, errno);
+                failed++;
+            } else {
+                memset(p, 0x5A, n < 4096 ? n : 4096);
+            }
+            ta_free(keep[i]);
+            keep[i] = p;
+        }
+        for (int i = 0; i < 48; i += 5) {
+            if (!keep[i])
+                continue;
+            size_t grow = ta_usable_size(keep[i]) * 3 + 2 * MiB;
+            errno = 0;
+            void *q = ta_realloc(keep[i], grow);
+            if (q == NULL) {
+                cr_assert_eq(errno, ENOMEM);
+                failed++;
+            } else {
+                keep[i] = q;
+            }
+        }
+        ta_trim();
+    }
+    for (int i = 0; i < 48; i++)
+        ta_free(keep[i]);
+    return failed;
+}
+
+static void check_clean(uint64_t baseline_mappings)
+{
+    ta_trim();
+    ta_stats_t st = stats_now();
+    cr_assert_eq(st.large_live_count, 0);
+    cr_assert_eq(st.large_live_bytes, 0);
+    cr_assert_eq(st.pool_bytes, 0, "a retained or failed-unmap range was not released by trim");
+    cr_assert_eq(st.mappings, baseline_mappings, "mappings %llu, baseline %llu",
+                 (unsigned long long)st.mappings, (unsigned long long)baseline_mappings);
+}
+
+static void fault_sweep(void (*arm)(long), const char *kind)
+{
+    ta_option_set(TA_OPT_RETAIN_MS, 60000); /* pool entries live until trim */
+    mixed_workload();
+    ta_trim();
+    uint64_t baseline = stats_now().mappings;
+    int total_failed = 0;
+    for (long nth = 1; nth <= 60; nth++) {
+        arm(nth);
+        total_failed += mixed_workload();
+        arm(0);
+        check_clean(baseline);
+        void *after = ta_malloc(5 * MiB);
+        cr_assert_not_null(after, "%s fault %ld: allocation after the fault", kind, nth);
+        ta_free(after);
+    }
+    cr_log_info("%s faults: %d allocations failed cleanly", kind, total_failed);
+}
+
+Test(faults, every_map_failure_point, .timeout = 120)
+{
+    fault_sweep(_ta_os_fail_nth_map, "map");
+    cr_assert_gt(stats_now().os_map_failures, 50);
+}
+
+Test(faults, every_remap_failure_point, .timeout = 120)
+{
+    fault_sweep(_ta_os_fail_nth_remap, "remap");
+}
+
+Test(faults, every_unmap_failure_point, .timeout = 120)
+{
+    fault_sweep(_ta_os_fail_nth_unmap, "unmap");
+    cr_assert_gt(stats_now().os_unmap_failures, 50, "the sweep must hit unmaps");
+}
+
+Test(faults, every_advise_failure_point, .timeout = 120)
+{
+    ta_option_set(TA_OPT_THP, 1); /* every big mapping is advised */
+    fault_sweep(_ta_os_fail_nth_advise, "advise");
+    cr_assert_gt(stats_now().os_advise_failures, 50, "the sweep must hit advice calls");
+}
+
+/* The real thing: the kernel refuses memory under an address-space limit. */
+Test(faults, address_space_limit_gives_enomem_then_recovers, .timeout = 120)
+{
+    struct rlimit old;
+    getrlimit(RLIMIT_AS, &old);
+    FILE *f = fopen("/proc/self/status", "r");
+    char line[256];
+    size_t vm_kib = 0;
+    while (fgets(line, sizeof line, f))
+        if (strncmp(line, "VmSize:", 7) == 0)
+            vm_kib = strtoull(line + 7, NULL, 10);
+    fclose(f);
+    struct rlimit lim = {(vm_kib << 10) + 600 * MiB, old.rlim_max};
+    cr_assert_eq(setrlimit(RLIMIT_AS, &lim), 0);
+    ta_option_set(TA_OPT_RETAIN_BYTES, 0);
+    static void *big[64], *small[200000];
+    int nb = 0, ns = 0;
+    errno = 0;
+    while (nb < 64 && (big[nb] = ta_malloc(32 * MiB)) != NULL)
+        nb++;
+    cr_assert_lt(nb, 64, "the limit never bit");
+    cr_assert_eq(errno, ENOMEM);
+    errno = 0;
+    while (ns < 200000 && (small[ns] = ta_malloc(4000)) != NULL)
+        ns++;
+    cr_assert_lt(ns, 200000, "small allocations never hit the limit");
+    cr_assert_eq(errno, ENOMEM);
+    for (int i = 0; i < nb; i++)
+        ta_free(big[i]);
+    for (int i = 0; i < ns; i++)
+        ta_free(small[i]);
+    ta_trim();
+    void *again = ta_malloc(100 * MiB);
+    cr_assert_not_null(again, "allocation works again once memory was freed");
+    memset(again, 1, 100 * MiB);
+    ta_free(again);
+    setrlimit(RLIMIT_AS, &old);
 }
