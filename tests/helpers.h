@@ -8,6 +8,7 @@
 #include "tensoralloc.h"
 
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define MiB ((size_t)1 << 20)
@@ -40,6 +41,13 @@ static inline void touch_pages(void *p, size_t n)
 {
     for (size_t i = 0; i < n; i += 4096)
         ((volatile char *)p)[i] = (char)i;
+}
+
+/* Under valgrind the tool's own memory makes RSS figures meaningless. */
+static inline int under_valgrind(void)
+{
+    const char *pre = getenv("LD_PRELOAD");
+    return pre && strstr(pre, "vgpreload") != NULL;
 }
 
 static inline ta_stats_t stats_now(void)

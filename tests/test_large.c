@@ -5,6 +5,8 @@
 #include "helpers.h"
 
 #include <criterion/criterion.h>
+#include <errno.h>
+#include <sys/mman.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <unistd.h>
@@ -35,14 +37,25 @@ static int smaps_entry(const void *p, char *buf, size_t cap)
     return found;
 }
 
+/* The block is its mapping: page aligned, as long as its usable size, and
+ * freeing it (with no pool) unmaps exactly that range. */
 Test(large, block_starts_at_its_own_mapping)
 {
-    void *a = ta_malloc(3 * MiB), *b = ta_malloc(300 * KiB);
-    char buf[8192];
-    cr_assert(smaps_entry(a, buf, sizeof buf), "no mapping starts at %p", a);
-    cr_assert(smaps_entry(b, buf, sizeof buf), "no mapping starts at %p", b);
-    ta_free(a);
-    ta_free(b);
+    ta_option_set(TA_OPT_RETAIN_BYTES, 0);
+    size_t sizes[] = {300 * KiB, 3 * MiB + 5};
+    for (int i = 0; i < 2; i++) {
+        unsigned char *p = ta_malloc(sizes[i]);
+        size_t cap = ta_usable_size(p);
+        cr_assert_eq((uintptr_t)p % 4096, 0, "no header in front of the block");
+        cr_assert_eq(cap, (sizes[i] + 4095) / 4096 * 4096);
+        unsigned char vec[1024];
+        touch_pages(p, cap);
+        cr_assert_eq(mincore(p, cap, vec), 0, "the block's range is mapped");
+        ta_free(p);
+        errno = 0;
+        cr_assert_eq(mincore(p, cap, vec), -1, "the whole range was unmapped");
+        cr_assert_eq(errno, ENOMEM);
+    }
 }
 
 Test(large, huge_blocks_are_advised_hugepage)

@@ -150,7 +150,8 @@ Test(threads, pattern_stress_with_handoffs, .timeout = 120)
     cr_assert_eq(st.large_live_count, 0);
     cr_assert_lt(st.small_live_bytes, 256 * KiB, "small live %llu after all frees",
                  (unsigned long long)st.small_live_bytes);
-    cr_assert_lt(rss_bytes(), start + 16 * MiB);
+    if (!under_valgrind())
+        cr_assert_lt(rss_bytes(), start + 16 * MiB);
 }
 
 static void *short_lived(void *arg)
