@@ -99,7 +99,7 @@ int _ta_os_unmap(void *addr, size_t size)
 int _ta_os_map(size_t size, size_t align, void **out)
 {
     int saved = errno;
-    void *p;
+    void *p = NULL;
     int rc = raw_map(size, &p);
     if (rc == 0 && ((uintptr_t)p & (align - 1)) != 0) {
         /* Linux >= 6.7 aligns big anonymous mappings to 2 MiB itself; when

@@ -136,7 +136,26 @@ static void start(void)
         return;
     }
     strcpy(path_buf, path);
-    fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    /* The first process takes FILE; programs it executes inherit the
+     * variable and write FILE.<pid> instead of overwriting it. */
+    fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (fd < 0 && errno == EEXIST) {
+        /* Ours already if this process wrote it before an exec. */
+        unsigned char h[TA_TRACE_HEADER_BYTES];
+        int r = open(path, O_RDONLY | O_CLOEXEC);
+        uint32_t owner = 0;
+        if (r >= 0 && read(r, h, sizeof h) == (ssize_t)sizeof h)
+            memcpy(&owner, h + 24, 4);
+        if (r >= 0)
+            close(r);
+        if (owner == (uint32_t)getpid()) {
+            fd = open(path, O_WRONLY | O_TRUNC | O_CLOEXEC);
+        } else {
+            char alt[4200];
+            snprintf(alt, sizeof alt, "%s.%d", path, (int)getpid());
+            fd = open(alt, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+        }
+    }
     if (fd < 0) {
         atomic_store(&state, 3);
         return;

@@ -465,10 +465,19 @@ static int replay(const trace_t *t)
     size_t calls = 0;
     for (size_t i = 0; i < t->count; i++)
         calls += t->ev[i].kind != TA_EV_RSS;
+    /* the replay's own bookkeeping goes before the end figures */
+    for (uint32_t k = 0; k < t->threads; k++)
+        munmap(lanes[k].idx, (lanes[k].n ? lanes[k].n : 1) * sizeof(size_t));
+    munmap(lanes, t->threads * sizeof *lanes);
+    munmap(blocks, (t->max_id + 1) * sizeof *blocks);
+    munmap(t->ev, (t->count ? t->count : 1) * sizeof *t->ev);
+    size_t rss_end = status_bytes("VmRSS");
+    sleep(1);
     printf("workload=replay\nwall_s=%.4f\ncalls=%zu\nthreads=%u\npeak_rss_mib=%.1f\n"
-           "rss_start_mib=%.1f\nrss_end_mib=%.1f\n",
+           "rss_start_mib=%.1f\nrss_end_mib=%.1f\nrss_1s_mib=%.1f\n",
            wall, calls, t->threads, (double)status_bytes("VmHWM") / 1048576,
-           (double)rss0 / 1048576, (double)status_bytes("VmRSS") / 1048576);
+           (double)rss0 / 1048576, (double)rss_end / 1048576,
+           (double)status_bytes("VmRSS") / 1048576);
     return 0;
 }
 

@@ -9,7 +9,7 @@ trap 'rm -rf "$work"' EXIT
 n=0 fail=0
 ok() { n=$((n + 1)); echo "ok $n - $1"; }
 bad() { n=$((n + 1)); echo "not ok $n - $1"; fail=1; }
-echo "1..9"
+echo "1..10"
 
 sh "$trace" record -o "$work/t.tat" -- "$prog" >/dev/null || bad "record ran"
 sh "$trace" info "$work/t.tat" --dump >"$work/dump" || bad "info --dump"
