@@ -605,110 +605,104 @@ static int copy_direct(void *dst, const void *src, size_t size, TA_CU_KIND kind)
     return e == TA_CU_SUCCESS ? 0 : cuda_fail(e);
 }
 
-int ta_cuda_copy_to_device(ta_pinned_pool_t *pool, void *dev_dst, const void *host_src,
-                           size_t size)
+/* Host to device through the staging buffers: chunk i goes through buffer
+ * i%2, and before a buffer is refilled the DMA that last read it must be
+ * done. */
+static int pump_to_device(staging_t *st, void *dev_dst, const void *host_src, size_t size)
+{
+    for (size_t off = 0, i = 0; off < size; i++) {
+        int k = (int)(i & 1);
+        size_t len = size - off < st->chunk ? size - off : st->chunk;
+        ta_cuerr_t e = TA_CU_SUCCESS;
+        if (i >= 2)
+            e = rt.cudaEventSynchronize(st->event[k]);
+        if (e == TA_CU_SUCCESS) {
+            memcpy(st->buf[k], (const char *)host_src + off, len);
+            e = rt.cudaMemcpyAsync((char *)dev_dst + off, st->buf[k], len, TA_CU_H2D,
+                                   st->stream[k]);
+        }
+        if (e == TA_CU_SUCCESS)
+            e = rt.cudaEventRecord(st->event[k], st->stream[k]);
+        if (e != TA_CU_SUCCESS)
+            return cuda_fail(e);
+        off += len;
+    }
+    for (int k = 0; k < 2; k++) {
+        ta_cuerr_t e = rt.cudaStreamSynchronize(st->stream[k]);
+        if (e != TA_CU_SUCCESS)
+            return cuda_fail(e);
+    }
+    return 0;
+}
+
+/* Device to host: the DMA of chunk i+1 runs while the CPU copies chunk i
+ * out of its buffer. */
+static int issue_to_host(staging_t *st, const void *dev_src, size_t size, size_t i)
+{
+    size_t off = i * st->chunk, len = size - off < st->chunk ? size - off : st->chunk;
+    int k = (int)(i & 1);
+    ta_cuerr_t e = rt.cudaMemcpyAsync(st->buf[k], (const char *)dev_src + off, len, TA_CU_D2H,
+                                      st->stream[k]);
+    if (e == TA_CU_SUCCESS)
+        e = rt.cudaEventRecord(st->event[k], st->stream[k]);
+    return e == TA_CU_SUCCESS ? 0 : cuda_fail(e);
+}
+
+static int pump_to_host(staging_t *st, void *host_dst, const void *dev_src, size_t size)
+{
+    size_t chunks = (size + st->chunk - 1) / st->chunk;
+    int rc = issue_to_host(st, dev_src, size, 0);
+    for (size_t i = 0; rc == 0 && i < chunks; i++) {
+        if (i + 1 < chunks && (rc = issue_to_host(st, dev_src, size, i + 1)) != 0)
+            break;
+        ta_cuerr_t e = rt.cudaEventSynchronize(st->event[i & 1]);
+        if (e != TA_CU_SUCCESS)
+            return cuda_fail(e);
+        size_t off = i * st->chunk, len = size - off < st->chunk ? size - off : st->chunk;
+        memcpy((char *)host_dst + off, st->buf[i & 1], len);
+    }
+    return rc;
+}
+
+/* Both directions: checks, the direct path for pinned host memory, else
+ * the staging buffers; statistics. */
+static int copy(ta_pinned_pool_t *pool, void *dst, const void *src, size_t size, bool to_device)
 {
     int rc = ensure();
     if (rc)
         return rc;
     if (size == 0)
         return 0;
-    if (dev_dst == NULL || host_src == NULL)
+    if (dst == NULL || src == NULL)
         return EINVAL;
+    const void *host = to_device ? src : dst;
     double t0 = now_s();
-    if (pinned_covers(host_src, size)) {
-        rc = copy_direct(dev_dst, host_src, size, TA_CU_H2D);
+    if (pinned_covers(host, size)) {
+        rc = copy_direct(dst, src, size, to_device ? TA_CU_H2D : TA_CU_D2H);
         if (rc == 0)
-            stats_copied(true, size, now_s() - t0, true);
+            stats_copied(to_device, size, now_s() - t0, true);
         return rc;
     }
     if (pool == NULL)
         return EINVAL;
     staging_t st;
     rc = staging_open(pool, size, &st);
-    /* Chunk i goes through buffer i%2: before refilling a buffer, wait for
-     * the DMA that last read it. */
-    for (size_t off = 0, i = 0; rc == 0 && off < size; i++) {
-        int k = (int)(i & 1);
-        size_t len = size - off < st.chunk ? size - off : st.chunk;
-        ta_cuerr_t e = TA_CU_SUCCESS;
-        if (i >= 2)
-            e = rt.cudaEventSynchronize(st.event[k]);
-        if (e == TA_CU_SUCCESS) {
-            memcpy(st.buf[k], (const char *)host_src + off, len);
-            e = rt.cudaMemcpyAsync((char *)dev_dst + off, st.buf[k], len, TA_CU_H2D,
-                                   st.stream[k]);
-        }
-        if (e == TA_CU_SUCCESS)
-            e = rt.cudaEventRecord(st.event[k], st.stream[k]);
-        if (e != TA_CU_SUCCESS)
-            rc = cuda_fail(e);
-        off += len;
-    }
-    for (int k = 0; rc == 0 && k < 2; k++) {
-        ta_cuerr_t e = rt.cudaStreamSynchronize(st.stream[k]);
-        if (e != TA_CU_SUCCESS)
-            rc = cuda_fail(e);
-    }
+    if (rc == 0)
+        rc = to_device ? pump_to_device(&st, dst, src, size) : pump_to_host(&st, dst, src, size);
     staging_close(pool, &st);
     if (rc == 0)
-        stats_copied(true, size, now_s() - t0, false);
+        stats_copied(to_device, size, now_s() - t0, false);
     return rc;
+}
+
+int ta_cuda_copy_to_device(ta_pinned_pool_t *pool, void *dev_dst, const void *host_src,
+                           size_t size)
+{
+    return copy(pool, dev_dst, host_src, size, true);
 }
 
 int ta_cuda_copy_to_host(ta_pinned_pool_t *pool, void *host_dst, const void *dev_src,
                          size_t size)
 {
-    int rc = ensure();
-    if (rc)
-        return rc;
-    if (size == 0)
-        return 0;
-    if (dev_src == NULL || host_dst == NULL)
-        return EINVAL;
-    double t0 = now_s();
-    if (pinned_covers(host_dst, size)) {
-        rc = copy_direct(host_dst, dev_src, size, TA_CU_D2H);
-        if (rc == 0)
-            stats_copied(false, size, now_s() - t0, true);
-        return rc;
-    }
-    if (pool == NULL)
-        return EINVAL;
-    staging_t st;
-    rc = staging_open(pool, size, &st);
-    size_t chunks = rc == 0 ? (size + st.chunk - 1) / st.chunk : 0;
-    /* DMA of chunk i+1 runs while the CPU copies chunk i out. */
-#define ISSUE(i)                                                                                \
-    do {                                                                                        \
-        size_t o_ = (i) * st.chunk, l_ = size - o_ < st.chunk ? size - o_ : st.chunk;           \
-        int k_ = (int)((i) & 1);                                                                \
-        ta_cuerr_t e_ = rt.cudaMemcpyAsync(st.buf[k_], (const char *)dev_src + o_, l_,          \
-                                           TA_CU_D2H, st.stream[k_]);                           \
-        if (e_ == TA_CU_SUCCESS)                                                                \
-            e_ = rt.cudaEventRecord(st.event[k_], st.stream[k_]);                               \
-        if (e_ != TA_CU_SUCCESS)                                                                \
-            rc = cuda_fail(e_);                                                                 \
-    } while (0)
-    if (rc == 0)
-        ISSUE(0);
-    for (size_t i = 0; rc == 0 && i < chunks; i++) {
-        if (i + 1 < chunks)
-            ISSUE(i + 1);
-        if (rc)
-            break;
-        int k = (int)(i & 1);
-        ta_cuerr_t e = rt.cudaEventSynchronize(st.event[k]);
-        if (e != TA_CU_SUCCESS) {
-            rc = cuda_fail(e);
-            break;
-        }
-        size_t off = i * st.chunk, len = size - off < st.chunk ? size - off : st.chunk;
-        memcpy((char *)host_dst + off, st.buf[k], len);
-    }
-#undef ISSUE
-    staging_close(pool, &st);
-    if (rc == 0)
-        stats_copied(false, size, now_s() - t0, false);
-    return rc;
+    return copy(pool, host_dst, dev_src, size, false);
 }

@@ -152,6 +152,24 @@ int _ta_large_pin_mark(const void *p, bool pin, uintptr_t *base, size_t *capacit
     return rc;
 }
 
+/* Finds the block at p (lock held) and, if it is pinned, unpins it first:
+ * its pages are about to be unmapped, pooled or moved. The hook runs with
+ * the lock released; the block cannot go meanwhile (only its owner frees
+ * or resizes it). */
+static region_t *find_unpinned_locked(uintptr_t p)
+{
+    region_t *r = table_find(p);
+    if (r && TA_UNLIKELY(r->pinned)) {
+        r->pinned = false;
+        region_t pinned = *r;
+        _ta_unlock(&large_lock);
+        unpin_hook(pinned.addr, pinned.capacity);
+        _ta_lock(&large_lock);
+        r = table_find(p);
+    }
+    return r;
+}
+
 /* ---- statistics (guarded by large_lock) ----------------------------------- */
 
 static struct {
@@ -465,18 +483,10 @@ int _ta_large_free(void *p)
     uint64_t max_age = (uint64_t)_ta_opt(TA_OPT_RETAIN_MS);
 
     _ta_lock(&large_lock);
-    region_t *r = table_find((uintptr_t)p);
+    region_t *r = find_unpinned_locked((uintptr_t)p);
     if (r == NULL) {
         _ta_unlock(&large_lock);
         return TA_LARGE_NOT_MINE;
-    }
-    if (TA_UNLIKELY(r->pinned)) { /* unregister before the pages go away */
-        r->pinned = false;
-        region_t pinned = *r;
-        _ta_unlock(&large_lock);
-        unpin_hook(pinned.addr, pinned.capacity);
-        _ta_lock(&large_lock);
-        r = table_find((uintptr_t)p);
     }
     region_t gone = *r;
     table_remove(r);
@@ -534,18 +544,10 @@ void *_ta_large_realloc(void *p, size_t size)
     }
     size_t cap = _ta_align_up(size, page);
     _ta_lock(&large_lock);
-    region_t *r = table_find((uintptr_t)p);
+    region_t *r = find_unpinned_locked((uintptr_t)p);
     if (r == NULL) {
         _ta_unlock(&large_lock);
         return NULL;
-    }
-    if (TA_UNLIKELY(r->pinned)) { /* moving pages must not stay registered */
-        r->pinned = false;
-        region_t pinned = *r;
-        _ta_unlock(&large_lock);
-        unpin_hook(pinned.addr, pinned.capacity);
-        _ta_lock(&large_lock);
-        r = table_find((uintptr_t)p);
     }
     region_t old = *r;
     if (cap == old.capacity) { /* same pages: only the accounting changes */
