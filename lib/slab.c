@@ -709,22 +709,13 @@ void _ta_small_fork_parent(void)
     _ta_unlock(&heaps_lock);
 }
 
-/* In the child only the forking thread lives on: every other heap is
- * orphaned, so hand them to the abandoned list for adoption. */
+/* In the child only the forking thread lives on. The other threads' heaps
+ * may have been in the middle of an update when fork happened (they take
+ * no lock), so the child never adopts them: they stay orphaned, and blocks
+ * the child frees into them are not reused. A leak bounded by what those
+ * threads held, instead of a corrupted heap. */
 void _ta_small_fork_child(void)
 {
-    for (heap_t *h = all_heaps; h; h = h->next_all) {
-        if (h == tls_heap)
-            continue;
-        bool listed = false;
-        for (heap_t *a = abandoned; a; a = a->next_abandoned)
-            listed |= a == h;
-        if (!listed) {
-            atomic_store_explicit(&h->abandoned, true, memory_order_relaxed);
-            h->next_abandoned = abandoned;
-            abandoned = h;
-        }
-    }
     _ta_unlock(&heaps_lock);
 }
 
