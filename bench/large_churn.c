@@ -51,7 +51,6 @@ int main(int argc, char **argv)
     report_num("minor_faults", (double)faults);
     report_num("faults_per_gib", (double)faults / ((double)filled / (1 << 30)));
     report_num("peak_rss_mib", (double)hwm / MiB);
-    report_num("rss_1s_above_start_mib",
-               ((double)status_bytes("VmRSS") - (double)rss_start) / MiB);
+    report_num("rss_1s_above_start_mib", ((double)status_bytes("VmRSS") - (double)rss_start) / MiB);
     return 0;
 }

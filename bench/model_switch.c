@@ -20,10 +20,10 @@
 
 typedef struct {
     size_t count;
-    size_t *sizes;      /* per tensor */
-    void **tensors;     /* NULL when not loaded */
-    void **meta;        /* a small object per tensor, freed with the model */
-    size_t bytes;       /* sum of sizes */
+    size_t *sizes;  /* per tensor */
+    void **tensors; /* NULL when not loaded */
+    void **meta;    /* a small object per tensor, freed with the model */
+    size_t bytes;   /* sum of sizes */
     atomic_size_t meta_bytes;
     uint64_t last_used; /* LRU clock */
     int loaded;
@@ -182,10 +182,13 @@ static void usage(void)
 
 int main(int argc, char **argv)
 {
-    static const struct option opts[] = {
-        {"models", 1, 0, 'm'},  {"switches", 1, 0, 's'}, {"budget-mib", 1, 0, 'b'},
-        {"threads", 1, 0, 't'}, {"scale", 1, 0, 'c'},    {"seed", 1, 0, 'r'},
-        {0, 0, 0, 0}};
+    static const struct option opts[] = {{"models", 1, 0, 'm'},
+                                         {"switches", 1, 0, 's'},
+                                         {"budget-mib", 1, 0, 'b'},
+                                         {"threads", 1, 0, 't'},
+                                         {"scale", 1, 0, 'c'},
+                                         {"seed", 1, 0, 'r'},
+                                         {0, 0, 0, 0}};
     int c;
     while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
         switch (c) {

@@ -92,10 +92,10 @@ static void check(const block_t *b)
 static size_t scale(uint16_t v)
 {
     switch (v >> 14) {
-    case 0: return v & 0xff;                      /* tiny, zero included */
-    case 1: return (size_t)(v & 0x3fff) * 4;      /* up to 64 KiB */
-    case 2: return (size_t)(v & 0x3fff) * 64;     /* up to 1 MiB */
-    default: return (size_t)(v & 0x3fff) * 512;   /* up to 8 MiB */
+    case 0: return v & 0xff;                    /* tiny, zero included */
+    case 1: return (size_t)(v & 0x3fff) * 4;    /* up to 64 KiB */
+    case 2: return (size_t)(v & 0x3fff) * 64;   /* up to 1 MiB */
+    default: return (size_t)(v & 0x3fff) * 512; /* up to 8 MiB */
     }
 }
 

@@ -39,8 +39,7 @@ TA_API void *ta_realloc(void *ptr, size_t size) __attribute__((warn_unused_resul
 TA_ATTR_ALLOC_SIZE(2);
 TA_API void ta_free(void *ptr);
 /* Any power-of-two alignment; size need not be a multiple of it (glibc). */
-TA_API void *ta_aligned_alloc(size_t alignment, size_t size) TA_ATTR_MALLOC
-    TA_ATTR_ALLOC_SIZE(2);
+TA_API void *ta_aligned_alloc(size_t alignment, size_t size) TA_ATTR_MALLOC TA_ATTR_ALLOC_SIZE(2);
 /* Returns 0, EINVAL (alignment not a power of two multiple of sizeof(void*))
  * or ENOMEM; errno is left untouched, as POSIX says. */
 TA_API int ta_posix_memalign(void **out, size_t alignment, size_t size);
@@ -74,16 +73,16 @@ typedef struct ta_stats_s {
     uint32_t version; /* filled with TA_STATS_VERSION */
     uint32_t reserved;
     /* large path */
-    uint64_t large_live_bytes;   /* requested bytes of live large blocks */
+    uint64_t large_live_bytes; /* requested bytes of live large blocks */
     uint64_t large_peak_bytes;
     uint64_t large_live_count;   /* live large blocks = live mappings */
     uint64_t large_mapped_bytes; /* bytes of live mappings, pool excluded */
     uint64_t large_alloc_count;  /* large allocations served so far */
     uint64_t pool_bytes;         /* bytes retained for reuse */
     uint64_t pool_entries;
-    uint64_t pool_hits;   /* large allocations served from the pool */
-    uint64_t pool_misses; /* large allocations that needed a fresh mapping */
-    uint64_t pool_expired; /* pool entries unmapped after RETAIN_MS */
+    uint64_t pool_hits;        /* large allocations served from the pool */
+    uint64_t pool_misses;      /* large allocations that needed a fresh mapping */
+    uint64_t pool_expired;     /* pool entries unmapped after RETAIN_MS */
     uint64_t maxmap_fallbacks; /* large requests sent to slabs near the limit */
     uint64_t map_limit;        /* the vm.max_map_count in force */
     /* small path */
@@ -107,9 +106,9 @@ typedef struct ta_stats_s {
     uint64_t opt_thp;
     uint64_t opt_verbose;
     /* version 2 */
-    uint64_t mappings;            /* mappings tensoralloc holds (all kinds) */
-    uint64_t os_unmap_failures;   /* failed munmaps (the range is kept, retried) */
-    uint64_t os_advise_failures;  /* failed madvise calls (absorbed) */
+    uint64_t mappings;           /* mappings tensoralloc holds (all kinds) */
+    uint64_t os_unmap_failures;  /* failed munmaps (the range is kept, retried) */
+    uint64_t os_advise_failures; /* failed madvise calls (absorbed) */
 } ta_stats_t;
 
 /* Fills *stats; stats->size must be set. Returns 0 or EINVAL. */

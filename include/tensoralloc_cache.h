@@ -22,9 +22,22 @@ extern "C" {
 #endif
 
 typedef enum {
-    TA_DTYPE_BOOL, TA_DTYPE_U8, TA_DTYPE_I8, TA_DTYPE_U16, TA_DTYPE_I16, TA_DTYPE_F16,
-    TA_DTYPE_BF16, TA_DTYPE_U32, TA_DTYPE_I32, TA_DTYPE_F32, TA_DTYPE_U64, TA_DTYPE_I64,
-    TA_DTYPE_F64, TA_DTYPE_F8_E4M3, TA_DTYPE_F8_E5M2, TA_DTYPE_COUNT_
+    TA_DTYPE_BOOL,
+    TA_DTYPE_U8,
+    TA_DTYPE_I8,
+    TA_DTYPE_U16,
+    TA_DTYPE_I16,
+    TA_DTYPE_F16,
+    TA_DTYPE_BF16,
+    TA_DTYPE_U32,
+    TA_DTYPE_I32,
+    TA_DTYPE_F32,
+    TA_DTYPE_U64,
+    TA_DTYPE_I64,
+    TA_DTYPE_F64,
+    TA_DTYPE_F8_E4M3,
+    TA_DTYPE_F8_E5M2,
+    TA_DTYPE_COUNT_
 } ta_dtype_t;
 
 /* Bytes per element (0 for an unknown dtype) and the safetensors name. */
@@ -61,9 +74,9 @@ typedef struct {
     size_t device_working_mem; /* device bytes to leave free for computation */
     bool keep_ram_copy;        /* keep host copies of entries on the device */
     ta_overflow_t overflow;
-    ta_log_fn log;             /* NULL: no logging */
+    ta_log_fn log; /* NULL: no logging */
     void *log_arg;
-    ta_log_level_t log_level;  /* messages up to this level are passed on */
+    ta_log_level_t log_level; /* messages up to this level are passed on */
 } ta_cache_config_t;
 
 typedef struct ta_cache ta_cache_t;
@@ -89,8 +102,8 @@ TA_API int ta_cache_load_safetensors(ta_cache_t *cache, const char *key, const c
                                      ta_entry_t **out);
 /* Loads a raw file as one tensor named "data"; its size must match the
  * dtype and shape. */
-TA_API int ta_cache_load_raw(ta_cache_t *cache, const char *key, const char *path,
-                             ta_dtype_t dtype, int ndim, const int64_t *shape, ta_entry_t **out);
+TA_API int ta_cache_load_raw(ta_cache_t *cache, const char *key, const char *path, ta_dtype_t dtype,
+                             int ndim, const int64_t *shape, ta_entry_t **out);
 /* Creates an empty entry, locked, to fill with ta_entry_add_tensor. */
 TA_API int ta_cache_create_entry(ta_cache_t *cache, const char *key, ta_entry_t **out);
 /* Allocates a tensor in a locked entry, charged to the RAM budget (making

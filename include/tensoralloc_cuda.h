@@ -73,9 +73,9 @@ typedef struct {
     uint32_t reserved;
     uint64_t registered_bytes; /* now */
     uint64_t registered_peak;
-    uint64_t registrations;   /* cudaHostRegister calls that succeeded */
+    uint64_t registrations; /* cudaHostRegister calls that succeeded */
     uint64_t unregistrations;
-    double register_seconds;  /* total time in cudaHostRegister */
+    double register_seconds; /* total time in cudaHostRegister */
     uint64_t h2d_bytes, d2h_bytes;
     double h2d_seconds, d2h_seconds; /* wall time of the copy calls */
     uint64_t staged_copies, direct_copies;

@@ -125,25 +125,29 @@ void ta_memory_snapshot(ta_memory_snapshot_t *out)
         out->vram = total - fr;
 }
 
-int ta_memory_snapshot_diff(const ta_memory_snapshot_t *a, const ta_memory_snapshot_t *b,
-                            char *buf, size_t len)
+int ta_memory_snapshot_diff(const ta_memory_snapshot_t *a, const ta_memory_snapshot_t *b, char *buf,
+                            size_t len)
 {
-    static const char *const names[] = {"Process RAM",     "tensoralloc mapped (large)",
-                                        "small path used", "small path free",
-                                        "total allocated", "total used",
+    static const char *const names[] = {"Process RAM",
+                                        "tensoralloc mapped (large)",
+                                        "small path used",
+                                        "small path free",
+                                        "total allocated",
+                                        "total used",
                                         "VRAM"};
-    const uint64_t va[] = {a->rss,        a->mapped,          a->small_used, a->small_free,
-                           a->total_allocated, a->total_used, a->vram};
-    const uint64_t vb[] = {b->rss,        b->mapped,          b->small_used, b->small_free,
-                           b->total_allocated, b->total_used, b->vram};
+    const uint64_t va[] = {a->rss,        a->mapped,          a->small_used,
+                           a->small_free, a->total_allocated, a->total_used,
+                           a->vram};
+    const uint64_t vb[] = {b->rss,        b->mapped,          b->small_used,
+                           b->small_free, b->total_allocated, b->total_used,
+                           b->vram};
     const double GB = 1e9;
     int total = 0;
     for (int i = 0; i < 7; i++) {
-        int n = snprintf(len > (size_t)total ? buf + total : NULL,
-                         len > (size_t)total ? len - (size_t)total : 0,
-                         "%-30s (%+.3f): %.3fGB -> %.3fGB\n", names[i],
-                         ((double)vb[i] - (double)va[i]) / GB, (double)va[i] / GB,
-                         (double)vb[i] / GB);
+        int n = snprintf(
+            len > (size_t)total ? buf + total : NULL, len > (size_t)total ? len - (size_t)total : 0,
+            "%-30s (%+.3f): %.3fGB -> %.3fGB\n", names[i], ((double)vb[i] - (double)va[i]) / GB,
+            (double)va[i] / GB, (double)vb[i] / GB);
         if (n < 0)
             return n;
         total += n;
@@ -300,8 +304,8 @@ static int make_room_ram(ta_cache_t *c, size_t need, victims_t *v)
 static int reserve_ram(ta_cache_t *c, size_t need, victims_t *v, const char *what)
 {
     if (need > c->cfg.ram_budget && c->cfg.overflow == TA_OVERFLOW_REFUSE)
-        return fail(TA_EBUDGET, "%s needs %zu bytes, more than the RAM budget of %zu", what,
-                    need, c->cfg.ram_budget);
+        return fail(TA_EBUDGET, "%s needs %zu bytes, more than the RAM budget of %zu", what, need,
+                    c->cfg.ram_budget);
     int rc = make_room_ram(c, need, v);
     if (rc == TA_ECACHEFULL) {
         if (c->cfg.overflow == TA_OVERFLOW_REFUSE)
@@ -494,8 +498,7 @@ static int read_fully(int fd, void *dst, size_t n, uint64_t off, const char *pat
 
 /* ---- loading ------------------------------------------------------------------------ */
 
-int ta_cache_load_safetensors(ta_cache_t *c, const char *key, const char *path,
-                              ta_entry_t **out)
+int ta_cache_load_safetensors(ta_cache_t *c, const char *key, const char *path, ta_entry_t **out)
 {
     if (!c || !key || !path || !out)
         return fail(EINVAL, "NULL argument");
@@ -551,8 +554,8 @@ int ta_cache_load_safetensors(ta_cache_t *c, const char *key, const char *path,
     return 0;
 }
 
-int ta_cache_load_raw(ta_cache_t *c, const char *key, const char *path, ta_dtype_t dtype,
-                      int ndim, const int64_t *shape, ta_entry_t **out)
+int ta_cache_load_raw(ta_cache_t *c, const char *key, const char *path, ta_dtype_t dtype, int ndim,
+                      const int64_t *shape, ta_entry_t **out)
 {
     if (!c || !key || !path || !out)
         return fail(EINVAL, "NULL argument");
@@ -840,8 +843,8 @@ int ta_entry_to_device(ta_entry_t *e)
     if ((rc = ta_cuda_mem_info(&dev_free, &dev_total)) != 0)
         rc = fail(rc, "cudaMemGetInfo: %s", ta_strerror(rc));
     else if (dev_free < need + c->cfg.device_working_mem)
-        rc = fail(ENOMEM, "the device has %zu bytes free; '%s' needs %zu plus %zu working", dev_free,
-                  e->key, need, c->cfg.device_working_mem);
+        rc = fail(ENOMEM, "the device has %zu bytes free; '%s' needs %zu plus %zu working",
+                  dev_free, e->key, need, c->cfg.device_working_mem);
     double t0 = now_s();
     for (size_t i = 0; i < e->count && rc == 0; i++) {
         tensor_t *t = &e->tensors[i];
@@ -877,8 +880,8 @@ int ta_entry_to_device(ta_entry_t *e)
     pthread_mutex_lock(&c->mu);
     c->st.device_moves++;
     pthread_mutex_unlock(&c->mu);
-    cache_log(c, TA_LOG_INFO, "moved '%s' to device %d in %.2f s (%.3f GB)", e->key,
-              c->cfg.device, now_s() - t0, (double)need / 1e9);
+    cache_log(c, TA_LOG_INFO, "moved '%s' to device %d in %.2f s (%.3f GB)", e->key, c->cfg.device,
+              now_s() - t0, (double)need / 1e9);
     log_snapshot_diff(c, &before);
     return 0;
 }

@@ -73,13 +73,13 @@ static int rt_load_locked(void)
         last_message = "libcudart could not be loaded";
         return TA_ENORUNTIME;
     }
-#define X(name, ret, params)                                                                    \
-    *(void **)&rt.name = dlsym(rt.handle, #name);                                               \
-    if (rt.name == NULL) {                                                                      \
-        last_message = "libcudart lacks " #name;                                                \
-        dlclose(rt.handle);                                                                     \
-        memset(&rt, 0, sizeof rt);                                                              \
-        return TA_ENORUNTIME;                                                                   \
+#define X(name, ret, params)                                                                       \
+    *(void **)&rt.name = dlsym(rt.handle, #name);                                                  \
+    if (rt.name == NULL) {                                                                         \
+        last_message = "libcudart lacks " #name;                                                   \
+        dlclose(rt.handle);                                                                        \
+        memset(&rt, 0, sizeof rt);                                                                 \
+        return TA_ENORUNTIME;                                                                      \
     }
     TA_CUDART_FUNCS(X)
 #undef X
@@ -564,14 +564,14 @@ static int staging_open(ta_pinned_pool_t *pool, size_t size, staging_t *st)
         return TA_EBUDGET;
     st->chunk = chunk;
     for (; st->streams < 2; st->streams++) {
-        ta_cuerr_t e = rt.cudaStreamCreateWithFlags(&st->stream[st->streams],
-                                                    TA_CU_STREAM_NONBLOCKING);
+        ta_cuerr_t e =
+            rt.cudaStreamCreateWithFlags(&st->stream[st->streams], TA_CU_STREAM_NONBLOCKING);
         if (e != TA_CU_SUCCESS)
             return cuda_fail(e);
     }
     for (; st->events < 2; st->events++) {
-        ta_cuerr_t e = rt.cudaEventCreateWithFlags(&st->event[st->events],
-                                                   TA_CU_EVENT_DISABLE_TIMING);
+        ta_cuerr_t e =
+            rt.cudaEventCreateWithFlags(&st->event[st->events], TA_CU_EVENT_DISABLE_TIMING);
         if (e != TA_CU_SUCCESS)
             return cuda_fail(e);
     }
@@ -641,8 +641,8 @@ static int issue_to_host(staging_t *st, const void *dev_src, size_t size, size_t
 {
     size_t off = i * st->chunk, len = size - off < st->chunk ? size - off : st->chunk;
     int k = (int)(i & 1);
-    ta_cuerr_t e = rt.cudaMemcpyAsync(st->buf[k], (const char *)dev_src + off, len, TA_CU_D2H,
-                                      st->stream[k]);
+    ta_cuerr_t e =
+        rt.cudaMemcpyAsync(st->buf[k], (const char *)dev_src + off, len, TA_CU_D2H, st->stream[k]);
     if (e == TA_CU_SUCCESS)
         e = rt.cudaEventRecord(st->event[k], st->stream[k]);
     return e == TA_CU_SUCCESS ? 0 : cuda_fail(e);
@@ -695,14 +695,12 @@ static int copy(ta_pinned_pool_t *pool, void *dst, const void *src, size_t size,
     return rc;
 }
 
-int ta_cuda_copy_to_device(ta_pinned_pool_t *pool, void *dev_dst, const void *host_src,
-                           size_t size)
+int ta_cuda_copy_to_device(ta_pinned_pool_t *pool, void *dev_dst, const void *host_src, size_t size)
 {
     return copy(pool, dev_dst, host_src, size, true);
 }
 
-int ta_cuda_copy_to_host(ta_pinned_pool_t *pool, void *host_dst, const void *dev_src,
-                         size_t size)
+int ta_cuda_copy_to_host(ta_pinned_pool_t *pool, void *host_dst, const void *dev_src, size_t size)
 {
     return copy(pool, host_dst, dev_src, size, false);
 }

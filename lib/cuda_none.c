@@ -14,7 +14,11 @@ bool _ta_cuda_ready(void)
     return false;
 }
 
-int ta_cuda_init(int device) { (void)device; return TA_ENOTSUP; }
+int ta_cuda_init(int device)
+{
+    (void)device;
+    return TA_ENOTSUP;
+}
 int ta_cuda_last_error(const char **message)
 {
     if (message)
@@ -27,7 +31,10 @@ int ta_pinned_pool_create(size_t budget, ta_pinned_pool_t **out)
     (void)out;
     return TA_ENOTSUP;
 }
-void ta_pinned_pool_destroy(ta_pinned_pool_t *pool) { (void)pool; }
+void ta_pinned_pool_destroy(ta_pinned_pool_t *pool)
+{
+    (void)pool;
+}
 int ta_pinned_acquire(ta_pinned_pool_t *pool, size_t size, void **buf)
 {
     (void)pool, (void)size, (void)buf;
@@ -38,33 +45,51 @@ int ta_pinned_release(ta_pinned_pool_t *pool, void *buf)
     (void)pool, (void)buf;
     return TA_ENOTSUP;
 }
-int ta_cuda_pin(void *ptr) { (void)ptr; return TA_ENOTSUP; }
-int ta_cuda_unpin(void *ptr) { (void)ptr; return TA_ENOTSUP; }
+int ta_cuda_pin(void *ptr)
+{
+    (void)ptr;
+    return TA_ENOTSUP;
+}
+int ta_cuda_unpin(void *ptr)
+{
+    (void)ptr;
+    return TA_ENOTSUP;
+}
 int ta_cuda_device_alloc(size_t size, void **dev_ptr)
 {
     (void)size, (void)dev_ptr;
     return TA_ENOTSUP;
 }
-int ta_cuda_device_free(void *dev_ptr) { (void)dev_ptr; return TA_ENOTSUP; }
+int ta_cuda_device_free(void *dev_ptr)
+{
+    (void)dev_ptr;
+    return TA_ENOTSUP;
+}
 int ta_cuda_mem_info(size_t *free_bytes, size_t *total_bytes)
 {
     (void)free_bytes, (void)total_bytes;
     return TA_ENOTSUP;
 }
-int ta_cuda_copy_to_device(ta_pinned_pool_t *pool, void *dev_dst, const void *host_src,
-                           size_t size)
+int ta_cuda_copy_to_device(ta_pinned_pool_t *pool, void *dev_dst, const void *host_src, size_t size)
 {
     (void)pool, (void)dev_dst, (void)host_src, (void)size;
     return TA_ENOTSUP;
 }
-int ta_cuda_copy_to_host(ta_pinned_pool_t *pool, void *host_dst, const void *dev_src,
-                         size_t size)
+int ta_cuda_copy_to_host(ta_pinned_pool_t *pool, void *host_dst, const void *dev_src, size_t size)
 {
     (void)pool, (void)host_dst, (void)dev_src, (void)size;
     return TA_ENOTSUP;
 }
-int ta_cuda_set_register_chunk(size_t bytes) { (void)bytes; return TA_ENOTSUP; }
-int ta_cuda_set_staging_size(size_t bytes) { (void)bytes; return TA_ENOTSUP; }
+int ta_cuda_set_register_chunk(size_t bytes)
+{
+    (void)bytes;
+    return TA_ENOTSUP;
+}
+int ta_cuda_set_staging_size(size_t bytes)
+{
+    (void)bytes;
+    return TA_ENOTSUP;
+}
 int ta_cuda_stats_get(ta_cuda_stats_t *stats)
 {
     if (stats == NULL || stats->size < sizeof(size_t))

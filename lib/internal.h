@@ -30,11 +30,11 @@
 
 /* ---- fatal errors: metadata corruption and bad pointers stop the process */
 __attribute__((noreturn, cold)) void _ta_fatal(const char *call, const void *addr,
-                                                const char *what);
-#define TA_CHECK(cond, call, addr, what)                                                       \
-    do {                                                                                       \
-        if (TA_UNLIKELY(!(cond)))                                                              \
-            _ta_fatal(call, addr, what);                                                       \
+                                               const char *what);
+#define TA_CHECK(cond, call, addr, what)                                                           \
+    do {                                                                                           \
+        if (TA_UNLIKELY(!(cond)))                                                                  \
+            _ta_fatal(call, addr, what);                                                           \
     } while (0)
 
 /* ---- options (options.c) ------------------------------------------------ */

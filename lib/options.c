@@ -139,13 +139,14 @@ void _ta_options_init(void)
                 v <= option_table[i].max)
                 _ta_options[i] = v;
             else
-                _ta_log(true, "tensoralloc: ignoring %s=%s (expected %s in [%lld, %lld]); "
-                              "keeping %lld\n",
+                _ta_log(true,
+                        "tensoralloc: ignoring %s=%s (expected %s in [%lld, %lld]); "
+                        "keeping %lld\n",
                         var, text,
-                        option_table[i].kind == KIND_SIZE ? "a size such as 512K or 2M"
+                        option_table[i].kind == KIND_SIZE   ? "a size such as 512K or 2M"
                         : option_table[i].kind == KIND_BOOL ? "0 or 1"
                         : option_table[i].kind == KIND_THP  ? "off, on or auto"
-                                                             : "a number",
+                                                            : "a number",
                         option_table[i].min, option_table[i].max, option_table[i].def);
         }
     }

@@ -24,8 +24,7 @@ int _ta_os_remap(void *addr, size_t old_size, size_t new_size, void **out);
  * a destination aligned to align (moving between 2 MiB-aligned addresses
  * lets the kernel move huge-page entries whole instead of splitting them).
  * On failure the old mapping is untouched. */
-int _ta_os_remap_aligned(void *addr, size_t old_size, size_t new_size, size_t align,
-                         void **out);
+int _ta_os_remap_aligned(void *addr, size_t old_size, size_t new_size, size_t align, void **out);
 /* Resize without moving; ENOMEM if the range above is taken. */
 int _ta_os_remap_in_place(void *addr, size_t old_size, size_t new_size);
 int _ta_os_advise_hugepage(void *addr, size_t size);

@@ -157,8 +157,7 @@ int _ta_os_remap_in_place(void *addr, size_t old_size, size_t new_size)
     return rc;
 }
 
-int _ta_os_remap_aligned(void *addr, size_t old_size, size_t new_size, size_t align,
-                         void **out)
+int _ta_os_remap_aligned(void *addr, size_t old_size, size_t new_size, size_t align, void **out)
 {
     if (align <= _ta_os_page_size() || new_size < old_size)
         return _ta_os_remap(addr, old_size, new_size, out);
@@ -215,10 +214,10 @@ int _ta_os_name(void *addr, size_t size, const char *name)
     if (atomic_load_explicit(&unsupported, memory_order_relaxed))
         return ENOSYS;
     int saved = errno;
-    int rc = prctl(PR_SET_VMA, PR_SET_VMA_ANON_NAME, (unsigned long)addr, size,
-                   (unsigned long)name) == 0
-                 ? 0
-                 : errno;
+    int rc =
+        prctl(PR_SET_VMA, PR_SET_VMA_ANON_NAME, (unsigned long)addr, size, (unsigned long)name) == 0
+            ? 0
+            : errno;
     if (rc == EINVAL || rc == ENOSYS) /* kernel without CONFIG_ANON_VMA_NAME */
         atomic_store_explicit(&unsupported, 1, memory_order_relaxed);
     errno = saved;

@@ -210,12 +210,10 @@ EXPORT void malloc_stats(void)
             "Arena 0:\nsystem bytes     = %10llu\nin use bytes     = %10llu\n"
             "Total (incl. mmap):\nsystem bytes     = %10llu\nin use bytes     = %10llu\n"
             "max mmap regions = %10llu\nmax mmap bytes   = %10llu\n",
-            (unsigned long long)st.small_committed_bytes,
-            (unsigned long long)st.small_live_bytes,
+            (unsigned long long)st.small_committed_bytes, (unsigned long long)st.small_live_bytes,
             (unsigned long long)(st.small_committed_bytes + st.large_mapped_bytes),
             (unsigned long long)(st.small_live_bytes + st.large_live_bytes),
-            (unsigned long long)st.large_live_count,
-            (unsigned long long)st.large_peak_bytes);
+            (unsigned long long)st.large_live_count, (unsigned long long)st.large_peak_bytes);
     errno = saved;
 }
 
@@ -248,14 +246,11 @@ EXPORT int malloc_info(int options, FILE *fp)
             "</malloc>\n",
             (unsigned long long)st.small_spans,
             (unsigned long long)(st.small_committed_bytes - st.small_live_bytes),
-            (unsigned long long)st.small_committed_bytes,
-            (unsigned long long)st.small_peak_bytes,
-            (unsigned long long)st.small_segment_bytes,
-            (unsigned long long)st.small_segment_bytes,
+            (unsigned long long)st.small_committed_bytes, (unsigned long long)st.small_peak_bytes,
+            (unsigned long long)st.small_segment_bytes, (unsigned long long)st.small_segment_bytes,
             (unsigned long long)st.small_spans,
             (unsigned long long)(st.small_committed_bytes - st.small_live_bytes),
-            (unsigned long long)st.large_live_count,
-            (unsigned long long)st.large_mapped_bytes,
+            (unsigned long long)st.large_live_count, (unsigned long long)st.large_mapped_bytes,
             (unsigned long long)st.pool_entries, (unsigned long long)st.pool_bytes,
             (unsigned long long)(st.small_committed_bytes + st.large_mapped_bytes),
             (unsigned long long)(st.small_peak_bytes + st.large_peak_bytes),
@@ -273,22 +268,19 @@ EXPORT int mallopt(int param, int value)
     case M_MMAP_THRESHOLD: /* large path threshold, within its bounds */
         if (value < 0)
             return 0;
-        return ta_option_set(TA_OPT_THRESHOLD,
-                             value < (16 << 10) ? (16 << 10)
-                             : value > (1 << 20) ? (1 << 20)
-                                                 : value) == 0;
+        return ta_option_set(TA_OPT_THRESHOLD, value < (16 << 10)  ? (16 << 10)
+                                               : value > (1 << 20) ? (1 << 20)
+                                                                   : value) == 0;
     case M_TRIM_THRESHOLD: /* free memory kept before it goes back: the pool */
         return value >= 0 && ta_option_set(TA_OPT_RETAIN_BYTES, value) == 0;
-    case M_MMAP_MAX:   /* mmap is how large blocks exist: accepted, no effect */
-    case M_ARENA_MAX:  /* no arenas */
+    case M_MMAP_MAX:  /* mmap is how large blocks exist: accepted, no effect */
+    case M_ARENA_MAX: /* no arenas */
     case M_ARENA_TEST:
     case M_TOP_PAD:
     case M_MXFAST:
     case M_PERTURB:
-    case M_CHECK_ACTION:
-        return 1;
-    default:
-        return 0;
+    case M_CHECK_ACTION: return 1;
+    default: return 0;
     }
 }
 
@@ -325,12 +317,32 @@ static inline void *cxx_new(size_t size, size_t alignment, bool nothrow)
     return TA_LIKELY(p != NULL) ? p : new_failed(size, alignment, nothrow);
 }
 
-EXPORT void *_Znwm(size_t n) { return cxx_new(n, 0, false); }
-EXPORT void *_Znam(size_t n) { return cxx_new(n, 0, false); }
-EXPORT void *_ZnwmRKSt9nothrow_t(size_t n, const void *t) { (void)t; return cxx_new(n, 0, true); }
-EXPORT void *_ZnamRKSt9nothrow_t(size_t n, const void *t) { (void)t; return cxx_new(n, 0, true); }
-EXPORT void *_ZnwmSt11align_val_t(size_t n, size_t a) { return cxx_new(n, a, false); }
-EXPORT void *_ZnamSt11align_val_t(size_t n, size_t a) { return cxx_new(n, a, false); }
+EXPORT void *_Znwm(size_t n)
+{
+    return cxx_new(n, 0, false);
+}
+EXPORT void *_Znam(size_t n)
+{
+    return cxx_new(n, 0, false);
+}
+EXPORT void *_ZnwmRKSt9nothrow_t(size_t n, const void *t)
+{
+    (void)t;
+    return cxx_new(n, 0, true);
+}
+EXPORT void *_ZnamRKSt9nothrow_t(size_t n, const void *t)
+{
+    (void)t;
+    return cxx_new(n, 0, true);
+}
+EXPORT void *_ZnwmSt11align_val_t(size_t n, size_t a)
+{
+    return cxx_new(n, a, false);
+}
+EXPORT void *_ZnamSt11align_val_t(size_t n, size_t a)
+{
+    return cxx_new(n, a, false);
+}
 EXPORT void *_ZnwmSt11align_val_tRKSt9nothrow_t(size_t n, size_t a, const void *t)
 {
     (void)t;
@@ -342,14 +354,44 @@ EXPORT void *_ZnamSt11align_val_tRKSt9nothrow_t(size_t n, size_t a, const void *
     return cxx_new(n, a, true);
 }
 
-EXPORT void _ZdlPv(void *p) { ta_free(p); }
-EXPORT void _ZdaPv(void *p) { ta_free(p); }
-EXPORT void _ZdlPvm(void *p, size_t n) { (void)n; ta_free(p); }
-EXPORT void _ZdaPvm(void *p, size_t n) { (void)n; ta_free(p); }
-EXPORT void _ZdlPvRKSt9nothrow_t(void *p, const void *t) { (void)t; ta_free(p); }
-EXPORT void _ZdaPvRKSt9nothrow_t(void *p, const void *t) { (void)t; ta_free(p); }
-EXPORT void _ZdlPvSt11align_val_t(void *p, size_t a) { (void)a; ta_free(p); }
-EXPORT void _ZdaPvSt11align_val_t(void *p, size_t a) { (void)a; ta_free(p); }
+EXPORT void _ZdlPv(void *p)
+{
+    ta_free(p);
+}
+EXPORT void _ZdaPv(void *p)
+{
+    ta_free(p);
+}
+EXPORT void _ZdlPvm(void *p, size_t n)
+{
+    (void)n;
+    ta_free(p);
+}
+EXPORT void _ZdaPvm(void *p, size_t n)
+{
+    (void)n;
+    ta_free(p);
+}
+EXPORT void _ZdlPvRKSt9nothrow_t(void *p, const void *t)
+{
+    (void)t;
+    ta_free(p);
+}
+EXPORT void _ZdaPvRKSt9nothrow_t(void *p, const void *t)
+{
+    (void)t;
+    ta_free(p);
+}
+EXPORT void _ZdlPvSt11align_val_t(void *p, size_t a)
+{
+    (void)a;
+    ta_free(p);
+}
+EXPORT void _ZdaPvSt11align_val_t(void *p, size_t a)
+{
+    (void)a;
+    ta_free(p);
+}
 EXPORT void _ZdlPvmSt11align_val_t(void *p, size_t n, size_t a)
 {
     (void)n;

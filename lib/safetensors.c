@@ -21,13 +21,13 @@ static const struct {
     const char *name;
     size_t size;
 } dtypes[TA_DTYPE_COUNT_] = {
-    [TA_DTYPE_BOOL] = {"BOOL", 1},    [TA_DTYPE_U8] = {"U8", 1},
-    [TA_DTYPE_I8] = {"I8", 1},        [TA_DTYPE_U16] = {"U16", 2},
-    [TA_DTYPE_I16] = {"I16", 2},      [TA_DTYPE_F16] = {"F16", 2},
-    [TA_DTYPE_BF16] = {"BF16", 2},    [TA_DTYPE_U32] = {"U32", 4},
-    [TA_DTYPE_I32] = {"I32", 4},      [TA_DTYPE_F32] = {"F32", 4},
-    [TA_DTYPE_U64] = {"U64", 8},      [TA_DTYPE_I64] = {"I64", 8},
-    [TA_DTYPE_F64] = {"F64", 8},      [TA_DTYPE_F8_E4M3] = {"F8_E4M3", 1},
+    [TA_DTYPE_BOOL] = {"BOOL", 1},       [TA_DTYPE_U8] = {"U8", 1},
+    [TA_DTYPE_I8] = {"I8", 1},           [TA_DTYPE_U16] = {"U16", 2},
+    [TA_DTYPE_I16] = {"I16", 2},         [TA_DTYPE_F16] = {"F16", 2},
+    [TA_DTYPE_BF16] = {"BF16", 2},       [TA_DTYPE_U32] = {"U32", 4},
+    [TA_DTYPE_I32] = {"I32", 4},         [TA_DTYPE_F32] = {"F32", 4},
+    [TA_DTYPE_U64] = {"U64", 8},         [TA_DTYPE_I64] = {"I64", 8},
+    [TA_DTYPE_F64] = {"F64", 8},         [TA_DTYPE_F8_E4M3] = {"F8_E4M3", 1},
     [TA_DTYPE_F8_E5M2] = {"F8_E5M2", 1},
 };
 
@@ -73,11 +73,11 @@ static int by_begin(const void *a, const void *b)
     return x->begin < y->begin ? -1 : x->begin > y->begin;
 }
 
-#define FAIL(...)                                                                               \
-    do {                                                                                        \
-        snprintf(err, errlen, __VA_ARGS__);                                                     \
-        rc = TA_EFORMAT;                                                                        \
-        goto out;                                                                               \
+#define FAIL(...)                                                                                  \
+    do {                                                                                           \
+        snprintf(err, errlen, __VA_ARGS__);                                                        \
+        rc = TA_EFORMAT;                                                                           \
+        goto out;                                                                                  \
     } while (0)
 
 int _ta_st_read_header(int fd, _ta_st_header_t *out, char *err, size_t errlen)
@@ -92,8 +92,7 @@ int _ta_st_read_header(int fd, _ta_st_header_t *out, char *err, size_t errlen)
     uint64_t size = (uint64_t)st.st_size;
     unsigned char len8[8];
     if (size < 8)
-        FAIL("file is %llu bytes, shorter than the 8-byte header length",
-             (unsigned long long)size);
+        FAIL("file is %llu bytes, shorter than the 8-byte header length", (unsigned long long)size);
     if (pread(fd, len8, 8, 0) != 8)
         return errno ? errno : EIO;
     uint64_t n = 0;
@@ -118,8 +117,7 @@ int _ta_st_read_header(int fd, _ta_st_header_t *out, char *err, size_t errlen)
     if (root == NULL) {
         const char *where = cJSON_GetErrorPtr();
         long at = where && where >= text && where <= text + n ? (long)(where - text) : -1;
-        FAIL("header is not valid JSON (error near byte %ld of %llu)", at,
-             (unsigned long long)n);
+        FAIL("header is not valid JSON (error near byte %ld of %llu)", at, (unsigned long long)n);
     }
     if (!cJSON_IsObject(root))
         FAIL("header is JSON but not an object");
@@ -205,9 +203,8 @@ int _ta_st_read_header(int fd, _ta_st_header_t *out, char *err, size_t errlen)
         for (size_t i = 1; i < out->count; i++) {
             const _ta_st_tensor_t *a = &sorted[i - 1], *b = &sorted[i];
             if (b->begin < a->end && b->end > b->begin) {
-                snprintf(err, errlen,
-                         "tensors '%s' [%llu, %llu) and '%s' [%llu, %llu) overlap", a->name,
-                         (unsigned long long)a->begin, (unsigned long long)a->end, b->name,
+                snprintf(err, errlen, "tensors '%s' [%llu, %llu) and '%s' [%llu, %llu) overlap",
+                         a->name, (unsigned long long)a->begin, (unsigned long long)a->end, b->name,
                          (unsigned long long)b->begin, (unsigned long long)b->end);
                 rc = TA_EFORMAT;
                 break;

@@ -30,8 +30,8 @@
 #define SEGMENT_PAGES 64
 #define SPAN_MAX_BLOCKS 4096
 #define SEGMENT_MAGIC 0x5441534547ULL /* "TASEG" */
-#define PURGE_LIMIT ((size_t)8 << 20)  /* free pages a heap may keep */
-#define STATS_BATCH 65536              /* live-byte deltas flushed beyond this */
+#define PURGE_LIMIT ((size_t)8 << 20) /* free pages a heap may keep */
+#define STATS_BATCH 65536             /* live-byte deltas flushed beyond this */
 
 /* ---- size classes: 16-byte steps to 128, then four per doubling -------- */
 
@@ -64,8 +64,8 @@ static void classes_init(void)
                 break;
         }
         size_t cap = k * SLAB_PAGE_SIZE / bs;
-        classes[c] = (class_info_t){(uint32_t)bs, (uint16_t)(cap > SPAN_MAX_BLOCKS ? SPAN_MAX_BLOCKS : cap),
-                                    (uint8_t)k};
+        classes[c] = (class_info_t){
+            (uint32_t)bs, (uint16_t)(cap > SPAN_MAX_BLOCKS ? SPAN_MAX_BLOCKS : cap), (uint8_t)k};
     }
 }
 
@@ -92,7 +92,7 @@ typedef struct span_s {
     uint8_t class_idx;
     uint8_t pages;
     uint8_t in_use;
-    uint8_t listed; /* on the partial list */
+    uint8_t listed;                           /* on the partial list */
     uint64_t free_bits[SPAN_MAX_BLOCKS / 64]; /* 1 = free */
 } span_t;
 
@@ -100,10 +100,10 @@ typedef struct segment_s {
     uint64_t magic;
     struct heap_s *heap;
     struct segment_s *next, *prev;
-    uint64_t used_pages;  /* bit i: page i belongs to a span (bit 0: this header) */
-    uint64_t dirty_pages; /* free pages still backed by memory */
+    uint64_t used_pages;              /* bit i: page i belongs to a span (bit 0: this header) */
+    uint64_t dirty_pages;             /* free pages still backed by memory */
     uint8_t page_span[SEGMENT_PAGES]; /* page -> first page of its span */
-    span_t spans[SEGMENT_PAGES];     /* indexed by a span's first page */
+    span_t spans[SEGMENT_PAGES];      /* indexed by a span's first page */
 } segment_t;
 
 _Static_assert(sizeof(segment_t) <= SLAB_PAGE_SIZE, "segment header must fit in page 0");
@@ -112,15 +112,15 @@ typedef struct heap_s {
     span_t *current[CLASS_COUNT];
     span_t *partial[CLASS_COUNT];
     segment_t *segments;
-    segment_t *spare; /* one empty segment kept to avoid map/unmap churn */
+    segment_t *spare;       /* one empty segment kept to avoid map/unmap churn */
     _Atomic(void *) remote; /* blocks freed by other threads */
     struct heap_s *next_all;
     struct heap_s *next_abandoned;
     size_t dirty_bytes;
     uint64_t dirty_since_ms; /* when dirty_bytes last left zero */
-    bool registered; /* on all_heaps */
-    atomic_bool abandoned; /* no thread owns it: it sits on the abandoned list */
-    int64_t live_delta; /* not yet flushed to small_live */
+    bool registered;         /* on all_heaps */
+    atomic_bool abandoned;   /* no thread owns it: it sits on the abandoned list */
+    int64_t live_delta;      /* not yet flushed to small_live */
 } heap_t;
 
 /* ---- global state ---------------------------------------------------------- */
@@ -176,20 +176,20 @@ bool _ta_small_owns(const void *p)
         return false;
     size_t bit = a >> SEGMENT_SHIFT;
     return (atomic_load_explicit((_Atomic uint64_t *)&map[bit / 64], memory_order_acquire) >>
-            (bit % 64)) & 1;
+            (bit % 64)) &
+           1;
 }
 
 /* ---- statistics helpers ------------------------------------------------------ */
 
 static void live_flush(heap_t *h)
 {
-    int64_t now = atomic_fetch_add_explicit(&small_live, h->live_delta, memory_order_relaxed) +
-                  h->live_delta;
+    int64_t now =
+        atomic_fetch_add_explicit(&small_live, h->live_delta, memory_order_relaxed) + h->live_delta;
     h->live_delta = 0;
     int64_t peak = atomic_load_explicit(&small_peak, memory_order_relaxed);
-    while (now > peak &&
-           !atomic_compare_exchange_weak_explicit(&small_peak, &peak, now, memory_order_relaxed,
-                                                  memory_order_relaxed))
+    while (now > peak && !atomic_compare_exchange_weak_explicit(
+                             &small_peak, &peak, now, memory_order_relaxed, memory_order_relaxed))
         ;
 }
 
@@ -474,8 +474,8 @@ static inline void *span_take(segment_t *seg, span_t *s)
 }
 
 /* Frees block idx of span s, owned by heap h (the calling thread's). */
-static void block_free_local(heap_t *h, segment_t *seg, span_t *s, uint32_t idx,
-                             const char *call, const void *p)
+static void block_free_local(heap_t *h, segment_t *seg, span_t *s, uint32_t idx, const char *call,
+                             const void *p)
 {
     uint64_t bit = 1ULL << (idx % 64);
     TA_CHECK(!(s->free_bits[idx / 64] & bit), call, p, "double free");
@@ -494,8 +494,7 @@ static void block_free_local(heap_t *h, segment_t *seg, span_t *s, uint32_t idx,
 }
 
 /* Validates p and finds its segment, span and block index. */
-static span_t *block_locate(const void *p, const char *call, segment_t **seg_out,
-                            uint32_t *idx_out)
+static span_t *block_locate(const void *p, const char *call, segment_t **seg_out, uint32_t *idx_out)
 {
     segment_t *seg = segment_of(p);
     TA_CHECK(seg->magic == SEGMENT_MAGIC, call, p, "corrupted slab segment");
@@ -589,8 +588,8 @@ bool _ta_small_free(void *p, const char *call)
     void *head = atomic_load_explicit(&owner->remote, memory_order_relaxed);
     do {
         *(void **)p = head;
-    } while (!atomic_compare_exchange_weak_explicit(&owner->remote, &head, p,
-                                                    memory_order_release, memory_order_relaxed));
+    } while (!atomic_compare_exchange_weak_explicit(&owner->remote, &head, p, memory_order_release,
+                                                    memory_order_relaxed));
     return head == NULL && atomic_load_explicit(&owner->abandoned, memory_order_relaxed);
 }
 
@@ -599,8 +598,7 @@ size_t _ta_small_usable(const void *p, const char *call)
     segment_t *seg;
     uint32_t idx;
     span_t *s = block_locate(p, call, &seg, &idx);
-    TA_CHECK(!(s->free_bits[idx / 64] & (1ULL << (idx % 64))), call, p,
-             "pointer to a free block");
+    TA_CHECK(!(s->free_bits[idx / 64] & (1ULL << (idx % 64))), call, p, "pointer to a free block");
     return s->block_size;
 }
 

@@ -11,14 +11,16 @@
 #include <errno.h>
 #include <string.h>
 
-#define TA_STAT_FIELDS(X)                                                                      \
-    X(large_live_bytes) X(large_peak_bytes) X(large_live_count) X(large_mapped_bytes)          \
-    X(large_alloc_count) X(pool_bytes) X(pool_entries) X(pool_hits) X(pool_misses)             \
-    X(pool_expired) X(maxmap_fallbacks) X(map_limit) X(small_live_bytes) X(small_peak_bytes)   \
-    X(small_committed_bytes) X(small_dirty_bytes) X(small_segment_bytes) X(small_spans)        \
-    X(heaps) X(os_map_calls) X(os_unmap_calls) X(os_remap_calls) X(os_madvise_calls)           \
-    X(os_map_failures) X(opt_threshold) X(opt_retain_bytes) X(opt_retain_ms) X(opt_thp)        \
-    X(opt_verbose) X(mappings) X(os_unmap_failures) X(os_advise_failures)
+#define TA_STAT_FIELDS(X)                                                                          \
+    X(large_live_bytes)                                                                            \
+    X(large_peak_bytes) X(large_live_count) X(large_mapped_bytes) X(large_alloc_count)             \
+        X(pool_bytes) X(pool_entries) X(pool_hits) X(pool_misses) X(pool_expired)                  \
+            X(maxmap_fallbacks) X(map_limit) X(small_live_bytes) X(small_peak_bytes)               \
+                X(small_committed_bytes) X(small_dirty_bytes) X(small_segment_bytes)               \
+                    X(small_spans) X(heaps) X(os_map_calls) X(os_unmap_calls) X(os_remap_calls)    \
+                        X(os_madvise_calls) X(os_map_failures) X(opt_threshold)                    \
+                            X(opt_retain_bytes) X(opt_retain_ms) X(opt_thp) X(opt_verbose)         \
+                                X(mappings) X(os_unmap_failures) X(os_advise_failures)
 
 static void stats_collect(ta_stats_t *st)
 {
@@ -91,7 +93,9 @@ int ta_stats_print(FILE *out, ta_stats_format_t format)
     if (format == TA_STATS_JSON) {
         rc = fprintf(out, "{\"version\": %u, \"tensoralloc\": \"%s\", \"rss_bytes\": %zu",
                      st.version, TA_VERSION_STRING, rss);
-#define X(f) if (rc >= 0) rc = fprintf(out, ", \"" #f "\": %llu", (unsigned long long)st.f);
+#define X(f)                                                                                       \
+    if (rc >= 0)                                                                                   \
+        rc = fprintf(out, ", \"" #f "\": %llu", (unsigned long long)st.f);
         TA_STAT_FIELDS(X)
 #undef X
         if (rc >= 0)
@@ -99,7 +103,9 @@ int ta_stats_print(FILE *out, ta_stats_format_t format)
     } else {
         rc = fprintf(out, "tensoralloc %s statistics (version %u)\n  %-22s %zu\n",
                      TA_VERSION_STRING, st.version, "rss_bytes", rss);
-#define X(f) if (rc >= 0) rc = fprintf(out, "  %-22s %llu\n", #f, (unsigned long long)st.f);
+#define X(f)                                                                                       \
+    if (rc >= 0)                                                                                   \
+        rc = fprintf(out, "  %-22s %llu\n", #f, (unsigned long long)st.f);
         TA_STAT_FIELDS(X)
 #undef X
     }

@@ -287,8 +287,8 @@ static void table_grow(void)
     size_t cap = table_cap ? table_cap * 2 : (1 << 16);
     if (table_used * 4 < table_cap) /* mostly tombstones: rehash same size */
         cap = table_cap;
-    slot_t *t = mmap(NULL, cap * sizeof *t, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
-                     -1, 0);
+    slot_t *t =
+        mmap(NULL, cap * sizeof *t, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (t == MAP_FAILED)
         return;
     for (size_t i = 0; i < table_cap; i++)
@@ -365,8 +365,8 @@ static void maybe_sample_rss(void)
     uint64_t pages = 0;
     for (s++; *s >= '0' && *s <= '9'; s++)
         pages = pages * 10 + (uint64_t)(*s - '0');
-    record(TA_EV_RSS, atomic_fetch_add(&seq_counter, 1), pages * (uint64_t)getpagesize() / 1024,
-           0, 0, 1);
+    record(TA_EV_RSS, atomic_fetch_add(&seq_counter, 1), pages * (uint64_t)getpagesize() / 1024, 0,
+           0, 1);
 }
 
 /* ---- the traced calls ----------------------------------------------------------------- */

@@ -32,9 +32,9 @@ Test(api, free_null_is_noop)
 Test(api, sizes_across_the_threshold_and_pages)
 {
     size_t t = (size_t)ta_option_get(TA_OPT_THRESHOLD);
-    size_t sizes[] = {1,       15,      16,      17,        127,     128,    129,
-                      4095,    4096,    4097,    65535,     65536,   65537,  t - 1,
-                      t,       t + 1,   2 * MiB - 1, 2 * MiB, 2 * MiB + 1, 7 * MiB + 3};
+    size_t sizes[] = {1,    15,    16,          17,      127,         128,        129,
+                      4095, 4096,  4097,        65535,   65536,       65537,      t - 1,
+                      t,    t + 1, 2 * MiB - 1, 2 * MiB, 2 * MiB + 1, 7 * MiB + 3};
     for (size_t i = 0; i < sizeof sizes / sizeof *sizes; i++) {
         size_t n = sizes[i];
         unsigned char *p = ta_malloc(n);
@@ -140,8 +140,8 @@ Test(api, realloc_null_and_zero)
 
 Test(api, realloc_preserves_contents_across_paths)
 {
-    size_t steps[] = {10,      200,   5000,    100 * KiB, 255 * KiB, 257 * KiB, 1 * MiB,
-                      3 * MiB, 33 * MiB, 4 * MiB, 300 * KiB, 20 * KiB, 100,   8};
+    size_t steps[] = {10,      200,      5000,    100 * KiB, 255 * KiB, 257 * KiB, 1 * MiB,
+                      3 * MiB, 33 * MiB, 4 * MiB, 300 * KiB, 20 * KiB,  100,       8};
     size_t n = 1;
     unsigned char *p = ta_malloc(n);
     pattern_fill(p, n, 9);

@@ -37,8 +37,11 @@ TestSuite(cache, .init = make_dir, .fini = remove_dir);
 
 static ta_cache_t *new_cache(size_t budget, ta_overflow_t overflow)
 {
-    ta_cache_config_t cfg = {.size = sizeof cfg, .ram_budget = budget, .overflow = overflow,
-                             .vram_budget = 0, .keep_ram_copy = true};
+    ta_cache_config_t cfg = {.size = sizeof cfg,
+                             .ram_budget = budget,
+                             .overflow = overflow,
+                             .vram_budget = 0,
+                             .keep_ram_copy = true};
     ta_cache_t *c;
     cr_assert_eq(ta_cache_create(&cfg, &c), 0);
     return c;
@@ -135,8 +138,10 @@ static void capture_log(void *arg, ta_log_level_t level, const char *msg)
 
 Test(cache, admit_policy_goes_over_budget_with_a_warning)
 {
-    ta_cache_config_t cfg = {.size = sizeof cfg, .ram_budget = MiB,
-                             .overflow = TA_OVERFLOW_ADMIT, .log = capture_log,
+    ta_cache_config_t cfg = {.size = sizeof cfg,
+                             .ram_budget = MiB,
+                             .overflow = TA_OVERFLOW_ADMIT,
+                             .log = capture_log,
                              .log_level = TA_LOG_WARN};
     ta_cache_t *c;
     cr_assert_eq(ta_cache_create(&cfg, &c), 0);
@@ -176,8 +181,9 @@ Test(cache, statistics_are_exact)
     cr_assert_eq(ta_cache_stats_json(c, f), 0);
     fclose(f);
     cr_assert(strstr(buf, "\"hits\": 2"), "%s", buf);
-    cr_assert(strstr(buf, "\"loaded_model_sizes\": {\"a\": 1048576, \"b\": 2097152, \"c\": 2097152}"),
-              "%s", buf);
+    cr_assert(
+        strstr(buf, "\"loaded_model_sizes\": {\"a\": 1048576, \"b\": 2097152, \"c\": 2097152}"),
+        "%s", buf);
     free(buf);
     ta_cache_destroy(c);
 }
@@ -198,7 +204,9 @@ Test(cache, budget_holds_after_every_operation, .timeout = 120)
         char key[16];
         snprintf(key, sizeof key, "k%u", r % 40);
         switch (r % 7) {
-        case 0: case 1: case 2: {
+        case 0:
+        case 1:
+        case 2: {
             size_t n = (size_t)(r >> 8) % (3 * MiB) + 1;
             int rc = put(c, key, n, (int)(r & 0x7f));
             cr_assert(rc == 0 || rc == EEXIST || rc == TA_ECACHEFULL, "put rc %d", rc);
@@ -364,8 +372,9 @@ Test(cache, malformed_safetensors_are_refused_and_change_nothing)
     expect_refused(p, "out of range (data section is 99 bytes)");
 
     snprintf(p, sizeof p, "%s/overlap", dir);
-    write_st(p, "{\"a\":{\"dtype\":\"U8\",\"shape\":[10],\"data_offsets\":[0,10]},"
-                "\"b\":{\"dtype\":\"U8\",\"shape\":[10],\"data_offsets\":[5,15]}}",
+    write_st(p,
+             "{\"a\":{\"dtype\":\"U8\",\"shape\":[10],\"data_offsets\":[0,10]},"
+             "\"b\":{\"dtype\":\"U8\",\"shape\":[10],\"data_offsets\":[5,15]}}",
              15);
     expect_refused(p, "overlap");
 
@@ -386,8 +395,9 @@ Test(cache, malformed_safetensors_are_refused_and_change_nothing)
     expect_refused(p, "not a pair");
 
     snprintf(p, sizeof p, "%s/dup", dir);
-    write_st(p, "{\"w\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1]},"
-                "\"w\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[1,2]}}",
+    write_st(p,
+             "{\"w\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1]},"
+             "\"w\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[1,2]}}",
              2);
     expect_refused(p, "appears twice");
 }
@@ -471,8 +481,8 @@ Test(cache, loads_log_snapshot_diffs_at_debug)
     snprintf(path, sizeof path, "%s/m.safetensors", dir);
     write_st(path, "{\"w\":{\"dtype\":\"U8\",\"shape\":[3000000],\"data_offsets\":[0,3000000]}}",
              3000000);
-    ta_cache_config_t cfg = {.size = sizeof cfg, .ram_budget = 8 * MiB, .log = capture_log,
-                             .log_level = TA_LOG_DEBUG};
+    ta_cache_config_t cfg = {
+        .size = sizeof cfg, .ram_budget = 8 * MiB, .log = capture_log, .log_level = TA_LOG_DEBUG};
     ta_cache_t *c;
     cr_assert_eq(ta_cache_create(&cfg, &c), 0);
     logged[0] = 0;
@@ -552,8 +562,8 @@ Test(cache, concurrent_gets_loads_and_evictions, .timeout = 120)
 Test(cache, device_moves_respect_the_vram_budget)
 {
     setenv("TENSORALLOC_CUDART", getenv("FAKE_CUDART_PATH"), 1);
-    ta_cache_config_t cfg = {.size = sizeof cfg, .ram_budget = 16 * MiB,
-                             .vram_budget = 3 * MiB, .keep_ram_copy = false};
+    ta_cache_config_t cfg = {
+        .size = sizeof cfg, .ram_budget = 16 * MiB, .vram_budget = 3 * MiB, .keep_ram_copy = false};
     ta_cache_t *c;
     cr_assert_eq(ta_cache_create(&cfg, &c), 0);
     cr_assert_eq(put(c, "a", 2 * MiB, 0x11), 0);
@@ -592,8 +602,8 @@ Test(cache, device_moves_respect_the_vram_budget)
 Test(cache, device_moves_keep_ram_copy_and_evict_device_copies_lru)
 {
     setenv("TENSORALLOC_CUDART", getenv("FAKE_CUDART_PATH"), 1);
-    ta_cache_config_t cfg = {.size = sizeof cfg, .ram_budget = 16 * MiB,
-                             .vram_budget = 4 * MiB, .keep_ram_copy = true};
+    ta_cache_config_t cfg = {
+        .size = sizeof cfg, .ram_budget = 16 * MiB, .vram_budget = 4 * MiB, .keep_ram_copy = true};
     ta_cache_t *c;
     cr_assert_eq(ta_cache_create(&cfg, &c), 0);
     const char *keys[] = {"a", "b", "c"};

@@ -11,9 +11,9 @@
 #include <criterion/criterion.h>
 #include <dlfcn.h>
 #include <errno.h>
-#include <unistd.h>
 #include <pthread.h>
 #include <stdlib.h>
+#include <unistd.h>
 
 static struct {
     long (*calls)(const char *);

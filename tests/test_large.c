@@ -6,9 +6,9 @@
 
 #include <criterion/criterion.h>
 #include <errno.h>
-#include <sys/mman.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 /* Finds the /proc/self/smaps entry starting at p and copies it into buf. */

@@ -172,8 +172,7 @@ Test(threads, exited_threads_heaps_are_reused)
         pthread_join(t, NULL);
     }
     ta_stats_t st = stats_now();
-    cr_assert_leq(st.heaps, 4, "heaps are adopted, not leaked: %llu",
-                  (unsigned long long)st.heaps);
+    cr_assert_leq(st.heaps, 4, "heaps are adopted, not leaked: %llu", (unsigned long long)st.heaps);
     for (int i = 0; i < 200; i++)
         ta_free(blocks[i]); /* frees into abandoned heaps */
     ta_trim();

@@ -154,7 +154,8 @@ static int plain_load(const char *path, plain_model_t *m)
     size_t i = 0;
     for (cJSON *t = hdr ? hdr->child : NULL; t; t = t->next, i++) {
         cJSON *offs = cJSON_GetObjectItem(t, "data_offsets");
-        uint64_t b = (uint64_t)offs->child->valuedouble, e = (uint64_t)offs->child->next->valuedouble;
+        uint64_t b = (uint64_t)offs->child->valuedouble,
+                 e = (uint64_t)offs->child->next->valuedouble;
         size_t len = (size_t)(e - b);
         void *p = malloc(len ? len : 1); /* what a loader without tensoralloc does */
         for (size_t done = 0; done < len;) {
@@ -217,7 +218,8 @@ static int run(const char *dir, const char *mode, size_t budget, int switches, i
     int loads = 0, hits = 0;
     char path[4096], key[32];
     if (use_cache) {
-        ta_cache_config_t cfg = {.size = sizeof cfg, .ram_budget = budget,
+        ta_cache_config_t cfg = {.size = sizeof cfg,
+                                 .ram_budget = budget,
                                  .overflow = TA_OVERFLOW_REFUSE,
                                  .log = verbose ? demo_log : NULL,
                                  .log_level = verbose ? TA_LOG_DEBUG : TA_LOG_ERROR};
@@ -299,10 +301,9 @@ static int run(const char *dir, const char *mode, size_t budget, int switches, i
 
 static void usage(void)
 {
-    fprintf(stderr,
-            "usage: tensoralloc-cache-demo make DIR [--models N] [--scale F]\n"
-            "       tensoralloc-cache-demo run DIR [--mode cache|plain] [--budget-mib N]\n"
-            "                                  [--switches N] [--verbose]\n");
+    fprintf(stderr, "usage: tensoralloc-cache-demo make DIR [--models N] [--scale F]\n"
+                    "       tensoralloc-cache-demo run DIR [--mode cache|plain] [--budget-mib N]\n"
+                    "                                  [--switches N] [--verbose]\n");
     exit(2);
 }
 
@@ -311,10 +312,10 @@ int main(int argc, char **argv)
     if (argc < 3)
         usage();
     const char *cmd = argv[1], *dir = argv[2];
-    static const struct option opts[] = {
-        {"models", 1, 0, 'm'},     {"scale", 1, 0, 's'},   {"mode", 1, 0, 'o'},
-        {"budget-mib", 1, 0, 'b'}, {"switches", 1, 0, 'w'}, {"verbose", 0, 0, 'v'},
-        {"help", 0, 0, 'h'},       {0, 0, 0, 0}};
+    static const struct option opts[] = {{"models", 1, 0, 'm'},   {"scale", 1, 0, 's'},
+                                         {"mode", 1, 0, 'o'},     {"budget-mib", 1, 0, 'b'},
+                                         {"switches", 1, 0, 'w'}, {"verbose", 0, 0, 'v'},
+                                         {"help", 0, 0, 'h'},     {0, 0, 0, 0}};
     int models = 6, switches = 20, verbose = 0, c;
     double scale = 0.3;
     size_t budget = (size_t)1536 << 20;

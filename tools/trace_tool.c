@@ -106,9 +106,12 @@ static int by_seq(const void *a, const void *b)
 static int values_of(unsigned kind)
 {
     switch (kind) {
-    case TA_EV_MEMALIGN: case TA_EV_ALIGNED_ALLOC: case TA_EV_POSIX_MEMALIGN: case TA_EV_REALLOC:
-        return 3;
-    case TA_EV_FREE: case TA_EV_RSS: return 1;
+    case TA_EV_MEMALIGN:
+    case TA_EV_ALIGNED_ALLOC:
+    case TA_EV_POSIX_MEMALIGN:
+    case TA_EV_REALLOC: return 3;
+    case TA_EV_FREE:
+    case TA_EV_RSS: return 1;
     default: return 2;
     }
 }
@@ -183,9 +186,9 @@ static void load(const char *path, trace_t *t)
             event_t *e = &t->ev[n++];
             *e = (event_t){.seq = seq, .time = time, .thread = thread, .kind = (uint8_t)kind};
             switch (kind) {
-            case TA_EV_MEMALIGN: case TA_EV_ALIGNED_ALLOC: case TA_EV_POSIX_MEMALIGN:
-                e->size = v[0], e->align = v[1], e->id = v[2];
-                break;
+            case TA_EV_MEMALIGN:
+            case TA_EV_ALIGNED_ALLOC:
+            case TA_EV_POSIX_MEMALIGN: e->size = v[0], e->align = v[1], e->id = v[2]; break;
             case TA_EV_REALLOC: e->old_id = v[0], e->size = v[1], e->id = v[2]; break;
             case TA_EV_FREE: e->old_id = v[0]; break;
             case TA_EV_RSS: e->size = v[0] * 1024; break;
@@ -213,7 +216,8 @@ static void load(const char *path, trace_t *t)
             corrupt(0, "a free names a block that was never allocated");
         if (e->old_id && e->old_id != e->id) {
             if (state[e->old_id] != 1)
-                corrupt(0, state[e->old_id] ? "a block is freed twice" : "a block is freed before it exists");
+                corrupt(0, state[e->old_id] ? "a block is freed twice"
+                                            : "a block is freed before it exists");
             state[e->old_id] = 2;
         }
         if (e->id && e->id != e->old_id) {
@@ -227,8 +231,10 @@ static void load(const char *path, trace_t *t)
 
 static const char *kind_name(unsigned k)
 {
-    static const char *names[] = {"?", "malloc", "calloc", "realloc", "free", "memalign",
-                                  "aligned_alloc", "posix_memalign", "valloc", "pvalloc", "rss"};
+    static const char *names[] = {
+        "?",        "malloc",        "calloc",         "realloc", "free",
+        "memalign", "aligned_alloc", "posix_memalign", "valloc",  "pvalloc",
+        "rss"};
     return k < TA_EV_KINDS_ ? names[k] : "?";
 }
 
@@ -475,9 +481,8 @@ static int replay(const trace_t *t)
     sleep(1);
     printf("workload=replay\nwall_s=%.4f\ncalls=%zu\nthreads=%u\npeak_rss_mib=%.1f\n"
            "rss_start_mib=%.1f\nrss_end_mib=%.1f\nrss_1s_mib=%.1f\n",
-           wall, calls, t->threads, (double)status_bytes("VmHWM") / 1048576,
-           (double)rss0 / 1048576, (double)rss_end / 1048576,
-           (double)status_bytes("VmRSS") / 1048576);
+           wall, calls, t->threads, (double)status_bytes("VmHWM") / 1048576, (double)rss0 / 1048576,
+           (double)rss_end / 1048576, (double)status_bytes("VmRSS") / 1048576);
     return 0;
 }
 

@@ -36,8 +36,14 @@
 #define MAX_RANGES 4096
 
 typedef int err_t;
-enum { OK = 0, E_INVALID = 1, E_NOMEM = 2, E_NODEVICE = 100, E_REGISTERED = 712,
-       E_NOTREGISTERED = 713 };
+enum {
+    OK = 0,
+    E_INVALID = 1,
+    E_NOMEM = 2,
+    E_NODEVICE = 100,
+    E_REGISTERED = 712,
+    E_NOTREGISTERED = 713
+};
 
 typedef struct {
     uintptr_t base;

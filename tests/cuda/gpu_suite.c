@@ -95,7 +95,8 @@ int main(void)
     check(ok, "staged round trips, 1 B to 256 MiB, checksums match");
     ok = 1;
     for (int i = 0; i < 6; i++)
-        ok &= round_trip(sizes[i] < (1 << 20) ? (1 << 20) + sizes[i] : sizes[i], (unsigned)i + 50, 1);
+        ok &=
+            round_trip(sizes[i] < (1 << 20) ? (1 << 20) + sizes[i] : sizes[i], (unsigned)i + 50, 1);
     check(ok, "pinned-in-place round trips (large blocks only), checksums match");
     pthread_t t[4];
     for (int i = 0; i < 4; i++)

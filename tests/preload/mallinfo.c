@@ -35,8 +35,7 @@ int main(void)
     int bad = 0;
     if (mi.hblks != st.large_live_count || mi.hblkhd != st.large_mapped_bytes ||
         mi.hblkhd < (40u << 20)) {
-        printf("mallinfo2 large fields are not ours: hblks %zu hblkhd %zu\n", mi.hblks,
-               mi.hblkhd);
+        printf("mallinfo2 large fields are not ours: hblks %zu hblkhd %zu\n", mi.hblks, mi.hblkhd);
         bad++;
     }
     if (mi.uordblks < 1000 * 200 || mi.arena < mi.uordblks) {

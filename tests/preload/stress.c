@@ -60,14 +60,13 @@ static size_t pick_size(uint64_t *s)
 {
     uint64_t r = next(s);
     switch (r % 16) {
-    case 0:
-        return (size_t)(r >> 8) % (64 << 20) + 8; /* up to 64 MiB */
-    case 1: case 2:
-        return (size_t)(r >> 8) % (4 << 20) + 8;
-    case 3: case 4: case 5:
-        return (size_t)(r >> 8) % 300000 + 8;
-    default:
-        return (size_t)(r >> 8) % 2048 + 8;
+    case 0: return (size_t)(r >> 8) % (64 << 20) + 8; /* up to 64 MiB */
+    case 1:
+    case 2: return (size_t)(r >> 8) % (4 << 20) + 8;
+    case 3:
+    case 4:
+    case 5: return (size_t)(r >> 8) % 300000 + 8;
+    default: return (size_t)(r >> 8) % 2048 + 8;
     }
 }
 
@@ -77,14 +76,21 @@ static unsigned char *alloc_any(uint64_t *s, size_t n)
     size_t a = (size_t)8 << (next(s) % 10);
     switch (next(s) % 8) {
     case 0: p = malloc(n); break;
-    case 1: p = calloc(1, n);
+    case 1:
+        p = calloc(1, n);
         if (p && ((unsigned char *)p)[n - 1] != 0)
             atomic_fetch_add(&failures, 1);
         break;
-    case 2: if (posix_memalign(&p, a, n) != 0) p = NULL; break;
+    case 2:
+        if (posix_memalign(&p, a, n) != 0)
+            p = NULL;
+        break;
     case 3: p = aligned_alloc(a, n); break;
     case 4: p = memalign(a, n); break;
-    case 5: p = valloc(n); a = 4096; break;
+    case 5:
+        p = valloc(n);
+        a = 4096;
+        break;
     case 6: p = realloc(NULL, n); break;
     default: p = reallocarray(NULL, n, 1); break;
     }
