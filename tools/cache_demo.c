@@ -244,6 +244,7 @@ static int run(const char *dir, const char *mode, size_t budget, int switches, i
             volatile unsigned char sink = 0;
             for (size_t i = 0; ta_entry_tensor_at(e, i, &t) == 0; i += 7)
                 sink ^= ((unsigned char *)t.data)[t.nbytes / 2];
+            (void)sink;
             ta_entry_unlock(e);
         }
         if (verbose) {
