@@ -559,9 +559,18 @@ Test(cache, concurrent_gets_loads_and_evictions, .timeout = 120)
 
 /* ---- device moves, against the CUDA test double ------------------------------ */
 
+/* The device tests run against the CUDA test double. */
+static void use_fake_cudart(void)
+{
+    const char *fake = getenv("FAKE_CUDART_PATH");
+    if (fake == NULL)
+        cr_skip_test("no CUDA staging in this build (-Dcuda=disabled): device moves untested");
+    setenv("TENSORALLOC_CUDART", fake, 1);
+}
+
 Test(cache, device_moves_respect_the_vram_budget)
 {
-    setenv("TENSORALLOC_CUDART", getenv("FAKE_CUDART_PATH"), 1);
+    use_fake_cudart();
     ta_cache_config_t cfg = {
         .size = sizeof cfg, .ram_budget = 16 * MiB, .vram_budget = 3 * MiB, .keep_ram_copy = false};
     ta_cache_t *c;
@@ -601,7 +610,7 @@ Test(cache, device_moves_respect_the_vram_budget)
 
 Test(cache, device_moves_keep_ram_copy_and_evict_device_copies_lru)
 {
-    setenv("TENSORALLOC_CUDART", getenv("FAKE_CUDART_PATH"), 1);
+    use_fake_cudart();
     ta_cache_config_t cfg = {
         .size = sizeof cfg, .ram_budget = 16 * MiB, .vram_budget = 4 * MiB, .keep_ram_copy = true};
     ta_cache_t *c;
@@ -635,7 +644,8 @@ Test(cache, device_moves_fail_cleanly_without_a_gpu)
     cr_assert_eq(put(c, "a", MiB, 1), 0);
     ta_entry_t *a;
     cr_assert_eq(ta_cache_get(c, "a", &a), 0);
-    cr_assert_eq(ta_entry_to_device(a), TA_ENORUNTIME);
+    int rc = ta_entry_to_device(a);
+    cr_assert(rc == TA_ENORUNTIME || rc == TA_ENOTSUP, "rc %d", rc);
     ta_tensor_t t;
     ta_entry_tensor(a, "w", &t);
     cr_assert_eq(((unsigned char *)t.data)[0], 1, "the entry is untouched");
