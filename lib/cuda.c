@@ -102,14 +102,14 @@ int ta_cuda_init(int device)
         return EINVAL;
     pthread_mutex_lock(&rt_mutex);
     if (rt_status < 0)
-        rt_status = rt_load_locked();
+        __atomic_store_n(&rt_status, rt_load_locked(), __ATOMIC_RELEASE);
     int rc = rt_status;
     if (rc == 0 && rt_device != device) {
         ta_cuerr_t e = rt.cudaSetDevice(device);
         if (e != TA_CU_SUCCESS)
             rc = cuda_fail(e);
         else
-            rt_device = tls_device = device;
+            __atomic_store_n(&rt_device, tls_device = device, __ATOMIC_RELEASE);
     }
     pthread_mutex_unlock(&rt_mutex);
     return rc;
@@ -118,22 +118,25 @@ int ta_cuda_init(int device)
 /* The runtime is loaded and this thread uses the chosen device. */
 static int ensure(void)
 {
-    if (TA_LIKELY(__atomic_load_n(&rt_status, __ATOMIC_ACQUIRE) == 0 && rt_device >= 0 &&
-                  tls_device == rt_device))
+    int device = __atomic_load_n(&rt_device, __ATOMIC_ACQUIRE);
+    if (TA_LIKELY(__atomic_load_n(&rt_status, __ATOMIC_ACQUIRE) == 0 && device >= 0 &&
+                  tls_device == device))
         return 0;
-    int rc = ta_cuda_init(rt_device >= 0 ? rt_device : 0);
-    if (rc == 0 && tls_device != rt_device) {
-        ta_cuerr_t e = rt.cudaSetDevice(rt_device); /* the current device is per thread */
+    int rc = ta_cuda_init(device >= 0 ? device : 0);
+    device = __atomic_load_n(&rt_device, __ATOMIC_ACQUIRE);
+    if (rc == 0 && tls_device != device) {
+        ta_cuerr_t e = rt.cudaSetDevice(device); /* the current device is per thread */
         if (e != TA_CU_SUCCESS)
             return cuda_fail(e);
-        tls_device = rt_device;
+        tls_device = device;
     }
     return rc;
 }
 
 bool _ta_cuda_ready(void)
 {
-    return __atomic_load_n(&rt_status, __ATOMIC_ACQUIRE) == 0 && rt_device >= 0;
+    return __atomic_load_n(&rt_status, __ATOMIC_ACQUIRE) == 0 &&
+           __atomic_load_n(&rt_device, __ATOMIC_ACQUIRE) >= 0;
 }
 
 int ta_cuda_last_error(const char **message)

@@ -327,14 +327,16 @@ static void unmap_all(const unmap_t *list, size_t n)
 
 static long map_limit(void)
 {
-    static long kernel_limit;
+    static long kernel_limit; /* read once, then only through atomics */
     long override = (long)_ta_opt(TA_OPT_MAX_MAP_COUNT);
     if (override > 0)
         return override;
-    if (__atomic_load_n(&kernel_limit, __ATOMIC_RELAXED) == 0)
-        __atomic_store_n(&kernel_limit, _ta_os_max_map_count(), __ATOMIC_RELAXED);
+    long k = __atomic_load_n(&kernel_limit, __ATOMIC_RELAXED);
+    if (k == 0) {
+        k = _ta_os_max_map_count();
+        __atomic_store_n(&kernel_limit, k, __ATOMIC_RELAXED);
+    }
     /* Leave room for the program's own mappings: libraries, stacks, files. */
-    long k = kernel_limit;
     long reserve = k / 8 > 1024 ? k / 8 : 1024;
     return k > 2 * reserve ? k - reserve : k / 2;
 }

@@ -123,6 +123,16 @@ typedef struct heap_s {
     int64_t live_delta;      /* not yet flushed to small_live */
 } heap_t;
 
+static _Atomic int64_t dirty_total; /* sum of the heaps' dirty_bytes, for statistics */
+
+/* Every change of a heap's free-page bytes goes through here, so that the
+ * statistics never read another thread's heap. */
+static inline void dirty_add(heap_t *h, int64_t delta)
+{
+    h->dirty_bytes = (size_t)((int64_t)h->dirty_bytes + delta);
+    atomic_fetch_add_explicit(&dirty_total, delta, memory_order_relaxed);
+}
+
 /* ---- global state ---------------------------------------------------------- */
 
 static ta_lock_t heaps_lock; /* guards all_heaps, abandoned, heap_chunk */
@@ -137,6 +147,7 @@ static TA_TLS heap_t *tls_heap;
 
 static _Atomic int64_t small_live, small_peak;
 static _Atomic uint64_t committed_bytes, segment_bytes, span_count, heap_count;
+
 
 /* One bit per 4 MiB of a 48-bit address space marks slab segments, so that
  * free() can tell a slab block from a large block without touching either. */
@@ -326,7 +337,7 @@ static void segment_release(heap_t *h, segment_t *seg)
         h->spare = seg;
         return;
     }
-    h->dirty_bytes -= (size_t)__builtin_popcountll(dirty) * SLAB_PAGE_SIZE;
+    dirty_add(h, -(int64_t)__builtin_popcountll(dirty) * (int64_t)SLAB_PAGE_SIZE);
     atomic_fetch_sub_explicit(&segment_bytes, SEGMENT_SIZE, memory_order_relaxed);
     atomic_fetch_sub_explicit(&_ta_live_mappings, 1, memory_order_relaxed);
 }
@@ -360,7 +371,7 @@ static span_t *span_new(heap_t *h, int c)
     uint64_t was_dirty = seg->dirty_pages & run;
     seg->used_pages |= run;
     seg->dirty_pages &= ~run;
-    h->dirty_bytes -= (size_t)__builtin_popcountll(was_dirty) * SLAB_PAGE_SIZE;
+    dirty_add(h, -(int64_t)__builtin_popcountll(was_dirty) * (int64_t)SLAB_PAGE_SIZE);
     for (int i = 0; i < ci->pages; i++)
         seg->page_span[first + i] = (uint8_t)first;
 
@@ -423,7 +434,7 @@ static void span_release(heap_t *h, segment_t *seg, span_t *s)
     seg->dirty_pages |= run;
     if (h->dirty_bytes == 0)
         h->dirty_since_ms = _ta_os_now_ms();
-    h->dirty_bytes += (size_t)s->pages * SLAB_PAGE_SIZE;
+    dirty_add(h, (int64_t)s->pages * (int64_t)SLAB_PAGE_SIZE);
     atomic_fetch_sub_explicit(&committed_bytes, (uint64_t)s->pages * SLAB_PAGE_SIZE,
                               memory_order_relaxed);
     atomic_fetch_sub_explicit(&span_count, 1, memory_order_relaxed);
@@ -452,7 +463,7 @@ static void heap_purge(heap_t *h)
             if (_ta_os_advise_dontneed((char *)seg + (size_t)start * SLAB_PAGE_SIZE,
                                        (size_t)len * SLAB_PAGE_SIZE) == 0) {
                 seg->dirty_pages &= ~run; /* a failed advice leaves them dirty */
-                h->dirty_bytes -= (size_t)len * SLAB_PAGE_SIZE;
+                dirty_add(h, -(int64_t)len * (int64_t)SLAB_PAGE_SIZE);
             }
             d &= ~run;
         }
@@ -728,10 +739,6 @@ void _ta_small_stats(ta_stats_t *st)
     st->small_segment_bytes = atomic_load_explicit(&segment_bytes, memory_order_relaxed);
     st->small_spans = atomic_load_explicit(&span_count, memory_order_relaxed);
     st->heaps = atomic_load_explicit(&heap_count, memory_order_relaxed);
-    uint64_t dirty = 0;
-    _ta_lock(&heaps_lock);
-    for (heap_t *h = all_heaps; h; h = h->next_all)
-        dirty += __atomic_load_n(&h->dirty_bytes, __ATOMIC_RELAXED);
-    _ta_unlock(&heaps_lock);
-    st->small_dirty_bytes = dirty;
+    int64_t dirty = atomic_load_explicit(&dirty_total, memory_order_relaxed);
+    st->small_dirty_bytes = dirty > 0 ? (uint64_t)dirty : 0;
 }
