@@ -275,18 +275,23 @@ static void victims_free(victims_t *v)
     }
 }
 
+/* The least recently used entry that may lose memory now: unlocked, not
+ * loading, and holding bytes of the kind asked for. */
+static ta_entry_t *lru_victim(ta_cache_t *c, bool on_device)
+{
+    for (ta_entry_t *e = c->head; e; e = e->next)
+        if (e->locks == 0 && !e->loading && (on_device ? e->vram_bytes : e->ram_bytes) > 0)
+            return e;
+    return NULL;
+}
+
 /* Evicts least recently used unlocked entries until need more RAM bytes
  * fit the budget. Returns 0, or TA_ECACHEFULL when the rest is locked (or
  * too many victims for one pass; the caller retries). */
 static int make_room_ram(ta_cache_t *c, size_t need, victims_t *v)
 {
     while (c->ram_used + need > c->cfg.ram_budget) {
-        ta_entry_t *victim = NULL;
-        for (ta_entry_t *e = c->head; e; e = e->next)
-            if (e->locks == 0 && !e->loading && e->ram_bytes > 0) {
-                victim = e;
-                break;
-            }
+        ta_entry_t *victim = lru_victim(c, false);
         if (!victim || v->nwhole == 64)
             return victim ? EAGAIN : TA_ECACHEFULL;
         detach(c, victim);
@@ -320,6 +325,29 @@ static int reserve_ram(ta_cache_t *c, size_t need, victims_t *v, const char *wha
         c->ram_used += need;
         watermark(c);
     }
+    return rc;
+}
+
+/* Charges need more RAM bytes to a locked entry, evicting others as
+ * needed (victims are freed outside the mutex; a pass that collected too
+ * many to hold goes again). */
+static int charge_entry(ta_cache_t *c, ta_entry_t *e, size_t need, const char *what, bool record)
+{
+    int rc;
+    victims_t v;
+    do {
+        v = (victims_t){0};
+        pthread_mutex_lock(&c->mu);
+        if (e->locks <= 0)
+            rc = fail(EINVAL, "entry '%s' is not locked", e->key);
+        else if ((rc = reserve_ram(c, need, &v, what)) == 0) {
+            e->ram_bytes += need;
+            if (record)
+                record_size(c, e->key, e->ram_bytes);
+        }
+        pthread_mutex_unlock(&c->mu);
+        victims_free(&v);
+    } while (rc == EAGAIN);
     return rc;
 }
 
@@ -615,20 +643,7 @@ int ta_entry_add_tensor(ta_entry_t *e, const char *name, ta_dtype_t dtype, int n
     if (rc)
         return rc;
     ta_cache_t *c = e->cache;
-    victims_t v = {0};
-    do {
-        v.nwhole = v.ndevice = 0;
-        pthread_mutex_lock(&c->mu);
-        if (e->locks <= 0)
-            rc = fail(EINVAL, "entry '%s' is not locked", e->key);
-        else if ((rc = reserve_ram(c, n, &v, name)) == 0) {
-            e->ram_bytes += n;
-            record_size(c, e->key, e->ram_bytes);
-        }
-        pthread_mutex_unlock(&c->mu);
-        victims_free(&v);
-    } while (rc == EAGAIN);
-    if (rc)
+    if ((rc = charge_entry(c, e, n, name, true)) != 0)
         return rc;
     void *p = ta_malloc(n ? n : 1);
     if (!p || (rc = entry_append(e, name, dtype, ndim, shape, n, p)) != 0) {
@@ -756,12 +771,7 @@ static size_t entry_bytes(const ta_entry_t *e)
 static int make_room_vram(ta_cache_t *c, size_t need, victims_t *v)
 {
     while (c->vram_used + need > c->cfg.vram_budget) {
-        ta_entry_t *victim = NULL;
-        for (ta_entry_t *e = c->head; e; e = e->next)
-            if (e->locks == 0 && !e->loading && e->vram_bytes > 0) {
-                victim = e;
-                break;
-            }
+        ta_entry_t *victim = lru_victim(c, true);
         if (!victim)
             return TA_ECACHEFULL;
         if (v->nwhole == 64 || v->ndevice == 64)
@@ -900,17 +910,7 @@ int ta_entry_to_host(ta_entry_t *e)
     snapshot_if_debug(c, &before);
     size_t need = e->ram_bytes ? 0 : entry_bytes(e);
     if (need) {
-        victims_t v;
-        do {
-            v = (victims_t){0};
-            pthread_mutex_lock(&c->mu);
-            rc = reserve_ram(c, need, &v, e->key);
-            if (rc == 0)
-                e->ram_bytes = need;
-            pthread_mutex_unlock(&c->mu);
-            victims_free(&v);
-        } while (rc == EAGAIN);
-        if (rc)
+        if ((rc = charge_entry(c, e, need, e->key, false)) != 0)
             return rc;
         for (size_t i = 0; i < e->count && rc == 0; i++) {
             tensor_t *t = &e->tensors[i];
