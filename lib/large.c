@@ -4,8 +4,9 @@
  * and starts at its first byte. Metadata lives out of band in a hash table
  * keyed by address. Freed mappings go back to the kernel or, within the
  * pool's byte and age bounds, wait whole for the next large request, which
- * takes the best fit and trims or grows it with munmap/mremap (never
- * splitting one mapping between two blocks). The pool idea and its bounds
+ * takes the best fit and grows it with mremap or cuts it, keeping the cut
+ * end in the pool. Pool pieces of one mapping join up again when both are
+ * free. No two blocks ever share a page. The pool idea and its bounds
  * follow rpmalloc 2.0's huge-mapping cache; the age limit is enforced on
  * every free and by the purge thread (purge.c), so that memory goes back
  * even if the program goes quiet.
@@ -27,6 +28,7 @@ typedef struct {
     size_t capacity; /* mapped bytes */
     size_t size;     /* requested bytes, for statistics */
     bool pinned;     /* registered with the CUDA runtime (cuda.c) */
+    uint64_t origin; /* the mapping it was cut from (see pool_insert_locked) */
 } region_t;
 
 #define TABLE_MIN_SLOTS 1024
@@ -145,6 +147,9 @@ int _ta_large_pin_mark(const void *p, bool pin, uintptr_t *base, size_t *capacit
         rc = 1;
     else {
         r->pinned = pin;
+        /* The driver may change the pages' VMA: never join this block
+         * with its neighbours again. */
+        r->origin = 0;
         *base = r->addr;
         *capacity = r->capacity;
     }
@@ -183,6 +188,7 @@ typedef struct {
     uintptr_t addr;
     size_t capacity;
     uint64_t freed_ms;
+    uint64_t origin;
 } pool_entry_t;
 
 #define POOL_MAX_ENTRIES 1024
@@ -191,6 +197,7 @@ typedef struct {
 static pool_entry_t pool[POOL_MAX_ENTRIES];
 static size_t pool_count;
 static size_t pool_bytes;
+static uint64_t last_origin;
 
 /* A region to unmap once the lock is released. */
 typedef struct {
@@ -204,9 +211,45 @@ static void pool_remove_at(size_t i)
     pool[i] = pool[--pool_count];
 }
 
+/* Each mapping made by map or moved by mremap gets a new origin; the
+ * blocks and pool pieces cut from it keep it. Nothing is done to part of
+ * a piece, so pieces of one origin lie in one VMA and, adjacent and both
+ * free, can join into one entry that mremap can still move or grow (it
+ * refuses a range spanning two VMAs). Origin 0 never joins. */
+static uint64_t new_origin_locked(void)
+{
+    return ++last_origin;
+}
+
+/* Puts a free range into the pool (room checked by the caller), joining
+ * it with free neighbours cut from the same mapping. Returns how many
+ * entries it joined (each one mapping fewer to count). */
+static int pool_insert_locked(pool_entry_t e)
+{
+    int joined = 0;
+    for (size_t i = 0; e.origin != 0 && i < pool_count;) {
+        pool_entry_t n = pool[i];
+        if (n.origin == e.origin && (n.addr + n.capacity == e.addr || e.addr + e.capacity == n.addr)) {
+            pool_remove_at(i);
+            e.addr = n.addr < e.addr ? n.addr : e.addr;
+            e.capacity += n.capacity;
+            joined++;
+            if (joined == 2)
+                break;
+            continue; /* the entry moved into slot i: look at it too */
+        }
+        i++;
+    }
+    pool[pool_count++] = e;
+    pool_bytes += e.capacity;
+    return joined;
+}
+
 /* Takes out the entry that serves a request of capacity cap best: the
- * smallest entry >= cap whose address meets align, else the largest
- * smaller one (to be grown). Returns false if the pool has nothing. */
+ * smallest entry >= cap whose address meets align (the caller's, not the
+ * natural one: a pooled page is as good at any address, having been
+ * touched), else the largest smaller one (to be grown). Returns false if
+ * the pool has nothing. */
 static bool pool_take(size_t cap, size_t align, pool_entry_t *out)
 {
     size_t best = POOL_MAX_ENTRIES, below = POOL_MAX_ENTRIES;
@@ -307,7 +350,7 @@ static void release_mapping(uintptr_t addr, size_t size, bool counted)
     _ta_lock(&large_lock);
     bool kept = pool_count < POOL_MAX_ENTRIES;
     if (kept) {
-        pool[pool_count++] = (pool_entry_t){addr, size, _ta_os_now_ms()};
+        pool[pool_count++] = (pool_entry_t){addr, size, _ta_os_now_ms(), 0};
         pool_bytes += size;
     }
     _ta_unlock(&large_lock);
@@ -362,11 +405,45 @@ static void name_and_advise(void *p, size_t cap, size_t fresh_bytes)
     _ta_os_name(p, cap, "tensoralloc");
 }
 
-/* Fits a pooled entry to *capp: trims the tail or grows it, and stores the
- * capacity the block ends up with. Returns the block's address, or NULL
- * (the entry is then unmapped). */
-static void *pool_fit(pool_entry_t e, size_t *capp, size_t align, bool zero)
+/* The unused end of a pooled mapping stays in the pool as an entry of its
+ * own, with the age of the mapping it came from: its pages are touched, so
+ * the next load reuses them instead of faulting fresh ones in (unmapping
+ * the tails made model-switch fault 26% more pages than tcmalloc, and the
+ * kernel zero them; docs/design.md). Even a piece too small for the large
+ * path is kept: it joins its block again when that is freed. A piece
+ * beyond the pool's bounds is unmapped. Called without the lock. */
+static void pool_keep_tail(pool_entry_t tail)
 {
+    size_t max_bytes = (size_t)_ta_opt(TA_OPT_RETAIN_BYTES);
+    bool kept = false, first = false;
+    int joined = 0;
+    if (_ta_opt(TA_OPT_RETAIN_MS) > 0) {
+        _ta_lock(&large_lock);
+        if (pool_count < POOL_MAX_ENTRIES && pool_bytes + tail.capacity <= max_bytes) {
+            first = pool_count == 0;
+            joined = pool_insert_locked(tail);
+            kept = true;
+        }
+        _ta_unlock(&large_lock);
+    }
+    if (!kept) {
+        release_mapping(tail.addr, tail.capacity, false);
+        return;
+    }
+    /* A piece of a mapping may become a mapping of its own when its
+     * neighbour is unmapped: count it as one for the max_map_count guard. */
+    atomic_fetch_add_explicit(&_ta_live_mappings, 1 - joined, memory_order_relaxed);
+    if (first)
+        _ta_purge_wake(); /* the pool has a deadline to keep */
+}
+
+/* Fits a pooled entry to *capp: trims the tail (kept in the pool) or grows
+ * it, and stores the capacity the block ends up with. Returns the block's
+ * address, or NULL (the entry is then unmapped). A grown block was moved:
+ * its origin becomes 0, for the caller to give it a new one. */
+static void *pool_fit(pool_entry_t *entry, size_t *capp, size_t align, bool zero)
+{
+    pool_entry_t e = *entry;
     size_t cap = *capp;
     void *p = (void *)e.addr;
     size_t dirty = e.capacity;
@@ -379,7 +456,7 @@ static void *pool_fit(pool_entry_t e, size_t *capp, size_t align, bool zero)
             huge_cut < e.capacity)
             cap = huge_cut;
         if (cap < e.capacity)
-            release_mapping(e.addr + cap, e.capacity - cap, false);
+            pool_keep_tail((pool_entry_t){e.addr + cap, e.capacity - cap, e.freed_ms, e.origin});
         dirty = cap;
     } else if (e.capacity < cap) {
         if (_ta_os_remap_aligned(p, e.capacity, cap, align, &p) != 0) {
@@ -387,6 +464,7 @@ static void *pool_fit(pool_entry_t e, size_t *capp, size_t align, bool zero)
             return NULL;
         }
         name_and_advise(p, cap, cap - e.capacity);
+        entry->origin = 0;
     }
     if (zero)
         memset(p, 0, dirty);
@@ -407,12 +485,12 @@ void *_ta_large_alloc(size_t size, size_t alignment, bool zero)
         align = alignment;
 
     void *p = NULL;
-    pool_entry_t e;
+    pool_entry_t e = {0};
     _ta_lock(&large_lock);
-    bool from_pool = pool_take(cap, align, &e);
+    bool from_pool = pool_take(cap, alignment > page ? alignment : page, &e);
     _ta_unlock(&large_lock);
     if (from_pool)
-        p = pool_fit(e, &cap, align, zero);
+        p = pool_fit(&e, &cap, align, zero);
 
     if (p == NULL) {
         if (_ta_large_near_map_limit()) {
@@ -432,6 +510,7 @@ void *_ta_large_alloc(size_t size, size_t alignment, bool zero)
         atomic_fetch_add_explicit(&_ta_live_mappings, 1, memory_order_relaxed);
         name_and_advise(p, cap, cap);
         from_pool = false;
+        e.origin = 0;
     }
 
     if (table_reserve() != 0) { /* on success the lock is held */
@@ -439,7 +518,8 @@ void *_ta_large_alloc(size_t size, size_t alignment, bool zero)
         errno = ENOMEM;
         return NULL;
     }
-    table_put(table, table_slots, (region_t){(uintptr_t)p, cap, size, false});
+    uint64_t origin = e.origin != 0 ? e.origin : new_origin_locked();
+    table_put(table, table_slots, (region_t){(uintptr_t)p, cap, size, false, origin});
     table_used++;
     large_stats.live_bytes += size;
     if (large_stats.live_bytes > large_stats.peak_bytes)
@@ -480,6 +560,7 @@ int _ta_large_free(void *p)
     unmap_t victims[EVICT_BATCH + 2];
     size_t n = 0;
     int result = TA_LARGE_FREED;
+    int joined = 0;
     uint64_t now = _ta_os_now_ms();
     size_t max_bytes = (size_t)_ta_opt(TA_OPT_RETAIN_BYTES);
     uint64_t max_age = (uint64_t)_ta_opt(TA_OPT_RETAIN_MS);
@@ -506,8 +587,7 @@ int _ta_large_free(void *p)
         }
         if (pool_count == 0)
             result = TA_LARGE_POOLED_FIRST;
-        pool[pool_count++] = (pool_entry_t){gone.addr, gone.capacity, now};
-        pool_bytes += gone.capacity;
+        joined = pool_insert_locked((pool_entry_t){gone.addr, gone.capacity, now, gone.origin});
         while (pool_bytes > max_bytes && n < EVICT_BATCH + 1) {
             size_t o = pool_oldest();
             victims[n++] = (unmap_t){pool[o].addr, pool[o].capacity};
@@ -517,6 +597,8 @@ int _ta_large_free(void *p)
         victims[n++] = (unmap_t){gone.addr, gone.capacity};
     }
     _ta_unlock(&large_lock);
+    if (joined)
+        atomic_fetch_sub_explicit(&_ta_live_mappings, joined, memory_order_relaxed);
     unmap_all(victims, n);
     return result;
 }
@@ -578,7 +660,7 @@ void *_ta_large_realloc(void *p, size_t size)
         errno = ENOMEM;
         return NULL;
     }
-    table_put(table, table_slots, (region_t){(uintptr_t)q, cap, size, false});
+    table_put(table, table_slots, (region_t){(uintptr_t)q, cap, size, false, new_origin_locked()});
     table_used++;
     large_stats.live_bytes += size - old.size;
     if (large_stats.live_bytes > large_stats.peak_bytes)

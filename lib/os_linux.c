@@ -10,6 +10,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <stdatomic.h>
+#include <stdbool.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
@@ -100,11 +101,14 @@ int _ta_os_map(size_t size, size_t align, void **out)
 {
     int saved = errno;
     void *p = NULL;
-    int rc = raw_map(size, &p);
-    if (rc == 0 && ((uintptr_t)p & (align - 1)) != 0) {
-        /* Linux >= 6.7 aligns big anonymous mappings to 2 MiB itself; when
-         * it does not, map with slack and cut both ends off. */
-        _ta_os_unmap(p, size);
+    /* Linux >= 6.7 aligns anonymous mappings whose length is a multiple of
+     * 2 MiB to 2 MiB itself; other lengths, or a kernel that does not,
+     * take a mapping with slack whose ends are cut off. */
+    bool kernel_may_align = align <= _ta_os_page_size() || (size & (align - 1)) == 0;
+    int rc = kernel_may_align ? raw_map(size, &p) : 0;
+    if (rc == 0 && (!kernel_may_align || ((uintptr_t)p & (align - 1)) != 0)) {
+        if (kernel_may_align)
+            _ta_os_unmap(p, size);
         size_t slack = align - _ta_os_page_size();
         if (size + slack < size) {
             rc = ENOMEM;

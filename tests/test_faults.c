@@ -4,6 +4,7 @@
 
 #include <criterion/criterion.h>
 #include <errno.h>
+#include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/resource.h>
@@ -175,10 +176,18 @@ static void check_clean(uint64_t baseline_mappings)
                  (unsigned long long)st.mappings, (unsigned long long)baseline_mappings);
 }
 
-static void fault_sweep(void (*arm)(long), const char *kind)
+/* Runs the workload with the nth call of one kind failing, for n = 1..60.
+ * Returns how many calls of that kind (per calls_of) a clean run makes, so
+ * that a test can check that the sweep reached them. */
+static uint64_t fault_sweep(void (*arm)(long), const char *kind,
+                            uint64_t (*calls_of)(const ta_stats_t *))
 {
     ta_option_set(TA_OPT_RETAIN_MS, 60000); /* pool entries live until trim */
+    ta_stats_t st = stats_now();
+    uint64_t before = calls_of(&st);
     mixed_workload();
+    st = stats_now();
+    uint64_t clean_calls = calls_of(&st) - before;
     ta_trim();
     uint64_t baseline = stats_now().mappings;
     int total_failed = 0;
@@ -192,30 +201,63 @@ static void fault_sweep(void (*arm)(long), const char *kind)
         ta_free(after);
     }
     cr_log_info("%s faults: %d allocations failed cleanly", kind, total_failed);
+    return clean_calls;
+}
+
+static uint64_t map_calls(const ta_stats_t *st)
+{
+    return st->os_map_calls;
+}
+static uint64_t remap_calls(const ta_stats_t *st)
+{
+    return st->os_remap_calls;
+}
+static uint64_t unmap_calls(const ta_stats_t *st)
+{
+    return st->os_unmap_calls;
+}
+static uint64_t advise_calls(const ta_stats_t *st)
+{
+    return st->os_madvise_calls;
+}
+
+/* Every failure point the workload reaches fired: one failure per point,
+ * up to the calls a clean run makes (a fault can change the path after it,
+ * so allow a few points fewer). */
+static void assert_sweep_reached(uint64_t failures, uint64_t clean_calls, const char *kind)
+{
+    uint64_t points = clean_calls < 60 ? clean_calls : 60;
+    cr_log_info("%s: a clean run makes %" PRIu64 " calls; %" PRIu64 " failures injected", kind,
+                clean_calls, failures);
+    cr_assert_gt(clean_calls, 10, "the workload makes %" PRIu64 " %s calls: too few to sweep",
+                 clean_calls, kind);
+    cr_assert_geq(failures + 5, points, "%s: %" PRIu64 " failures for %" PRIu64 " points", kind,
+                  failures, points);
 }
 
 Test(faults, every_map_failure_point, .timeout = 120)
 {
-    fault_sweep(_ta_os_fail_nth_map, "map");
-    cr_assert_gt(stats_now().os_map_failures, 50);
+    uint64_t calls = fault_sweep(_ta_os_fail_nth_map, "map", map_calls);
+    assert_sweep_reached(stats_now().os_map_failures, calls, "map");
 }
 
 Test(faults, every_remap_failure_point, .timeout = 120)
 {
-    fault_sweep(_ta_os_fail_nth_remap, "remap");
+    uint64_t calls = fault_sweep(_ta_os_fail_nth_remap, "remap", remap_calls);
+    cr_assert_gt(calls, 0, "the workload must move or grow mappings");
 }
 
 Test(faults, every_unmap_failure_point, .timeout = 120)
 {
-    fault_sweep(_ta_os_fail_nth_unmap, "unmap");
-    cr_assert_gt(stats_now().os_unmap_failures, 50, "the sweep must hit unmaps");
+    uint64_t calls = fault_sweep(_ta_os_fail_nth_unmap, "unmap", unmap_calls);
+    assert_sweep_reached(stats_now().os_unmap_failures, calls, "unmap");
 }
 
 Test(faults, every_advise_failure_point, .timeout = 120)
 {
     ta_option_set(TA_OPT_THP, 1); /* every big mapping is advised */
-    fault_sweep(_ta_os_fail_nth_advise, "advise");
-    cr_assert_gt(stats_now().os_advise_failures, 50, "the sweep must hit advice calls");
+    uint64_t calls = fault_sweep(_ta_os_fail_nth_advise, "advise", advise_calls);
+    assert_sweep_reached(stats_now().os_advise_failures, calls, "advise");
 }
 
 /* The real thing: the kernel refuses memory under an address-space limit. */

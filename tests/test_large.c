@@ -3,6 +3,7 @@
  * huge-page advice, and memory really going back to the kernel. */
 #define _GNU_SOURCE
 #include "helpers.h"
+#include "internal.h"
 
 #include <criterion/criterion.h>
 #include <errno.h>
@@ -151,6 +152,92 @@ Test(large, pool_hands_a_freed_mapping_to_the_next_block)
     ta_free(d);
     ta_trim();
     cr_assert_eq(stats_now().pool_bytes, 0);
+}
+
+/* The VMA (line of /proc/self/maps) holding p. */
+static bool vma_of(const void *p, uintptr_t *start, uintptr_t *end)
+{
+    FILE *f = fopen("/proc/self/maps", "r");
+    if (!f)
+        return false;
+    char line[512];
+    bool found = false;
+    unsigned long s, e;
+    while (!found && fgets(line, sizeof line, f))
+        if (sscanf(line, "%lx-%lx ", &s, &e) == 2 && s <= (uintptr_t)p && (uintptr_t)p < e) {
+            *start = s;
+            *end = e;
+            found = true;
+        }
+    fclose(f);
+    return found;
+}
+
+/* The unused end of a pooled mapping stays pooled with its pages, the next
+ * block takes it without a fault, and the pieces join up again when both
+ * are free, into a range mremap can still grow. */
+Test(large, pool_keeps_cut_ends_and_joins_them)
+{
+    ta_option_set(TA_OPT_RETAIN_MS, 60000);
+    unsigned char *a = ta_malloc(20 * MiB);
+    memset(a, 0xA5, 20 * MiB);
+    ta_free(a);
+    ta_stats_t st = stats_now();
+    unsigned char *b = ta_malloc(4 * MiB);
+    cr_assert_eq(b, a);
+    ta_stats_t st2 = stats_now();
+    cr_assert_eq(st2.pool_entries, 1);
+    cr_assert_eq(st2.pool_bytes, 16 * MiB, "the cut end stays pooled");
+    unsigned char *c = ta_malloc(8 * MiB);
+    cr_assert_eq(c, a + 4 * MiB, "the next block takes the cut end");
+    static unsigned char vec[8 * MiB / 4096];
+    cr_assert_eq(mincore(c, 8 * MiB, vec), 0);
+    for (size_t i = 0; i < sizeof vec; i++)
+        cr_assert(vec[i] & 1, "page %zu of the reused end is not resident", i);
+    ta_stats_t st3 = stats_now();
+    cr_assert_eq(st3.os_map_calls, st.os_map_calls, "no new mapping");
+    cr_assert_eq(st3.pool_bytes, 8 * MiB);
+    ta_free(b);
+    ta_free(c);
+    ta_stats_t st4 = stats_now();
+    cr_assert_eq(st4.pool_entries, 1, "the three pieces joined");
+    cr_assert_eq(st4.pool_bytes, 20 * MiB);
+    uintptr_t vs, ve;
+    cr_assert(vma_of(a, &vs, &ve));
+    cr_assert(vs <= (uintptr_t)a && ve >= (uintptr_t)a + 20 * MiB,
+              "the joined entry spans VMAs: %lx-%lx", (unsigned long)vs, (unsigned long)ve);
+    unsigned char *d = ta_malloc(20 * MiB);
+    cr_assert_eq(d, a, "the joined entry serves the whole size again");
+    cr_assert_eq(d[0], 0xA5);
+    cr_assert_eq(d[20 * MiB - 1], 0xA5, "the same pages, not fresh ones");
+    uint64_t remaps = stats_now().os_remap_calls;
+    unsigned char *e = ta_realloc(d, 40 * MiB);
+    cr_assert_not_null(e);
+    cr_assert_gt(stats_now().os_remap_calls, remaps, "grown by mremap");
+    cr_assert_eq(e[20 * MiB - 1], 0xA5);
+    ta_free(e);
+    ta_trim();
+    cr_assert_eq(stats_now().pool_bytes, 0);
+}
+
+/* A block pinned for the GPU never joins its neighbours again (the driver
+ * may have split its VMA); it goes back to the pool as an entry alone. */
+Test(large, pinned_blocks_do_not_join)
+{
+    ta_option_set(TA_OPT_RETAIN_MS, 60000);
+    unsigned char *a = ta_malloc(20 * MiB);
+    ta_free(a);
+    unsigned char *b = ta_malloc(4 * MiB);
+    cr_assert_eq(b, a);
+    uintptr_t base;
+    size_t cap;
+    cr_assert_eq(_ta_large_pin_mark(b, true, &base, &cap), 0);
+    cr_assert_eq(_ta_large_pin_mark(b, false, &base, &cap), 0);
+    ta_free(b);
+    ta_stats_t st = stats_now();
+    cr_assert_eq(st.pool_entries, 2);
+    cr_assert_eq(st.pool_bytes, 20 * MiB);
+    ta_trim();
 }
 
 Test(large, retain_zero_unmaps_on_every_free)
