@@ -221,9 +221,10 @@ static uint64_t advise_calls(const ta_stats_t *st)
     return st->os_madvise_calls;
 }
 
-/* Every failure point the workload reaches fired: one failure per point,
- * up to the calls a clean run makes (a fault can change the path after it,
- * so allow a few points fewer). */
+/* The failure points the workload reaches fired: one failure per point, up
+ * to the calls a clean run makes. A fault changes the path after it (and
+ * the pool's state the next run), so runs after one may make fewer calls:
+ * three points in four must have fired. */
 static void assert_sweep_reached(uint64_t failures, uint64_t clean_calls, const char *kind)
 {
     uint64_t points = clean_calls < 60 ? clean_calls : 60;
@@ -231,7 +232,7 @@ static void assert_sweep_reached(uint64_t failures, uint64_t clean_calls, const 
                 clean_calls, failures);
     cr_assert_gt(clean_calls, 10, "the workload makes %" PRIu64 " %s calls: too few to sweep",
                  clean_calls, kind);
-    cr_assert_geq(failures + 5, points, "%s: %" PRIu64 " failures for %" PRIu64 " points", kind,
+    cr_assert_geq(failures * 4, points * 3, "%s: %" PRIu64 " failures for %" PRIu64 " points", kind,
                   failures, points);
 }
 
