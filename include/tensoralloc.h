@@ -2,8 +2,8 @@
 /*
  * tensoralloc public API: an arena-free allocator for processes that load,
  * move and drop large tensors. Large requests get a mapping of their own
- * (released to the kernel on free, or kept briefly in a bounded pool of
- * whole mappings); small requests go to size-class slabs. Failures return
+ * (released to the kernel on free, or kept briefly in a bounded pool for
+ * the next large request); small requests go to size-class slabs. Failures return
  * NULL (or an error code) and set errno, as the C library does.
  */
 #ifndef TENSORALLOC_H

@@ -1,12 +1,13 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * The large path: every block at or above the threshold owns one mapping
- * and starts at its first byte. Metadata lives out of band in a hash table
- * keyed by address. Freed mappings go back to the kernel or, within the
- * pool's byte and age bounds, wait whole for the next large request, which
- * takes the best fit and grows it with mremap or cuts it, keeping the cut
- * end in the pool. Pool pieces of one mapping join up again when both are
- * free. No two blocks ever share a page. The pool idea and its bounds
+ * The large path: every block at or above the threshold is a mapping of
+ * its own, or a piece of a pooled one, starts at its first byte and owns
+ * its pages. Metadata lives out of band in a hash table keyed by address.
+ * Freed blocks go back to the kernel or, within the pool's byte and age
+ * bounds, wait for the next large request, which takes the best fit and
+ * grows it with mremap or cuts it, keeping the cut end in the pool. Pool
+ * pieces of one mapping join up again when both are free. No two blocks
+ * ever share a page. The pool idea and its bounds
  * follow rpmalloc 2.0's huge-mapping cache; the age limit is enforced on
  * every free and by the purge thread (purge.c), so that memory goes back
  * even if the program goes quiet.
