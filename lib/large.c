@@ -247,10 +247,8 @@ static int pool_insert_locked(pool_entry_t e)
 }
 
 /* Takes out the entry that serves a request of capacity cap best: the
- * smallest entry >= cap whose address meets align (the caller's, not the
- * natural one: a pooled page is as good at any address, having been
- * touched), else the largest smaller one (to be grown). Returns false if
- * the pool has nothing. */
+ * smallest entry >= cap whose address meets align, else the largest
+ * smaller one (to be grown). Returns false if the pool has nothing. */
 static bool pool_take(size_t cap, size_t align, pool_entry_t *out)
 {
     size_t best = POOL_MAX_ENTRIES, below = POOL_MAX_ENTRIES;
@@ -406,29 +404,29 @@ static void name_and_advise(void *p, size_t cap, size_t fresh_bytes)
     _ta_os_name(p, cap, "tensoralloc");
 }
 
-/* The unused end of a pooled mapping stays in the pool as an entry of its
+/* The unused part of a pooled mapping stays in the pool as an entry of its
  * own, with the age of the mapping it came from: its pages are touched, so
  * the next load reuses them instead of faulting fresh ones in (unmapping
  * the tails made model-switch fault 26% more pages than tcmalloc, and the
  * kernel zero them; docs/design.md). Even a piece too small for the large
  * path is kept: it joins its block again when that is freed. A piece
  * beyond the pool's bounds is unmapped. Called without the lock. */
-static void pool_keep_tail(pool_entry_t tail)
+static void pool_keep_piece(pool_entry_t piece)
 {
     size_t max_bytes = (size_t)_ta_opt(TA_OPT_RETAIN_BYTES);
     bool kept = false, first = false;
     int joined = 0;
     if (_ta_opt(TA_OPT_RETAIN_MS) > 0) {
         _ta_lock(&large_lock);
-        if (pool_count < POOL_MAX_ENTRIES && pool_bytes + tail.capacity <= max_bytes) {
+        if (pool_count < POOL_MAX_ENTRIES && pool_bytes + piece.capacity <= max_bytes) {
             first = pool_count == 0;
-            joined = pool_insert_locked(tail);
+            joined = pool_insert_locked(piece);
             kept = true;
         }
         _ta_unlock(&large_lock);
     }
     if (!kept) {
-        release_mapping(tail.addr, tail.capacity, false);
+        release_mapping(piece.addr, piece.capacity, false);
         return;
     }
     /* A piece of a mapping may become a mapping of its own when its
@@ -438,7 +436,7 @@ static void pool_keep_tail(pool_entry_t tail)
         _ta_purge_wake(); /* the pool has a deadline to keep */
 }
 
-/* Fits a pooled entry to *capp: trims the tail (kept in the pool) or grows
+/* Fits a pooled entry to *capp: cuts it (the rest kept in the pool) or grows
  * it, and stores the capacity the block ends up with. Returns the block's
  * address, or NULL (the entry is then unmapped). A grown block was moved:
  * its origin becomes 0, for the caller to give it a new one. */
@@ -448,16 +446,24 @@ static void *pool_fit(pool_entry_t *entry, size_t *capp, size_t align, bool zero
     size_t cap = *capp;
     void *p = (void *)e.addr;
     size_t dirty = e.capacity;
-    if (e.capacity > cap) {
+    bool huge_aligned = (e.addr & (TA_HUGE_PAGE - 1)) == 0;
+    uintptr_t from_end = e.addr + e.capacity - cap;
+    if (e.capacity > cap && cap < TA_HUGE_PAGE && huge_aligned &&
+        e.capacity - cap >= TA_HUGE_PAGE && (from_end & (align - 1)) == 0) {
+        /* A small block from a big entry comes off its end, so that the
+         * rest keeps its 2 MiB alignment for blocks of 2 MiB and more. */
+        pool_keep_piece((pool_entry_t){e.addr, e.capacity - cap, e.freed_ms, e.origin});
+        p = (void *)from_end;
+        dirty = cap;
+    } else if (e.capacity > cap) {
         /* Cut a huge-page mapping only on a 2 MiB boundary: cutting inside
          * a huge page splits it, and on model-switch that tripled the run
          * time (docs/design.md). The block keeps the rest of that page. */
         size_t huge_cut = _ta_align_up(cap, TA_HUGE_PAGE);
-        if (cap >= TA_HUGE_PAGE && ((uintptr_t)p & (TA_HUGE_PAGE - 1)) == 0 &&
-            huge_cut < e.capacity)
+        if (cap >= TA_HUGE_PAGE && huge_aligned && huge_cut < e.capacity)
             cap = huge_cut;
         if (cap < e.capacity)
-            pool_keep_tail((pool_entry_t){e.addr + cap, e.capacity - cap, e.freed_ms, e.origin});
+            pool_keep_piece((pool_entry_t){e.addr + cap, e.capacity - cap, e.freed_ms, e.origin});
         dirty = cap;
     } else if (e.capacity < cap) {
         if (_ta_os_remap_aligned(p, e.capacity, cap, align, &p) != 0) {
@@ -488,7 +494,7 @@ void *_ta_large_alloc(size_t size, size_t alignment, bool zero)
     void *p = NULL;
     pool_entry_t e = {0};
     _ta_lock(&large_lock);
-    bool from_pool = pool_take(cap, alignment > page ? alignment : page, &e);
+    bool from_pool = pool_take(cap, align, &e);
     _ta_unlock(&large_lock);
     if (from_pool)
         p = pool_fit(&e, &cap, align, zero);

@@ -7,6 +7,7 @@
 
 #include <criterion/criterion.h>
 #include <errno.h>
+#include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/mman.h>
@@ -238,6 +239,51 @@ Test(large, pinned_blocks_do_not_join)
     cr_assert_eq(st.pool_entries, 2);
     cr_assert_eq(st.pool_bytes, 20 * MiB);
     ta_trim();
+}
+
+/* Random large blocks through a pool that cuts and joins pieces: blocks
+ * never overlap, keep their contents, and those of 2 MiB and more stay
+ * 2 MiB aligned (small blocks are cut off the end of big entries). */
+Test(large, pool_pieces_keep_blocks_apart_and_aligned)
+{
+    ta_option_set(TA_OPT_RETAIN_MS, 60000);
+    enum { LIVE = 48, OPS = 4000 };
+    static unsigned char *blk[LIVE];
+    static size_t len[LIVE];
+    uint64_t rng = 12345;
+    for (int op = 0; op < OPS; op++) {
+        rng = rng * 6364136223846793005ULL + 1442695040888963407ULL;
+        int i = (int)((rng >> 33) % LIVE);
+        if (blk[i]) {
+            cr_assert(pattern_ok(blk[i], 4096, (uint64_t)i + len[i]), "block %d head changed", i);
+            cr_assert(pattern_ok(blk[i] + len[i] - 4096, 4096, (uint64_t)i * 7 + len[i]),
+                      "block %d end changed", i);
+            ta_free(blk[i]);
+            blk[i] = NULL;
+            continue;
+        }
+        /* 256 KiB to 16 MiB, log-uniform */
+        size_t n = (size_t)256 << 10 << ((rng >> 20) % 7);
+        n += (size_t)((rng >> 40) % n);
+        blk[i] = ta_malloc(n);
+        len[i] = n;
+        cr_assert_not_null(blk[i]);
+        if (n >= 2 * MiB)
+            cr_assert_eq((uintptr_t)blk[i] % (2 * MiB), 0, "%zu-byte block at %p", n,
+                         (void *)blk[i]);
+        for (int j = 0; j < LIVE; j++)
+            if (j != i && blk[j])
+                cr_assert(blk[i] + n <= blk[j] || blk[j] + len[j] <= blk[i],
+                          "blocks %d and %d overlap", i, j);
+        pattern_fill(blk[i], 4096, (uint64_t)i + n);
+        pattern_fill(blk[i] + n - 4096, 4096, (uint64_t)i * 7 + n);
+    }
+    ta_stats_t st = stats_now();
+    cr_assert_gt(st.pool_hits, OPS / 4, "the pool served few blocks: %" PRIu64, st.pool_hits);
+    for (int i = 0; i < LIVE; i++)
+        ta_free(blk[i]);
+    ta_trim();
+    cr_assert_eq(stats_now().pool_bytes, 0);
 }
 
 Test(large, retain_zero_unmaps_on_every_free)
