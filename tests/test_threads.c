@@ -178,3 +178,42 @@ Test(threads, exited_threads_heaps_are_reused)
     ta_trim();
     cr_assert_lt(stats_now().small_live_bytes, 64 * KiB);
 }
+
+/* Cross-thread frees are batched by the freeing thread: a batch smaller
+ * than the flush size still reaches the owner when the freeing thread
+ * trims or exits, and a full batch goes at once. */
+enum { FEW = 10, MANY = 1000 };
+static void *few_blocks[MANY];
+
+static void *free_some(void *arg)
+{
+    int n = (int)(intptr_t)arg;
+    ta_free(ta_malloc(100)); /* this thread gets a heap of its own */
+    for (int i = 0; i < n; i++)
+        ta_free(few_blocks[i]);
+    return NULL;
+}
+
+static uint64_t live_after_owner_trim(void)
+{
+    ta_trim(); /* the owner drains what reached its stack */
+    return stats_now().small_live_bytes;
+}
+
+Test(threads, batched_cross_thread_frees_reach_their_owner)
+{
+    uint64_t base = live_after_owner_trim();
+    for (int i = 0; i < FEW; i++)
+        few_blocks[i] = ta_malloc(4000);
+    pthread_t t;
+    pthread_create(&t, NULL, free_some, (void *)(intptr_t)FEW);
+    pthread_join(t, NULL); /* exit flushes the batch of 10 */
+    cr_assert_leq(live_after_owner_trim(), base + 1024, "a short batch was lost at thread exit");
+
+    for (int i = 0; i < MANY; i++)
+        few_blocks[i] = ta_malloc(4000);
+    cr_assert_geq(live_after_owner_trim(), base + MANY * 4000);
+    pthread_create(&t, NULL, free_some, (void *)(intptr_t)MANY);
+    pthread_join(t, NULL);
+    cr_assert_leq(live_after_owner_trim(), base + 1024, "full batches were lost");
+}
