@@ -115,11 +115,6 @@ typedef struct heap_s {
     segment_t *segments;
     segment_t *spare;       /* one empty segment kept to avoid map/unmap churn */
     _Atomic(void *) remote; /* blocks freed by other threads */
-    /* Blocks this heap's thread freed for one other heap, linked through
-     * their first word, not yet pushed there (see remote_free). */
-    struct heap_s *out_owner;
-    void *out_head, *out_tail;
-    uint32_t out_count, out_bytes;
     struct heap_s *next_all;
     struct heap_s *next_abandoned;
     size_t dirty_bytes;
@@ -597,54 +592,6 @@ void *_ta_small_alloc(size_t size, size_t alignment, bool zero)
     return p;
 }
 
-/* Pushes the batch of blocks freed for another heap onto its stack with
- * one compare-and-swap. Returns true if that heap's thread has exited (the
- * purge thread must drain it). */
-static bool remote_flush(heap_t *h)
-{
-    heap_t *owner = h->out_owner;
-    if (owner == NULL)
-        return false;
-    void *first = h->out_head, *last = h->out_tail;
-    h->out_owner = NULL;
-    h->out_head = h->out_tail = NULL;
-    h->out_count = h->out_bytes = 0;
-    void *head = atomic_load_explicit(&owner->remote, memory_order_relaxed);
-    do {
-        *(void **)last = head;
-    } while (!atomic_compare_exchange_weak_explicit(&owner->remote, &head, first,
-                                                    memory_order_release, memory_order_relaxed));
-    return head == NULL && atomic_load_explicit(&owner->abandoned, memory_order_relaxed);
-}
-
-/* A block freed by a thread other than its heap's. Pushing each one onto
- * the owner's stack made both threads fight over that stack's cache line
- * on every free; the freeing thread batches up to 64 blocks or 64 KiB per
- * owner instead (jemalloc's and tcmalloc's thread caches flush remote
- * frees in batches too). A batch waits at most until the next remote free
- * for another heap, a full batch, the thread's trim or its exit; blocks
- * for a heap whose thread has exited go at once. */
-#define REMOTE_BATCH_BLOCKS 64
-#define REMOTE_BATCH_BYTES (64u << 10)
-
-static bool remote_free(heap_t *h, heap_t *owner, void *p, uint32_t bytes)
-{
-    bool wake = false;
-    if (h->out_owner != owner)
-        wake = remote_flush(h);
-    *(void **)p = h->out_head;
-    if (h->out_head == NULL)
-        h->out_tail = p;
-    h->out_head = p;
-    h->out_owner = owner;
-    h->out_count++;
-    h->out_bytes += bytes;
-    if (h->out_count >= REMOTE_BATCH_BLOCKS || h->out_bytes >= REMOTE_BATCH_BYTES ||
-        atomic_load_explicit(&owner->abandoned, memory_order_relaxed))
-        wake |= remote_flush(h);
-    return wake;
-}
-
 bool _ta_small_free(void *p, const char *call)
 {
     segment_t *seg;
@@ -656,8 +603,6 @@ bool _ta_small_free(void *p, const char *call)
         return false;
     }
     heap_t *owner = seg->heap;
-    if (h != NULL)
-        return remote_free(h, owner, p, s->block_size);
     void *head = atomic_load_explicit(&owner->remote, memory_order_relaxed);
     do {
         *(void **)p = head;
@@ -683,8 +628,6 @@ size_t _ta_small_usable(const void *p, const char *call)
  * free pages wait. */
 static bool heap_tidy(heap_t *h, bool force)
 {
-    if (remote_flush(h))
-        _ta_purge_wake();
     heap_collect(h);
     for (int c = 0; c < CLASS_COUNT; c++) {
         span_t *s = h->current[c];
