@@ -30,8 +30,7 @@
 #define SEGMENT_PAGES 64
 #define SPAN_MAX_BLOCKS 4096
 #define SEGMENT_MAGIC 0x5441534547ULL /* "TASEG" */
-#define PURGE_LIMIT ((size_t)8 << 20)       /* free pages a heap keeps for good */
-#define PURGE_HARD_LIMIT ((size_t)32 << 20) /* ... and for up to RETAIN_MS */
+#define PURGE_LIMIT ((size_t)8 << 20) /* free pages a heap may keep */
 #define STATS_BATCH 65536             /* live-byte deltas flushed beyond this */
 
 /* ---- size classes: 16-byte steps to 128, then four per doubling -------- */
@@ -447,13 +446,7 @@ static void span_release(heap_t *h, segment_t *seg, span_t *s)
             return;
         }
     }
-    /* Beyond PURGE_LIMIT, free pages wait RETAIN_MS (the large pool's
-     * delay) before going back, unless there are more than the hard
-     * limit: a model load right after an eviction reuses them instead of
-     * faulting fresh pages in. */
-    if (h->dirty_bytes > PURGE_HARD_LIMIT ||
-        (h->dirty_bytes > PURGE_LIMIT &&
-         _ta_os_now_ms() - h->dirty_since_ms >= (uint64_t)_ta_opt(TA_OPT_RETAIN_MS)))
+    if (h->dirty_bytes > PURGE_LIMIT)
         heap_purge(h);
 }
 

@@ -3,10 +3,7 @@
 #include "helpers.h"
 
 #include <criterion/criterion.h>
-#include <inttypes.h>
 #include <stdlib.h>
-#include <string.h>
-#include <unistd.h>
 
 Test(slab, every_small_size_is_usable_and_disjoint)
 {
@@ -84,38 +81,4 @@ Test(slab, statistics_track_small_bytes)
         ta_free(p[i]);
     ta_stats_t c = stats_now();
     cr_assert_eq(c.small_live_bytes, a.small_live_bytes);
-}
-
-/* Free pages beyond 8 MiB wait RETAIN_MS before going back to the kernel
- * (a load right after an eviction reuses them), but never more than 32 MiB
- * of them per heap. */
-static void churn_small(size_t bytes)
-{
-    enum { BLOCK = 1000 };
-    size_t n = bytes / BLOCK;
-    void **p = ta_malloc(n * sizeof *p);
-    for (size_t i = 0; i < n; i++) {
-        p[i] = ta_malloc(BLOCK);
-        cr_assert_not_null(p[i]);
-        memset(p[i], 1, BLOCK);
-    }
-    for (size_t i = 0; i < n; i++)
-        ta_free(p[i]);
-    ta_free(p);
-}
-
-Test(slab, free_pages_wait_then_go_back)
-{
-    ta_option_set(TA_OPT_RETAIN_MS, 60000);
-    churn_small(20 * MiB);
-    uint64_t dirty = stats_now().small_dirty_bytes;
-    cr_assert_gt(dirty, 8 * MiB, "young free pages were purged: %" PRIu64 " bytes left", dirty);
-    churn_small(80 * MiB);
-    dirty = stats_now().small_dirty_bytes;
-    cr_assert_leq(dirty, 32 * MiB, "free pages over the hard limit: %" PRIu64, dirty);
-    ta_option_set(TA_OPT_RETAIN_MS, 1);
-    usleep(5000);
-    churn_small(20 * MiB);
-    dirty = stats_now().small_dirty_bytes;
-    cr_assert_leq(dirty, 9 * MiB, "old free pages were kept: %" PRIu64 " bytes", dirty);
 }
