@@ -12,8 +12,8 @@
  * drains when a class runs dry and on trim (the idea of mimalloc's
  * thread-free lists, kept to one list per heap). A span that empties gives
  * its pages back to the segment; free pages are returned to the kernel
- * with MADV_DONTNEED once a heap holds more than a few MiB of them for long
- * enough, and on trim. A heap whose thread exits is abandoned and later adopted whole by
+ * with MADV_DONTNEED once a heap holds more than a few MiB of them, and on
+ * trim. A heap whose thread exits is abandoned and later adopted whole by
  * a new thread, so heaps are never destroyed.
  */
 #define _GNU_SOURCE
