@@ -40,15 +40,14 @@ static void fork_child(void)
 static void process_init_slow(void)
 {
     int expected = 0;
-    if (!atomic_compare_exchange_strong(&process_state, &expected, 1)) {
-        /* Another thread is at it, or this one re-entered from
-         * pthread_atfork. Either way the options must be read before the
-         * caller uses them: _ta_options_init waits for the thread reading
-         * them (it never allocates, so it never re-enters). */
-        _ta_options_init();
-        return;
-    }
+    bool mine = atomic_compare_exchange_strong(&process_state, &expected, 1);
+    /* Whoever loses (another thread, or this one re-entering from
+     * pthread_atfork) still needs the options read before it uses them:
+     * _ta_options_init waits for the thread reading them (it never
+     * allocates, so it never re-enters). */
     _ta_options_init();
+    if (!mine)
+        return;
     /* pthread_atfork may allocate: it re-enters malloc, which is fine now
      * that the options are read and the state says "initialising". */
     pthread_atfork(fork_prepare, fork_parent, fork_child);

@@ -230,7 +230,8 @@ static int pool_insert_locked(pool_entry_t e)
     int joined = 0;
     for (size_t i = 0; e.origin != 0 && i < pool_count;) {
         pool_entry_t n = pool[i];
-        if (n.origin == e.origin && (n.addr + n.capacity == e.addr || e.addr + e.capacity == n.addr)) {
+        if (n.origin == e.origin &&
+            (n.addr + n.capacity == e.addr || e.addr + e.capacity == n.addr)) {
             pool_remove_at(i);
             e.addr = n.addr < e.addr ? n.addr : e.addr;
             e.capacity += n.capacity;
@@ -348,10 +349,8 @@ static void release_mapping(uintptr_t addr, size_t size, bool counted)
     }
     _ta_lock(&large_lock);
     bool kept = pool_count < POOL_MAX_ENTRIES;
-    if (kept) {
-        pool[pool_count++] = (pool_entry_t){addr, size, _ta_os_now_ms(), 0};
-        pool_bytes += size;
-    }
+    if (kept)
+        pool_insert_locked((pool_entry_t){addr, size, _ta_os_now_ms(), 0}); /* joins nothing */
     _ta_unlock(&large_lock);
     if (kept && !counted)
         atomic_fetch_add_explicit(&_ta_live_mappings, 1, memory_order_relaxed);

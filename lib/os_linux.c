@@ -10,7 +10,6 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <stdatomic.h>
-#include <stdbool.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
@@ -97,30 +96,43 @@ int _ta_os_unmap(void *addr, size_t size)
     return rc;
 }
 
+/* Maps size + align - page bytes and cuts both ends off, leaving an
+ * aligned range of size bytes. */
+static int map_with_slack(size_t size, size_t align, void **out)
+{
+    size_t slack = align - _ta_os_page_size();
+    if (size + slack < size)
+        return ENOMEM;
+    void *p;
+    int rc = raw_map(size + slack, &p);
+    if (rc != 0)
+        return rc;
+    uintptr_t start = ((uintptr_t)p + align - 1) & ~(uintptr_t)(align - 1);
+    size_t head = start - (uintptr_t)p;
+    if (head)
+        _ta_os_unmap(p, head);
+    if (slack - head)
+        _ta_os_unmap((char *)start + size, slack - head);
+    *out = (void *)start;
+    return 0;
+}
+
 int _ta_os_map(size_t size, size_t align, void **out)
 {
     int saved = errno;
     void *p = NULL;
+    int rc;
     /* Linux >= 6.7 aligns anonymous mappings whose length is a multiple of
-     * 2 MiB to 2 MiB itself; other lengths, or a kernel that does not,
-     * take a mapping with slack whose ends are cut off. */
-    bool kernel_may_align = align <= _ta_os_page_size() || (size & (align - 1)) == 0;
-    int rc = kernel_may_align ? raw_map(size, &p) : 0;
-    if (rc == 0 && (!kernel_may_align || ((uintptr_t)p & (align - 1)) != 0)) {
-        if (kernel_may_align)
+     * 2 MiB to 2 MiB itself: try a plain mapping for those. Other lengths,
+     * or a kernel that does not, take a mapping with slack. */
+    if (align <= _ta_os_page_size() || (size & (align - 1)) == 0) {
+        rc = raw_map(size, &p);
+        if (rc == 0 && ((uintptr_t)p & (align - 1)) != 0) {
             _ta_os_unmap(p, size);
-        size_t slack = align - _ta_os_page_size();
-        if (size + slack < size) {
-            rc = ENOMEM;
-        } else if ((rc = raw_map(size + slack, &p)) == 0) {
-            uintptr_t start = ((uintptr_t)p + align - 1) & ~(uintptr_t)(align - 1);
-            size_t head = start - (uintptr_t)p;
-            if (head)
-                _ta_os_unmap(p, head);
-            if (slack - head)
-                _ta_os_unmap((char *)start + size, slack - head);
-            p = (void *)start;
+            rc = map_with_slack(size, align, &p);
         }
+    } else {
+        rc = map_with_slack(size, align, &p);
     }
     if (rc == 0)
         *out = p;
