@@ -32,6 +32,7 @@ static struct {
 } rt;
 
 static pthread_mutex_t rt_mutex = PTHREAD_MUTEX_INITIALIZER;
+static pthread_mutex_t pinned_mutex = PTHREAD_MUTEX_INITIALIZER; /* blocks pinned in place */
 static int rt_status = -1; /* -1 not tried, 0 loaded, else the error code */
 static int rt_device = -1;
 static TA_TLS int tls_device = -1;
@@ -58,6 +59,45 @@ static int cuda_fail(ta_cuerr_t e)
 }
 
 static void unpin_hook(uintptr_t base, size_t capacity);
+
+/* ---- fork: CUDA cannot be used in a child of a process that loaded the
+ * runtime (CUDA C Programming Guide, "Initialization"). The child gets
+ * fresh locks, its runtime state says "no device", and pinned blocks it
+ * frees are forgotten without calling the runtime. */
+static bool forked_child; /* set in the child only, before it runs anything */
+static ta_lock_t stats_lock;
+
+static void cuda_fork_prepare(void)
+{
+    pthread_mutex_lock(&rt_mutex);
+    pthread_mutex_lock(&pinned_mutex);
+    _ta_lock(&stats_lock);
+}
+
+static void cuda_fork_parent(void)
+{
+    _ta_unlock(&stats_lock);
+    pthread_mutex_unlock(&pinned_mutex);
+    pthread_mutex_unlock(&rt_mutex);
+}
+
+static void cuda_fork_child(void)
+{
+    _ta_unlock(&stats_lock);
+    pthread_mutex_init(&pinned_mutex, NULL);
+    pthread_mutex_init(&rt_mutex, NULL);
+    if (rt_status == 0) {
+        forked_child = true;
+        __atomic_store_n(&rt_status, TA_ENODEVICE, __ATOMIC_RELEASE);
+        last_code = TA_CU_ERR_NODEVICE;
+        last_message = "the CUDA runtime cannot be used in a child forked after it was loaded";
+    }
+}
+
+static void cuda_fork_register(void)
+{
+    pthread_atfork(cuda_fork_prepare, cuda_fork_parent, cuda_fork_child);
+}
 
 static int rt_load_locked(void)
 {
@@ -98,8 +138,10 @@ static int rt_load_locked(void)
 
 int ta_cuda_init(int device)
 {
+    static pthread_once_t fork_once = PTHREAD_ONCE_INIT;
     if (device < 0)
         return EINVAL;
+    pthread_once(&fork_once, cuda_fork_register);
     pthread_mutex_lock(&rt_mutex);
     if (rt_status < 0)
         __atomic_store_n(&rt_status, rt_load_locked(), __ATOMIC_RELEASE);
@@ -148,7 +190,6 @@ int ta_cuda_last_error(const char **message)
 
 /* ---- statistics ----------------------------------------------------------------- */
 
-static ta_lock_t stats_lock;
 static ta_cuda_stats_t cstats;
 
 int ta_cuda_stats_get(ta_cuda_stats_t *out)
@@ -262,8 +303,7 @@ typedef struct pinned_s {
     struct pinned_s *next;
 } pinned_t;
 
-static pthread_mutex_t pinned_mutex = PTHREAD_MUTEX_INITIALIZER;
-static pinned_t *pinned_list;
+static pinned_t *pinned_list; /* guarded by pinned_mutex */
 
 static bool pinned_forget(uintptr_t base)
 {
@@ -295,7 +335,7 @@ static bool pinned_covers(const void *p, size_t n)
 /* Called by the large path before a pinned block's pages go away. */
 static void unpin_hook(uintptr_t base, size_t capacity)
 {
-    if (pinned_forget(base))
+    if (pinned_forget(base) && !forked_child)
         unregister_range((void *)base, capacity);
 }
 

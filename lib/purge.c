@@ -84,10 +84,14 @@ void _ta_purge_fork_parent(void)
     pthread_mutex_unlock(&purge_mutex);
 }
 
-/* The child has no purge thread; the next need starts one. */
+/* The child has no purge thread; the next need starts one. The mutex and
+ * the condition variable are made anew rather than unlocked: glibc's
+ * condition variable keeps the parent's waiter (the purge thread) in its
+ * state, and a signal in the child would wait for that waiter forever. */
 void _ta_purge_fork_child(void)
 {
-    pthread_mutex_unlock(&purge_mutex);
+    pthread_mutex_init(&purge_mutex, NULL);
+    pthread_cond_init(&purge_cond, NULL);
     atomic_store(&purge_started, 0);
     purge_pending = false;
 }

@@ -13,6 +13,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <stdlib.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 static struct {
@@ -312,4 +313,49 @@ Test(cuda_real, real_runtime_without_gpu_fails_cleanly)
     int code = ta_cuda_last_error(&msg);
     cr_assert(code == 100 || code == 35 || code == 34, "CUDA code %d (%s)", code, msg);
     check_all_fail_with(TA_ENODEVICE);
+}
+
+/* A child forked after the runtime was loaded must not call it (CUDA does
+ * not survive fork), must not hang on locks a parent thread held, and can
+ * still free blocks the parent pinned. */
+static void *hold_pinned_lock(void *arg)
+{
+    for (int i = 0; i < 2000; i++) {
+        void *p = ta_malloc(4 * MiB);
+        if (p && ta_cuda_pin(p) == 0)
+            ta_cuda_unpin(p);
+        ta_free(p);
+    }
+    return arg;
+}
+
+Test(cuda, forked_child_gets_no_device_and_frees_pinned_blocks)
+{
+    void *pinned = ta_malloc(8 * MiB);
+    cr_assert_eq(ta_cuda_pin(pinned), 0);
+    pthread_t t;
+    cr_assert_eq(pthread_create(&t, NULL, hold_pinned_lock, NULL), 0);
+    for (int round = 0; round < 20; round++) {
+        long before = fake.calls("cudaHostUnregister");
+        pid_t pid = fork();
+        cr_assert_geq(pid, 0);
+        if (pid == 0) {
+            alarm(10);
+            int rc = ta_cuda_init(0);
+            void *p = ta_malloc(4 * MiB);
+            int pin = ta_cuda_pin(p);
+            ta_free(p);
+            ta_free(pinned); /* the parent's registration: forgotten, no CUDA call */
+            bool ok = rc == TA_ENODEVICE && pin == TA_ENODEVICE &&
+                      fake.calls("cudaHostUnregister") == before;
+            _exit(ok ? 0 : 1);
+        }
+        int status;
+        cr_assert_eq(waitpid(pid, &status, 0), pid);
+        cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0,
+                  "round %d: child status %d (SIGALRM = hung)", round, status);
+    }
+    pthread_join(t, NULL);
+    ta_free(pinned);
+    no_violations();
 }
