@@ -66,7 +66,7 @@ TA_API void ta_trim(void);
  */
 TA_API struct mallinfo2 ta_mallinfo2(void);
 
-#define TA_STATS_VERSION 2
+#define TA_STATS_VERSION 3
 
 typedef struct ta_stats_s {
     size_t size;      /* set to sizeof(ta_stats_t) by the caller */
@@ -107,8 +107,12 @@ typedef struct ta_stats_s {
     uint64_t opt_verbose;
     /* version 2 */
     uint64_t mappings;           /* mappings tensoralloc holds (all kinds) */
-    uint64_t os_unmap_failures;  /* failed munmaps (the range is kept, retried) */
+    uint64_t os_unmap_failures;  /* failed munmaps (the range is parked, retried) */
     uint64_t os_advise_failures; /* failed madvise calls (absorbed) */
+    /* version 3 */
+    uint64_t parked_count; /* ranges whose munmap failed, memory given back, retried */
+    uint64_t parked_bytes;
+    uint64_t small_remote_released_bytes; /* pages of blocks freed into idle heaps, returned */
 } ta_stats_t;
 
 /* Fills *stats; stats->size must be set. Returns 0 or EINVAL. */

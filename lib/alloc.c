@@ -71,17 +71,35 @@ static inline size_t threshold(void)
     return (size_t)_ta_opt(TA_OPT_THRESHOLD);
 }
 
-/* alignment: a power of two; 0 or <= TA_MIN_ALIGN means natural. */
+static void *alloc_path(size_t size, size_t alignment, bool zero)
+{
+    if (size < threshold() && alignment <= TA_SMALL_MAX_ALIGN)
+        return _ta_small_alloc(size, alignment, zero);
+    return _ta_large_alloc(size, alignment, zero);
+}
+
+/* alignment: a power of two; 0 or <= TA_MIN_ALIGN means natural. Before
+ * an allocation fails, what is retained (pool entries, parked unmaps, free
+ * slab pages and segments) goes back to the kernel and the request is
+ * tried once more: under RLIMIT_AS or a cgroup limit, the pool's address
+ * space is the room the request needs. */
 static void *alloc_aligned(size_t size, size_t alignment, bool zero)
 {
     process_init();
-    if (size < threshold() && alignment <= ((size_t)64 << 10))
-        return _ta_small_alloc(size, alignment, zero);
     if (alignment > ((size_t)1 << 40)) {
         errno = ENOMEM;
         return NULL;
     }
-    return _ta_large_alloc(size, alignment, zero);
+    void *p = alloc_path(size, alignment, zero);
+    if (TA_UNLIKELY(p == NULL) && size <= SIZE_MAX / 2) {
+        _ta_large_trim(true);
+        _ta_small_trim();
+        errno = 0;
+        p = alloc_path(size, alignment, zero);
+        if (p == NULL && errno == 0)
+            errno = ENOMEM;
+    }
+    return p;
 }
 
 void *ta_malloc(size_t size)
@@ -192,7 +210,7 @@ int ta_posix_memalign(void **out, size_t alignment, size_t size)
 void ta_trim(void)
 {
     process_init();
-    _ta_large_trim();
+    _ta_large_trim(true);
     _ta_small_trim();
 }
 

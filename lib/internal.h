@@ -93,7 +93,9 @@ bool _ta_large_expire(void);
 /* Resizes a large block to size (>= threshold) with mremap; returns NULL
  * with errno set on failure (the block is untouched then). */
 void *_ta_large_realloc(void *p, size_t size);
-void _ta_large_trim(void);
+/* Empties the pool; with parked set, also retries every parked unmap
+ * (else only those whose retry time has come). */
+void _ta_large_trim(bool parked);
 /* Marks (pin) or unmarks the large block starting at p as registered with
  * CUDA and returns its mapping. Returns 0, -1 if p is not a live large
  * block, 1 if it already is in that state. */
@@ -110,6 +112,10 @@ void _ta_large_fork_child(void);
 
 /* ---- small path (slab.c) ------------------------------------------------- */
 #define TA_SMALL_MAX ((size_t)1 << 20) /* largest slab size class */
+/* The largest alignment slab blocks can honour: spans start on 64 KiB
+ * pages, so no block is aligned beyond that. */
+#define TA_SMALL_MAX_ALIGN ((size_t)64 << 10)
+/* alignment <= TA_SMALL_MAX_ALIGN (larger ones fail with EINVAL). */
 void *_ta_small_alloc(size_t size, size_t alignment, bool zero);
 /* True if p lies in a slab segment (cheap, no lock). */
 bool _ta_small_owns(const void *p);

@@ -335,9 +335,91 @@ static bool thp_wanted(size_t cap, size_t fresh_bytes)
     return false;
 }
 
+/* ---- parked unmaps ------------------------------------------------------------
+ * A munmap can fail: at vm.max_map_count, unmapping the middle of a mapping
+ * needs a VMA split the kernel refuses (ENOMEM). The range is then given
+ * back with MADV_DONTNEED (which splits nothing), all but its first page,
+ * and parked: a node in that first page links it into a list that nothing
+ * bounds, so no range is ever lost. Parked ranges are retried on trim, on
+ * memory pressure and by the purge thread, at growing intervals
+ * (PARK_FIRST_MS doubling) and PARK_TIMED_TRIES times at most: a process
+ * idle at the limit stops trying and uses no CPU. Guarded by large_lock. */
+
+#define PARK_FIRST_MS 100
+#define PARK_TIMED_TRIES 5 /* the last timed retry about 3 s after the failure */
+
+typedef struct parked_s {
+    struct parked_s *next;
+    size_t size;
+    uint64_t retry_ms; /* next timed retry */
+    uint32_t tries;    /* timed retries made */
+} parked_t;
+
+static parked_t *parked_list;
+static size_t parked_count, parked_bytes;
+
+static bool parked_timed_left_locked(void)
+{
+    for (parked_t *q = parked_list; q; q = q->next)
+        if (q->tries < PARK_TIMED_TRIES)
+            return true;
+    return false;
+}
+
+static void park_range(uintptr_t addr, size_t size, uint32_t tries)
+{
+    size_t page = _ta_os_page_size();
+    if (tries == 0 && size > page) /* give the memory back at least */
+        _ta_os_advise_dontneed((void *)(addr + page), size - page);
+    parked_t *q = (parked_t *)addr;
+    q->size = size;
+    q->tries = tries;
+    q->retry_ms = _ta_os_now_ms() + ((uint64_t)PARK_FIRST_MS << (tries < 20 ? tries : 20));
+    _ta_lock(&large_lock);
+    q->next = parked_list;
+    parked_list = q;
+    __atomic_store_n(&parked_count, parked_count + 1, __ATOMIC_RELAXED);
+    parked_bytes += size;
+    _ta_unlock(&large_lock);
+}
+
+/* Retries the parked ranges whose time has come (all of them when force
+ * is set): each once per call, without the lock held. */
+static void parked_retry(bool force)
+{
+    uint64_t now = _ta_os_now_ms();
+    _ta_lock(&large_lock);
+    parked_t *due = NULL, **pp = &parked_list;
+    while (*pp) {
+        parked_t *q = *pp;
+        if (force || (q->tries < PARK_TIMED_TRIES && now >= q->retry_ms)) {
+            *pp = q->next;
+            __atomic_store_n(&parked_count, parked_count - 1, __ATOMIC_RELAXED);
+            parked_bytes -= q->size;
+            q->next = due;
+            due = q;
+        } else {
+            pp = &q->next;
+        }
+    }
+    _ta_unlock(&large_lock);
+    while (due) {
+        parked_t *q = due;
+        due = q->next;
+        size_t size = q->size;
+        uint32_t tries = q->tries + (force ? 0 : 1);
+        if (_ta_os_unmap(q, size) == 0) {
+            atomic_fetch_sub_explicit(&_ta_live_mappings, 1, memory_order_relaxed);
+            recycled_add(size);
+        } else {
+            park_range((uintptr_t)q, size, tries ? tries : 1);
+        }
+    }
+}
+
 /* Gives a range back to the kernel. counted: the range is a mapping the
- * guard already counts (else a piece cut off one). A failed munmap keeps the
- * range in the pool, where expiry and trim try again. Called without the
+ * guard already counts (else a piece cut off one, which becomes one when
+ * its unmap fails). A failed munmap parks the range. Called without the
  * lock held. */
 static void release_mapping(uintptr_t addr, size_t size, bool counted)
 {
@@ -347,15 +429,12 @@ static void release_mapping(uintptr_t addr, size_t size, bool counted)
         recycled_add(size);
         return;
     }
-    _ta_lock(&large_lock);
-    bool kept = pool_count < POOL_MAX_ENTRIES;
-    if (kept)
-        pool_insert_locked((pool_entry_t){addr, size, _ta_os_now_ms(), 0}); /* joins nothing */
-    _ta_unlock(&large_lock);
-    if (kept && !counted)
+    if (!counted)
         atomic_fetch_add_explicit(&_ta_live_mappings, 1, memory_order_relaxed);
-    _ta_log(false, "tensoralloc: munmap(%p, %zu) failed; %s\n", (void *)addr, size,
-            kept ? "will retry" : "range lost");
+    park_range(addr, size, 0);
+    _ta_log(false, "tensoralloc: munmap(%p, %zu) failed; parked, will retry\n", (void *)addr,
+            size);
+    _ta_purge_wake(); /* the timed retries */
 }
 
 static void unmap_all(const unmap_t *list, size_t n)
@@ -500,8 +579,11 @@ void *_ta_large_alloc(size_t size, size_t alignment, bool zero)
 
     if (p == NULL) {
         if (_ta_large_near_map_limit()) {
-            _ta_large_trim(); /* pool entries are mappings too */
-            if (_ta_large_near_map_limit() && size <= TA_SMALL_MAX) {
+            _ta_large_trim(false); /* pool entries are mappings too */
+            /* Slabs are the fallback only where they honour the alignment;
+             * otherwise the kernel has the last word. */
+            if (_ta_large_near_map_limit() && size <= TA_SMALL_MAX &&
+                alignment <= TA_SMALL_MAX_ALIGN) {
                 _ta_lock(&large_lock);
                 large_stats.fallbacks++;
                 _ta_unlock(&large_lock);
@@ -606,6 +688,8 @@ int _ta_large_free(void *p)
     if (joined)
         atomic_fetch_sub_explicit(&_ta_live_mappings, joined, memory_order_relaxed);
     unmap_all(victims, n);
+    if (TA_UNLIKELY(__atomic_load_n(&parked_count, __ATOMIC_RELAXED) != 0))
+        parked_retry(false); /* without a purge thread, frees keep the retries going */
     return result;
 }
 
@@ -622,6 +706,10 @@ bool _ta_large_expire(void)
         _ta_unlock(&large_lock);
         unmap_all(victims, n);
     } while (n == EVICT_BATCH);
+    parked_retry(false);
+    _ta_lock(&large_lock);
+    left |= parked_timed_left_locked();
+    _ta_unlock(&large_lock);
     return left;
 }
 
@@ -676,10 +764,13 @@ void *_ta_large_realloc(void *p, size_t size)
     return q;
 }
 
-void _ta_large_trim(void)
+/* Each pass takes what is in the pool when it starts: a failed unmap parks
+ * its range instead of putting it back, so this always ends. */
+void _ta_large_trim(bool parked)
 {
     unmap_t victims[EVICT_BATCH];
     size_t n;
+    parked_retry(parked);
     do {
         _ta_lock(&large_lock);
         n = pool_evict(_ta_os_now_ms(), 0, 0, victims, EVICT_BATCH);
@@ -702,6 +793,8 @@ void _ta_large_stats(ta_stats_t *st)
     st->pool_misses = large_stats.pool_misses;
     st->pool_expired = large_stats.pool_expired;
     st->maxmap_fallbacks = large_stats.fallbacks;
+    st->parked_count = parked_count;
+    st->parked_bytes = parked_bytes;
     _ta_unlock(&large_lock);
     st->map_limit = (uint64_t)map_limit();
 }

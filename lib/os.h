@@ -64,5 +64,8 @@ void _ta_os_fail_nth_map(long n);
 void _ta_os_fail_nth_remap(long n);
 void _ta_os_fail_nth_unmap(long n);
 void _ta_os_fail_nth_advise(long n);
+/* While on, every unmap fails with ENOMEM (what vm.max_map_count does to
+ * unmaps that split a mapping). */
+void _ta_os_fail_every_unmap(int on);
 
 #endif

@@ -59,6 +59,13 @@ void _ta_os_fail_nth_unmap(long n)
     atomic_store(&fail_unmap_countdown, n);
 }
 
+static atomic_int fail_every_unmap;
+
+void _ta_os_fail_every_unmap(int on)
+{
+    atomic_store(&fail_every_unmap, on);
+}
+
 void _ta_os_fail_nth_advise(long n)
 {
     atomic_store(&fail_advise_countdown, n);
@@ -84,7 +91,7 @@ int _ta_os_unmap(void *addr, size_t size)
 {
     int saved = errno;
     int rc;
-    if (hook_fires(&fail_unmap_countdown)) {
+    if ((hook_fires(&fail_unmap_countdown) || atomic_load(&fail_every_unmap))) {
         rc = ENOMEM;
     } else {
         counter_bump(&count_unmap);

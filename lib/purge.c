@@ -16,6 +16,7 @@
 static pthread_mutex_t purge_mutex = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t purge_cond = PTHREAD_COND_INITIALIZER;
 static atomic_int purge_started;
+static _Atomic uint64_t purge_failed_ms; /* when pthread_create last failed */
 static bool purge_pending; /* guarded by purge_mutex: a wake since the last pass */
 
 static void *purge_main(void *arg)
@@ -43,8 +44,16 @@ static void *purge_main(void *arg)
     return NULL;
 }
 
+/* At vm.max_map_count the thread's stack cannot be mapped: then the pool
+ * ages on allocator calls only, and creation is tried again a second
+ * later, not on every wake. */
+#define PURGE_RETRY_CREATE_MS 1000
+
 static void purge_start(void)
 {
+    uint64_t failed = atomic_load_explicit(&purge_failed_ms, memory_order_relaxed);
+    if (failed != 0 && _ta_os_now_ms() - failed < PURGE_RETRY_CREATE_MS)
+        return;
     int expected = 0;
     if (!atomic_compare_exchange_strong(&purge_started, &expected, 1))
         return;
@@ -57,6 +66,8 @@ static void purge_start(void)
     pthread_attr_setstacksize(&attr, 128 << 10);
     pthread_t tid;
     if (pthread_create(&tid, &attr, purge_main, NULL) != 0) {
+        uint64_t now = _ta_os_now_ms();
+        atomic_store(&purge_failed_ms, now ? now : 1);
         atomic_store(&purge_started, 0);
         _ta_log(false, "tensoralloc: no purge thread; the pool ages on allocator calls only\n");
     }
@@ -66,8 +77,11 @@ static void purge_start(void)
 
 void _ta_purge_wake(void)
 {
-    if (atomic_load_explicit(&purge_started, memory_order_relaxed) == 0)
+    if (atomic_load_explicit(&purge_started, memory_order_relaxed) == 0) {
         purge_start();
+        if (atomic_load_explicit(&purge_started, memory_order_relaxed) == 0)
+            return; /* no thread to wake */
+    }
     pthread_mutex_lock(&purge_mutex);
     purge_pending = true;
     pthread_cond_signal(&purge_cond);
@@ -93,5 +107,6 @@ void _ta_purge_fork_child(void)
     pthread_mutex_init(&purge_mutex, NULL);
     pthread_cond_init(&purge_cond, NULL);
     atomic_store(&purge_started, 0);
+    atomic_store(&purge_failed_ms, 0);
     purge_pending = false;
 }

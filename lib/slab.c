@@ -554,6 +554,10 @@ static void *alloc_slow(heap_t *h, int c)
 
 void *_ta_small_alloc(size_t size, size_t alignment, bool zero)
 {
+    if (TA_UNLIKELY(alignment > TA_SMALL_MAX_ALIGN)) {
+        errno = EINVAL;
+        return NULL;
+    }
     heap_t *h = heap_get();
     if (TA_UNLIKELY(h == NULL)) {
         errno = ENOMEM;
@@ -565,7 +569,7 @@ void *_ta_small_alloc(size_t size, size_t alignment, bool zero)
     int c = class_of(size);
     /* Blocks are aligned to their size's largest power-of-two factor (spans
      * start on 64 KiB); move up until the class size is a multiple. */
-    while (alignment > TA_MIN_ALIGN && classes[c].block_size % alignment)
+    while (c < CLASS_COUNT && alignment > TA_MIN_ALIGN && classes[c].block_size % alignment)
         c++;
     if (TA_UNLIKELY(c >= CLASS_COUNT)) {
         errno = ENOMEM;

@@ -20,7 +20,9 @@
                     X(small_spans) X(heaps) X(os_map_calls) X(os_unmap_calls) X(os_remap_calls)    \
                         X(os_madvise_calls) X(os_map_failures) X(opt_threshold)                    \
                             X(opt_retain_bytes) X(opt_retain_ms) X(opt_thp) X(opt_verbose)         \
-                                X(mappings) X(os_unmap_failures) X(os_advise_failures)
+                                X(mappings) X(os_unmap_failures) X(os_advise_failures)    \
+                                    X(parked_count) X(parked_bytes)                        \
+                                        X(small_remote_released_bytes)
 
 static void stats_collect(ta_stats_t *st)
 {

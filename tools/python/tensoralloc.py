@@ -24,7 +24,8 @@ _STAT_FIELDS = [
     "small_committed_bytes", "small_dirty_bytes", "small_segment_bytes", "small_spans",
     "heaps", "os_map_calls", "os_unmap_calls", "os_remap_calls", "os_madvise_calls",
     "os_map_failures", "opt_threshold", "opt_retain_bytes", "opt_retain_ms", "opt_thp",
-    "opt_verbose", "mappings", "os_unmap_failures", "os_advise_failures",
+    "opt_verbose", "mappings", "os_unmap_failures", "os_advise_failures", "parked_count",
+    "parked_bytes", "small_remote_released_bytes",
 ]
 
 
