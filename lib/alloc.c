@@ -13,7 +13,8 @@
 #include <pthread.h>
 #include <string.h>
 
-static atomic_int process_state; /* 0 new, 1 initialising, 2 ready */
+static atomic_int process_state; /* 0 not ready, 2 ready */
+static atomic_bool setup_claimed, atfork_done;
 
 /* Lock order: purge mutex, large lock, heaps lock. */
 static void fork_prepare(void)
@@ -37,21 +38,23 @@ static void fork_child(void)
     _ta_purge_fork_child();
 }
 
+/* Every call takes this path until the options have been read from a real
+ * environment and the fork handlers are in place. */
 static void process_init_slow(void)
 {
-    int expected = 0;
-    bool mine = atomic_compare_exchange_strong(&process_state, &expected, 1);
-    /* Whoever loses (another thread, or this one re-entering from
-     * pthread_atfork) still needs the options read before it uses them:
-     * _ta_options_init waits for the thread reading them (it never
+    /* Whoever loses the set-up (another thread, or this one re-entering
+     * from pthread_atfork) still needs the options read before it uses
+     * them: _ta_options_init waits for the thread reading them (it never
      * allocates, so it never re-enters). */
     _ta_options_init();
-    if (!mine)
-        return;
-    /* pthread_atfork may allocate: it re-enters malloc, which is fine now
-     * that the options are read and the state says "initialising". */
-    pthread_atfork(fork_prepare, fork_parent, fork_child);
-    atomic_store_explicit(&process_state, 2, memory_order_release);
+    if (!atomic_exchange(&setup_claimed, true)) {
+        /* pthread_atfork may allocate: it re-enters malloc, which is fine
+         * now that the options are read. */
+        pthread_atfork(fork_prepare, fork_parent, fork_child);
+        atomic_store(&atfork_done, true);
+    }
+    if (_ta_options_final() && atomic_load(&atfork_done))
+        atomic_store_explicit(&process_state, 2, memory_order_release);
 }
 
 static inline void process_init(void)

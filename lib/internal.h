@@ -40,6 +40,8 @@ __attribute__((noreturn, cold)) void _ta_fatal(const char *call, const void *add
 /* ---- options (options.c) ------------------------------------------------ */
 extern long long _ta_options[TA_OPT_COUNT_];
 void _ta_options_init(void); /* idempotent; reads environ, never allocates */
+/* False while the options were read before environ existed (defaults). */
+bool _ta_options_final(void);
 static inline long long _ta_opt(ta_option_t o)
 {
     return __atomic_load_n(&_ta_options[o], __ATOMIC_RELAXED);

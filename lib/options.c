@@ -147,12 +147,18 @@ void _ta_options_init(void)
                         : option_table[i].kind == KIND_BOOL ? "0 or 1"
                         : option_table[i].kind == KIND_THP  ? "off, on or auto"
                                                             : "a number",
-                        option_table[i].min, option_table[i].max, option_table[i].def);
+                        option_table[i].min, option_table[i].max, _ta_options[i]);
         }
     }
-    /* Before libc has set environ (the dynamic loader's first mallocs) the
-     * defaults serve, and the variables are read again on a later call. */
+    /* Before libc has set environ (the dynamic loader's first mallocs, a
+     * constructor of another preloaded library) the defaults serve, and the
+     * variables are read again on a later call. */
     atomic_store_explicit(&options_state, environ_ready() ? 2 : 0, memory_order_release);
+}
+
+bool _ta_options_final(void)
+{
+    return atomic_load_explicit(&options_state, memory_order_acquire) == 2;
 }
 
 long long ta_option_get(ta_option_t option)

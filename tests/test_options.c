@@ -8,7 +8,10 @@
 #include <criterion/criterion.h>
 #include <criterion/redirect.h>
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 Test(options, sizes_with_suffixes)
 {
@@ -100,10 +103,74 @@ Test(options, stats_struct_is_versioned)
     cr_assert_eq(st.large_peak_bytes, ~0ULL, "fields past size are untouched");
 }
 
-Test(options, stats_at_exit, .init = cr_redirect_stderr)
+/* The report is printed by a destructor at exit: a child process exits
+ * with stderr on a pipe, and the report it wrote is checked here. */
+Test(options, stats_at_exit)
 {
-    /* the destructor runs when this test's process exits; here we check
-     * the option is read */
-    setenv("TENSORALLOC_STATS", "1", 1);
-    cr_assert_eq(ta_option_get(TA_OPT_STATS), 1);
+    int fds[2];
+    cr_assert_eq(pipe(fds), 0);
+    pid_t pid = fork();
+    cr_assert_geq(pid, 0);
+    if (pid == 0) {
+        dup2(fds[1], 2);
+        close(fds[0]);
+        setenv("TENSORALLOC_STATS", "1", 1);
+        void *p = ta_malloc(3 * MiB); /* still live at exit: one large block */
+        (void)p;
+        exit(0); /* runs the destructors */
+    }
+    close(fds[1]);
+    char buf[8192];
+    size_t len = 0;
+    ssize_t n;
+    while (len < sizeof buf - 1 && (n = read(fds[0], buf + len, sizeof buf - 1 - len)) > 0)
+        len += (size_t)n;
+    buf[len] = '\0';
+    close(fds[0]);
+    int status;
+    cr_assert_eq(waitpid(pid, &status, 0), pid);
+    cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    cr_assert(strstr(buf, "large_live_count"), "no report at exit: \"%s\"", buf);
+    cr_assert(strstr(buf, "opt_threshold"), "%s", buf);
+    const char *live = strstr(buf, "large_live_count");
+    cr_assert(live && strpbrk(live, "0123456789") && *strpbrk(live, "0123456789") == '1',
+              "the live block is not in the report: %s", buf);
+}
+
+/* The message names the value actually kept: RETAIN_BYTES defaults to an
+ * eighth of RAM, not to the table's 1 GiB. */
+Test(options, bad_value_message_names_the_value_in_force, .init = cr_redirect_stderr)
+{
+    setenv("TENSORALLOC_RETAIN_BYTES", "much", 1);
+    long long kept = ta_option_get(TA_OPT_RETAIN_BYTES);
+    fflush(stderr);
+    char want[256];
+    snprintf(want, sizeof want,
+             "tensoralloc: ignoring TENSORALLOC_RETAIN_BYTES=much (expected a size such as 512K "
+             "or 2M in [0, 1125899906842624]); keeping %lld\n",
+             kept);
+    cr_assert_stderr_eq_str(want);
+}
+
+/* A first allocation made before environ exists (a constructor of another
+ * preloaded library) runs on the defaults; the variables are read as soon
+ * as they can be. Before the fix they were never read. */
+extern char **environ;
+Test(options, read_once_environ_exists)
+{
+    setenv("TENSORALLOC_THRESHOLD", "64K", 1);
+    char **saved = environ;
+    environ = NULL;
+    void *early = ta_malloc(100 * KiB); /* defaults: 256 KiB threshold, small */
+    environ = saved;
+    /* Only allocations in between, as in a preloaded program: statistics
+     * and option calls read the options themselves. A large block has
+     * exactly its page-rounded size; the 100 KiB slab class is 112 KiB. */
+    void *p = ta_malloc(100 * KiB);
+    size_t early_usable = ta_usable_size(early), usable = ta_usable_size(p);
+    cr_assert_neq(early_usable, 100 * KiB, "the early block went by the defaults");
+    cr_assert_eq(usable, 100 * KiB, "the threshold from the environment is not in force");
+    cr_assert_eq(ta_option_get(TA_OPT_THRESHOLD), 64 * KiB);
+    ta_free(p);
+    ta_free(early);
 }
