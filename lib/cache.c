@@ -49,6 +49,9 @@ struct ta_entry {
     size_t vram_bytes; /* charged: tensor bytes on the device */
     int locks;
     bool loading;
+    bool moving;      /* a device move is in flight (moves are serialised) */
+    bool drop_host;   /* free the host copy when the last holder unlocks */
+    bool drop_device; /* free the device copy when the last holder unlocks */
     struct ta_entry *prev, *next; /* LRU order: head least recently used */
 };
 
@@ -682,14 +685,61 @@ int ta_cache_get(ta_cache_t *c, const char *key, ta_entry_t **out)
     return 0;
 }
 
+/* The copy a move left for other holders goes with the last of them. */
+static void drop_copies_locked(ta_cache_t *c, ta_entry_t *e, void **host, void **dev)
+{
+    for (size_t i = 0; i < e->count; i++) {
+        if (e->drop_host) {
+            host[i] = e->tensors[i].data;
+            e->tensors[i].data = NULL;
+        }
+        if (e->drop_device) {
+            dev[i] = e->tensors[i].dev;
+            e->tensors[i].dev = NULL;
+        }
+    }
+    if (e->drop_host) {
+        c->ram_used -= e->ram_bytes;
+        e->ram_bytes = 0;
+    }
+    if (e->drop_device) {
+        c->vram_used -= e->vram_bytes;
+        e->vram_bytes = 0;
+    }
+    e->drop_host = e->drop_device = false;
+}
+
+static void free_copies(size_t n, void **host, void **dev)
+{
+    for (size_t i = 0; i < n; i++) {
+        ta_free(host[i]);
+        if (dev[i])
+            ta_cuda_device_free(dev[i]);
+    }
+    free(host);
+    free(dev);
+}
+
 void ta_entry_unlock(ta_entry_t *e)
 {
     if (!e)
         return;
-    pthread_mutex_lock(&e->cache->mu);
+    ta_cache_t *c = e->cache;
+    void **host = NULL, **dev = NULL;
+    size_t n = 0;
+    pthread_mutex_lock(&c->mu);
     if (e->locks > 0)
         e->locks--;
-    pthread_mutex_unlock(&e->cache->mu);
+    if (e->locks == 0 && (e->drop_host || e->drop_device)) {
+        host = calloc(e->count + 1, sizeof *host);
+        dev = calloc(e->count + 1, sizeof *dev);
+        if (host && dev) { /* else the copy stays until eviction frees it */
+            n = e->count;
+            drop_copies_locked(c, e, host, dev);
+        }
+    }
+    pthread_mutex_unlock(&c->mu);
+    free_copies(n, host, dev);
 }
 
 int ta_cache_remove(ta_cache_t *c, const char *key)
@@ -807,6 +857,53 @@ static int pool_ready(ta_cache_t *c)
     return rc;
 }
 
+/* Moves of one entry run one at a time: a second mover waits for the
+ * first, then finds the entry where the first left it. */
+static void move_begin(ta_cache_t *c, ta_entry_t *e)
+{
+    pthread_mutex_lock(&c->mu);
+    while (e->moving)
+        pthread_cond_wait(&c->loaded, &c->mu);
+    e->moving = true;
+    pthread_mutex_unlock(&c->mu);
+}
+
+static int move_end(ta_cache_t *c, ta_entry_t *e, int rc)
+{
+    pthread_mutex_lock(&c->mu);
+    e->moving = false;
+    pthread_cond_broadcast(&c->loaded);
+    pthread_mutex_unlock(&c->mu);
+    return rc;
+}
+
+/* Frees the copy a move leaves behind (host is true for the host copy) if
+ * the mover is the only holder; otherwise the other holders may be reading
+ * it, and it goes when the last of them unlocks (still charged till then). */
+static void release_old_copy(ta_cache_t *c, ta_entry_t *e, bool host)
+{
+    void **h = calloc(e->count + 1, sizeof *h), **d = calloc(e->count + 1, sizeof *d);
+    size_t n = 0;
+    pthread_mutex_lock(&c->mu);
+    if (host)
+        e->drop_host = true;
+    else
+        e->drop_device = true;
+    if (e->locks == 1 && h && d) {
+        n = e->count;
+        drop_copies_locked(c, e, h, d);
+    }
+    pthread_mutex_unlock(&c->mu);
+    if (n == 0) {
+        free(h);
+        free(d);
+        return;
+    }
+    free_copies(n, h, d);
+}
+
+static int move_to_device(ta_entry_t *e);
+
 int ta_entry_to_device(ta_entry_t *e)
 {
     if (!e || e->locks <= 0)
@@ -815,8 +912,20 @@ int ta_entry_to_device(ta_entry_t *e)
     int rc = ta_cuda_init(c->cfg.device);
     if (rc)
         return fail(rc, "no device: %s", ta_strerror(rc));
-    if (e->vram_bytes > 0)
+    move_begin(c, e);
+    return move_end(c, e, move_to_device(e));
+}
+
+static int move_to_device(ta_entry_t *e)
+{
+    ta_cache_t *c = e->cache;
+    int rc;
+    if (e->vram_bytes > 0) { /* already there (perhaps moved by another holder) */
+        pthread_mutex_lock(&c->mu);
+        e->drop_device = false; /* wanted on the device after all */
+        pthread_mutex_unlock(&c->mu);
         return 0;
+    }
     if ((rc = pool_ready(c)) != 0)
         return fail(rc, "pinned pool: %s", ta_strerror(rc));
     size_t need = entry_bytes(e);
@@ -877,16 +986,8 @@ int ta_entry_to_device(ta_entry_t *e)
         pthread_mutex_unlock(&c->mu);
         return rc;
     }
-    if (!c->cfg.keep_ram_copy) {
-        for (size_t i = 0; i < e->count; i++) {
-            ta_free(e->tensors[i].data);
-            e->tensors[i].data = NULL;
-        }
-        pthread_mutex_lock(&c->mu);
-        c->ram_used -= e->ram_bytes;
-        e->ram_bytes = 0;
-        pthread_mutex_unlock(&c->mu);
-    }
+    if (!c->cfg.keep_ram_copy)
+        release_old_copy(c, e, true);
     pthread_mutex_lock(&c->mu);
     c->st.device_moves++;
     pthread_mutex_unlock(&c->mu);
@@ -896,13 +997,26 @@ int ta_entry_to_device(ta_entry_t *e)
     return 0;
 }
 
+static int move_to_host(ta_entry_t *e);
+
 int ta_entry_to_host(ta_entry_t *e)
 {
     if (!e || e->locks <= 0)
         return fail(EINVAL, "the entry must be locked");
+    move_begin(e->cache, e);
+    return move_end(e->cache, e, move_to_host(e));
+}
+
+static int move_to_host(ta_entry_t *e)
+{
     ta_cache_t *c = e->cache;
     if (e->vram_bytes == 0)
         return 0;
+    if (e->ram_bytes) { /* the host copy was kept for other holders: keep it now */
+        pthread_mutex_lock(&c->mu);
+        e->drop_host = false;
+        pthread_mutex_unlock(&c->mu);
+    }
     int rc = pool_ready(c);
     if (rc)
         return fail(rc, "pinned pool: %s", ta_strerror(rc));
@@ -932,13 +1046,8 @@ int ta_entry_to_host(ta_entry_t *e)
             return rc;
         }
     }
-    for (size_t i = 0; i < e->count; i++) {
-        ta_cuda_device_free(e->tensors[i].dev);
-        e->tensors[i].dev = NULL;
-    }
+    release_old_copy(c, e, false);
     pthread_mutex_lock(&c->mu);
-    c->vram_used -= e->vram_bytes;
-    e->vram_bytes = 0;
     c->st.device_moves++;
     pthread_mutex_unlock(&c->mu);
     cache_log(c, TA_LOG_INFO, "moved '%s' to the host", e->key);

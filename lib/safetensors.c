@@ -200,14 +200,21 @@ int _ta_st_read_header(int fd, _ta_st_header_t *out, char *err, size_t errlen)
         }
         memcpy(sorted, out->tensors, out->count * sizeof *sorted);
         qsort(sorted, out->count, sizeof *sorted, by_begin);
-        for (size_t i = 1; i < out->count; i++) {
-            const _ta_st_tensor_t *a = &sorted[i - 1], *b = &sorted[i];
-            if (b->begin < a->end && b->end > b->begin) {
+        /* Against the furthest end so far, not the neighbour: an empty
+         * tensor between two overlapping ones must not hide the overlap
+         * (sorted by begin, so any overlap shows against the furthest). */
+        const _ta_st_tensor_t *a = NULL; /* the non-empty tensor reaching furthest */
+        for (size_t i = 0; i < out->count && rc == 0; i++) {
+            const _ta_st_tensor_t *b = &sorted[i];
+            if (b->end == b->begin)
+                continue; /* empty: overlaps nothing */
+            if (a != NULL && b->begin < a->end) {
                 snprintf(err, errlen, "tensors '%s' [%llu, %llu) and '%s' [%llu, %llu) overlap",
                          a->name, (unsigned long long)a->begin, (unsigned long long)a->end, b->name,
                          (unsigned long long)b->begin, (unsigned long long)b->end);
                 rc = TA_EFORMAT;
-                break;
+            } else if (a == NULL || b->end > a->end) {
+                a = b;
             }
         }
         free(sorted);

@@ -11,6 +11,7 @@
 
 #include <criterion/criterion.h>
 #include <errno.h>
+#include <inttypes.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -378,6 +379,15 @@ Test(cache, malformed_safetensors_are_refused_and_change_nothing)
              15);
     expect_refused(p, "overlap");
 
+    /* an empty tensor between two overlapping ones hid the overlap */
+    snprintf(p, sizeof p, "%s/overlap-empty", dir);
+    write_st(p,
+             "{\"a\":{\"dtype\":\"U8\",\"shape\":[100],\"data_offsets\":[0,100]},"
+             "\"e\":{\"dtype\":\"U8\",\"shape\":[0],\"data_offsets\":[10,10]},"
+             "\"c\":{\"dtype\":\"U8\",\"shape\":[10],\"data_offsets\":[20,30]}}",
+             100);
+    expect_refused(p, "tensors 'a' [0, 100) and 'c' [20, 30) overlap");
+
     snprintf(p, sizeof p, "%s/dtype", dir);
     write_st(p, "{\"w\":{\"dtype\":\"Q4\",\"shape\":[4],\"data_offsets\":[0,2]}}", 2);
     expect_refused(p, "unknown dtype 'Q4'");
@@ -650,5 +660,72 @@ Test(cache, device_moves_fail_cleanly_without_a_gpu)
     ta_entry_tensor(a, "w", &t);
     cr_assert_eq(((unsigned char *)t.data)[0], 1, "the entry is untouched");
     ta_entry_unlock(a);
+    ta_cache_destroy(c);
+}
+
+/* Holders of one entry that move it at once: the moves are serialised
+ * (one VRAM reservation, one set of device copies), and the host copy that
+ * keep_ram_copy = false gives up stays readable until the last holder
+ * unlocks. Before the fix both threads reserved VRAM, the second overwrote
+ * the first's device pointers, and the host data was freed under readers. */
+enum { MOVERS = 4 };
+static pthread_barrier_t movers_ready;
+
+static void *move_and_read(void *arg)
+{
+    ta_cache_t *c = arg;
+    ta_entry_t *e;
+    if (ta_cache_get(c, "m", &e) != 0)
+        return (void *)1;
+    ta_tensor_t t;
+    ta_entry_tensor(e, "w", &t);
+    const unsigned char *host = t.data; /* read after the moves, while still locked */
+    pthread_barrier_wait(&movers_ready);
+    int rc = ta_entry_to_device(e);
+    size_t bad = 0;
+    for (size_t i = 0; i < 4 * MiB; i += 4096)
+        bad += host[i] != 0x6b;
+    pthread_barrier_wait(&movers_ready); /* everyone has read before anyone unlocks */
+    ta_entry_unlock(e);
+    return (void *)(uintptr_t)(rc != 0 || bad != 0);
+}
+
+Test(cache, concurrent_moves_of_one_entry_are_serialised)
+{
+    use_fake_cudart();
+    ta_cache_config_t cfg = {
+        .size = sizeof cfg, .ram_budget = 64 * MiB, .vram_budget = 64 * MiB, .keep_ram_copy = false};
+    ta_cache_t *c;
+    cr_assert_eq(ta_cache_create(&cfg, &c), 0);
+    for (int round = 0; round < 20; round++) {
+        cr_assert_eq(put(c, "m", 4 * MiB, 0x6b), 0);
+        pthread_barrier_init(&movers_ready, NULL, MOVERS);
+        pthread_t tid[MOVERS];
+        for (int i = 0; i < MOVERS; i++)
+            cr_assert_eq(pthread_create(&tid[i], NULL, move_and_read, c), 0);
+        for (int i = 0; i < MOVERS; i++) {
+            void *bad;
+            pthread_join(tid[i], &bad);
+            cr_assert_null(bad, "round %d: a mover failed or read freed host data", round);
+        }
+        pthread_barrier_destroy(&movers_ready);
+        ta_cache_stats_t s = cstats(c);
+        cr_assert_eq(s.vram_used, 4 * MiB, "round %d: VRAM charged %" PRIu64, round, s.vram_used);
+        cr_assert_eq(s.ram_used, 0, "the host copy goes with the last holder");
+        cr_assert_eq(s.device_moves, 2 * (uint64_t)round + 1, "one move to the device per round");
+        ta_entry_t *e;
+        cr_assert_eq(ta_cache_get(c, "m", &e), 0);
+        ta_tensor_t t;
+        ta_entry_tensor(e, "w", &t);
+        cr_assert_null(t.data);
+        cr_assert_not_null(t.device_data);
+        cr_assert_eq(ta_entry_to_host(e), 0, "%s", ta_cache_last_error());
+        ta_entry_tensor(e, "w", &t);
+        cr_assert_eq(((unsigned char *)t.data)[4 * MiB - 1], 0x6b);
+        ta_entry_unlock(e);
+        cr_assert_eq(ta_cache_remove(c, "m"), 0);
+    }
+    ta_cache_stats_t s = cstats(c);
+    cr_assert_eq(s.vram_used, 0);
     ta_cache_destroy(c);
 }
