@@ -491,6 +491,15 @@ static int pool_take(ta_pinned_pool_t *pool, int n, size_t size, void **out)
     for (int i = have; i < n; i++) {
         buffer_t *b = ta_malloc(sizeof *b);
         void *p = b ? _ta_large_alloc(size, page, false) : NULL;
+        uintptr_t base;
+        size_t cap;
+        /* Marked pinned like a block pinned in place, so that the large path
+         * never joins it with neighbours in a VMA the driver may split. A
+         * slab block (the map-limit fallback) cannot be a staging buffer. */
+        if (p != NULL && _ta_large_pin_mark(p, true, &base, &cap) != 0) {
+            ta_free(p);
+            p = NULL;
+        }
         if (p == NULL) {
             ta_free(b);
             rc = ENOMEM;

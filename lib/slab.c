@@ -226,7 +226,22 @@ static void slab_init_once(void)
     _ta_unlock(&heaps_lock);
 }
 
-/* Adopts an abandoned heap or carves a new one. */
+/* Cuts a heap off the current chunk (heaps_lock held), or NULL. */
+static heap_t *heap_carve_locked(void)
+{
+    size_t step = _ta_align_up(sizeof(heap_t), 64);
+    if (heap_chunk_left < step)
+        return NULL;
+    heap_t *h = (heap_t *)heap_chunk;
+    heap_chunk += step;
+    heap_chunk_left -= step;
+    return h;
+}
+
+/* Adopts an abandoned heap or carves a new one. Threads that find the
+ * chunk used up at once all map a new one; the first to install its chunk
+ * wins and the others carve from it and unmap theirs (before, each
+ * installed its own, and the chunks replaced were lost). */
 static heap_t *heap_acquire(void)
 {
     if (!atomic_load_explicit(&slab_ready, memory_order_acquire))
@@ -238,23 +253,27 @@ static heap_t *heap_acquire(void)
         abandoned = h->next_abandoned;
         h->next_abandoned = NULL;
         atomic_store_explicit(&h->abandoned, false, memory_order_relaxed);
-    } else if (heap_chunk_left >= sizeof(heap_t)) {
-        h = (heap_t *)heap_chunk;
-        heap_chunk += _ta_align_up(sizeof(heap_t), 64);
-        heap_chunk_left -= _ta_align_up(sizeof(heap_t), 64);
+    } else {
+        h = heap_carve_locked();
     }
     _ta_unlock(&heaps_lock);
     if (h == NULL) {
-        size_t bytes = 16 * _ta_align_up(sizeof(heap_t), 64);
+        size_t bytes = _ta_align_up(16 * _ta_align_up(sizeof(heap_t), 64), _ta_os_page_size());
         void *mem;
-        if (_ta_os_map(_ta_align_up(bytes, _ta_os_page_size()), _ta_os_page_size(), &mem) != 0)
+        if (_ta_os_map(bytes, _ta_os_page_size(), &mem) != 0)
             return NULL;
-        atomic_fetch_add_explicit(&_ta_live_mappings, 1, memory_order_relaxed);
-        h = mem;
         _ta_lock(&heaps_lock);
-        heap_chunk = (char *)mem + _ta_align_up(sizeof(heap_t), 64);
-        heap_chunk_left = bytes - _ta_align_up(sizeof(heap_t), 64);
+        if ((h = heap_carve_locked()) == NULL) {
+            heap_chunk = mem;
+            heap_chunk_left = bytes;
+            h = heap_carve_locked();
+            mem = NULL;
+        }
         _ta_unlock(&heaps_lock);
+        if (mem != NULL)
+            _ta_os_unmap(mem, bytes); /* another thread's chunk served */
+        else
+            atomic_fetch_add_explicit(&_ta_live_mappings, 1, memory_order_relaxed);
     }
     if (!h->registered) { /* new: fresh zero memory */
         h->registered = true;

@@ -6,6 +6,7 @@
  */
 #define _GNU_SOURCE
 #include "helpers.h"
+#include "internal.h" /* _ta_large_pin_mark */
 #include "tensoralloc_cuda.h"
 
 #include <criterion/criterion.h>
@@ -357,5 +358,23 @@ Test(cuda, forked_child_gets_no_device_and_frees_pinned_blocks)
     }
     pthread_join(t, NULL);
     ta_free(pinned);
+    no_violations();
+}
+
+/* Staging buffers are registered with the driver, which may split their
+ * VMA: the large path must treat them as pinned (never joined with their
+ * neighbours), as it does blocks pinned in place. */
+Test(cuda, staging_buffers_are_marked_pinned)
+{
+    ta_pinned_pool_t *pool;
+    cr_assert_eq(ta_pinned_pool_create(64 * MiB, &pool), 0);
+    void *a;
+    cr_assert_eq(ta_pinned_acquire(pool, 3 * MiB, &a), 0);
+    uintptr_t base;
+    size_t cap;
+    cr_assert_eq(_ta_large_pin_mark(a, true, &base, &cap), 1, "the buffer is not marked pinned");
+    cr_assert_eq(ta_pinned_release(pool, a), 0);
+    ta_pinned_pool_destroy(pool);
+    cr_assert_eq(fake.registrations(), 0);
     no_violations();
 }

@@ -3,6 +3,7 @@
 #include "helpers.h"
 
 #include <criterion/criterion.h>
+#include <inttypes.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -177,4 +178,37 @@ Test(threads, exited_threads_heaps_are_reused)
         ta_free(blocks[i]); /* frees into abandoned heaps */
     ta_trim();
     cr_assert_lt(stats_now().small_live_bytes, 64 * KiB);
+}
+
+/* Threads that all make their first allocation at once all need a heap:
+ * when the chunk of heaps runs out, several map a new chunk together. Each
+ * used to install its own, losing the chunks it replaced (one mapping and
+ * up to 15 heaps each). Once every thread has exited, the mappings left are
+ * the heap chunks: at most one per 16 heaps. */
+enum { RACERS = 256 };
+static pthread_barrier_t racers_start, racers_done;
+
+static void *first_allocation_at_once(void *arg)
+{
+    (void)arg;
+    pthread_barrier_wait(&racers_start);
+    ta_free(ta_malloc(64));
+    pthread_barrier_wait(&racers_done); /* all heaps live at once: none is adopted */
+    return NULL;
+}
+
+Test(threads, racing_first_allocations_share_heap_chunks)
+{
+    pthread_t tid[RACERS];
+    pthread_barrier_init(&racers_start, NULL, RACERS);
+    pthread_barrier_init(&racers_done, NULL, RACERS);
+    for (int i = 0; i < RACERS; i++)
+        cr_assert_eq(pthread_create(&tid[i], NULL, first_allocation_at_once, NULL), 0);
+    for (int i = 0; i < RACERS; i++)
+        pthread_join(tid[i], NULL);
+    ta_stats_t st = stats_now();
+    cr_assert_eq(st.heaps, RACERS);
+    uint64_t chunks_at_most = (RACERS + 15) / 16;
+    cr_assert_leq(st.mappings, chunks_at_most,
+                  "%" PRIu64 " mappings left for %d heaps: chunks were lost", st.mappings, RACERS);
 }

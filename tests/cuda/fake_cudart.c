@@ -95,6 +95,18 @@ static void range_remove(int i)
 
 /* ---- inspection, for tests ---------------------------------------------- */
 
+/* The start of the i-th registered host range, or NULL. */
+API void *fake_cudart_registered_range(int i)
+{
+    void *p = NULL;
+    pthread_mutex_lock(&mu);
+    for (int j = 0, k = 0; j < nranges && !p; j++)
+        if (ranges[j].kind == 1 && k++ == i)
+            p = (void *)ranges[j].base;
+    pthread_mutex_unlock(&mu);
+    return p;
+}
+
 API long fake_cudart_calls(const char *which)
 {
     pthread_mutex_lock(&mu);
