@@ -54,6 +54,8 @@ const char *_ta_os_getenv(const char *name);
 /* Counters of the kernel calls made so far (relaxed reads). */
 typedef struct {
     uint64_t map, unmap, remap, madvise, map_failures, unmap_failures, advise_failures;
+    uint64_t remap_failures; /* moving remaps (in-place growth may fail by design) */
+    uint64_t injected;       /* failures made by the test hooks below */
 } _ta_os_counters_t;
 void _ta_os_counters(_ta_os_counters_t *out);
 
@@ -67,5 +69,7 @@ void _ta_os_fail_nth_advise(long n);
 /* While on, every unmap fails with ENOMEM (what vm.max_map_count does to
  * unmaps that split a mapping). */
 void _ta_os_fail_every_unmap(int on);
+/* While on, every map fails with ENOMEM. */
+void _ta_os_fail_every_map(int on);
 
 #endif

@@ -24,7 +24,7 @@
 extern char **environ;
 
 static _Atomic uint64_t count_map, count_unmap, count_remap, count_madvise, count_map_fail;
-static _Atomic uint64_t count_unmap_fail, count_advise_fail;
+static _Atomic uint64_t count_unmap_fail, count_advise_fail, count_remap_fail, count_injected;
 static _Atomic long fail_map_countdown, fail_remap_countdown, fail_unmap_countdown,
     fail_advise_countdown;
 
@@ -38,8 +38,11 @@ static int hook_fires(_Atomic long *countdown)
 {
     long left = atomic_load_explicit(countdown, memory_order_relaxed);
     while (left > 0) {
-        if (atomic_compare_exchange_weak(countdown, &left, left - 1))
+        if (atomic_compare_exchange_weak(countdown, &left, left - 1)) {
+            if (left == 1)
+                counter_bump(&count_injected);
             return left == 1;
+        }
     }
     return 0;
 }
@@ -59,11 +62,24 @@ void _ta_os_fail_nth_unmap(long n)
     atomic_store(&fail_unmap_countdown, n);
 }
 
-static atomic_int fail_every_unmap;
+static atomic_int fail_every_unmap, fail_every_map;
 
 void _ta_os_fail_every_unmap(int on)
 {
     atomic_store(&fail_every_unmap, on);
+}
+
+void _ta_os_fail_every_map(int on)
+{
+    atomic_store(&fail_every_map, on);
+}
+
+static int every_fires(atomic_int *on)
+{
+    if (!atomic_load_explicit(on, memory_order_relaxed))
+        return 0;
+    counter_bump(&count_injected);
+    return 1;
 }
 
 void _ta_os_fail_nth_advise(long n)
@@ -73,7 +89,7 @@ void _ta_os_fail_nth_advise(long n)
 
 static int raw_map(size_t size, void **out)
 {
-    if (hook_fires(&fail_map_countdown)) {
+    if (hook_fires(&fail_map_countdown) || every_fires(&fail_every_map)) {
         counter_bump(&count_map_fail);
         return ENOMEM;
     }
@@ -91,7 +107,7 @@ int _ta_os_unmap(void *addr, size_t size)
 {
     int saved = errno;
     int rc;
-    if ((hook_fires(&fail_unmap_countdown) || atomic_load(&fail_every_unmap))) {
+    if ((hook_fires(&fail_unmap_countdown) || every_fires(&fail_every_unmap))) {
         rc = ENOMEM;
     } else {
         counter_bump(&count_unmap);
@@ -161,6 +177,8 @@ int _ta_os_remap(void *addr, size_t old_size, size_t new_size, void **out)
         else
             *out = p;
     }
+    if (rc != 0)
+        counter_bump(&count_remap_fail);
     errno = saved;
     return rc;
 }
@@ -194,14 +212,21 @@ int _ta_os_remap_aligned(void *addr, size_t old_size, size_t new_size, size_t al
     if ((rc = _ta_os_map(new_size, align, &dest)) != 0)
         return rc;
     int saved = errno;
-    counter_bump(&count_remap);
-    void *p = mremap(addr, old_size, new_size, MREMAP_MAYMOVE | MREMAP_FIXED, dest);
-    rc = p == MAP_FAILED ? errno : 0;
+    void *p = MAP_FAILED;
+    if (hook_fires(&fail_remap_countdown)) {
+        rc = ENOMEM;
+    } else {
+        counter_bump(&count_remap);
+        p = mremap(addr, old_size, new_size, MREMAP_MAYMOVE | MREMAP_FIXED, dest);
+        rc = p == MAP_FAILED ? errno : 0;
+    }
     errno = saved;
-    if (rc != 0)
+    if (rc != 0) {
+        counter_bump(&count_remap_fail);
         _ta_os_unmap(dest, new_size);
-    else
+    } else {
         *out = p;
+    }
     return rc;
 }
 
@@ -367,4 +392,6 @@ void _ta_os_counters(_ta_os_counters_t *out)
     out->map_failures = atomic_load_explicit(&count_map_fail, memory_order_relaxed);
     out->unmap_failures = atomic_load_explicit(&count_unmap_fail, memory_order_relaxed);
     out->advise_failures = atomic_load_explicit(&count_advise_fail, memory_order_relaxed);
+    out->remap_failures = atomic_load_explicit(&count_remap_fail, memory_order_relaxed);
+    out->injected = atomic_load_explicit(&count_injected, memory_order_relaxed);
 }

@@ -14,37 +14,52 @@ Test(faults, failed_large_map_gives_enomem_and_no_leak)
 {
     ta_option_set(TA_OPT_RETAIN_BYTES, 0);
     ta_stats_t before = stats_now();
-    _ta_os_fail_nth_map(1);
+    _ta_os_fail_every_map(1);
     errno = 0;
-    cr_assert_null(ta_malloc(8 * MiB));
-    cr_assert_eq(errno, ENOMEM);
+    void *none = ta_malloc(8 * MiB);
+    int err = errno;
+    _ta_os_fail_every_map(0);
+    cr_assert_null(none);
+    cr_assert_eq(err, ENOMEM);
     ta_stats_t after = stats_now();
     cr_assert_eq(after.large_live_count, before.large_live_count);
     cr_assert_eq(after.large_mapped_bytes, before.large_mapped_bytes);
-    cr_assert_eq(after.os_map_failures, before.os_map_failures + 1);
+    cr_assert_eq(after.os_map_failures, before.os_map_failures + 2, "tried, gave back, tried again");
     /* the fault has passed: allocation works again */
     void *p = ta_malloc(8 * MiB);
     cr_assert_not_null(p);
     ta_free(p);
 }
 
+/* One refused map is absorbed: the allocation gives back what is retained
+ * and tries once more. */
+Test(faults, one_failed_map_is_retried)
+{
+    ta_stats_t before = stats_now();
+    _ta_os_fail_nth_map(1);
+    void *p = ta_malloc(8 * MiB);
+    cr_assert_not_null(p);
+    cr_assert_eq(stats_now().os_map_failures, before.os_map_failures + 1);
+    ta_free(p);
+}
+
 Test(faults, failed_segment_map_gives_enomem)
 {
     /* Fill the first segment's pages so the next class needs a new span
-     * somewhere; with every map failing, a fresh thread heap cannot start. */
+     * somewhere; with every map failing, no new segment can be had. */
     void *keep = ta_malloc(64); /* heap and first segment exist now */
     size_t n = 0;
     void *blocks[200];
-    _ta_os_fail_nth_map(1);
-    /* 256 KiB blocks below the threshold? use the largest slab classes: each
-     * span is several pages, so a few dozen exhaust the segment. */
     ta_option_set(TA_OPT_THRESHOLD, 1 << 20);
+    _ta_os_fail_every_map(1);
     errno = 0;
     void *p;
     while (n < 200 && (p = ta_malloc(900 * KiB)) != NULL)
         blocks[n++] = p;
+    int err = errno;
+    _ta_os_fail_every_map(0);
     cr_assert_lt(n, 200, "the injected failure never surfaced");
-    cr_assert_eq(errno, ENOMEM);
+    cr_assert_eq(err, ENOMEM);
     while (n)
         ta_free(blocks[--n]);
     cr_assert_not_null(p = ta_malloc(900 * KiB), "allocation works once the fault passed");
@@ -52,23 +67,30 @@ Test(faults, failed_segment_map_gives_enomem)
     ta_free(keep);
 }
 
-Test(faults, failed_remap_keeps_the_block)
+/* realloc of a large block when the kernel refuses both the remap and
+ * every new mapping (the retry after giving back the pool included): NULL
+ * with ENOMEM, and the old block intact and still usable. */
+Test(faults, failed_realloc_keeps_the_block)
 {
     unsigned char *p = ta_malloc(4 * MiB);
     pattern_fill(p, 4 * MiB, 3);
-    /* block the in-place growth and the move */
+    _ta_os_counters_t before;
+    _ta_os_counters(&before);
     _ta_os_fail_nth_remap(1);
-    _ta_os_fail_nth_map(1);
+    _ta_os_fail_every_map(1);
     errno = 0;
     unsigned char *q = ta_realloc(p, 64 * MiB);
-    if (q == NULL) {
-        cr_assert_eq(errno, ENOMEM);
-        cr_assert(pattern_ok(p, 4 * MiB, 3));
-        cr_assert_eq(ta_usable_size(p), 4 * MiB);
-        q = ta_realloc(p, 64 * MiB);
-    }
-    _ta_os_fail_nth_map(0);
+    int err = errno;
+    _ta_os_fail_every_map(0);
     _ta_os_fail_nth_remap(0);
+    _ta_os_counters_t after;
+    _ta_os_counters(&after);
+    cr_assert_gt(after.injected, before.injected + 1, "the remap and a map must have failed");
+    cr_assert_null(q, "realloc succeeded although the kernel refused every way");
+    cr_assert_eq(err, ENOMEM);
+    cr_assert(pattern_ok(p, 4 * MiB, 3));
+    cr_assert_eq(ta_usable_size(p), 4 * MiB);
+    q = ta_realloc(p, 64 * MiB); /* the fault has passed */
     cr_assert_not_null(q);
     cr_assert(pattern_ok(q, 4 * MiB, 3));
     ta_free(q);
@@ -234,9 +256,12 @@ Test(faults, every_map_failure_point, .timeout = 120)
 
 Test(faults, every_remap_failure_point, .timeout = 120)
 {
+    _ta_os_counters_t before, after;
+    _ta_os_counters(&before);
     uint64_t calls =
         fault_sweep(_ta_os_fail_nth_remap, "remap", offsetof(ta_stats_t, os_remap_calls));
-    cr_assert_gt(calls, 0, "the workload must move or grow mappings");
+    _ta_os_counters(&after);
+    assert_sweep_reached(after.injected - before.injected, calls, "remap");
 }
 
 Test(faults, every_unmap_failure_point, .timeout = 120)

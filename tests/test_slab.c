@@ -3,6 +3,7 @@
 #include "helpers.h"
 
 #include <criterion/criterion.h>
+#include <stdbool.h>
 #include <stdlib.h>
 
 Test(slab, every_small_size_is_usable_and_disjoint)
@@ -51,7 +52,11 @@ Test(slab, a_million_small_objects_freed_lower_rss)
         cr_assert_not_null(p[i]);
         *(int *)p[i] = i;
     }
-    cr_assert_gt(rss_bytes(), start + 50 * MiB);
+    bool rss_meaningful = !under_valgrind(); /* valgrind's own memory blurs RSS */
+    if (rss_meaningful)
+        cr_assert_gt(rss_bytes(), start + 50 * MiB);
+    else
+        cr_log_warn("under valgrind: RSS bounds not checked");
     ta_stats_t st = stats_now();
     cr_assert_geq(st.small_live_bytes, (size_t)N * 16);
     for (int i = 0; i < N; i++) {
@@ -60,7 +65,8 @@ Test(slab, a_million_small_objects_freed_lower_rss)
     }
     ta_trim();
     size_t end = rss_bytes();
-    cr_assert_lt(end, start + 16 * MiB, "RSS %zu MiB above start", (end - start) >> 20);
+    if (rss_meaningful)
+        cr_assert_lt(end, start + 16 * MiB, "RSS %zu MiB above start", (end - start) >> 20);
     ta_free(p);
 }
 
