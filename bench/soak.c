@@ -6,17 +6,21 @@
  * block before it is freed or resized. Reports operations, peak RSS and
  * the RSS once everything is freed. Exit status 1 on any corruption.
  *
- *   soak [threads] [seconds] [live blocks per thread]
+ *   soak [threads] [seconds] [live blocks per thread] [trim every ms]
+ *
+ * With the last argument (ta_* build only), one more thread calls ta_trim
+ * at that period: trims race the workers (run so under TSan by CI).
  */
 #include "bench.h"
 
 #include <pthread.h>
 #include <stdatomic.h>
+#include <stdbool.h>
 #include <unistd.h>
 
 enum { HANDOFF = 256 };
 
-static int nthreads = 4, live = 2000;
+static int nthreads = 4, live = 2000, trim_ms;
 static double seconds = 10;
 static atomic_long total_ops, corruptions;
 static _Atomic(unsigned char *) handoff[HANDOFF];
@@ -139,13 +143,29 @@ static void *worker(void *arg)
     return NULL;
 }
 
+#ifdef BENCH_TA
+static atomic_bool stop_trimming;
+
+static void *trimmer(void *arg)
+{
+    long *trims = arg;
+    while (!atomic_load(&stop_trimming)) {
+        ta_trim();
+        (*trims)++;
+        usleep((useconds_t)trim_ms * 1000);
+    }
+    return NULL;
+}
+#endif
+
 int main(int argc, char **argv)
 {
     nthreads = argc > 1 ? atoi(argv[1]) : 4;
     seconds = argc > 2 ? atof(argv[2]) : 10;
     live = argc > 3 ? atoi(argv[3]) : 2000;
-    if (nthreads < 1 || nthreads > 256 || seconds <= 0 || live < 1) {
-        fprintf(stderr, "usage: soak [threads] [seconds] [live blocks per thread]\n");
+    trim_ms = argc > 4 ? atoi(argv[4]) : 0;
+    if (nthreads < 1 || nthreads > 256 || seconds <= 0 || live < 1 || trim_ms < 0) {
+        fprintf(stderr, "usage: soak [threads] [seconds] [live blocks per thread] [trim every ms]\n");
         return 2;
     }
     size_t rss_start = status_bytes("VmRSS");
@@ -153,8 +173,21 @@ int main(int argc, char **argv)
     double t0 = now_s();
     for (int i = 0; i < nthreads; i++)
         pthread_create(&t[i], NULL, worker, (void *)(uintptr_t)(i + 1));
+#ifdef BENCH_TA
+    pthread_t trim_thread;
+    long trims = 0;
+    if (trim_ms > 0)
+        pthread_create(&trim_thread, NULL, trimmer, &trims);
+#endif
     for (int i = 0; i < nthreads; i++)
         pthread_join(t[i], NULL);
+#ifdef BENCH_TA
+    if (trim_ms > 0) {
+        atomic_store(&stop_trimming, true);
+        pthread_join(trim_thread, NULL);
+        report_num("trims", (double)trims);
+    }
+#endif
     for (int i = 0; i < HANDOFF; i++) {
         unsigned char *p = atomic_exchange(&handoff[i], NULL);
         if (p)

@@ -126,7 +126,7 @@ void ta_free(void *ptr)
         return;
     if (_ta_small_owns(ptr)) {
         if (TA_UNLIKELY(_ta_small_free(ptr, "free")))
-            _ta_purge_wake(); /* freed into an exited thread's heap */
+            _ta_purge_wake(); /* an exited thread's heap, or remote lists to watch */
         return;
     }
     int rc = _ta_large_free(ptr);

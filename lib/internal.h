@@ -121,8 +121,9 @@ void _ta_large_fork_child(void);
 void *_ta_small_alloc(size_t size, size_t alignment, bool zero);
 /* True if p lies in a slab segment (cheap, no lock). */
 bool _ta_small_owns(const void *p);
-/* Returns true when the block was the first one pushed to an abandoned
- * heap (no thread owns it: the purge thread must collect it). */
+/* Returns true when the purge thread must be woken: the block went to an
+ * abandoned heap (no thread owns it), or to any heap while the purge
+ * thread is not watching the remote lists. */
 bool _ta_small_free(void *p, const char *call);
 size_t _ta_small_usable(const void *p, const char *call);
 void _ta_small_trim(void);
@@ -131,8 +132,10 @@ void _ta_small_fork_prepare(void);
 void _ta_small_fork_parent(void);
 void _ta_small_fork_child(void);
 void _ta_small_thread_done(void);
-/* Drains and purges abandoned heaps; true while any still has work. */
-bool _ta_small_collect_abandoned(void);
+/* The purge thread's pass: drains and purges abandoned heaps, and trims
+ * remote lists that live heaps left undrained for RETAIN_MS. True while
+ * any of that waits. */
+bool _ta_small_purge_pass(void);
 
 /* ---- CUDA staging (cuda.c / cuda_none.c) ---------------------------------- */
 /* True once the runtime is loaded and a device selected (no loading here). */

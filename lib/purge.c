@@ -2,7 +2,8 @@
 /*
  * The purge thread: gives memory back on time even when the program stops
  * calling the allocator. It unmaps pool entries past RETAIN_MS and drains
- * the heaps of exited threads that other threads keep freeing into. It is
+ * the heaps of exited threads that other threads keep freeing into, and
+ * gives back blocks freed into live heaps whose owners stay idle. It is
  * started on the first need (outside any lock), sleeps while there is
  * nothing to do, blocks every signal, and is recreated after fork.
  */
@@ -35,7 +36,7 @@ static void *purge_main(void *arg)
             ms = ms < 5 ? 5 : ms > 250 ? 250 : ms;
             struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
             nanosleep(&ts, NULL);
-            bool more = _ta_small_collect_abandoned();
+            bool more = _ta_small_purge_pass();
             more |= _ta_large_expire();
             if (!more)
                 break;

@@ -29,6 +29,8 @@
 #define SLAB_PAGE_SIZE ((size_t)1 << SLAB_PAGE_SHIFT) /* 64 KiB */
 #define SEGMENT_PAGES 64
 #define SPAN_MAX_BLOCKS 4096
+#define SPAN_MAX_PAGES 16                                    /* slab pages of the largest span */
+#define SPAN_MAX_OS_PAGES (SPAN_MAX_PAGES * SLAB_PAGE_SIZE / 4096) /* at 4 KiB pages */
 #define SEGMENT_MAGIC 0x5441534547ULL /* "TASEG" */
 #define PURGE_LIMIT ((size_t)8 << 20) /* free pages a heap may keep */
 #define STATS_BATCH 65536             /* live-byte deltas flushed beyond this */
@@ -57,7 +59,7 @@ static void classes_init(void)
             bs = base + (base / 4) * (size_t)(step % 4 + 1);
         }
         size_t k = 1;
-        for (; k < 16; k++) {
+        for (; k < SPAN_MAX_PAGES; k++) {
             size_t span = k * SLAB_PAGE_SIZE;
             size_t cap = span / bs;
             if (cap >= 1 && (span - cap * bs) * 8 <= span)
@@ -94,6 +96,9 @@ typedef struct span_s {
     uint8_t in_use;
     uint8_t listed;                           /* on the partial list */
     uint64_t free_bits[SPAN_MAX_BLOCKS / 64]; /* 1 = free */
+    /* OS pages of this span given back by a trimmer (see "trimming other
+     * threads' heaps"): the blocks on them wait here for the owner. */
+    _Atomic uint64_t released[SPAN_MAX_OS_PAGES / 64];
 } span_t;
 
 typedef struct segment_s {
@@ -121,6 +126,13 @@ typedef struct heap_s {
     bool registered;         /* on all_heaps */
     atomic_bool abandoned;   /* no thread owns it: it sits on the abandoned list */
     int64_t live_delta;      /* not yet flushed to small_live */
+    /* Trimming by other threads (malloc_trim, the purge thread). */
+    atomic_bool trim_busy;        /* a trimmer or the owner's merge holds the released bits */
+    atomic_bool released_pending; /* some span has released pages for the owner to merge */
+    _Atomic uint64_t collects;    /* the owner's drains of remote, for idleness */
+    uint64_t watch_collects;      /* the purge thread's view: collects when last seen */
+    uint64_t watch_since_ms;      /* since when remote has waited, undrained */
+    void *watch_head;             /* remote's head after the purge thread's last trim */
 } heap_t;
 
 static _Atomic int64_t dirty_total; /* sum of the heaps' dirty_bytes, for statistics */
@@ -542,8 +554,185 @@ static span_t *block_locate(const void *p, const char *call, segment_t **seg_out
 }
 
 /* Drains the blocks other threads freed into h. */
+/* ---- trimming other threads' heaps --------------------------------------------
+ * Blocks that other threads free wait on the owner's remote list until the
+ * owner drains it, which an idle owner never does. A trimmer (malloc_trim
+ * in any thread, or the purge thread once a list has waited RETAIN_MS
+ * undrained) takes the list over with one exchange, so the owner's fast
+ * paths are untouched, and gives back every OS page that lies wholly
+ * under blocks it took: the owner cannot hand those blocks out (they are
+ * not in its free bitmap) and nobody else may touch them (they are
+ * freed). It marks those pages in the span's released bits and pushes the
+ * other blocks back. The owner, on its next drain, frees the blocks that
+ * touch marked pages. A flag per heap (trim_busy), taken with an exchange
+ * and never waited on, keeps a trimmer and the owner's merge apart, so
+ * the owner only ever sees a trimmer's marks complete. */
+
+static _Atomic uint64_t remote_released_bytes;
+static atomic_bool purge_watching; /* the purge thread watches the live heaps' lists */
+
+#define TRIM_SPANS 16 /* spans grouped per pass over a taken list */
+
+typedef struct {
+    span_t *span;
+    segment_t *seg;
+    void *blocks; /* taken blocks of this span, linked through their first word */
+} trim_group_t;
+
+static bool bits_any(const uint64_t *w, size_t first, size_t last)
+{
+    for (size_t b = first; b <= last; b++)
+        if (w[b / 64] >> (b % 64) & 1)
+            return true;
+    return false;
+}
+
+/* Gives back the pages wholly under g's blocks and marks them; the blocks
+ * that touch none of them are linked onto *back. Returns true if any page
+ * was marked. */
+static bool trim_group(trim_group_t *g, void **back, void **back_tail)
+{
+    size_t page = _ta_os_page_size();
+    char *start = span_start(g->seg, g->span);
+    size_t bs = g->span->block_size;
+    size_t used_end = (size_t)g->span->capacity * bs; /* the tail beyond holds no block */
+    size_t npages = (used_end + page - 1) / page;
+    uint32_t covered[SPAN_MAX_OS_PAGES] = {0};
+    for (void *b = g->blocks; b; b = *(void **)b) {
+        size_t off = (size_t)((char *)b - start), end = off + bs;
+        for (size_t p = off / page; p * page < end; p++) {
+            size_t lo = off > p * page ? off : p * page;
+            size_t hi = end < (p + 1) * page ? end : (p + 1) * page;
+            covered[p] += (uint32_t)(hi - lo);
+        }
+    }
+    uint64_t marks[SPAN_MAX_OS_PAGES / 64] = {0};
+    bool any = false;
+    for (size_t p = 0; p < npages; p++) {
+        size_t want = used_end - p * page < page ? used_end - p * page : page;
+        if (covered[p] == want) {
+            marks[p / 64] |= 1ULL << (p % 64);
+            any = true;
+        }
+    }
+    /* Split before giving pages back: the links live in the blocks. */
+    for (void *b = g->blocks, *next; b; b = next) {
+        next = *(void **)b;
+        size_t off = (size_t)((char *)b - start);
+        if (any && bits_any(marks, off / page, (off + bs - 1) / page))
+            continue; /* on a released page: the owner frees it from the marks */
+        *(void **)b = *back;
+        if (*back == NULL)
+            *back_tail = b;
+        *back = b;
+    }
+    for (size_t p = 0; p < npages;) {
+        if (!(marks[p / 64] >> (p % 64) & 1)) {
+            p++;
+            continue;
+        }
+        size_t run = 1;
+        while (p + run < npages && (marks[(p + run) / 64] >> ((p + run) % 64) & 1))
+            run++;
+        /* A failed advice keeps the pages resident; the marks still hold. */
+        if (_ta_os_advise_dontneed(start + p * page, run * page) == 0)
+            atomic_fetch_add_explicit(&remote_released_bytes, run * page, memory_order_relaxed);
+        p += run;
+    }
+    for (size_t w = 0; w < SPAN_MAX_OS_PAGES / 64; w++)
+        if (marks[w])
+            atomic_fetch_or_explicit(&g->span->released[w], marks[w], memory_order_relaxed);
+    return any;
+}
+
+/* Takes over h's remote list and gives back what it can (see above). */
+static void heap_trim_remote(heap_t *h)
+{
+    if (atomic_exchange_explicit(&h->trim_busy, true, memory_order_acquire))
+        return; /* another trimmer, or the owner merging */
+    void *list = atomic_exchange_explicit(&h->remote, NULL, memory_order_acquire);
+    void *back = NULL, *back_tail = NULL;
+    bool marked = false;
+    while (list) {
+        trim_group_t g[TRIM_SPANS];
+        size_t ng = 0;
+        void *later = NULL;
+        for (void *next; list; list = next) {
+            next = *(void **)list;
+            segment_t *seg;
+            uint32_t idx;
+            span_t *s = block_locate(list, "free", &seg, &idx);
+            size_t i = 0;
+            while (i < ng && g[i].span != s)
+                i++;
+            if (i == ng && ng < TRIM_SPANS)
+                g[ng++] = (trim_group_t){s, seg, NULL};
+            void **head = i < ng ? &g[i].blocks : &later;
+            *(void **)list = *head;
+            *head = list;
+        }
+        for (size_t i = 0; i < ng; i++)
+            marked |= trim_group(&g[i], &back, &back_tail);
+        list = later; /* spans beyond TRIM_SPANS: another round */
+    }
+    if (back) {
+        void *head = atomic_load_explicit(&h->remote, memory_order_relaxed);
+        do {
+            *(void **)back_tail = head;
+        } while (!atomic_compare_exchange_weak_explicit(&h->remote, &head, back,
+                                                        memory_order_release, memory_order_relaxed));
+    }
+    if (marked)
+        atomic_store_explicit(&h->released_pending, true, memory_order_relaxed);
+    atomic_store_explicit(&h->trim_busy, false, memory_order_release);
+}
+
+/* The owner frees the blocks on pages a trimmer gave back. Skipped while a
+ * trimmer is at work (the next drain merges). */
+static void heap_merge_released(heap_t *h)
+{
+    if (!atomic_load_explicit(&h->released_pending, memory_order_relaxed) ||
+        atomic_exchange_explicit(&h->trim_busy, true, memory_order_acquire))
+        return;
+    atomic_store_explicit(&h->released_pending, false, memory_order_relaxed);
+    size_t page = _ta_os_page_size();
+    for (segment_t *seg = h->segments, *next_seg; seg; seg = next_seg) {
+        next_seg = seg->next;
+        /* Take every span's marks first: freeing the last block of the
+         * last span may release the segment itself. */
+        uint64_t marks[SEGMENT_PAGES][SPAN_MAX_OS_PAGES / 64];
+        uint8_t marked[SEGMENT_PAGES];
+        int n = 0;
+        for (int i = 1; i < SEGMENT_PAGES; i++) {
+            span_t *s = &seg->spans[i];
+            if (!s->in_use || seg->page_span[i] != i)
+                continue;
+            uint64_t any = 0;
+            for (size_t w = 0; w < SPAN_MAX_OS_PAGES / 64; w++)
+                any |= marks[n][w] =
+                    atomic_exchange_explicit(&s->released[w], 0, memory_order_relaxed);
+            if (any)
+                marked[n++] = (uint8_t)i;
+        }
+        for (int k = 0; k < n; k++) {
+            span_t *s = &seg->spans[marked[k]];
+            char *start = span_start(seg, s);
+            size_t bs = s->block_size;
+            for (uint32_t idx = 0, cap = s->capacity; idx < cap; idx++) {
+                size_t off = (size_t)idx * bs;
+                if (bits_any(marks[k], off / page, (off + bs - 1) / page))
+                    block_free_local(h, seg, s, idx, "free", start + off);
+            }
+        }
+    }
+    atomic_store_explicit(&h->trim_busy, false, memory_order_release);
+}
+
+/* Drains the blocks other threads freed into h, and the ones a trimmer
+ * left on released pages. */
 static void heap_collect(heap_t *h)
 {
+    atomic_fetch_add_explicit(&h->collects, 1, memory_order_relaxed);
     void *list = atomic_exchange_explicit(&h->remote, NULL, memory_order_acquire);
     while (list) {
         void *next = *(void **)list;
@@ -553,6 +742,7 @@ static void heap_collect(heap_t *h)
         block_free_local(h, seg, s, idx, "free", list);
         list = next;
     }
+    heap_merge_released(h);
 }
 
 static void *alloc_slow(heap_t *h, int c)
@@ -622,9 +812,14 @@ bool _ta_small_free(void *p, const char *call)
     void *head = atomic_load_explicit(&owner->remote, memory_order_relaxed);
     do {
         *(void **)p = head;
-    } while (!atomic_compare_exchange_weak_explicit(&owner->remote, &head, p, memory_order_release,
+    } while (!atomic_compare_exchange_weak_explicit(&owner->remote, &head, p, memory_order_seq_cst,
                                                     memory_order_relaxed));
-    return head == NULL && atomic_load_explicit(&owner->abandoned, memory_order_relaxed);
+    if (head == NULL && atomic_load_explicit(&owner->abandoned, memory_order_relaxed))
+        return true;
+    /* Pairs with the purge thread's last look before it sleeps (seq_cst on
+     * both sides): either it sees this block or this sees it asleep. */
+    return !atomic_load_explicit(&purge_watching, memory_order_seq_cst) &&
+           !atomic_exchange_explicit(&purge_watching, true, memory_order_seq_cst);
 }
 
 size_t _ta_small_usable(const void *p, const char *call)
@@ -677,7 +872,8 @@ static bool tidy_abandoned(bool every)
     _ta_unlock(&heaps_lock);
     heap_t *last = NULL;
     for (heap_t *h = taken; h; h = h->next_abandoned) {
-        if (every || atomic_load_explicit(&h->remote, memory_order_relaxed) || h->dirty_bytes)
+        if (every || atomic_load_explicit(&h->remote, memory_order_relaxed) || h->dirty_bytes ||
+            atomic_load_explicit(&h->released_pending, memory_order_relaxed))
             waiting |= heap_tidy(h, every);
         last = h;
     }
@@ -690,16 +886,67 @@ static bool tidy_abandoned(bool every)
     return waiting;
 }
 
+/* The first heap of all_heaps; the links never change after publication. */
+static heap_t *heaps_first(void)
+{
+    _ta_lock(&heaps_lock);
+    heap_t *h = all_heaps;
+    _ta_unlock(&heaps_lock);
+    return h;
+}
+
 void _ta_small_trim(void)
 {
+    for (heap_t *h = heaps_first(); h; h = h->next_all)
+        if (h != tls_heap && !atomic_load_explicit(&h->abandoned, memory_order_relaxed))
+            heap_trim_remote(h);
     if (tls_heap)
         heap_tidy(tls_heap, true);
     tidy_abandoned(true);
 }
 
-bool _ta_small_collect_abandoned(void)
+/* The purge thread's look at the live heaps: a remote list that has waited
+ * RETAIN_MS with no drain by its owner is trimmed. Returns true while a
+ * list waits. Only the purge thread uses the watch_* fields. */
+static bool watch_live_heaps(void)
 {
-    return tidy_abandoned(false); /* later frees wake the purge thread again */
+    uint64_t now = _ta_os_now_ms(), wait = (uint64_t)_ta_opt(TA_OPT_RETAIN_MS);
+    bool waiting = false;
+    for (heap_t *h = heaps_first(); h; h = h->next_all) {
+        if (atomic_load_explicit(&h->abandoned, memory_order_relaxed))
+            continue; /* tidy_abandoned drains those */
+        void *head = atomic_load_explicit(&h->remote, memory_order_seq_cst);
+        if (head == NULL || head == h->watch_head) {
+            h->watch_since_ms = 0; /* nothing new since the last trim */
+            continue;
+        }
+        uint64_t collects = atomic_load_explicit(&h->collects, memory_order_relaxed);
+        if (h->watch_since_ms == 0 || collects != h->watch_collects) {
+            h->watch_collects = collects;
+            h->watch_since_ms = now;
+            waiting = true;
+        } else if (now - h->watch_since_ms < wait) {
+            waiting = true;
+        } else {
+            heap_trim_remote(h);
+            h->watch_head = atomic_load_explicit(&h->remote, memory_order_relaxed);
+            h->watch_since_ms = 0;
+        }
+    }
+    return waiting;
+}
+
+bool _ta_small_purge_pass(void)
+{
+    bool more = tidy_abandoned(false); /* later frees wake the purge thread again */
+    if (watch_live_heaps())
+        return true;
+    atomic_store_explicit(&purge_watching, false, memory_order_seq_cst);
+    if (watch_live_heaps()) { /* a free came in meanwhile */
+        atomic_store_explicit(&purge_watching, true, memory_order_relaxed);
+        return true;
+    }
+    return more;
 }
 
 static void heap_abandon(heap_t *h)
@@ -749,6 +996,7 @@ void _ta_small_fork_parent(void)
 void _ta_small_fork_child(void)
 {
     _ta_unlock(&heaps_lock);
+    atomic_store(&purge_watching, false); /* the child has no purge thread yet */
 }
 
 void _ta_small_stats(ta_stats_t *st)
@@ -764,4 +1012,6 @@ void _ta_small_stats(ta_stats_t *st)
     st->heaps = atomic_load_explicit(&heap_count, memory_order_relaxed);
     int64_t dirty = atomic_load_explicit(&dirty_total, memory_order_relaxed);
     st->small_dirty_bytes = dirty > 0 ? (uint64_t)dirty : 0;
+    st->small_remote_released_bytes =
+        atomic_load_explicit(&remote_released_bytes, memory_order_relaxed);
 }

@@ -6,7 +6,9 @@
 #include <inttypes.h>
 #include <pthread.h>
 #include <stdatomic.h>
+#include <stdbool.h>
 #include <stdlib.h>
+#include <unistd.h>
 
 /* Producers allocate patterned blocks into a shared ring; consumers check
  * and free them, so almost every free is a cross-thread free. */
@@ -98,6 +100,42 @@ Test(threads, cross_thread_frees_keep_blocks_intact, .timeout = 120)
         pthread_join(t[i], NULL);
     cr_assert_eq(atomic_load(&ring.freed), (long)PRODUCERS * PER_PRODUCER);
     cr_assert_eq(atomic_load(&bad_pattern), 0, "a block's pattern was overwritten");
+}
+
+/* The same while another thread trims all the time: trimmers take the
+ * producers' remote lists and give pages back under their feet. */
+static atomic_bool trimmer_stop;
+static void *trimmer(void *arg)
+{
+    long *rounds = arg;
+    while (!atomic_load(&trimmer_stop)) {
+        ta_trim();
+        (*rounds)++;
+    }
+    return NULL;
+}
+
+Test(threads, cross_thread_frees_race_a_trimmer, .timeout = 120)
+{
+    pthread_t t[PRODUCERS + CONSUMERS], trim;
+    long trims = 0;
+    pthread_create(&trim, NULL, trimmer, &trims);
+    for (int i = 0; i < PRODUCERS; i++)
+        pthread_create(&t[i], NULL, producer, (void *)(uintptr_t)(i + 11));
+    for (int i = 0; i < CONSUMERS; i++)
+        pthread_create(&t[PRODUCERS + i], NULL, consumer, NULL);
+    for (int i = 0; i < PRODUCERS + CONSUMERS; i++)
+        pthread_join(t[i], NULL);
+    atomic_store(&trimmer_stop, true);
+    pthread_join(trim, NULL);
+    cr_assert_eq(atomic_load(&ring.freed), (long)PRODUCERS * PER_PRODUCER);
+    cr_assert_eq(atomic_load(&bad_pattern), 0, "a block's pattern was overwritten");
+    cr_assert_gt(trims, 10, "the trimmer ran %ld times", trims);
+    cr_log_info("%ld trims, %" PRIu64 " bytes given back from remote lists", trims,
+                stats_now().small_remote_released_bytes);
+    ta_trim();
+    cr_assert_lt(stats_now().small_live_bytes, 512 * KiB, "blocks lost: %" PRIu64 " bytes live",
+                 stats_now().small_live_bytes);
 }
 
 /* Each thread keeps its own live set, checks every block's pattern before
@@ -211,4 +249,118 @@ Test(threads, racing_first_allocations_share_heap_chunks)
     uint64_t chunks_at_most = (RACERS + 15) / 16;
     cr_assert_leq(st.mappings, chunks_at_most,
                   "%" PRIu64 " mappings left for %d heaps: chunks were lost", st.mappings, RACERS);
+}
+
+/* ---- blocks freed into a live but idle owner's heap ------------------------ */
+
+enum { IDLE_BLOCKS = 100000, IDLE_SIZE = 1000 }; /* ~100 MB */
+static void *idle_blocks[IDLE_BLOCKS];
+static pthread_mutex_t idle_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t idle_cv = PTHREAD_COND_INITIALIZER;
+static int idle_phase; /* 1: blocks ready; 2: owner may go on; 3: owner done */
+
+static void idle_set_phase(int p)
+{
+    pthread_mutex_lock(&idle_mu);
+    idle_phase = p;
+    pthread_cond_broadcast(&idle_cv);
+    pthread_mutex_unlock(&idle_mu);
+}
+
+static void idle_wait_phase(int p)
+{
+    pthread_mutex_lock(&idle_mu);
+    while (idle_phase < p)
+        pthread_cond_wait(&idle_cv, &idle_mu);
+    pthread_mutex_unlock(&idle_mu);
+}
+
+/* Allocates the blocks, hands them over, stays alive and idle (no
+ * allocator call), then allocates and checks a second round. */
+static void *idle_owner(void *arg)
+{
+    (void)arg;
+    for (int i = 0; i < IDLE_BLOCKS; i++) {
+        idle_blocks[i] = ta_malloc(IDLE_SIZE);
+        memset(idle_blocks[i], i & 0xff, IDLE_SIZE);
+    }
+    idle_set_phase(1);
+    idle_wait_phase(2);
+    /* Awake again: the blocks given back come back to this heap. */
+    void **again = ta_malloc(IDLE_BLOCKS * sizeof *again);
+    for (int i = 0; i < IDLE_BLOCKS; i++) {
+        again[i] = ta_malloc(IDLE_SIZE);
+        memset(again[i], (i * 7) & 0xff, IDLE_SIZE);
+    }
+    intptr_t bad = 0;
+    for (int i = 0; i < IDLE_BLOCKS; i++) {
+        const unsigned char *b = again[i];
+        bad += b[0] != (unsigned char)((i * 7) & 0xff) || b[IDLE_SIZE - 1] != b[0];
+        ta_free(again[i]);
+    }
+    ta_free(again);
+    ta_trim();
+    return (void *)bad;
+}
+
+/* Frees every block of the idle owner from this thread; returns RSS. */
+static size_t free_idle_blocks(pthread_t *owner)
+{
+    cr_assert_eq(pthread_create(owner, NULL, idle_owner, NULL), 0);
+    idle_wait_phase(1);
+    for (int i = 0; i < IDLE_BLOCKS; i++) {
+        unsigned char *b = idle_blocks[i];
+        cr_assert_eq(b[IDLE_SIZE - 1], (unsigned char)(i & 0xff));
+        ta_free(b);
+    }
+    return rss_bytes();
+}
+
+static void finish_idle_owner(pthread_t owner)
+{
+    idle_set_phase(2);
+    void *bad;
+    pthread_join(owner, &bad);
+    cr_assert_null(bad, "blocks handed out again were corrupted");
+    ta_trim();
+    ta_stats_t st = stats_now();
+    cr_assert_lt(st.small_live_bytes, 1 * MiB, "%" PRIu64 " bytes still live: blocks lost",
+                 st.small_live_bytes);
+}
+
+Test(threads, trim_gives_back_blocks_freed_into_an_idle_heap, .timeout = 120)
+{
+    ta_option_set(TA_OPT_RETAIN_MS, 3600 * 1000); /* only trim can do it here */
+    pthread_t owner;
+    size_t before = free_idle_blocks(&owner);
+    ta_trim(); /* malloc_trim(0) from another thread than the owner */
+    size_t after = rss_bytes();
+    ta_stats_t st = stats_now();
+    cr_assert_geq(st.small_remote_released_bytes, 90 * MiB, "%" PRIu64 " bytes given back",
+                  st.small_remote_released_bytes);
+    if (!under_valgrind())
+        cr_assert_lt(after + 80 * MiB, before, "RSS %zu MiB before trim, %zu after", before >> 20,
+                     after >> 20);
+    finish_idle_owner(owner);
+}
+
+Test(threads, purge_thread_gives_back_blocks_freed_into_an_idle_heap, .timeout = 120)
+{
+    ta_option_set(TA_OPT_RETAIN_MS, 100);
+    pthread_t owner;
+    size_t before = free_idle_blocks(&owner);
+    ta_stats_t st;
+    for (int i = 0; i < 100; i++) { /* no allocator call: up to 5 s */
+        usleep(50000);
+        st = stats_now();
+        if (st.small_remote_released_bytes >= 90 * MiB)
+            break;
+    }
+    size_t after = rss_bytes();
+    cr_assert_geq(st.small_remote_released_bytes, 90 * MiB, "%" PRIu64 " bytes given back",
+                  st.small_remote_released_bytes);
+    if (!under_valgrind())
+        cr_assert_lt(after + 80 * MiB, before, "RSS %zu MiB before, %zu after", before >> 20,
+                     after >> 20);
+    finish_idle_owner(owner);
 }
