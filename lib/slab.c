@@ -571,13 +571,7 @@ static span_t *block_locate(const void *p, const char *call, segment_t **seg_out
 static _Atomic uint64_t remote_released_bytes;
 static atomic_bool purge_watching; /* the purge thread watches the live heaps' lists */
 
-#define TRIM_SPANS 16 /* spans grouped per pass over a taken list */
-
-typedef struct {
-    span_t *span;
-    segment_t *seg;
-    void *blocks; /* taken blocks of this span, linked through their first word */
-} trim_group_t;
+#define TRIM_STACK_BLOCKS 1024 /* taken at once when no scratch can be mapped */
 
 static bool bits_any(const uint64_t *w, size_t first, size_t last)
 {
@@ -587,19 +581,54 @@ static bool bits_any(const uint64_t *w, size_t first, size_t last)
     return false;
 }
 
-/* Gives back the pages wholly under g's blocks and marks them; the blocks
- * that touch none of them are linked onto *back. Returns true if any page
- * was marked. */
-static bool trim_group(trim_group_t *g, void **back, void **back_tail)
+static void push_chain(heap_t *h, void *first, void *last)
+{
+    void *head = atomic_load_explicit(&h->remote, memory_order_relaxed);
+    do {
+        *(void **)last = head;
+    } while (!atomic_compare_exchange_weak_explicit(&h->remote, &head, first, memory_order_release,
+                                                    memory_order_relaxed));
+}
+
+/* In-place heapsort by address: no allocation, O(n log n). */
+static void sift_down(void **a, size_t root, size_t n)
+{
+    for (size_t child; (child = 2 * root + 1) < n; root = child) {
+        if (child + 1 < n && a[child + 1] > a[child])
+            child++;
+        if (a[root] >= a[child])
+            return;
+        void *t = a[root];
+        a[root] = a[child];
+        a[child] = t;
+    }
+}
+
+static void sort_by_address(void **a, size_t n)
+{
+    for (size_t i = n / 2; i-- > 0;)
+        sift_down(a, i, n);
+    for (size_t end = n; end-- > 1;) {
+        void *t = a[0];
+        a[0] = a[end];
+        a[end] = t;
+        sift_down(a, 0, end);
+    }
+}
+
+/* Gives back the pages wholly under blocks b[0..n) of span s (sorted) and
+ * marks them; the blocks that touch none of them are linked onto *back.
+ * Returns true if any page was marked. */
+static bool trim_span(segment_t *seg, span_t *s, void **b, size_t n, void **back, void **back_tail)
 {
     size_t page = _ta_os_page_size();
-    char *start = span_start(g->seg, g->span);
-    size_t bs = g->span->block_size;
-    size_t used_end = (size_t)g->span->capacity * bs; /* the tail beyond holds no block */
+    char *start = span_start(seg, s);
+    size_t bs = s->block_size;
+    size_t used_end = (size_t)s->capacity * bs; /* the tail beyond holds no block */
     size_t npages = (used_end + page - 1) / page;
     uint32_t covered[SPAN_MAX_OS_PAGES] = {0};
-    for (void *b = g->blocks; b; b = *(void **)b) {
-        size_t off = (size_t)((char *)b - start), end = off + bs;
+    for (size_t i = 0; i < n; i++) {
+        size_t off = (size_t)((char *)b[i] - start), end = off + bs;
         for (size_t p = off / page; p * page < end; p++) {
             size_t lo = off > p * page ? off : p * page;
             size_t hi = end < (p + 1) * page ? end : (p + 1) * page;
@@ -615,16 +644,15 @@ static bool trim_group(trim_group_t *g, void **back, void **back_tail)
             any = true;
         }
     }
-    /* Split before giving pages back: the links live in the blocks. */
-    for (void *b = g->blocks, *next; b; b = next) {
-        next = *(void **)b;
-        size_t off = (size_t)((char *)b - start);
+    /* Link the others before giving pages back: the links live in blocks. */
+    for (size_t i = 0; i < n; i++) {
+        size_t off = (size_t)((char *)b[i] - start);
         if (any && bits_any(marks, off / page, (off + bs - 1) / page))
             continue; /* on a released page: the owner frees it from the marks */
-        *(void **)b = *back;
+        *(void **)b[i] = *back;
         if (*back == NULL)
-            *back_tail = b;
-        *back = b;
+            *back_tail = b[i];
+        *back = b[i];
     }
     for (size_t p = 0; p < npages;) {
         if (!(marks[p / 64] >> (p % 64) & 1)) {
@@ -641,47 +669,53 @@ static bool trim_group(trim_group_t *g, void **back, void **back_tail)
     }
     for (size_t w = 0; w < SPAN_MAX_OS_PAGES / 64; w++)
         if (marks[w])
-            atomic_fetch_or_explicit(&g->span->released[w], marks[w], memory_order_relaxed);
+            atomic_fetch_or_explicit(&s->released[w], marks[w], memory_order_relaxed);
     return any;
 }
 
-/* Takes over h's remote list and gives back what it can (see above). */
+/* Takes over h's remote list and gives back what it can (see above). The
+ * blocks are sorted by address in a scratch mapping, so that each span's
+ * blocks lie together; without one, the first TRIM_STACK_BLOCKS are
+ * trimmed and the rest pushed back as they were. */
 static void heap_trim_remote(heap_t *h)
 {
     if (atomic_exchange_explicit(&h->trim_busy, true, memory_order_acquire))
         return; /* another trimmer, or the owner merging */
     void *list = atomic_exchange_explicit(&h->remote, NULL, memory_order_acquire);
+    size_t n = 0;
+    for (void *b = list; b; b = *(void **)b)
+        n++;
+    void *stack[TRIM_STACK_BLOCKS], **blocks = stack, *scratch = NULL;
+    size_t scratch_bytes = _ta_align_up(n * sizeof(void *), _ta_os_page_size());
+    if (n > TRIM_STACK_BLOCKS && _ta_os_map(scratch_bytes, _ta_os_page_size(), &scratch) == 0)
+        blocks = scratch;
+    size_t cap = blocks == stack ? TRIM_STACK_BLOCKS : n, taken = 0;
+    for (; list && taken < cap; list = *(void **)list)
+        blocks[taken++] = list;
     void *back = NULL, *back_tail = NULL;
+    if (list) { /* what did not fit goes back first, untouched */
+        void *last = list;
+        while (*(void **)last)
+            last = *(void **)last;
+        push_chain(h, list, last);
+    }
+    sort_by_address(blocks, taken);
     bool marked = false;
-    while (list) {
-        trim_group_t g[TRIM_SPANS];
-        size_t ng = 0;
-        void *later = NULL;
-        for (void *next; list; list = next) {
-            next = *(void **)list;
-            segment_t *seg;
-            uint32_t idx;
-            span_t *s = block_locate(list, "free", &seg, &idx);
-            size_t i = 0;
-            while (i < ng && g[i].span != s)
-                i++;
-            if (i == ng && ng < TRIM_SPANS)
-                g[ng++] = (trim_group_t){s, seg, NULL};
-            void **head = i < ng ? &g[i].blocks : &later;
-            *(void **)list = *head;
-            *head = list;
-        }
-        for (size_t i = 0; i < ng; i++)
-            marked |= trim_group(&g[i], &back, &back_tail);
-        list = later; /* spans beyond TRIM_SPANS: another round */
+    for (size_t i = 0; i < taken;) {
+        segment_t *seg;
+        uint32_t idx;
+        span_t *s = block_locate(blocks[i], "free", &seg, &idx);
+        char *end = span_start(seg, s) + (size_t)s->capacity * s->block_size;
+        size_t j = i + 1;
+        while (j < taken && (char *)blocks[j] < end && (char *)blocks[j] > (char *)blocks[i])
+            j++;
+        marked |= trim_span(seg, s, blocks + i, j - i, &back, &back_tail);
+        i = j;
     }
-    if (back) {
-        void *head = atomic_load_explicit(&h->remote, memory_order_relaxed);
-        do {
-            *(void **)back_tail = head;
-        } while (!atomic_compare_exchange_weak_explicit(&h->remote, &head, back,
-                                                        memory_order_release, memory_order_relaxed));
-    }
+    if (scratch)
+        _ta_os_unmap(scratch, scratch_bytes);
+    if (back)
+        push_chain(h, back, back_tail);
     if (marked)
         atomic_store_explicit(&h->released_pending, true, memory_order_relaxed);
     atomic_store_explicit(&h->trim_busy, false, memory_order_release);
