@@ -140,6 +140,32 @@ Test(limits, unmaps_refused_at_the_real_limit_are_parked, .timeout = 60)
     cr_assert_eq(stats_now().large_live_count, 0);
 }
 
+/* At the limit the purge thread cannot be created (its stack is a
+ * mapping): frees that wake it must still return, and the pool ages on
+ * allocator calls instead. */
+Test(limits, no_purge_thread_at_the_real_limit, .timeout = 60)
+{
+    skip_unless_plain();
+    enum { N = 8 };
+    ta_option_set(TA_OPT_RETAIN_MS, 50);
+    void *b[N], *keep = ta_malloc(300 * KiB);
+    for (int i = 0; i < N; i++)
+        b[i] = ta_malloc(4 * MiB); /* nothing freed yet: no purge thread */
+    size_t filled = fill_to_the_limit();
+    for (int i = 0; i < N; i++)
+        ta_free(b[i]); /* the first wakes the purge thread, whose creation fails */
+    ta_stats_t pooled = stats_now();
+    sleep_ms(200);
+    ta_free(ta_malloc(300 * KiB)); /* an allocator call: aged entries go */
+    ta_stats_t aged = stats_now();
+    fill_release();
+    ta_free(keep);
+    cr_assert_gt(filled, 1000);
+    cr_assert_geq(pooled.pool_bytes, N * 4 * MiB, "the frees went to the pool");
+    cr_assert_lt(aged.pool_bytes, pooled.pool_bytes, "the pool did not age on allocator calls");
+    cr_assert_geq(aged.pool_expired, 1);
+}
+
 /* The same through the MAX_MAP_COUNT option, with every unmap failing:
  * trim returns, malloc near the limit returns (it trims first), and
  * nothing is lost once unmaps work again. */
