@@ -87,7 +87,8 @@ int main(int argc, char **argv)
     report_str("api", BENCH_API);
     report_num("objects", (double)count);
     report_num("rss_full_above_start_mib", (double)(full - start) / MiB);
-    report_num("rss_freed_above_start_mib", (double)((freed > start ? freed : start) - start) / MiB);
+    report_num("rss_freed_above_start_mib",
+               (double)((freed > start ? freed : start) - start) / MiB);
     report_num("rss_trimmed_above_start_mib",
                (double)((trimmed > start ? trimmed : start) - start) / MiB);
     report_num("rss_1s_above_start_mib", (double)((later > start ? later : start) - start) / MiB);

@@ -165,7 +165,8 @@ int main(int argc, char **argv)
     live = argc > 3 ? atoi(argv[3]) : 2000;
     trim_ms = argc > 4 ? atoi(argv[4]) : 0;
     if (nthreads < 1 || nthreads > 256 || seconds <= 0 || live < 1 || trim_ms < 0) {
-        fprintf(stderr, "usage: soak [threads] [seconds] [live blocks per thread] [trim every ms]\n");
+        fprintf(stderr,
+                "usage: soak [threads] [seconds] [live blocks per thread] [trim every ms]\n");
         return 2;
     }
     size_t rss_start = status_bytes("VmRSS");

@@ -49,9 +49,9 @@ struct ta_entry {
     size_t vram_bytes; /* charged: tensor bytes on the device */
     int locks;
     bool loading;
-    bool moving;      /* a device move is in flight (moves are serialised) */
-    bool drop_host;   /* free the host copy when the last holder unlocks */
-    bool drop_device; /* free the device copy when the last holder unlocks */
+    bool moving;                  /* a device move is in flight (moves are serialised) */
+    bool drop_host;               /* free the host copy when the last holder unlocks */
+    bool drop_device;             /* free the device copy when the last holder unlocks */
     struct ta_entry *prev, *next; /* LRU order: head least recently used */
 };
 

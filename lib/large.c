@@ -432,8 +432,7 @@ static void release_mapping(uintptr_t addr, size_t size, bool counted)
     if (!counted)
         atomic_fetch_add_explicit(&_ta_live_mappings, 1, memory_order_relaxed);
     park_range(addr, size, 0);
-    _ta_log(false, "tensoralloc: munmap(%p, %zu) failed; parked, will retry\n", (void *)addr,
-            size);
+    _ta_log(false, "tensoralloc: munmap(%p, %zu) failed; parked, will retry\n", (void *)addr, size);
     _ta_purge_wake(); /* the timed retries */
 }
 

@@ -18,7 +18,7 @@ static pthread_mutex_t purge_mutex = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t purge_cond = PTHREAD_COND_INITIALIZER;
 static atomic_int purge_started;
 static _Atomic uint64_t purge_failed_ms; /* when pthread_create last failed */
-static bool purge_pending; /* guarded by purge_mutex: a wake since the last pass */
+static bool purge_pending;               /* guarded by purge_mutex: a wake since the last pass */
 
 static void *purge_main(void *arg)
 {

@@ -29,11 +29,11 @@
 #define SLAB_PAGE_SIZE ((size_t)1 << SLAB_PAGE_SHIFT) /* 64 KiB */
 #define SEGMENT_PAGES 64
 #define SPAN_MAX_BLOCKS 4096
-#define SPAN_MAX_PAGES 16                                    /* slab pages of the largest span */
+#define SPAN_MAX_PAGES 16 /* slab pages of the largest span */
 #define SPAN_MAX_OS_PAGES (SPAN_MAX_PAGES * SLAB_PAGE_SIZE / 4096) /* at 4 KiB pages */
-#define SEGMENT_MAGIC 0x5441534547ULL /* "TASEG" */
-#define PURGE_LIMIT ((size_t)8 << 20) /* free pages a heap may keep */
-#define STATS_BATCH 65536             /* live-byte deltas flushed beyond this */
+#define SEGMENT_MAGIC 0x5441534547ULL                              /* "TASEG" */
+#define PURGE_LIMIT ((size_t)8 << 20)                              /* free pages a heap may keep */
+#define STATS_BATCH 65536 /* live-byte deltas flushed beyond this */
 
 /* ---- size classes: 16-byte steps to 128, then four per doubling -------- */
 
@@ -159,7 +159,6 @@ static TA_TLS heap_t *tls_heap;
 
 static _Atomic int64_t small_live, small_peak;
 static _Atomic uint64_t committed_bytes, segment_bytes, span_count, heap_count;
-
 
 /* One bit per 4 MiB of a 48-bit address space marks slab segments, so that
  * free() can tell a slab block from a large block without touching either. */

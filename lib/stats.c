@@ -11,18 +11,45 @@
 #include <errno.h>
 #include <string.h>
 
-#define TA_STAT_FIELDS(X)                                                                          \
-    X(large_live_bytes)                                                                            \
-    X(large_peak_bytes) X(large_live_count) X(large_mapped_bytes) X(large_alloc_count)             \
-        X(pool_bytes) X(pool_entries) X(pool_hits) X(pool_misses) X(pool_expired)                  \
-            X(maxmap_fallbacks) X(map_limit) X(small_live_bytes) X(small_peak_bytes)               \
-                X(small_committed_bytes) X(small_dirty_bytes) X(small_segment_bytes)               \
-                    X(small_spans) X(heaps) X(os_map_calls) X(os_unmap_calls) X(os_remap_calls)    \
-                        X(os_madvise_calls) X(os_map_failures) X(opt_threshold)                    \
-                            X(opt_retain_bytes) X(opt_retain_ms) X(opt_thp) X(opt_verbose)         \
-                                X(mappings) X(os_unmap_failures) X(os_advise_failures)    \
-                                    X(parked_count) X(parked_bytes)                        \
-                                        X(small_remote_released_bytes)
+/* One field a line. */
+/* clang-format off */
+#define TA_STAT_FIELDS(X) \
+    X(large_live_bytes) \
+    X(large_peak_bytes) \
+    X(large_live_count) \
+    X(large_mapped_bytes) \
+    X(large_alloc_count) \
+    X(pool_bytes) \
+    X(pool_entries) \
+    X(pool_hits) \
+    X(pool_misses) \
+    X(pool_expired) \
+    X(maxmap_fallbacks) \
+    X(map_limit) \
+    X(small_live_bytes) \
+    X(small_peak_bytes) \
+    X(small_committed_bytes) \
+    X(small_dirty_bytes) \
+    X(small_segment_bytes) \
+    X(small_spans) \
+    X(heaps) \
+    X(os_map_calls) \
+    X(os_unmap_calls) \
+    X(os_remap_calls) \
+    X(os_madvise_calls) \
+    X(os_map_failures) \
+    X(opt_threshold) \
+    X(opt_retain_bytes) \
+    X(opt_retain_ms) \
+    X(opt_thp) \
+    X(opt_verbose) \
+    X(mappings) \
+    X(os_unmap_failures) \
+    X(os_advise_failures) \
+    X(parked_count) \
+    X(parked_bytes) \
+    X(small_remote_released_bytes)
+/* clang-format on */
 
 static void stats_collect(ta_stats_t *st)
 {

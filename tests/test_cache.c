@@ -693,8 +693,10 @@ static void *move_and_read(void *arg)
 Test(cache, concurrent_moves_of_one_entry_are_serialised)
 {
     use_fake_cudart();
-    ta_cache_config_t cfg = {
-        .size = sizeof cfg, .ram_budget = 64 * MiB, .vram_budget = 64 * MiB, .keep_ram_copy = false};
+    ta_cache_config_t cfg = {.size = sizeof cfg,
+                             .ram_budget = 64 * MiB,
+                             .vram_budget = 64 * MiB,
+                             .keep_ram_copy = false};
     ta_cache_t *c;
     cr_assert_eq(ta_cache_create(&cfg, &c), 0);
     for (int round = 0; round < 20; round++) {

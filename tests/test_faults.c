@@ -24,7 +24,8 @@ Test(faults, failed_large_map_gives_enomem_and_no_leak)
     ta_stats_t after = stats_now();
     cr_assert_eq(after.large_live_count, before.large_live_count);
     cr_assert_eq(after.large_mapped_bytes, before.large_mapped_bytes);
-    cr_assert_eq(after.os_map_failures, before.os_map_failures + 2, "tried, gave back, tried again");
+    cr_assert_eq(after.os_map_failures, before.os_map_failures + 2,
+                 "tried, gave back, tried again");
     /* the fault has passed: allocation works again */
     void *p = ta_malloc(8 * MiB);
     cr_assert_not_null(p);

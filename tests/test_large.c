@@ -6,9 +6,9 @@
 #include "internal.h"
 
 #include <criterion/criterion.h>
-#include <stdbool.h>
 #include <errno.h>
 #include <inttypes.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/mman.h>
@@ -324,8 +324,8 @@ Test(large, pool_expires_without_allocator_calls)
     /* no allocator call from here on: the purge thread must do it (the
      * entry leaves the pool just before its munmap, so wait for both) */
     bool rss_meaningful = !under_valgrind(); /* valgrind's own memory blurs RSS */
-    for (int i = 0; i < 100 && (stats_now().pool_bytes ||
-                                (rss_meaningful && rss_bytes() >= start + 16 * MiB));
+    for (int i = 0;
+         i < 100 && (stats_now().pool_bytes || (rss_meaningful && rss_bytes() >= start + 16 * MiB));
          i++)
         usleep(20000);
     ta_stats_t st = stats_now();
