@@ -119,13 +119,28 @@ void _ta_large_fork_child(void);
 #define TA_SMALL_MAX_ALIGN ((size_t)64 << 10)
 /* alignment <= TA_SMALL_MAX_ALIGN (larger ones fail with EINVAL). */
 void *_ta_small_alloc(size_t size, size_t alignment, bool zero);
-/* True if p lies in a slab segment (cheap, no lock). */
-bool _ta_small_owns(const void *p);
+/* True if p lies in a slab segment: one bit per 4 MiB segment of a 48-bit
+ * address space, read without a lock (inline: every free asks). */
+#define TA_SEGMENT_SHIFT 22
+extern _Atomic(uint64_t *) _ta_segmap;
+static inline bool _ta_small_owns(const void *p)
+{
+    uintptr_t a = (uintptr_t)p;
+    uint64_t *map = atomic_load_explicit(&_ta_segmap, memory_order_acquire);
+    if (TA_UNLIKELY(map == NULL) || (a >> 48) != 0)
+        return false;
+    size_t bit = a >> TA_SEGMENT_SHIFT;
+    return (atomic_load_explicit((_Atomic uint64_t *)&map[bit / 64], memory_order_relaxed) >>
+            (bit % 64)) &
+           1;
+}
 /* Returns true when the purge thread must be woken: the block went to an
  * abandoned heap (no thread owns it), or to any heap while the purge
  * thread is not watching the remote lists. */
 bool _ta_small_free(void *p, const char *call);
 size_t _ta_small_usable(const void *p, const char *call);
+/* Checks the size-class table and the division-free block index (tests). */
+bool _ta_small_selfcheck(void);
 void _ta_small_trim(void);
 void _ta_small_stats(ta_stats_t *st);
 void _ta_small_fork_prepare(void);

@@ -46,6 +46,25 @@ typedef struct {
 } class_info_t;
 
 static class_info_t classes[CLASS_COUNT];
+static uint8_t small_class[1024 / 16 + 1]; /* class by (size + 15) / 16, up to 1 KiB */
+
+/* ceil(2^42 / bs): for every offset below 2^20 (a span is at most 1 MiB)
+ * and bs <= 2^20, (off * recip) >> 42 == off / bs, since the rounding
+ * error off * (recip * bs - 2^42) stays below 2^40 (checked for every
+ * class and offset by the slab suite). */
+static inline uint64_t block_recip(uint32_t bs)
+{
+    return ((1ULL << 42) + bs - 1) / bs;
+}
+
+static inline int class_of_computed(size_t size)
+{
+    if (size <= 128)
+        return size ? (int)((size - 1) >> 4) : 0;
+    int lg = 63 - __builtin_clzll((unsigned long long)(size - 1)); /* 2^lg < size <= 2^(lg+1) */
+    int quarter = (int)(((size - 1) >> (lg - 2)) & 3); /* which quarter of the doubling */
+    return 8 + (lg - 7) * 4 + quarter;
+}
 
 static void classes_init(void)
 {
@@ -69,16 +88,35 @@ static void classes_init(void)
         classes[c] = (class_info_t){
             (uint32_t)bs, (uint16_t)(cap > SPAN_MAX_BLOCKS ? SPAN_MAX_BLOCKS : cap), (uint8_t)k};
     }
+    for (size_t i = 0; i < sizeof small_class; i++)
+        small_class[i] = (uint8_t)class_of_computed(i * 16);
 }
 
 static inline int class_of(size_t size)
 {
-    if (size <= 128)
-        return size ? (int)((size - 1) >> 4) : 0;
-    int lg = 63 - __builtin_clzll((unsigned long long)(size - 1)); /* 2^lg < size <= 2^(lg+1) */
-    size_t base = (size_t)1 << lg;
-    int quarter = (int)((size - 1 - base) / (base / 4)); /* 0..3 */
-    return 8 + (lg - 7) * 4 + quarter;
+    if (TA_LIKELY(size <= 1024))
+        return small_class[(size + 15) >> 4];
+    return class_of_computed(size);
+}
+
+/* For the slab suite: the division-free block index agrees with the
+ * division at every offset of every class's span, and the size table
+ * agrees with the computed classes. */
+bool _ta_small_selfcheck(void)
+{
+    classes_init();
+    for (int c = 0; c < CLASS_COUNT; c++) {
+        uint32_t bs = classes[c].block_size;
+        uint64_t recip = block_recip(bs);
+        size_t span_bytes = (size_t)classes[c].pages * SLAB_PAGE_SIZE;
+        for (size_t off = 0; off < span_bytes; off++)
+            if (((off * recip) >> 42) != off / bs)
+                return false;
+    }
+    for (size_t size = 0; size <= 1024; size++)
+        if (class_of(size) != class_of_computed(size) || classes[class_of(size)].block_size < size)
+            return false;
+    return true;
 }
 
 /* ---- metadata: spans, segments, heaps ------------------------------------ */
@@ -90,7 +128,8 @@ typedef struct span_s {
     uint32_t block_size;
     uint16_t capacity;
     uint16_t used;
-    uint16_t cursor; /* no free bit lives below this word */
+    uint64_t summary; /* bit w set: free_bits[w] has a free block */
+    uint64_t recip;   /* ceil(2^42 / block_size): block index without a division */
     uint8_t class_idx;
     uint8_t pages;
     uint8_t in_use;
@@ -161,45 +200,35 @@ static _Atomic int64_t small_live, small_peak;
 static _Atomic uint64_t committed_bytes, segment_bytes, span_count, heap_count;
 
 /* One bit per 4 MiB of a 48-bit address space marks slab segments, so that
- * free() can tell a slab block from a large block without touching either. */
+ * free() can tell a slab block from a large block without touching either
+ * (the test itself is inline, in internal.h). */
 #define SEGMAP_BITS ((size_t)1 << (48 - SEGMENT_SHIFT))
-static _Atomic(uint64_t *) segmap;
+_Static_assert(SEGMENT_SHIFT == TA_SEGMENT_SHIFT, "internal.h's ownership test");
+_Atomic(uint64_t *) _ta_segmap;
 
 static bool segmap_ensure(void)
 {
-    if (atomic_load_explicit(&segmap, memory_order_acquire))
+    if (atomic_load_explicit(&_ta_segmap, memory_order_acquire))
         return true;
     void *mem;
     size_t bytes = SEGMAP_BITS / 8;
     if (_ta_os_map(bytes, _ta_os_page_size(), &mem) != 0)
         return false;
     uint64_t *expected = NULL;
-    if (!atomic_compare_exchange_strong(&segmap, &expected, (uint64_t *)mem))
+    if (!atomic_compare_exchange_strong(&_ta_segmap, &expected, (uint64_t *)mem))
         _ta_os_unmap(mem, bytes);
     return true;
 }
 
 static void segmap_set(uintptr_t seg, bool on)
 {
-    uint64_t *map = atomic_load_explicit(&segmap, memory_order_acquire);
+    uint64_t *map = atomic_load_explicit(&_ta_segmap, memory_order_acquire);
     size_t bit = seg >> SEGMENT_SHIFT;
     _Atomic uint64_t *word = (_Atomic uint64_t *)&map[bit / 64];
     if (on)
         atomic_fetch_or_explicit(word, 1ULL << (bit % 64), memory_order_release);
     else
         atomic_fetch_and_explicit(word, ~(1ULL << (bit % 64)), memory_order_release);
-}
-
-bool _ta_small_owns(const void *p)
-{
-    uintptr_t a = (uintptr_t)p;
-    uint64_t *map = atomic_load_explicit(&segmap, memory_order_acquire);
-    if (map == NULL || (a >> 48) != 0)
-        return false;
-    size_t bit = a >> SEGMENT_SHIFT;
-    return (atomic_load_explicit((_Atomic uint64_t *)&map[bit / 64], memory_order_acquire) >>
-            (bit % 64)) &
-           1;
 }
 
 /* ---- statistics helpers ------------------------------------------------------ */
@@ -410,7 +439,7 @@ static span_t *span_new(heap_t *h, int c)
     s->block_size = ci->block_size;
     s->capacity = ci->capacity;
     s->used = 0;
-    s->cursor = 0;
+    s->recip = block_recip(ci->block_size);
     s->class_idx = (uint8_t)c;
     s->pages = ci->pages;
     s->in_use = 1;
@@ -420,6 +449,7 @@ static span_t *span_new(heap_t *h, int c)
         s->free_bits[w] = ~0ULL;
     if (ci->capacity % 64)
         s->free_bits[words - 1] = (1ULL << (ci->capacity % 64)) - 1;
+    s->summary = words == 64 ? ~0ULL : (1ULL << words) - 1;
     atomic_fetch_add_explicit(&committed_bytes, (uint64_t)ci->pages * SLAB_PAGE_SIZE,
                               memory_order_relaxed);
     atomic_fetch_add_explicit(&span_count, 1, memory_order_relaxed);
@@ -502,16 +532,20 @@ static void heap_purge(heap_t *h)
 
 /* ---- blocks ------------------------------------------------------------------------ */
 
+/* The lowest free block: the summary names the first word with one, so
+ * this is two bit scans, not a search (s has a free block). */
 static inline void *span_take(segment_t *seg, span_t *s)
 {
-    size_t w = s->cursor;
-    while (s->free_bits[w] == 0)
-        w++;
-    int b = __builtin_ctzll(s->free_bits[w]);
-    s->free_bits[w] &= s->free_bits[w] - 1;
-    s->cursor = (uint16_t)w;
+    uint64_t summary = s->summary;
+    size_t w = (size_t)__builtin_ctzll(summary);
+    uint64_t bits = s->free_bits[w];
+    size_t b = (size_t)__builtin_ctzll(bits);
+    bits &= bits - 1;
+    s->free_bits[w] = bits;
+    if (bits == 0)
+        s->summary = summary & (summary - 1);
     s->used++;
-    return span_start(seg, s) + (w * 64 + (size_t)b) * s->block_size;
+    return span_start(seg, s) + (w * 64 + b) * s->block_size;
 }
 
 /* Frees block idx of span s, owned by heap h (the calling thread's). */
@@ -521,8 +555,7 @@ static void block_free_local(heap_t *h, segment_t *seg, span_t *s, uint32_t idx,
     uint64_t bit = 1ULL << (idx % 64);
     TA_CHECK(!(s->free_bits[idx / 64] & bit), call, p, "double free");
     s->free_bits[idx / 64] |= bit;
-    if (idx / 64 < s->cursor)
-        s->cursor = (uint16_t)(idx / 64);
+    s->summary |= 1ULL << (idx / 64);
     bool was_full = s->used == s->capacity;
     s->used--;
     live_add(h, -(int64_t)s->block_size);
@@ -544,7 +577,7 @@ static span_t *block_locate(const void *p, const char *call, segment_t **seg_out
     span_t *s = &seg->spans[seg->page_span[page]];
     TA_CHECK(s->in_use, call, p, "invalid pointer (free page)");
     size_t off = (size_t)((const char *)p - span_start(seg, s));
-    uint32_t idx = (uint32_t)(off / s->block_size);
+    uint32_t idx = (uint32_t)((off * s->recip) >> 42);
     TA_CHECK(idx < s->capacity && (size_t)idx * s->block_size == off, call, p,
              "invalid pointer (not the start of a block)");
     *seg_out = seg;

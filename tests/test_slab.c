@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 /* Suite "slab": size classes, block reuse, and small frees lowering RSS. */
 #include "helpers.h"
+#include "internal.h" /* _ta_small_selfcheck */
 
 #include <criterion/criterion.h>
 #include <stdbool.h>
@@ -87,4 +88,35 @@ Test(slab, statistics_track_small_bytes)
         ta_free(p[i]);
     ta_stats_t c = stats_now();
     cr_assert_eq(c.small_live_bytes, a.small_live_bytes);
+}
+
+/* The fast paths find a size class by table and a block index by a
+ * multiply and a shift: both must agree with the plain arithmetic at every
+ * size up to 1 KiB and every offset of every class's span. */
+Test(slab, class_table_and_block_index_are_exact)
+{
+    cr_assert(_ta_small_selfcheck());
+}
+
+/* Freed blocks anywhere in a span must be found again (the summary of
+ * words with free blocks): refilling the holes needs no new span, and no
+ * block is handed out twice. */
+Test(slab, freed_blocks_anywhere_in_a_span_are_found)
+{
+    enum { N = 3000 };
+    static void *p[N];
+    for (int i = 0; i < N; i++)
+        cr_assert_not_null(p[i] = ta_malloc(48));
+    uint64_t committed = stats_now().small_committed_bytes;
+    for (int i = 0; i < N; i += 7) /* holes all over the spans */
+        ta_free(p[i]);
+    for (int i = 0; i < N; i += 7)
+        p[i] = ta_malloc(48);
+    cr_assert_eq(stats_now().small_committed_bytes, committed,
+                 "a new span although holes were free");
+    for (int i = 0; i < N; i++)
+        for (int j = i + 1; j < N; j++)
+            cr_assert_neq(p[i], p[j], "block %d handed out twice", i);
+    for (int i = 0; i < N; i++)
+        ta_free(p[i]);
 }
