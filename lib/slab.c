@@ -125,6 +125,7 @@ struct heap_s;
 
 typedef struct span_s {
     struct span_s *next, *prev; /* the heap's partial list of this class */
+    char *start;                /* its first block */
     uint32_t block_size;
     uint16_t capacity;
     uint16_t used;
@@ -341,9 +342,12 @@ static inline segment_t *segment_of(const void *p)
     return (segment_t *)((uintptr_t)p & ~(uintptr_t)(SEGMENT_SIZE - 1));
 }
 
+/* Kept in the span: computing it from the span's index would divide by
+ * sizeof(span_t) on every allocation and free. */
 static inline char *span_start(segment_t *seg, span_t *s)
 {
-    return (char *)seg + (size_t)(s - seg->spans) * SLAB_PAGE_SIZE;
+    (void)seg;
+    return s->start;
 }
 
 static segment_t *segment_new(heap_t *h)
@@ -436,6 +440,7 @@ static span_t *span_new(heap_t *h, int c)
 
     span_t *s = &seg->spans[first];
     s->next = s->prev = NULL;
+    s->start = (char *)seg + (size_t)first * SLAB_PAGE_SIZE;
     s->block_size = ci->block_size;
     s->capacity = ci->capacity;
     s->used = 0;
