@@ -234,7 +234,7 @@ static void segmap_set(uintptr_t seg, bool on)
 
 /* ---- statistics helpers ------------------------------------------------------ */
 
-static void live_flush(heap_t *h)
+__attribute__((noinline, cold)) static void live_flush(heap_t *h)
 {
     int64_t now =
         atomic_fetch_add_explicit(&small_live, h->live_delta, memory_order_relaxed) + h->live_delta;
@@ -247,8 +247,9 @@ static void live_flush(heap_t *h)
 
 static inline void live_add(heap_t *h, int64_t bytes)
 {
-    h->live_delta += bytes;
-    if (h->live_delta > STATS_BATCH || h->live_delta < -STATS_BATCH)
+    int64_t d = h->live_delta + bytes;
+    h->live_delta = d;
+    if (TA_UNLIKELY((uint64_t)(d + STATS_BATCH) > 2 * (uint64_t)STATS_BATCH))
         live_flush(h);
 }
 
@@ -832,7 +833,10 @@ static void *alloc_slow(heap_t *h, int c)
     return span_take(segment_of(s), s);
 }
 
-void *_ta_small_alloc(size_t size, size_t alignment, bool zero)
+/* Every case but the common one: alignment, zeroing, sizes over 1 KiB, a
+ * thread without a heap yet, a current span used up. Out of line, so that
+ * the fast path below needs no stack frame. */
+__attribute__((noinline)) static void *small_alloc_general(size_t size, size_t alignment, bool zero)
 {
     if (TA_UNLIKELY(alignment > TA_SMALL_MAX_ALIGN)) {
         errno = EINVAL;
@@ -857,7 +861,7 @@ void *_ta_small_alloc(size_t size, size_t alignment, bool zero)
     }
     span_t *s = h->current[c];
     void *p;
-    if (TA_LIKELY(s != NULL && s->used < s->capacity))
+    if (TA_LIKELY(s != NULL && s->summary != 0))
         p = span_take(segment_of(s), s);
     else if ((p = alloc_slow(h, c)) == NULL) {
         errno = ENOMEM;
@@ -867,6 +871,24 @@ void *_ta_small_alloc(size_t size, size_t alignment, bool zero)
     if (zero)
         memset(p, 0, classes[c].block_size);
     return p;
+}
+
+/* The fast path: a thread with a heap asks for up to 1 KiB, naturally
+ * aligned, not zeroed, and its current span of that class has a free
+ * block. A summary of free words marks it (s->summary != 0 exactly when
+ * a block is free), so used and capacity need not be read. */
+void *_ta_small_alloc(size_t size, size_t alignment, bool zero)
+{
+    heap_t *h = tls_heap;
+    if (TA_LIKELY(h != NULL && size <= 1024 && alignment <= TA_MIN_ALIGN && !zero)) {
+        span_t *s = h->current[small_class[(size + 15) >> 4]];
+        if (TA_LIKELY(s != NULL && s->summary != 0)) {
+            void *p = span_take(NULL, s);
+            live_add(h, s->block_size);
+            return p;
+        }
+    }
+    return small_alloc_general(size, alignment, zero);
 }
 
 bool _ta_small_free(void *p, const char *call)
