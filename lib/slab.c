@@ -554,9 +554,19 @@ static inline void *span_take(segment_t *seg, span_t *s)
     return span_start(seg, s) + (w * 64 + b) * s->block_size;
 }
 
+/* A span that is not its class's current one changed state: it emptied
+ * (its pages go back to the segment) or has room again (it is listed). */
+__attribute__((noinline)) static void span_after_free(heap_t *h, segment_t *seg, span_t *s)
+{
+    if (s->used == 0)
+        span_release(h, seg, s);
+    else
+        partial_push(h, s);
+}
+
 /* Frees block idx of span s, owned by heap h (the calling thread's). */
-static void block_free_local(heap_t *h, segment_t *seg, span_t *s, uint32_t idx, const char *call,
-                             const void *p)
+static inline void block_free_local(heap_t *h, segment_t *seg, span_t *s, uint32_t idx,
+                                    const char *call, const void *p)
 {
     uint64_t bit = 1ULL << (idx % 64);
     TA_CHECK(!(s->free_bits[idx / 64] & bit), call, p, "double free");
@@ -565,12 +575,8 @@ static void block_free_local(heap_t *h, segment_t *seg, span_t *s, uint32_t idx,
     bool was_full = s->used == s->capacity;
     s->used--;
     live_add(h, -(int64_t)s->block_size);
-    if (h->current[s->class_idx] == s)
-        return;
-    if (s->used == 0)
-        span_release(h, seg, s);
-    else if (was_full)
-        partial_push(h, s);
+    if (TA_UNLIKELY((s->used == 0 || was_full) && h->current[s->class_idx] != s))
+        span_after_free(h, seg, s);
 }
 
 /* Validates p and finds its segment, span and block index. */
@@ -891,17 +897,9 @@ void *_ta_small_alloc(size_t size, size_t alignment, bool zero)
     return small_alloc_general(size, alignment, zero);
 }
 
-bool _ta_small_free(void *p, const char *call)
+/* A block of another thread's heap: pushed onto that heap's remote list. */
+__attribute__((noinline)) static bool free_remote(heap_t *owner, void *p)
 {
-    segment_t *seg;
-    uint32_t idx;
-    span_t *s = block_locate(p, call, &seg, &idx);
-    heap_t *h = tls_heap;
-    if (TA_LIKELY(seg->heap == h)) {
-        block_free_local(h, seg, s, idx, call, p);
-        return false;
-    }
-    heap_t *owner = seg->heap;
     void *head = atomic_load_explicit(&owner->remote, memory_order_relaxed);
     do {
         *(void **)p = head;
@@ -913,6 +911,19 @@ bool _ta_small_free(void *p, const char *call)
      * both sides): either it sees this block or this sees it asleep. */
     return !atomic_load_explicit(&purge_watching, memory_order_seq_cst) &&
            !atomic_exchange_explicit(&purge_watching, true, memory_order_seq_cst);
+}
+
+bool _ta_small_free(void *p, const char *call)
+{
+    segment_t *seg;
+    uint32_t idx;
+    span_t *s = block_locate(p, call, &seg, &idx);
+    heap_t *h = tls_heap;
+    if (TA_LIKELY(seg->heap == h)) {
+        block_free_local(h, seg, s, idx, call, p);
+        return false;
+    }
+    return free_remote(seg->heap, p);
 }
 
 size_t _ta_small_usable(const void *p, const char *call)
