@@ -74,35 +74,40 @@ static inline size_t threshold(void)
     return (size_t)_ta_opt(TA_OPT_THRESHOLD);
 }
 
-static void *alloc_path(size_t size, size_t alignment, bool zero)
+static inline void *alloc_path(size_t size, size_t alignment, bool zero)
 {
     if (size < threshold() && alignment <= TA_SMALL_MAX_ALIGN)
         return _ta_small_alloc(size, alignment, zero);
     return _ta_large_alloc(size, alignment, zero);
 }
 
-/* alignment: a power of two; 0 or <= TA_MIN_ALIGN means natural. Before
- * an allocation fails, what is retained (pool entries, parked unmaps, free
- * slab pages and segments) goes back to the kernel and the request is
- * tried once more: under RLIMIT_AS or a cgroup limit, the pool's address
- * space is the room the request needs. */
-static void *alloc_aligned(size_t size, size_t alignment, bool zero)
+/* Before an allocation fails, what is retained (pool entries, parked
+ * unmaps, free slab pages and segments) goes back to the kernel and the
+ * request is tried once more: under RLIMIT_AS or a cgroup limit, the
+ * pool's address space is the room the request needs. */
+__attribute__((noinline, cold)) static void *alloc_retry(size_t size, size_t alignment, bool zero)
+{
+    if (size > SIZE_MAX / 2)
+        return NULL; /* errno is ENOMEM already */
+    _ta_large_trim(true);
+    _ta_small_trim();
+    errno = 0;
+    void *p = alloc_path(size, alignment, zero);
+    if (p == NULL && errno == 0)
+        errno = ENOMEM;
+    return p;
+}
+
+/* alignment: a power of two; 0 or <= TA_MIN_ALIGN means natural. */
+static inline void *alloc_aligned(size_t size, size_t alignment, bool zero)
 {
     process_init();
-    if (alignment > ((size_t)1 << 40)) {
+    if (TA_UNLIKELY(alignment > ((size_t)1 << 40))) {
         errno = ENOMEM;
         return NULL;
     }
     void *p = alloc_path(size, alignment, zero);
-    if (TA_UNLIKELY(p == NULL) && size <= SIZE_MAX / 2) {
-        _ta_large_trim(true);
-        _ta_small_trim();
-        errno = 0;
-        p = alloc_path(size, alignment, zero);
-        if (p == NULL && errno == 0)
-            errno = ENOMEM;
-    }
-    return p;
+    return TA_LIKELY(p != NULL) ? p : alloc_retry(size, alignment, zero);
 }
 
 void *ta_malloc(size_t size)
