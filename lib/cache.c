@@ -709,8 +709,21 @@ static void drop_copies_locked(ta_cache_t *c, ta_entry_t *e, void **host, void *
     e->drop_host = e->drop_device = false;
 }
 
-static void free_copies(size_t n, void **host, void **dev)
+/* Called with c->mu held, releases it: frees the copies marked drop_* if
+ * at most holders hold e, outside the mutex. */
+static void drop_marked_and_unlock(ta_cache_t *c, ta_entry_t *e, int holders)
 {
+    void **host = NULL, **dev = NULL;
+    size_t n = 0;
+    if (e->locks <= holders && (e->drop_host || e->drop_device)) {
+        host = calloc(e->count + 1, sizeof *host);
+        dev = calloc(e->count + 1, sizeof *dev);
+        if (host && dev) { /* else the copy stays until eviction frees it */
+            n = e->count;
+            drop_copies_locked(c, e, host, dev);
+        }
+    }
+    pthread_mutex_unlock(&c->mu);
     for (size_t i = 0; i < n; i++) {
         ta_free(host[i]);
         if (dev[i])
@@ -725,21 +738,10 @@ void ta_entry_unlock(ta_entry_t *e)
     if (!e)
         return;
     ta_cache_t *c = e->cache;
-    void **host = NULL, **dev = NULL;
-    size_t n = 0;
     pthread_mutex_lock(&c->mu);
     if (e->locks > 0)
         e->locks--;
-    if (e->locks == 0 && (e->drop_host || e->drop_device)) {
-        host = calloc(e->count + 1, sizeof *host);
-        dev = calloc(e->count + 1, sizeof *dev);
-        if (host && dev) { /* else the copy stays until eviction frees it */
-            n = e->count;
-            drop_copies_locked(c, e, host, dev);
-        }
-    }
-    pthread_mutex_unlock(&c->mu);
-    free_copies(n, host, dev);
+    drop_marked_and_unlock(c, e, 0);
 }
 
 int ta_cache_remove(ta_cache_t *c, const char *key)
@@ -882,24 +884,12 @@ static int move_end(ta_cache_t *c, ta_entry_t *e, int rc)
  * it, and it goes when the last of them unlocks (still charged till then). */
 static void release_old_copy(ta_cache_t *c, ta_entry_t *e, bool host)
 {
-    void **h = calloc(e->count + 1, sizeof *h), **d = calloc(e->count + 1, sizeof *d);
-    size_t n = 0;
     pthread_mutex_lock(&c->mu);
     if (host)
         e->drop_host = true;
     else
         e->drop_device = true;
-    if (e->locks == 1 && h && d) {
-        n = e->count;
-        drop_copies_locked(c, e, h, d);
-    }
-    pthread_mutex_unlock(&c->mu);
-    if (n == 0) {
-        free(h);
-        free(d);
-        return;
-    }
-    free_copies(n, h, d);
+    drop_marked_and_unlock(c, e, 1);
 }
 
 static int move_to_device(ta_entry_t *e);

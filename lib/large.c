@@ -352,7 +352,7 @@ typedef struct parked_s {
     struct parked_s *next;
     size_t size;
     uint64_t retry_ms; /* next timed retry */
-    uint32_t tries;    /* timed retries made */
+    uint32_t tries;    /* retries made */
 } parked_t;
 
 static parked_t *parked_list;
@@ -407,12 +407,12 @@ static void parked_retry(bool force)
         parked_t *q = due;
         due = q->next;
         size_t size = q->size;
-        uint32_t tries = q->tries + (force ? 0 : 1);
+        uint32_t tries = q->tries + 1; /* forced retries count too */
         if (_ta_os_unmap(q, size) == 0) {
             atomic_fetch_sub_explicit(&_ta_live_mappings, 1, memory_order_relaxed);
             recycled_add(size);
         } else {
-            park_range((uintptr_t)q, size, tries ? tries : 1);
+            park_range((uintptr_t)q, size, tries);
         }
     }
 }

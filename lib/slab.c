@@ -125,7 +125,8 @@ struct heap_s;
 
 typedef struct span_s {
     struct span_s *next, *prev; /* the heap's partial list of this class */
-    char *start;                /* its first block */
+    char *start;                /* its first block (from the span's index, it would take a
+                                   division by sizeof(span_t) on every call) */
     uint32_t block_size;
     uint16_t capacity;
     uint16_t used;
@@ -343,14 +344,6 @@ static inline segment_t *segment_of(const void *p)
     return (segment_t *)((uintptr_t)p & ~(uintptr_t)(SEGMENT_SIZE - 1));
 }
 
-/* Kept in the span: computing it from the span's index would divide by
- * sizeof(span_t) on every allocation and free. */
-static inline char *span_start(segment_t *seg, span_t *s)
-{
-    (void)seg;
-    return s->start;
-}
-
 static segment_t *segment_new(heap_t *h)
 {
     if (!segmap_ensure())
@@ -540,7 +533,7 @@ static void heap_purge(heap_t *h)
 
 /* The lowest free block: the summary names the first word with one, so
  * this is two bit scans, not a search (s has a free block). */
-static inline void *span_take(segment_t *seg, span_t *s)
+static inline void *span_take(span_t *s)
 {
     uint64_t summary = s->summary;
     size_t w = (size_t)__builtin_ctzll(summary);
@@ -551,7 +544,7 @@ static inline void *span_take(segment_t *seg, span_t *s)
     if (bits == 0)
         s->summary = summary & (summary - 1);
     s->used++;
-    return span_start(seg, s) + (w * 64 + b) * s->block_size;
+    return s->start + (w * 64 + b) * s->block_size;
 }
 
 /* A span that is not its class's current one changed state: it emptied
@@ -588,7 +581,7 @@ static span_t *block_locate(const void *p, const char *call, segment_t **seg_out
     TA_CHECK(page > 0, call, p, "invalid pointer");
     span_t *s = &seg->spans[seg->page_span[page]];
     TA_CHECK(s->in_use, call, p, "invalid pointer (free page)");
-    size_t off = (size_t)((const char *)p - span_start(seg, s));
+    size_t off = (size_t)((const char *)p - s->start);
     uint32_t idx = (uint32_t)((off * s->recip) >> 42);
     TA_CHECK(idx < s->capacity && (size_t)idx * s->block_size == off, call, p,
              "invalid pointer (not the start of a block)");
@@ -597,7 +590,6 @@ static span_t *block_locate(const void *p, const char *call, segment_t **seg_out
     return s;
 }
 
-/* Drains the blocks other threads freed into h. */
 /* ---- trimming other threads' heaps --------------------------------------------
  * Blocks that other threads free wait on the owner's remote list until the
  * owner drains it, which an idle owner never does. A trimmer (malloc_trim
@@ -663,10 +655,10 @@ static void sort_by_address(void **a, size_t n)
 /* Gives back the pages wholly under blocks b[0..n) of span s (sorted) and
  * marks them; the blocks that touch none of them are linked onto *back.
  * Returns true if any page was marked. */
-static bool trim_span(segment_t *seg, span_t *s, void **b, size_t n, void **back, void **back_tail)
+static bool trim_span(span_t *s, void **b, size_t n, void **back, void **back_tail)
 {
     size_t page = _ta_os_page_size();
-    char *start = span_start(seg, s);
+    char *start = s->start;
     size_t bs = s->block_size;
     size_t used_end = (size_t)s->capacity * bs; /* the tail beyond holds no block */
     size_t npages = (used_end + page - 1) / page;
@@ -749,11 +741,11 @@ static void heap_trim_remote(heap_t *h)
         segment_t *seg;
         uint32_t idx;
         span_t *s = block_locate(blocks[i], "free", &seg, &idx);
-        char *end = span_start(seg, s) + (size_t)s->capacity * s->block_size;
+        char *end = s->start + (size_t)s->capacity * s->block_size;
         size_t j = i + 1;
         while (j < taken && (char *)blocks[j] < end && (char *)blocks[j] > (char *)blocks[i])
             j++;
-        marked |= trim_span(seg, s, blocks + i, j - i, &back, &back_tail);
+        marked |= trim_span(s, blocks + i, j - i, &back, &back_tail);
         i = j;
     }
     if (scratch)
@@ -794,7 +786,7 @@ static void heap_merge_released(heap_t *h)
         }
         for (int k = 0; k < n; k++) {
             span_t *s = &seg->spans[marked[k]];
-            char *start = span_start(seg, s);
+            char *start = s->start;
             size_t bs = s->block_size;
             for (uint32_t idx = 0, cap = s->capacity; idx < cap; idx++) {
                 size_t off = (size_t)idx * bs;
@@ -836,7 +828,7 @@ static void *alloc_slow(heap_t *h, int c)
         return NULL;
     }
     h->current[c] = s;
-    return span_take(segment_of(s), s);
+    return span_take(s);
 }
 
 /* Every case but the common one: alignment, zeroing, sizes over 1 KiB, a
@@ -868,7 +860,7 @@ __attribute__((noinline)) static void *small_alloc_general(size_t size, size_t a
     span_t *s = h->current[c];
     void *p;
     if (TA_LIKELY(s != NULL && s->summary != 0))
-        p = span_take(segment_of(s), s);
+        p = span_take(s);
     else if ((p = alloc_slow(h, c)) == NULL) {
         errno = ENOMEM;
         return NULL;
@@ -889,7 +881,7 @@ void *_ta_small_alloc(size_t size, size_t alignment, bool zero)
     if (TA_LIKELY(h != NULL && size <= 1024 && alignment <= TA_MIN_ALIGN && !zero)) {
         span_t *s = h->current[small_class[(size + 15) >> 4]];
         if (TA_LIKELY(s != NULL && s->summary != 0)) {
-            void *p = span_take(NULL, s);
+            void *p = span_take(s);
             live_add(h, s->block_size);
             return p;
         }

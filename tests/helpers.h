@@ -8,6 +8,7 @@
 #include "tensoralloc.h"
 
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -34,6 +35,20 @@ static inline int pattern_ok(const void *p, size_t n, uint64_t seed)
         if (b[i] != (unsigned char)(seed * 31 + i * 7 + (i >> 8)))
             return 0;
     return 1;
+}
+
+/* The address space this process has mapped (VmSize), 0 if unknown. */
+static inline size_t vm_size_bytes(void)
+{
+    FILE *f = fopen("/proc/self/status", "r");
+    char line[256];
+    size_t kib = 0;
+    while (f && fgets(line, sizeof line, f))
+        if (sscanf(line, "VmSize: %zu kB", &kib) == 1)
+            break;
+    if (f)
+        fclose(f);
+    return kib * KiB;
 }
 
 /* Touches one byte per page: cheap way to make pages resident. */

@@ -285,14 +285,7 @@ Test(faults, address_space_limit_gives_enomem_then_recovers, .timeout = 120)
 {
     struct rlimit old;
     getrlimit(RLIMIT_AS, &old);
-    FILE *f = fopen("/proc/self/status", "r");
-    char line[256];
-    size_t vm_kib = 0;
-    while (fgets(line, sizeof line, f))
-        if (strncmp(line, "VmSize:", 7) == 0)
-            vm_kib = strtoull(line + 7, NULL, 10);
-    fclose(f);
-    struct rlimit lim = {(vm_kib << 10) + 600 * MiB, old.rlim_max};
+    struct rlimit lim = {vm_size_bytes() + 600 * MiB, old.rlim_max};
     cr_assert_eq(setrlimit(RLIMIT_AS, &lim), 0);
     ta_option_set(TA_OPT_RETAIN_BYTES, 0);
     static void *big[64], *small[200000];

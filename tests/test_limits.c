@@ -251,19 +251,6 @@ Test(limits, aligned_requests_near_the_limit_stay_aligned)
 
 /* ---- RLIMIT_AS ---------------------------------------------------------------- */
 
-static size_t vm_size(void)
-{
-    FILE *f = fopen("/proc/self/status", "r");
-    cr_assert_not_null(f);
-    char line[256];
-    size_t kib = 0;
-    while (fgets(line, sizeof line, f))
-        if (sscanf(line, "VmSize: %zu kB", &kib) == 1)
-            break;
-    fclose(f);
-    return kib * KiB;
-}
-
 /* About 1 GiB of 64 MiB blocks freed into the pool, then an address-space
  * limit that leaves 256 MiB beyond what is mapped: a 512 MiB block and
  * 200,000 small blocks fit only if the pool gives its room back first. */
@@ -281,7 +268,9 @@ Test(limits, enomem_gives_back_what_is_retained_and_retries, .timeout = 120)
     for (int i = 0; i < BIG; i++)
         ta_free(big[i]);
     cr_assert_geq(stats_now().pool_bytes, (uint64_t)BIG * 64 * MiB);
-    struct rlimit lim = {vm_size() + 256 * MiB, RLIM_INFINITY};
+    size_t mapped = vm_size_bytes();
+    cr_assert_gt(mapped, 0);
+    struct rlimit lim = {mapped + 256 * MiB, RLIM_INFINITY};
     cr_assert_eq(setrlimit(RLIMIT_AS, &lim), 0);
 
     char *p = ta_malloc(512 * MiB);
