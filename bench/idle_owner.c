@@ -8,7 +8,7 @@
  * Allocators that return frees to the owner's heap keep the memory until
  * the owner wakes up (issue 11, item 5).
  *
- *   idle_owner [MiB of objects]
+ *   idle_owner [MiB of objects] [smallest] [largest object bytes]   (default 400 64 2000)
  */
 #include "bench.h"
 
@@ -21,6 +21,7 @@ static size_t count;
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
 static int phase; /* 1 objects ready, 2 owner may exit */
+static size_t smallest = 64, largest = 2000;
 
 static void set_phase(int p)
 {
@@ -44,7 +45,7 @@ static void *owner(void *arg)
     uint64_t seed = 12345;
     for (count = 0; bytes < total; count++) {
         seed = seed * 6364136223846793005ULL + 1442695040888963407ULL;
-        size_t n = 64 + (size_t)(seed >> 33) % 1937; /* 64 B to 2 KB */
+        size_t n = smallest + (size_t)(seed >> 33) % (largest - smallest + 1);
         objects[count] = b_malloc(n);
         memset(objects[count], 1, n);
         bytes += n;
@@ -57,12 +58,14 @@ static void *owner(void *arg)
 int main(int argc, char **argv)
 {
     size_t mib = argc > 1 ? strtoull(argv[1], NULL, 10) : 400;
-    if (mib == 0 || mib > 65536) {
-        fprintf(stderr, "usage: idle_owner [MiB of objects]\n");
+    smallest = argc > 2 ? strtoull(argv[2], NULL, 10) : smallest;
+    largest = argc > 3 ? strtoull(argv[3], NULL, 10) : largest;
+    if (mib == 0 || mib > 65536 || smallest < 16 || largest < smallest || largest > (1 << 20)) {
+        fprintf(stderr, "usage: idle_owner [MiB of objects] [smallest] [largest object bytes]\n");
         return 2;
     }
     size_t total = mib * MiB;
-    objects = b_malloc(total / 64 * sizeof *objects); /* room for the smallest objects */
+    objects = b_malloc(total / smallest * sizeof *objects); /* room for the smallest objects */
     size_t start = status_bytes("VmRSS");
     pthread_t t;
     pthread_create(&t, NULL, owner, &total);
