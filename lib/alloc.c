@@ -130,8 +130,7 @@ void ta_free(void *ptr)
     if (ptr == NULL)
         return;
     if (_ta_small_owns(ptr)) {
-        if (TA_UNLIKELY(_ta_small_free(ptr, "free")))
-            _ta_purge_wake(); /* an exited thread's heap, or remote lists to watch */
+        _ta_small_free(ptr, "free");
         return;
     }
     int rc = _ta_large_free(ptr);

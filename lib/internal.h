@@ -134,10 +134,10 @@ static inline bool _ta_small_owns(const void *p)
             (bit % 64)) &
            1;
 }
-/* Returns true when the purge thread must be woken: the block went to an
- * abandoned heap (no thread owns it), or to any heap while the purge
- * thread is not watching the remote lists. */
-bool _ta_small_free(void *p, const char *call);
+/* Wakes the purge thread itself when the block went to an abandoned heap
+ * (no thread owns it), or to any heap while the purge thread is not
+ * watching the remote lists. */
+void _ta_small_free(void *p, const char *call);
 size_t _ta_small_usable(const void *p, const char *call);
 /* Checks the size-class table and the division-free block index (tests). */
 bool _ta_small_selfcheck(void);

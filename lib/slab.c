@@ -1,20 +1,29 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * The small path: size-class slabs in 4 MiB segments that this file maps
- * itself. A segment is 64 slab pages of 64 KiB; page 0 holds the segment's
- * metadata (span descriptors with free bitmaps), so nothing is kept inside
- * a free block except the link of a pending cross-thread free. A span is a
- * run of pages serving one size class.
+ * itself. A segment is 64 slab pages of 64 KiB; the first META_PAGES hold
+ * its metadata: span descriptors and, per span, an array of 16-bit block
+ * links. Nothing is kept inside a block, free or not, so a user overflow
+ * cannot reach the allocator's state. A span is a run of pages serving one
+ * size class.
  *
- * Every thread owns a heap (segments, spans per class) and allocates and
- * frees its own blocks without locks or atomics. A block freed by another
- * thread is pushed on its owner heap's lock-free stack, which the owner
- * drains when a class runs dry and on trim (the idea of mimalloc's
- * thread-free lists, kept to one list per heap). A span that empties gives
- * its pages back to the segment; free pages are returned to the kernel
- * with MADV_DONTNEED once a heap holds more than a few MiB of them, and on
- * trim. A heap whose thread exits is abandoned and later adopted whole by
- * a new thread, so heaps are never destroyed.
+ * Block lists, per span, after mimalloc's (docs/design.md "Small path"):
+ * the owner allocates from `free` and pushes its own frees onto
+ * `local_free`; other threads push onto `thread_free`, one atomic word,
+ * which the owner takes over in one exchange when its lists run dry. The
+ * lists are chains of block indices in the span's link array; a block's
+ * link is LINK_ALLOC while it is handed out, so a second free of it is
+ * caught exactly, on every path. The first free by another thread into a
+ * span also marks it NOTIFIED (in the same atomic word) and pushes the
+ * span onto its heap's remote_spans stack, so that the owner finds frees
+ * into spans it does not allocate from (full ones). The owner's fast
+ * paths take no lock and do no atomic read-modify-write.
+ *
+ * Every thread owns a heap. A span that empties gives its pages back to
+ * the segment; free pages are returned to the kernel with MADV_DONTNEED
+ * once a heap holds more than a few MiB of them, and on trim. A heap whose
+ * thread exits is abandoned and later adopted whole by a new thread, so
+ * heaps are never destroyed.
  */
 #define _GNU_SOURCE
 #include "internal.h"
@@ -28,12 +37,20 @@
 #define SLAB_PAGE_SHIFT 16
 #define SLAB_PAGE_SIZE ((size_t)1 << SLAB_PAGE_SHIFT) /* 64 KiB */
 #define SEGMENT_PAGES 64
+#define META_PAGES 8 /* pages 0-7: the header and the link arrays */
 #define SPAN_MAX_BLOCKS 4096
 #define SPAN_MAX_PAGES 16 /* slab pages of the largest span */
 #define SPAN_MAX_OS_PAGES (SPAN_MAX_PAGES * SLAB_PAGE_SIZE / 4096) /* at 4 KiB pages */
 #define SEGMENT_MAGIC 0x5441534547ULL                              /* "TASEG" */
 #define PURGE_LIMIT ((size_t)8 << 20)                              /* free pages a heap may keep */
 #define STATS_BATCH 65536 /* live-byte deltas flushed beyond this */
+
+/* Link values: below 4096 a block index (the next on a list). */
+#define LINK_END 0xFFFFu       /* the end of a list */
+#define LINK_ALLOC 0xFFFEu     /* handed out to the program */
+#define LINK_TAIL 0xFFFDu      /* past the last block: no block starts here */
+#define LINK_HELD 0xFFFCu      /* free, on a page a trimmer gave back, for the owner */
+#define TF_NOTIFIED (1u << 16) /* in thread_free: the span is on remote_spans */
 
 /* ---- size classes: 16-byte steps to 128, then four per doubling -------- */
 
@@ -123,57 +140,90 @@ bool _ta_small_selfcheck(void)
 
 struct heap_s;
 
+enum { SPAN_FREE, SPAN_CURRENT, SPAN_LISTED, SPAN_FULL };
+
+/* A full span on no list carries USED_FULL in used, so that a free into
+ * it takes the slow path by the same single test as a free that empties
+ * a span: (int32_t)(used - 1) <= 0. */
+#define USED_FULL 0x80000000u
+
 typedef struct span_s {
-    struct span_s *next, *prev; /* the heap's partial list of this class */
-    char *start;                /* its first block (from the span's index, it would take a
-                                   division by sizeof(span_t) on every call) */
+    /* What the fast paths read, together. */
+    uint16_t free;       /* the owner allocates from this list */
+    uint16_t local_free; /* the owner's frees since the last refill */
+    uint32_t used;       /* blocks out: handed out, or freed by others and not yet taken */
+    char *start;         /* its first block */
+    uint16_t *links;     /* per block: a list link or LINK_* (in the segment's metadata) */
+    uint64_t recip;      /* ceil(2^42 / block_size): block index without a division */
     uint32_t block_size;
-    uint16_t capacity;
-    uint16_t used;
-    uint64_t summary; /* bit w set: free_bits[w] has a free block */
-    uint64_t recip;   /* ceil(2^42 / block_size): block index without a division */
     uint8_t class_idx;
     uint8_t pages;
-    uint8_t in_use;
-    uint8_t listed;                           /* on the partial list */
-    uint64_t free_bits[SPAN_MAX_BLOCKS / 64]; /* 1 = free */
-    /* OS pages of this span given back by a trimmer (see "trimming other
-     * threads' heaps"): the blocks on them wait here for the owner. */
-    _Atomic uint64_t released[SPAN_MAX_OS_PAGES / 64];
+    uint8_t state; /* SPAN_* */
+    uint8_t held;  /* a trimmer left LINK_HELD blocks (under the heap's trim_busy) */
+    /* The slow paths'. */
+    uint16_t capacity;
+    uint16_t link_unit, link_units; /* where its link array lies in the link area */
+    uint32_t used_flushed;          /* used when last added to the statistics */
+    struct span_s *next, *prev;     /* the heap's list of partial spans of this class */
+    _Atomic uint32_t thread_free;   /* other threads' frees: a list head | TF_NOTIFIED */
+    struct span_s *next_notified;   /* the link on the heap's remote_spans */
 } span_t;
+
+/* The segment's first META_PAGES: this header, then the link area, cut
+ * into 256-byte units; a span's link array is a run of units (2 bytes a
+ * block: a span of 16-byte blocks needs 8 KiB). */
+#define META_BYTES ((size_t)META_PAGES * SLAB_PAGE_SIZE)
+#define LINK_AREA ((size_t)32 << 10) /* where the link area starts */
+#define LINK_UNIT 256
+#define LINK_UNITS ((META_BYTES - LINK_AREA) / LINK_UNIT)
+#define LINK_MAX_OS_PAGES ((META_BYTES - LINK_AREA) / 4096)
+#define META_MASK ((1ULL << META_PAGES) - 1)
 
 typedef struct segment_s {
     uint64_t magic;
     struct heap_s *heap;
     struct segment_s *next, *prev;
-    uint64_t used_pages;              /* bit i: page i belongs to a span (bit 0: this header) */
-    uint64_t dirty_pages;             /* free pages still backed by memory */
-    uint8_t page_span[SEGMENT_PAGES]; /* page -> first page of its span */
-    span_t spans[SEGMENT_PAGES];      /* indexed by a span's first page */
+    uint64_t used_pages;                                /* bit i: page i is metadata or in a span */
+    uint64_t dirty_pages;                               /* free pages still backed by memory */
+    uint64_t link_used[LINK_UNITS / 64];                /* units of the link area in use */
+    uint64_t link_dirty[(LINK_MAX_OS_PAGES + 63) / 64]; /* its OS pages with units freed */
+    span_t *page_span[SEGMENT_PAGES];                   /* page -> its span; &no_span when none */
+    span_t spans[SEGMENT_PAGES];                        /* indexed by a span's first page */
 } segment_t;
 
-_Static_assert(sizeof(segment_t) <= SLAB_PAGE_SIZE, "segment header must fit in page 0");
+_Static_assert(sizeof(segment_t) <= LINK_AREA, "segment header must fit before the links");
+_Static_assert(LINK_UNITS % 64 == 0, "whole bitmap words");
+_Static_assert((SEGMENT_PAGES - META_PAGES) * (SLAB_PAGE_SIZE / 16 * 2 + LINK_UNIT) <=
+                   LINK_UNITS * LINK_UNIT,
+               "links for a segment of 16-byte spans must fit");
+
+/* Stands for "no span": the span of every page not in one (its zero start,
+ * reciprocal and block size fail free's block test for every pointer) and
+ * a heap's current span of a class it has none of (its free list is
+ * empty), so that neither fast path tests for NULL. */
+static span_t no_span = {.free = LINK_END, .local_free = LINK_END, .thread_free = LINK_END};
 
 typedef struct heap_s {
-    span_t *current[CLASS_COUNT];
+    span_t *current[CLASS_COUNT]; /* first: the malloc fast path reads it */
     span_t *partial[CLASS_COUNT];
     segment_t *segments;
-    segment_t *spare;       /* one empty segment kept to avoid map/unmap churn */
-    _Atomic(void *) remote; /* blocks freed by other threads */
+    segment_t *spare;               /* one empty segment kept to avoid map/unmap churn */
+    _Atomic(span_t *) remote_spans; /* spans other threads freed into (NOTIFIED ones) */
     struct heap_s *next_all;
     struct heap_s *next_abandoned;
     size_t dirty_bytes;
     uint64_t dirty_since_ms; /* when dirty_bytes last left zero */
     bool registered;         /* on all_heaps */
+    bool sweeping;           /* segments stay while the owner walks them */
     atomic_bool abandoned;   /* no thread owns it: it sits on the abandoned list */
     int64_t live_delta;      /* not yet flushed to small_live */
     /* Trimming by other threads (malloc_trim, the purge thread). */
-    atomic_bool trim_busy;        /* a trimmer or the owner's merge holds the released bits */
-    atomic_bool released_pending; /* some span has released pages for the owner to merge */
-    _Atomic uint64_t collects;    /* the owner's drains of remote, for idleness */
-    uint64_t watch_collects;      /* the purge thread's view: collects when last seen */
-    uint64_t watch_since_ms;      /* since when remote has waited, undrained */
-    void *watch_head;             /* remote's head after the purge thread's last trim */
+    atomic_bool trim_busy;     /* a trimmer or the owner's sweep holds the held blocks */
+    atomic_bool trimmed;       /* a trimmer left work for the owner's next sweep */
+    _Atomic uint64_t collects; /* the owner's looks at remote_spans, for idleness */
+    uint64_t watch_collects;   /* the purge thread's view: collects when last seen */
+    uint64_t watch_since_ms;   /* since when remote_spans has waited, untaken */
+    span_t *watch_head;        /* remote_spans after the purge thread's last trim */
 } heap_t;
 
 static _Atomic int64_t dirty_total; /* sum of the heaps' dirty_bytes, for statistics */
@@ -200,6 +250,8 @@ static TA_TLS heap_t *tls_heap;
 
 static _Atomic int64_t small_live, small_peak;
 static _Atomic uint64_t committed_bytes, segment_bytes, span_count, heap_count;
+static _Atomic uint64_t remote_released_bytes;
+static atomic_bool purge_watching; /* the purge thread watches the live heaps' lists */
 
 /* One bit per 4 MiB of a 48-bit address space marks slab segments, so that
  * free() can tell a slab block from a large block without touching either
@@ -233,7 +285,11 @@ static void segmap_set(uintptr_t seg, bool on)
         atomic_fetch_and_explicit(word, ~(1ULL << (bit % 64)), memory_order_release);
 }
 
-/* ---- statistics helpers ------------------------------------------------------ */
+/* ---- statistics: counted per span, flushed on the slow paths --------------
+ * The fast paths only count a span's used blocks. The bytes live are added
+ * to the heap's delta when a span passes through a slow path (refill, a
+ * full or empty span, a sweep, a release) and when the owner asks for the
+ * statistics, and the delta reaches small_live in batches. */
 
 __attribute__((noinline, cold)) static void live_flush(heap_t *h)
 {
@@ -246,11 +302,13 @@ __attribute__((noinline, cold)) static void live_flush(heap_t *h)
         ;
 }
 
-static inline void live_add(heap_t *h, int64_t bytes)
+static inline void span_flush(heap_t *h, span_t *s)
 {
-    int64_t d = h->live_delta + bytes;
+    uint32_t used = s->used & ~USED_FULL;
+    int64_t d = h->live_delta + ((int64_t)used - (int64_t)s->used_flushed) * s->block_size;
+    s->used_flushed = used;
     h->live_delta = d;
-    if (TA_UNLIKELY((uint64_t)(d + STATS_BATCH) > 2 * (uint64_t)STATS_BATCH))
+    if ((uint64_t)(d + STATS_BATCH) > 2 * (uint64_t)STATS_BATCH)
         live_flush(h);
 }
 
@@ -283,8 +341,7 @@ static heap_t *heap_carve_locked(void)
 
 /* Adopts an abandoned heap or carves a new one. Threads that find the
  * chunk used up at once all map a new one; the first to install its chunk
- * wins and the others carve from it and unmap theirs (before, each
- * installed its own, and the chunks replaced were lost). */
+ * wins and the others carve from it and unmap theirs. */
 static heap_t *heap_acquire(void)
 {
     if (!atomic_load_explicit(&slab_ready, memory_order_acquire))
@@ -319,6 +376,8 @@ static heap_t *heap_acquire(void)
             atomic_fetch_add_explicit(&_ta_live_mappings, 1, memory_order_relaxed);
     }
     if (!h->registered) { /* new: fresh zero memory */
+        for (int c = 0; c < CLASS_COUNT; c++)
+            h->current[c] = &no_span;
         h->registered = true;
         _ta_lock(&heaps_lock);
         h->next_all = all_heaps;
@@ -337,7 +396,7 @@ static inline heap_t *heap_get(void)
     return TA_LIKELY(h != NULL) ? h : heap_acquire();
 }
 
-/* ---- segments and page runs ------------------------------------------------------ */
+/* ---- segments, page runs and link units ------------------------------------------ */
 
 static inline segment_t *segment_of(const void *p)
 {
@@ -356,7 +415,11 @@ static segment_t *segment_new(heap_t *h)
     segment_t *seg = mem;
     seg->magic = SEGMENT_MAGIC;
     seg->heap = h;
-    seg->used_pages = 1;
+    seg->used_pages = META_MASK;
+    for (int i = 0; i < SEGMENT_PAGES; i++) {
+        seg->page_span[i] = &no_span;
+        atomic_init(&seg->spans[i].thread_free, LINK_END);
+    }
     seg->next = h->segments;
     if (h->segments)
         h->segments->prev = seg;
@@ -374,53 +437,144 @@ static void segment_unlink(heap_t *h, segment_t *seg)
         h->segments = seg->next;
     if (seg->next)
         seg->next->prev = seg->prev;
+    seg->next = seg->prev = NULL;
 }
 
-/* Unmaps an empty segment. If the kernel refuses, the segment stays as
- * the heap's spare, to be tried again on the next trim. The links live in
- * the segment itself: it leaves the list before its memory goes. */
+/* Unmaps an empty segment, unless a span descriptor of it still sits on
+ * the heap's remote_spans (NOTIFIED: a thread that freed into it may be
+ * about to push it, or the owner or a trimmer about to read it): it then
+ * stays, empty, for a later try. So does a segment the kernel refuses to
+ * unmap. The links live in the segment itself: it leaves the list before
+ * its memory goes. */
 static void segment_release(heap_t *h, segment_t *seg)
 {
+    for (int i = META_PAGES; i < SEGMENT_PAGES; i++)
+        if (atomic_load_explicit(&seg->spans[i].thread_free, memory_order_acquire) & TF_NOTIFIED)
+            return;
     uint64_t dirty = seg->dirty_pages;
+    segment_t *prev = seg->prev;
     segment_unlink(h, seg);
     segmap_set((uintptr_t)seg, false);
     if (_ta_os_unmap(seg, SEGMENT_SIZE) != 0) {
         segmap_set((uintptr_t)seg, true);
-        seg->prev = NULL;
-        seg->next = h->segments;
-        if (h->segments)
-            h->segments->prev = seg;
-        h->segments = seg;
-        h->spare = seg;
+        seg->prev = prev; /* back where it was */
+        seg->next = prev ? prev->next : h->segments;
+        if (seg->next)
+            seg->next->prev = seg;
+        if (prev)
+            prev->next = seg;
+        else
+            h->segments = seg;
         return;
     }
+    if (h->spare == seg)
+        h->spare = NULL;
     dirty_add(h, -(int64_t)__builtin_popcountll(dirty) * (int64_t)SLAB_PAGE_SIZE);
     atomic_fetch_sub_explicit(&segment_bytes, SEGMENT_SIZE, memory_order_relaxed);
     atomic_fetch_sub_explicit(&_ta_live_mappings, 1, memory_order_relaxed);
+}
+
+/* Keeps one empty segment as the spare and gives the other empty ones
+ * back. */
+static void heap_release_empty(heap_t *h)
+{
+    for (segment_t *seg = h->segments, *next; seg; seg = next) {
+        next = seg->next;
+        if (seg->used_pages != META_MASK || seg == h->spare)
+            continue;
+        if (h->spare == NULL)
+            h->spare = seg;
+        else
+            segment_release(h, seg);
+    }
 }
 
 /* First run of k free pages, or -1. */
 static int find_run(uint64_t used, int k)
 {
     uint64_t want = k == 64 ? ~0ULL : ((1ULL << k) - 1);
-    for (int i = 1; i + k <= SEGMENT_PAGES; i++)
+    for (int i = META_PAGES; i + k <= SEGMENT_PAGES; i++)
         if (((used >> i) & want) == 0)
             return i;
     return -1;
 }
 
+static inline bool bit_get(const uint64_t *w, size_t i)
+{
+    return w[i / 64] >> (i % 64) & 1;
+}
+
+/* Takes the first run of n free link units, or returns -1. */
+static int link_units_take(segment_t *seg, size_t n)
+{
+    size_t run = 0;
+    for (size_t u = 0; u < LINK_UNITS; u++) {
+        if (u % 64 == 0 && seg->link_used[u / 64] == ~0ULL) {
+            run = 0;
+            u += 63;
+            continue;
+        }
+        if (bit_get(seg->link_used, u)) {
+            run = 0;
+        } else if (++run == n) {
+            size_t first = u + 1 - n;
+            for (size_t i = first; i <= u; i++)
+                seg->link_used[i / 64] |= 1ULL << (i % 64);
+            return (int)first;
+        }
+    }
+    return -1;
+}
+
+/* Frees a span's link units; the OS pages they lie on are looked at by
+ * the next purge. */
+static void link_units_free(segment_t *seg, span_t *s)
+{
+    for (size_t i = s->link_unit; i < (size_t)s->link_unit + s->link_units; i++)
+        seg->link_used[i / 64] &= ~(1ULL << (i % 64));
+    size_t page = _ta_os_page_size();
+    size_t lo = LINK_AREA + (size_t)s->link_unit * LINK_UNIT,
+           hi = lo + (size_t)s->link_units * LINK_UNIT;
+    for (size_t p = (lo - LINK_AREA) / page; p * page + LINK_AREA < hi; p++)
+        seg->link_dirty[p / 64] |= 1ULL << (p % 64);
+}
+
+/* Gives back the OS pages of the link area whose units are all free. */
+static void links_purge(segment_t *seg)
+{
+    size_t page = _ta_os_page_size(), per = page / LINK_UNIT;
+    if (page % LINK_UNIT || LINK_AREA % page)
+        return; /* pages that do not tile the area: keep them */
+    for (size_t w = 0; w < (LINK_MAX_OS_PAGES + 63) / 64; w++) {
+        for (uint64_t d = seg->link_dirty[w]; d; d &= d - 1) {
+            size_t p = w * 64 + (size_t)__builtin_ctzll(d);
+            bool busy = false;
+            for (size_t u = p * per; u < (p + 1) * per && u < LINK_UNITS; u++)
+                busy |= bit_get(seg->link_used, u);
+            if (!busy)
+                _ta_os_advise_dontneed((char *)seg + LINK_AREA + p * page, page);
+        }
+        seg->link_dirty[w] = 0;
+    }
+}
+
 static span_t *span_new(heap_t *h, int c)
 {
     const class_info_t *ci = &classes[c];
+    size_t span_bytes = (size_t)ci->pages * SLAB_PAGE_SIZE;
+    size_t entries = (span_bytes - 1) / ci->block_size + 1; /* every index a pointer can give */
+    size_t units = (entries * sizeof(uint16_t) + LINK_UNIT - 1) / LINK_UNIT;
     segment_t *seg;
-    int first = -1;
+    int first = -1, unit = -1;
     for (seg = h->segments; seg; seg = seg->next)
-        if ((first = find_run(seg->used_pages, ci->pages)) >= 0)
+        if ((first = find_run(seg->used_pages, ci->pages)) >= 0 &&
+            (unit = link_units_take(seg, units)) >= 0)
             break;
     if (seg == NULL) {
         if ((seg = segment_new(h)) == NULL)
             return NULL;
         first = find_run(seg->used_pages, ci->pages);
+        unit = link_units_take(seg, units);
     }
     if (h->spare == seg) /* the kept empty segment is in use again */
         h->spare = NULL;
@@ -429,28 +583,33 @@ static span_t *span_new(heap_t *h, int c)
     seg->used_pages |= run;
     seg->dirty_pages &= ~run;
     dirty_add(h, -(int64_t)__builtin_popcountll(was_dirty) * (int64_t)SLAB_PAGE_SIZE);
-    for (int i = 0; i < ci->pages; i++)
-        seg->page_span[first + i] = (uint8_t)first;
 
     span_t *s = &seg->spans[first];
-    s->next = s->prev = NULL;
     s->start = (char *)seg + (size_t)first * SLAB_PAGE_SIZE;
+    s->links = (uint16_t *)((char *)seg + LINK_AREA + (size_t)unit * LINK_UNIT);
     s->block_size = ci->block_size;
     s->capacity = ci->capacity;
-    s->used = 0;
     s->recip = block_recip(ci->block_size);
     s->class_idx = (uint8_t)c;
     s->pages = ci->pages;
-    s->in_use = 1;
-    s->listed = 0;
-    size_t words = (ci->capacity + 63) / 64;
-    for (size_t w = 0; w < words; w++)
-        s->free_bits[w] = ~0ULL;
-    if (ci->capacity % 64)
-        s->free_bits[words - 1] = (1ULL << (ci->capacity % 64)) - 1;
-    s->summary = words == 64 ? ~0ULL : (1ULL << words) - 1;
-    atomic_fetch_add_explicit(&committed_bytes, (uint64_t)ci->pages * SLAB_PAGE_SIZE,
-                              memory_order_relaxed);
+    s->held = 0;
+    s->link_unit = (uint16_t)unit;
+    s->link_units = (uint16_t)units;
+    s->used = 0;
+    s->used_flushed = 0;
+    s->next = s->prev = NULL;
+    /* thread_free is left alone: END, maybe NOTIFIED from an earlier span
+     * here, whose descriptor its heap's remote_spans may still hold. */
+    for (size_t i = 0; i + 1 < ci->capacity; i++)
+        s->links[i] = (uint16_t)(i + 1);
+    s->links[ci->capacity - 1] = LINK_END;
+    for (size_t i = ci->capacity; i < entries; i++)
+        s->links[i] = LINK_TAIL;
+    s->free = 0;
+    s->local_free = LINK_END;
+    for (int i = 0; i < ci->pages; i++)
+        seg->page_span[first + i] = s;
+    atomic_fetch_add_explicit(&committed_bytes, span_bytes, memory_order_relaxed);
     atomic_fetch_add_explicit(&span_count, 1, memory_order_relaxed);
     return s;
 }
@@ -462,7 +621,7 @@ static void partial_push(heap_t *h, span_t *s)
     if (s->next)
         s->next->prev = s;
     h->partial[s->class_idx] = s;
-    s->listed = 1;
+    s->state = SPAN_LISTED;
 }
 
 static void partial_unlink(heap_t *h, span_t *s)
@@ -474,21 +633,25 @@ static void partial_unlink(heap_t *h, span_t *s)
     if (s->next)
         s->next->prev = s->prev;
     s->next = s->prev = NULL;
-    s->listed = 0;
 }
 
 static void heap_purge(heap_t *h);
 
 /* Gives an empty span's pages back to its segment. */
-static void span_release(heap_t *h, segment_t *seg, span_t *s)
+static void span_release(heap_t *h, span_t *s)
 {
-    if (s->listed)
+    segment_t *seg = segment_of(s);
+    if (s->state == SPAN_LISTED)
         partial_unlink(h, s);
     if (h->current[s->class_idx] == s)
-        h->current[s->class_idx] = NULL;
+        h->current[s->class_idx] = &no_span;
+    span_flush(h, s);
     int first = (int)(s - seg->spans);
+    for (int i = 0; i < s->pages; i++)
+        seg->page_span[first + i] = &no_span;
+    link_units_free(seg, s);
     uint64_t run = (s->pages == 64 ? ~0ULL : ((1ULL << s->pages) - 1)) << first;
-    s->in_use = 0;
+    s->state = SPAN_FREE;
     seg->used_pages &= ~run;
     seg->dirty_pages |= run;
     if (h->dirty_bytes == 0)
@@ -497,19 +660,18 @@ static void span_release(heap_t *h, segment_t *seg, span_t *s)
     atomic_fetch_sub_explicit(&committed_bytes, (uint64_t)s->pages * SLAB_PAGE_SIZE,
                               memory_order_relaxed);
     atomic_fetch_sub_explicit(&span_count, 1, memory_order_relaxed);
-    if (seg->used_pages == 1) { /* only the header left */
-        if (h->spare == NULL) {
+    if (seg->used_pages == META_MASK && !h->sweeping) { /* only the metadata left */
+        if (h->spare == NULL)
             h->spare = seg;
-        } else if (h->spare != seg) {
+        else if (h->spare != seg)
             segment_release(h, seg);
-            return;
-        }
     }
     if (h->dirty_bytes > PURGE_LIMIT)
         heap_purge(h);
 }
 
-/* Returns free pages to the kernel, one madvise per run of dirty pages. */
+/* Returns free pages to the kernel, one madvise per run of dirty pages,
+ * and the link area's pages that no span uses. */
 static void heap_purge(heap_t *h)
 {
     for (segment_t *seg = h->segments; seg; seg = seg->next) {
@@ -526,309 +688,322 @@ static void heap_purge(heap_t *h)
             }
             d &= ~run;
         }
+        links_purge(seg);
     }
 }
 
 /* ---- blocks ------------------------------------------------------------------------ */
 
-/* The lowest free block: the summary names the first word with one, so
- * this is two bit scans, not a search (s has a free block). */
-static inline void *span_take(span_t *s)
+/* Pops the head of s's free list (not empty). */
+static inline void *span_pop(span_t *s)
 {
-    uint64_t summary = s->summary;
-    size_t w = (size_t)__builtin_ctzll(summary);
-    uint64_t bits = s->free_bits[w];
-    size_t b = (size_t)__builtin_ctzll(bits);
-    bits &= bits - 1;
-    s->free_bits[w] = bits;
-    if (bits == 0)
-        s->summary = summary & (summary - 1);
+    uint32_t b = s->free;
+    s->free = s->links[b];
+    s->links[b] = LINK_ALLOC;
     s->used++;
-    return s->start + (w * 64 + b) * s->block_size;
+    return s->start + (size_t)b * s->block_size;
 }
 
 /* A span that is not its class's current one changed state: it emptied
- * (its pages go back to the segment) or has room again (it is listed). */
-__attribute__((noinline)) static void span_after_free(heap_t *h, segment_t *seg, span_t *s)
+ * (its pages go back to the segment) or, full until now, has room again
+ * (it is listed). The current span stays, even empty. */
+__attribute__((noinline)) static void span_after_free(heap_t *h, span_t *s)
 {
-    if (s->used == 0)
-        span_release(h, seg, s);
-    else
-        partial_push(h, s);
+    if (s->used & USED_FULL) {
+        s->used &= ~USED_FULL;
+        span_flush(h, s);
+        if (s->used == 0)
+            span_release(h, s);
+        else
+            partial_push(h, s);
+    } else if (s->used == 0 && s->state != SPAN_CURRENT) {
+        span_release(h, s);
+    }
 }
 
-/* Frees block idx of span s, owned by heap h (the calling thread's). */
-static inline void block_free_local(heap_t *h, segment_t *seg, span_t *s, uint32_t idx,
-                                    const char *call, const void *p)
+/* n of s's blocks came back at once (freed by others, or held by a
+ * trimmer). */
+static void span_gave_back(heap_t *h, span_t *s, uint32_t n)
 {
-    uint64_t bit = 1ULL << (idx % 64);
-    TA_CHECK(!(s->free_bits[idx / 64] & bit), call, p, "double free");
-    s->free_bits[idx / 64] |= bit;
-    s->summary |= 1ULL << (idx / 64);
-    bool was_full = s->used == s->capacity;
-    s->used--;
-    live_add(h, -(int64_t)s->block_size);
-    if (TA_UNLIKELY((s->used == 0 || was_full) && h->current[s->class_idx] != s))
-        span_after_free(h, seg, s);
+    s->used -= n;
+    if ((int32_t)s->used <= 0)
+        span_after_free(h, s);
 }
 
-/* Validates p and finds its segment, span and block index. */
-static span_t *block_locate(const void *p, const char *call, segment_t **seg_out, uint32_t *idx_out)
+/* Moves the blocks other threads freed into s onto its local_free and
+ * returns how many. TF_NOTIFIED stays unless clear_notified (whoever took
+ * s off remote_spans clears it). */
+static uint32_t span_take_thread_free(span_t *s, bool clear_notified)
+{
+    uint32_t old = atomic_load_explicit(&s->thread_free, memory_order_relaxed), want;
+    do {
+        bool notified = old & TF_NOTIFIED;
+        if ((old & 0xFFFF) == LINK_END && !(clear_notified && notified))
+            return 0;
+        want = LINK_END | (notified && !clear_notified ? TF_NOTIFIED : 0);
+    } while (!atomic_compare_exchange_weak_explicit(&s->thread_free, &old, want,
+                                                    memory_order_acquire, memory_order_relaxed));
+    uint32_t first = old & 0xFFFF;
+    if (first == LINK_END)
+        return 0;
+    uint32_t n = 1, last = first;
+    for (; s->links[last] != LINK_END; n++)
+        last = s->links[last];
+    s->links[last] = s->local_free;
+    s->local_free = (uint16_t)first;
+    return n;
+}
+
+/* Reports what is wrong with a pointer that failed free's block test, or
+ * whose link says it is not handed out. */
+__attribute__((noreturn, noinline, cold)) static void block_bad(const void *p, const char *call)
 {
     segment_t *seg = segment_of(p);
     TA_CHECK(seg->magic == SEGMENT_MAGIC, call, p, "corrupted slab segment");
     size_t page = ((uintptr_t)p - (uintptr_t)seg) >> SLAB_PAGE_SHIFT;
-    TA_CHECK(page > 0, call, p, "invalid pointer");
-    span_t *s = &seg->spans[seg->page_span[page]];
-    TA_CHECK(s->in_use, call, p, "invalid pointer (free page)");
+    TA_CHECK(page >= META_PAGES, call, p, "invalid pointer");
+    const span_t *s = seg->page_span[page];
+    TA_CHECK(s != &no_span, call, p, "invalid pointer (free page)");
     size_t off = (size_t)((const char *)p - s->start);
-    uint32_t idx = (uint32_t)((off * s->recip) >> 42);
-    TA_CHECK(idx < s->capacity && (size_t)idx * s->block_size == off, call, p,
+    uint32_t b = (uint32_t)((off * s->recip) >> 42);
+    TA_CHECK((size_t)b * s->block_size == off && s->links[b] != LINK_TAIL, call, p,
              "invalid pointer (not the start of a block)");
-    *seg_out = seg;
-    *idx_out = idx;
+    _ta_fatal(call, p, "double free");
+}
+
+/* Finds p's span and block index, or reports a pointer that is not the
+ * start of a block. */
+static inline span_t *block_locate(const void *p, const char *call, uint32_t *idx)
+{
+    segment_t *seg = segment_of(p);
+    span_t *s = seg->page_span[((uintptr_t)p >> SLAB_PAGE_SHIFT) % SEGMENT_PAGES];
+    size_t off = (size_t)((const char *)p - s->start);
+    uint32_t b = (uint32_t)((off * s->recip) >> 42);
+    if (TA_UNLIKELY((size_t)b * s->block_size != off))
+        block_bad(p, call);
+    *idx = b;
     return s;
 }
 
 /* ---- trimming other threads' heaps --------------------------------------------
- * Blocks that other threads free wait on the owner's remote list until the
- * owner drains it, which an idle owner never does. A trimmer (malloc_trim
- * in any thread, or the purge thread once a list has waited RETAIN_MS
- * undrained) takes the list over with one exchange, so the owner's fast
- * paths are untouched, and gives back every OS page that lies wholly
- * under blocks it took: the owner cannot hand those blocks out (they are
- * not in its free bitmap) and nobody else may touch them (they are
- * freed). It marks those pages in the span's released bits and pushes the
- * other blocks back. The owner, on its next drain, frees the blocks that
- * touch marked pages. A flag per heap (trim_busy), taken with an exchange
- * and never waited on, keeps a trimmer and the owner's merge apart, so
- * the owner only ever sees a trimmer's marks complete. */
+ * Blocks that other threads free wait on their spans' thread_free lists
+ * until the owner takes them, which an idle owner never does. A trimmer
+ * (malloc_trim in any thread, or the purge thread once remote_spans has
+ * waited RETAIN_MS untaken) takes over remote_spans with one exchange, so
+ * the owner's fast paths are untouched, and for each span takes its list
+ * and gives back every OS page that lies wholly under blocks it took: the
+ * owner cannot hand those blocks out (they are on no list of its) and
+ * nobody else may touch them (they are freed). It marks the blocks on
+ * those pages LINK_HELD and pushes the others back. The owner's next sweep
+ * (trimmed) frees the held blocks and takes what was pushed back. A flag
+ * per heap (trim_busy), taken with an exchange and never waited on, keeps
+ * a trimmer and the owner's sweep apart. */
 
-static _Atomic uint64_t remote_released_bytes;
-static atomic_bool purge_watching; /* the purge thread watches the live heaps' lists */
-
-#define TRIM_STACK_BLOCKS 1024 /* taken at once when no scratch can be mapped */
-
-static bool bits_any(const uint64_t *w, size_t first, size_t last)
+/* Gives back the pages wholly under the blocks of s that a trimmer took
+ * (the chain from first); returns true if it held any. */
+static bool trim_span(span_t *s, uint32_t first)
 {
-    for (size_t b = first; b <= last; b++)
-        if (w[b / 64] >> (b % 64) & 1)
-            return true;
-    return false;
-}
-
-static void push_chain(heap_t *h, void *first, void *last)
-{
-    void *head = atomic_load_explicit(&h->remote, memory_order_relaxed);
-    do {
-        *(void **)last = head;
-    } while (!atomic_compare_exchange_weak_explicit(&h->remote, &head, first, memory_order_release,
-                                                    memory_order_relaxed));
-}
-
-/* In-place heapsort by address: no allocation, O(n log n). */
-static void sift_down(void **a, size_t root, size_t n)
-{
-    for (size_t child; (child = 2 * root + 1) < n; root = child) {
-        if (child + 1 < n && a[child + 1] > a[child])
-            child++;
-        if (a[root] >= a[child])
-            return;
-        void *t = a[root];
-        a[root] = a[child];
-        a[child] = t;
-    }
-}
-
-static void sort_by_address(void **a, size_t n)
-{
-    for (size_t i = n / 2; i-- > 0;)
-        sift_down(a, i, n);
-    for (size_t end = n; end-- > 1;) {
-        void *t = a[0];
-        a[0] = a[end];
-        a[end] = t;
-        sift_down(a, 0, end);
-    }
-}
-
-/* Gives back the pages wholly under blocks b[0..n) of span s (sorted) and
- * marks them; the blocks that touch none of them are linked onto *back.
- * Returns true if any page was marked. */
-static bool trim_span(span_t *s, void **b, size_t n, void **back, void **back_tail)
-{
-    size_t page = _ta_os_page_size();
-    char *start = s->start;
-    size_t bs = s->block_size;
-    size_t used_end = (size_t)s->capacity * bs; /* the tail beyond holds no block */
+    uint64_t taken[SPAN_MAX_BLOCKS / 64] = {0};
+    for (uint32_t b = first; b != LINK_END; b = s->links[b])
+        taken[b / 64] |= 1ULL << (b % 64);
+    size_t page = _ta_os_page_size(), bs = s->block_size, cap = s->capacity;
+    size_t used_end = cap * bs; /* the tail beyond holds no block */
     size_t npages = (used_end + page - 1) / page;
-    uint32_t covered[SPAN_MAX_OS_PAGES] = {0};
-    for (size_t i = 0; i < n; i++) {
-        size_t off = (size_t)((char *)b[i] - start), end = off + bs;
-        for (size_t p = off / page; p * page < end; p++) {
-            size_t lo = off > p * page ? off : p * page;
-            size_t hi = end < (p + 1) * page ? end : (p + 1) * page;
-            covered[p] += (uint32_t)(hi - lo);
-        }
-    }
     uint64_t marks[SPAN_MAX_OS_PAGES / 64] = {0};
     bool any = false;
     for (size_t p = 0; p < npages; p++) {
-        size_t want = used_end - p * page < page ? used_end - p * page : page;
-        if (covered[p] == want) {
+        size_t lo = p * page / bs, hi = ((p + 1) * page - 1) / bs;
+        if (hi >= cap)
+            hi = cap - 1;
+        bool all = true;
+        for (size_t b = lo; b <= hi && all; b++)
+            all = bit_get(taken, b);
+        if (all) {
             marks[p / 64] |= 1ULL << (p % 64);
             any = true;
         }
     }
-    /* Link the others before giving pages back: the links live in blocks. */
-    for (size_t i = 0; i < n; i++) {
-        size_t off = (size_t)((char *)b[i] - start);
-        if (any && bits_any(marks, off / page, (off + bs - 1) / page))
-            continue; /* on a released page: the owner frees it from the marks */
-        *(void **)b[i] = *back;
-        if (*back == NULL)
-            *back_tail = b[i];
-        *back = b[i];
+    /* Relink the others before giving pages back (the links are out of
+     * band, but the held ones must be marked before the owner can look). */
+    uint32_t back = LINK_END, back_tail = LINK_END;
+    for (uint32_t b = first, next; b != LINK_END; b = next) {
+        next = s->links[b];
+        size_t off = (size_t)b * bs;
+        bool on_marked = false;
+        for (size_t p = off / page; any && p * page < off + bs && !on_marked; p++)
+            on_marked = bit_get(marks, p);
+        if (on_marked) {
+            s->links[b] = LINK_HELD;
+            continue;
+        }
+        s->links[b] = (uint16_t)back;
+        if (back == LINK_END)
+            back_tail = b;
+        back = b;
     }
     for (size_t p = 0; p < npages;) {
-        if (!(marks[p / 64] >> (p % 64) & 1)) {
+        if (!bit_get(marks, p)) {
             p++;
             continue;
         }
         size_t run = 1;
-        while (p + run < npages && (marks[(p + run) / 64] >> ((p + run) % 64) & 1))
+        while (p + run < npages && bit_get(marks, p + run))
             run++;
-        /* A failed advice keeps the pages resident; the marks still hold. */
-        if (_ta_os_advise_dontneed(start + p * page, run * page) == 0)
+        /* A failed advice keeps the pages resident; the blocks stay held. */
+        if (_ta_os_advise_dontneed(s->start + p * page, run * page) == 0)
             atomic_fetch_add_explicit(&remote_released_bytes, run * page, memory_order_relaxed);
         p += run;
     }
-    for (size_t w = 0; w < SPAN_MAX_OS_PAGES / 64; w++)
-        if (marks[w])
-            atomic_fetch_or_explicit(&s->released[w], marks[w], memory_order_relaxed);
+    if (back != LINK_END) {
+        uint32_t old = atomic_load_explicit(&s->thread_free, memory_order_relaxed);
+        do {
+            s->links[back_tail] = (uint16_t)old;
+        } while (!atomic_compare_exchange_weak_explicit(
+            &s->thread_free, &old, back | (old & TF_NOTIFIED), memory_order_release,
+            memory_order_relaxed));
+    }
+    if (any)
+        s->held = 1;
     return any;
 }
 
-/* Takes over h's remote list and gives back what it can (see above). The
- * blocks are sorted by address in a scratch mapping, so that each span's
- * blocks lie together; without one, the first TRIM_STACK_BLOCKS are
- * trimmed and the rest pushed back as they were. */
+/* Takes over h's remote_spans and gives back what it can (see above). */
 static void heap_trim_remote(heap_t *h)
 {
     if (atomic_exchange_explicit(&h->trim_busy, true, memory_order_acquire))
-        return; /* another trimmer, or the owner merging */
-    void *list = atomic_exchange_explicit(&h->remote, NULL, memory_order_acquire);
-    size_t n = 0;
-    for (void *b = list; b; b = *(void **)b)
-        n++;
-    void *stack[TRIM_STACK_BLOCKS], **blocks = stack, *scratch = NULL;
-    size_t scratch_bytes = _ta_align_up(n * sizeof(void *), _ta_os_page_size());
-    if (n > TRIM_STACK_BLOCKS && _ta_os_map(scratch_bytes, _ta_os_page_size(), &scratch) == 0)
-        blocks = scratch;
-    size_t cap = blocks == stack ? TRIM_STACK_BLOCKS : n, taken = 0;
-    for (; list && taken < cap; list = *(void **)list)
-        blocks[taken++] = list;
-    void *back = NULL, *back_tail = NULL;
-    if (list) { /* what did not fit goes back first, untouched */
-        void *last = list;
-        while (*(void **)last)
-            last = *(void **)last;
-        push_chain(h, list, last);
+        return; /* another trimmer, or the owner sweeping */
+    span_t *s = atomic_exchange_explicit(&h->remote_spans, NULL, memory_order_acquire);
+    bool left = false;
+    while (s) {
+        span_t *next = s->next_notified;
+        uint32_t old = atomic_load_explicit(&s->thread_free, memory_order_relaxed);
+        while ((old & 0xFFFF) != LINK_END &&
+               !atomic_compare_exchange_weak_explicit(&s->thread_free, &old, LINK_END | TF_NOTIFIED,
+                                                      memory_order_acquire, memory_order_relaxed))
+            ;
+        if ((old & 0xFFFF) != LINK_END)
+            left |= trim_span(s, old & 0xFFFF);
+        /* The last touch of s: NOTIFIED kept its segment mapped until now.
+         * What still waits on its list the owner's sweep finds, and a
+         * later free by another thread notifies it anew. */
+        old = atomic_fetch_and_explicit(&s->thread_free, ~TF_NOTIFIED, memory_order_release);
+        left |= (old & 0xFFFF) != LINK_END;
+        s = next;
     }
-    sort_by_address(blocks, taken);
-    bool marked = false;
-    for (size_t i = 0; i < taken;) {
-        segment_t *seg;
-        uint32_t idx;
-        span_t *s = block_locate(blocks[i], "free", &seg, &idx);
-        char *end = s->start + (size_t)s->capacity * s->block_size;
-        size_t j = i + 1;
-        while (j < taken && (char *)blocks[j] < end && (char *)blocks[j] > (char *)blocks[i])
-            j++;
-        marked |= trim_span(s, blocks + i, j - i, &back, &back_tail);
-        i = j;
-    }
-    if (scratch)
-        _ta_os_unmap(scratch, scratch_bytes);
-    if (back)
-        push_chain(h, back, back_tail);
-    if (marked)
-        atomic_store_explicit(&h->released_pending, true, memory_order_relaxed);
+    if (left)
+        atomic_store_explicit(&h->trimmed, true, memory_order_relaxed);
     atomic_store_explicit(&h->trim_busy, false, memory_order_release);
 }
 
-/* The owner frees the blocks on pages a trimmer gave back. Skipped while a
- * trimmer is at work (the next drain merges). */
-static void heap_merge_released(heap_t *h)
+/* Frees the blocks a trimmer held in s; returns how many. */
+static uint32_t span_unhold(span_t *s)
 {
-    if (!atomic_load_explicit(&h->released_pending, memory_order_relaxed) ||
-        atomic_exchange_explicit(&h->trim_busy, true, memory_order_acquire))
-        return;
-    atomic_store_explicit(&h->released_pending, false, memory_order_relaxed);
-    size_t page = _ta_os_page_size();
-    for (segment_t *seg = h->segments, *next_seg; seg; seg = next_seg) {
-        next_seg = seg->next;
-        /* Take every span's marks first: freeing the last block of the
-         * last span may release the segment itself. */
-        uint64_t marks[SEGMENT_PAGES][SPAN_MAX_OS_PAGES / 64];
-        uint8_t marked[SEGMENT_PAGES];
-        int n = 0;
-        for (int i = 1; i < SEGMENT_PAGES; i++) {
-            span_t *s = &seg->spans[i];
-            if (!s->in_use || seg->page_span[i] != i)
-                continue;
-            uint64_t any = 0;
-            for (size_t w = 0; w < SPAN_MAX_OS_PAGES / 64; w++)
-                any |= marks[n][w] =
-                    atomic_exchange_explicit(&s->released[w], 0, memory_order_relaxed);
-            if (any)
-                marked[n++] = (uint8_t)i;
-        }
-        for (int k = 0; k < n; k++) {
-            span_t *s = &seg->spans[marked[k]];
-            char *start = s->start;
-            size_t bs = s->block_size;
-            for (uint32_t idx = 0, cap = s->capacity; idx < cap; idx++) {
-                size_t off = (size_t)idx * bs;
-                if (bits_any(marks[k], off / page, (off + bs - 1) / page))
-                    block_free_local(h, seg, s, idx, "free", start + off);
-            }
+    uint32_t n = 0;
+    for (uint32_t b = 0; b < s->capacity; b++) {
+        if (s->links[b] == LINK_HELD) {
+            s->links[b] = s->local_free;
+            s->local_free = (uint16_t)b;
+            n++;
         }
     }
-    atomic_store_explicit(&h->trim_busy, false, memory_order_release);
+    return n;
 }
 
-/* Drains the blocks other threads freed into h, and the ones a trimmer
- * left on released pages. */
+/* The owner looks at every span: takes what other threads freed into it
+ * (also what a trimmer left on no list), frees the blocks a trimmer held
+ * (unless one is at work now: the next sweep does), and brings the
+ * statistics up to date. */
+static void heap_sweep(heap_t *h)
+{
+    bool merge = atomic_load_explicit(&h->trimmed, memory_order_relaxed) &&
+                 !atomic_exchange_explicit(&h->trim_busy, true, memory_order_acquire);
+    if (merge)
+        atomic_store_explicit(&h->trimmed, false, memory_order_relaxed);
+    h->sweeping = true;
+    for (segment_t *seg = h->segments; seg; seg = seg->next) {
+        for (int i = META_PAGES; i < SEGMENT_PAGES; i++) {
+            span_t *s = &seg->spans[i];
+            if (s->state == SPAN_FREE)
+                continue;
+            uint32_t n = span_take_thread_free(s, false);
+            if (merge && s->held) {
+                s->held = 0;
+                n += span_unhold(s);
+            }
+            if (n)
+                span_gave_back(h, s, n);
+            if (s->state != SPAN_FREE)
+                span_flush(h, s);
+        }
+    }
+    h->sweeping = false;
+    if (merge)
+        atomic_store_explicit(&h->trim_busy, false, memory_order_release);
+    heap_release_empty(h);
+}
+
+/* Takes the spans other threads freed into off remote_spans, and sweeps
+ * after a trimmer. */
 static void heap_collect(heap_t *h)
 {
-    atomic_fetch_add_explicit(&h->collects, 1, memory_order_relaxed);
-    void *list = atomic_exchange_explicit(&h->remote, NULL, memory_order_acquire);
-    while (list) {
-        void *next = *(void **)list;
-        segment_t *seg;
-        uint32_t idx;
-        span_t *s = block_locate(list, "free", &seg, &idx);
-        block_free_local(h, seg, s, idx, "free", list);
-        list = next;
+    atomic_store_explicit(&h->collects,
+                          atomic_load_explicit(&h->collects, memory_order_relaxed) + 1,
+                          memory_order_relaxed);
+    if (atomic_load_explicit(&h->remote_spans, memory_order_relaxed) != NULL) {
+        span_t *s = atomic_exchange_explicit(&h->remote_spans, NULL, memory_order_acquire);
+        while (s) {
+            span_t *next = s->next_notified; /* read before NOTIFIED goes */
+            uint32_t n = span_take_thread_free(s, true);
+            if (n)
+                span_gave_back(h, s, n);
+            s = next;
+        }
     }
-    heap_merge_released(h);
+    if (atomic_load_explicit(&h->trimmed, memory_order_relaxed))
+        heap_sweep(h);
+}
+
+/* The owner's frees, then other threads', become the allocation list. */
+static bool span_refill(heap_t *h, span_t *s)
+{
+    uint32_t n = span_take_thread_free(s, false);
+    s->used -= n;
+    if (s->free == LINK_END) {
+        s->free = s->local_free;
+        s->local_free = LINK_END;
+    }
+    span_flush(h, s);
+    return s->free != LINK_END;
 }
 
 static void *alloc_slow(heap_t *h, int c)
 {
-    /* The current span is full: it leaves the class's slot unlisted, and a
-     * free into it (also one drained just below) lists it again. */
-    h->current[c] = NULL;
-    heap_collect(h);
-    span_t *s = h->partial[c];
-    if (s) {
-        partial_unlink(h, s);
-    } else if ((s = span_new(h, c)) == NULL) {
-        return NULL;
+    span_t *s = h->current[c];
+    if (s != &no_span) {
+        if (span_refill(h, s))
+            return span_pop(s);
+        /* Full: it leaves the class's slot, on no list; a free into it
+         * lists it again (span_after_free). */
+        s->state = SPAN_FULL;
+        s->used |= USED_FULL;
+        h->current[c] = &no_span;
     }
+    heap_collect(h);
+    while ((s = h->partial[c]) != NULL) {
+        partial_unlink(h, s);
+        s->state = SPAN_CURRENT;
+        h->current[c] = s;
+        if (span_refill(h, s))
+            return span_pop(s);
+        s->state = SPAN_FULL; /* cannot happen: a listed span has a free block */
+        s->used |= USED_FULL;
+        h->current[c] = &no_span;
+    }
+    if ((s = span_new(h, c)) == NULL)
+        return NULL;
+    s->state = SPAN_CURRENT;
     h->current[c] = s;
-    return span_take(s);
+    return span_pop(s);
 }
 
 /* Every case but the common one: alignment, zeroing, sizes over 1 KiB, a
@@ -859,13 +1034,12 @@ __attribute__((noinline)) static void *small_alloc_general(size_t size, size_t a
     }
     span_t *s = h->current[c];
     void *p;
-    if (TA_LIKELY(s != NULL && s->summary != 0))
-        p = span_take(s);
+    if (TA_LIKELY(s->free != LINK_END))
+        p = span_pop(s);
     else if ((p = alloc_slow(h, c)) == NULL) {
         errno = ENOMEM;
         return NULL;
     }
-    live_add(h, classes[c].block_size);
     if (zero)
         memset(p, 0, classes[c].block_size);
     return p;
@@ -873,74 +1047,99 @@ __attribute__((noinline)) static void *small_alloc_general(size_t size, size_t a
 
 /* The fast path: a thread with a heap asks for up to 1 KiB, naturally
  * aligned, not zeroed, and its current span of that class has a free
- * block. A summary of free words marks it (s->summary != 0 exactly when
- * a block is free), so used and capacity need not be read. */
+ * block (no_span, the current span of a class without one, has none). */
 void *_ta_small_alloc(size_t size, size_t alignment, bool zero)
 {
     heap_t *h = tls_heap;
     if (TA_LIKELY(h != NULL && size <= 1024 && alignment <= TA_MIN_ALIGN && !zero)) {
         span_t *s = h->current[small_class[(size + 15) >> 4]];
-        if (TA_LIKELY(s != NULL && s->summary != 0)) {
-            void *p = span_take(s);
-            live_add(h, s->block_size);
-            return p;
-        }
+        if (TA_LIKELY(s->free != LINK_END))
+            return span_pop(s);
     }
     return small_alloc_general(size, alignment, zero);
 }
 
-/* A block of another thread's heap: pushed onto that heap's remote list. */
-__attribute__((noinline)) static bool free_remote(heap_t *owner, void *p)
+/* The spans other threads free into are pushed onto the owner's
+ * remote_spans by the first free that finds them not NOTIFIED. Returns
+ * true when the purge thread must be woken: the heap is abandoned, or
+ * the purge thread is not watching the live heaps. */
+static bool heap_notify(heap_t *h, span_t *s)
 {
-    void *head = atomic_load_explicit(&owner->remote, memory_order_relaxed);
+    span_t *top = atomic_load_explicit(&h->remote_spans, memory_order_relaxed);
     do {
-        *(void **)p = head;
-    } while (!atomic_compare_exchange_weak_explicit(&owner->remote, &head, p, memory_order_seq_cst,
+        s->next_notified = top;
+    } while (!atomic_compare_exchange_weak_explicit(&h->remote_spans, &top, s, memory_order_seq_cst,
                                                     memory_order_relaxed));
-    if (head == NULL && atomic_load_explicit(&owner->abandoned, memory_order_relaxed))
+    if (top == NULL && atomic_load_explicit(&h->abandoned, memory_order_relaxed))
         return true;
     /* Pairs with the purge thread's last look before it sleeps (seq_cst on
-     * both sides): either it sees this block or this sees it asleep. */
+     * both sides): either it sees this span or this sees it asleep. */
     return !atomic_load_explicit(&purge_watching, memory_order_seq_cst) &&
            !atomic_exchange_explicit(&purge_watching, true, memory_order_seq_cst);
 }
 
-bool _ta_small_free(void *p, const char *call)
+/* A block of another thread's heap: pushed onto its span's thread_free
+ * with one compare-and-swap, which also sets NOTIFIED. While NOTIFIED,
+ * the span's segment stays mapped, so the push onto remote_spans after
+ * it is safe. */
+__attribute__((noinline)) static void free_remote(segment_t *seg, span_t *s, uint32_t b,
+                                                  const char *call, const void *p)
 {
-    segment_t *seg;
-    uint32_t idx;
-    span_t *s = block_locate(p, call, &seg, &idx);
+    uint16_t *link = &s->links[b];
+    if (TA_UNLIKELY(*link != LINK_ALLOC))
+        block_bad(p, call);
+    uint32_t old = atomic_load_explicit(&s->thread_free, memory_order_relaxed);
+    do {
+        *link = (uint16_t)old;
+    } while (!atomic_compare_exchange_weak_explicit(&s->thread_free, &old, b | TF_NOTIFIED,
+                                                    memory_order_release, memory_order_relaxed));
+    if (!(old & TF_NOTIFIED) && heap_notify(seg->heap, s))
+        _ta_purge_wake();
+}
+
+void _ta_small_free(void *p, const char *call)
+{
+    uint32_t b;
+    span_t *s = block_locate(p, call, &b);
     heap_t *h = tls_heap;
-    if (TA_LIKELY(seg->heap == h)) {
-        block_free_local(h, seg, s, idx, call, p);
-        return false;
+    if (TA_LIKELY(segment_of(p)->heap == h)) {
+        uint16_t *link = &s->links[b];
+        if (TA_UNLIKELY(*link != LINK_ALLOC))
+            block_bad(p, call);
+        *link = s->local_free;
+        s->local_free = (uint16_t)b;
+        if (TA_UNLIKELY((int32_t)--s->used <= 0))
+            span_after_free(h, s);
+        return;
     }
-    return free_remote(seg->heap, p);
+    free_remote(segment_of(p), s, b, call, p);
 }
 
 size_t _ta_small_usable(const void *p, const char *call)
 {
-    segment_t *seg;
-    uint32_t idx;
-    span_t *s = block_locate(p, call, &seg, &idx);
-    TA_CHECK(!(s->free_bits[idx / 64] & (1ULL << (idx % 64))), call, p, "pointer to a free block");
+    uint32_t b;
+    span_t *s = block_locate(p, call, &b);
+    uint16_t link = s->links[b];
+    TA_CHECK(link != LINK_TAIL, call, p, "invalid pointer (not the start of a block)");
+    TA_CHECK(link == LINK_ALLOC, call, p, "pointer to a free block");
     return s->block_size;
 }
 
 /* ---- trim, thread exit, fork --------------------------------------------------------- */
 
-/* Drains pending frees and drops empty current spans. Free pages go back
+/* Takes pending frees and drops empty current spans. Free pages go back
  * to the kernel when force is set or once they have waited RETAIN_MS (a
  * heap adopted soon after reuses them without faults). Returns true while
  * free pages wait. */
 static bool heap_tidy(heap_t *h, bool force)
 {
     heap_collect(h);
+    heap_sweep(h);
     for (int c = 0; c < CLASS_COUNT; c++) {
         span_t *s = h->current[c];
-        if (s && s->used == 0) {
-            h->current[c] = NULL;
-            span_release(h, segment_of(s), s);
+        if (s != &no_span && s->used == 0) {
+            h->current[c] = &no_span;
+            span_release(h, s);
         }
     }
     live_flush(h);
@@ -950,7 +1149,7 @@ static bool heap_tidy(heap_t *h, bool force)
     if (h->spare) {
         segment_t *spare = h->spare;
         h->spare = NULL;
-        segment_release(h, spare);
+        segment_release(h, spare); /* one that must stay is found again later */
     }
     heap_purge(h);
     return false;
@@ -968,8 +1167,8 @@ static bool tidy_abandoned(bool every)
     _ta_unlock(&heaps_lock);
     heap_t *last = NULL;
     for (heap_t *h = taken; h; h = h->next_abandoned) {
-        if (every || atomic_load_explicit(&h->remote, memory_order_relaxed) || h->dirty_bytes ||
-            atomic_load_explicit(&h->released_pending, memory_order_relaxed))
+        if (every || atomic_load_explicit(&h->remote_spans, memory_order_relaxed) ||
+            h->dirty_bytes || atomic_load_explicit(&h->trimmed, memory_order_relaxed))
             waiting |= heap_tidy(h, every);
         last = h;
     }
@@ -1011,7 +1210,7 @@ static bool watch_live_heaps(void)
     for (heap_t *h = heaps_first(); h; h = h->next_all) {
         if (atomic_load_explicit(&h->abandoned, memory_order_relaxed))
             continue; /* tidy_abandoned drains those */
-        void *head = atomic_load_explicit(&h->remote, memory_order_seq_cst);
+        span_t *head = atomic_load_explicit(&h->remote_spans, memory_order_seq_cst);
         if (head == NULL || head == h->watch_head) {
             h->watch_since_ms = 0; /* nothing new since the last trim */
             continue;
@@ -1025,7 +1224,7 @@ static bool watch_live_heaps(void)
             waiting = true;
         } else {
             heap_trim_remote(h);
-            h->watch_head = atomic_load_explicit(&h->remote, memory_order_relaxed);
+            h->watch_head = atomic_load_explicit(&h->remote_spans, memory_order_relaxed);
             h->watch_since_ms = 0;
         }
     }
@@ -1095,10 +1294,20 @@ void _ta_small_fork_child(void)
     atomic_store(&purge_watching, false); /* the child has no purge thread yet */
 }
 
+/* The calling thread's spans, counted now: its own figures are exact. */
+static void heap_flush_stats(heap_t *h)
+{
+    for (segment_t *seg = h->segments; seg; seg = seg->next)
+        for (int i = META_PAGES; i < SEGMENT_PAGES; i++)
+            if (seg->spans[i].state != SPAN_FREE)
+                span_flush(h, &seg->spans[i]);
+    live_flush(h);
+}
+
 void _ta_small_stats(ta_stats_t *st)
 {
     if (tls_heap)
-        live_flush(tls_heap);
+        heap_flush_stats(tls_heap);
     int64_t live = atomic_load_explicit(&small_live, memory_order_relaxed);
     st->small_live_bytes = live > 0 ? (uint64_t)live : 0;
     st->small_peak_bytes = (uint64_t)atomic_load_explicit(&small_peak, memory_order_relaxed);

@@ -34,13 +34,29 @@ Test(slab, usable_size_is_a_class_size)
     cr_assert_eq(ta_usable_size(ta_malloc(1025)), 1280);
 }
 
+/* The owner's frees go to the span's local list, which becomes the
+ * allocation list when that runs dry: a freed block comes back within one
+ * span's worth of allocations, and the last one freed comes first. */
 Test(slab, freed_block_is_reused)
 {
-    void *a = ta_malloc(48);
-    ta_free(a);
-    void *b = ta_malloc(48);
-    cr_assert_eq(a, b, "the lowest free block of the current span comes back first");
+    enum { SPAN_BLOCKS = 65536 / 48 };
+    void *a = ta_malloc(48), *b = ta_malloc(48);
     ta_free(b);
+    ta_free(a);
+    static void *got[SPAN_BLOCKS + 2];
+    size_t n = 0, at_a = 0, at_b = 0;
+    while (n < SPAN_BLOCKS + 2 && !(at_a && at_b)) {
+        got[n] = ta_malloc(48);
+        if (got[n] == a)
+            at_a = n + 1;
+        if (got[n] == b)
+            at_b = n + 1;
+        n++;
+    }
+    cr_assert(at_a && at_b, "both freed blocks came back within a span's worth");
+    cr_assert_eq(at_b, at_a + 1, "the last freed comes back first, the one before next");
+    while (n)
+        ta_free(got[--n]);
 }
 
 Test(slab, a_million_small_objects_freed_lower_rss)
