@@ -11,6 +11,7 @@
 
 #include <errno.h>
 #include <pthread.h>
+#include <stdlib.h>
 #include <string.h>
 
 static atomic_int process_state; /* 0 not ready, 2 ready */
@@ -110,10 +111,34 @@ static inline void *alloc_aligned(size_t size, size_t alignment, bool zero)
     return TA_LIKELY(p != NULL) ? p : alloc_retry(size, alignment, zero);
 }
 
-void *ta_malloc(size_t size)
+/* What malloc's fast path (slab.c) cannot serve at once: a thread's first
+ * allocation, a span used up, larger sizes. Out of line, so that ta_malloc
+ * is a size test and a jump. */
+__attribute__((noinline)) void *_ta_malloc_general(size_t size)
 {
     return alloc_aligned(size, 0, false);
 }
+
+void *ta_malloc(size_t size)
+{
+    if (TA_LIKELY(size <= TA_SMALL_FAST_MAX))
+        return _ta_small_malloc(size);
+    return _ta_malloc_general(size);
+}
+
+#ifdef TA_PRELOAD
+/* The preload library's malloc and free are ta_malloc and ta_free under
+ * the libc names: aliases, not calls (an alias must sit beside its
+ * target, so these are here and not in lib/preload.c). */
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmissing-attributes"
+#endif
+#define LIBC_ALIAS(name) __attribute__((alias(#name), visibility("default")))
+void *malloc(size_t size) LIBC_ALIAS(ta_malloc);
+void *__libc_malloc(size_t size) LIBC_ALIAS(ta_malloc);
+void free(void *ptr) LIBC_ALIAS(ta_free);
+void __libc_free(void *ptr) LIBC_ALIAS(ta_free);
+#endif
 
 void *ta_calloc(size_t count, size_t size)
 {
@@ -125,19 +150,25 @@ void *ta_calloc(size_t count, size_t size)
     return alloc_aligned(total, 0, true);
 }
 
-void ta_free(void *ptr)
+/* NULL and large blocks: out of line, so that a small free is the
+ * ownership test and a jump. */
+__attribute__((noinline)) static void free_not_small(void *ptr)
 {
     if (ptr == NULL)
         return;
-    if (_ta_small_owns(ptr)) {
-        _ta_small_free(ptr, "free");
-        return;
-    }
     int rc = _ta_large_free(ptr);
     if (TA_UNLIKELY(rc == TA_LARGE_NOT_MINE))
         _ta_fatal("free", ptr, "invalid pointer");
     if (rc == TA_LARGE_POOLED_FIRST)
         _ta_purge_wake(); /* the pool has a deadline to keep */
+}
+
+void ta_free(void *ptr)
+{
+    if (TA_LIKELY(_ta_small_owns(ptr))) /* NULL is not: segment 0 is never a slab's */
+        _ta_small_free(ptr);
+    else
+        free_not_small(ptr);
 }
 
 size_t ta_usable_size(const void *ptr)

@@ -119,25 +119,28 @@ void _ta_large_fork_child(void);
 #define TA_SMALL_MAX_ALIGN ((size_t)64 << 10)
 /* alignment <= TA_SMALL_MAX_ALIGN (larger ones fail with EINVAL). */
 void *_ta_small_alloc(size_t size, size_t alignment, bool zero);
+/* malloc's fast path, for size <= TA_SMALL_FAST_MAX; what it cannot serve
+ * at once continues in _ta_malloc_general (alloc.c), a tail call. */
+#define TA_SMALL_FAST_MAX 1024
+void *_ta_small_malloc(size_t size);
+void *_ta_malloc_general(size_t size);
 /* True if p lies in a slab segment: one bit per 4 MiB segment of a 48-bit
  * address space, read without a lock (inline: every free asks). */
 #define TA_SEGMENT_SHIFT 22
-extern _Atomic(uint64_t *) _ta_segmap;
+#define TA_SEGMAP_WORDS (((size_t)1 << (48 - TA_SEGMENT_SHIFT)) / 64)
+extern _Atomic uint64_t _ta_segmap[TA_SEGMAP_WORDS];
 static inline bool _ta_small_owns(const void *p)
 {
     uintptr_t a = (uintptr_t)p;
-    uint64_t *map = atomic_load_explicit(&_ta_segmap, memory_order_acquire);
-    if (TA_UNLIKELY(map == NULL) || (a >> 48) != 0)
+    if (TA_UNLIKELY((a >> 48) != 0))
         return false;
     size_t bit = a >> TA_SEGMENT_SHIFT;
-    return (atomic_load_explicit((_Atomic uint64_t *)&map[bit / 64], memory_order_relaxed) >>
-            (bit % 64)) &
-           1;
+    return (atomic_load_explicit(&_ta_segmap[bit / 64], memory_order_relaxed) >> (bit % 64)) & 1;
 }
 /* Wakes the purge thread itself when the block went to an abandoned heap
  * (no thread owns it), or to any heap while the purge thread is not
  * watching the remote lists. */
-void _ta_small_free(void *p, const char *call);
+void _ta_small_free(void *p);
 size_t _ta_small_usable(const void *p, const char *call);
 /* Checks the size-class table and the division-free block index (tests). */
 bool _ta_small_selfcheck(void);

@@ -3,7 +3,8 @@
  * The preload face: the C library's allocation symbols, glibc's __libc_*
  * aliases, the statistics and tuning calls (mallinfo2, malloc_trim,
  * malloc_stats, malloc_info, mallopt) and the C++ operators new/delete,
- * all forwarded to the ta_* front door. Built only into
+ * all forwarded to the ta_* front door (malloc and free themselves are
+ * aliases of ta_malloc and ta_free, in lib/alloc.c). Built only into
  * libtensoralloc-preload.so, whose version script exports exactly these
  * plus ta_*. Written in C: operator new's failure path reaches libstdc++
  * through weak references, so a C program preloading this library does
@@ -53,16 +54,6 @@ void _ZdaPvSt11align_val_tRKSt9nothrow_t(void *p, size_t a, const void *t);
 #define ALIAS(name) __attribute__((alias(#name), visibility("default")))
 
 /* ---- C ------------------------------------------------------------------ */
-
-EXPORT void *malloc(size_t size)
-{
-    return ta_malloc(size);
-}
-
-EXPORT void free(void *ptr)
-{
-    ta_free(ptr);
-}
 
 EXPORT void *calloc(size_t count, size_t size)
 {
@@ -149,8 +140,7 @@ EXPORT void free_aligned_sized(void *ptr, size_t alignment, size_t size)
 
 /* ---- glibc's internal names, used by some programs and by ld.so --------- */
 
-void *__libc_malloc(size_t size) ALIAS(malloc);
-void __libc_free(void *ptr) ALIAS(free);
+/* __libc_malloc and __libc_free: in lib/alloc.c, with malloc and free. */
 void *__libc_calloc(size_t count, size_t size) ALIAS(calloc);
 void *__libc_realloc(void *ptr, size_t size) ALIAS(realloc);
 void *__libc_memalign(size_t alignment, size_t size) ALIAS(memalign);

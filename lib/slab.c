@@ -49,7 +49,6 @@
 #define LINK_END 0xFFFFu       /* the end of a list */
 #define LINK_ALLOC 0xFFFEu     /* handed out to the program */
 #define LINK_TAIL 0xFFFDu      /* past the last block: no block starts here */
-#define LINK_HELD 0xFFFCu      /* free, on a page a trimmer gave back, for the owner */
 #define TF_NOTIFIED (1u << 16) /* in thread_free: the span is on remote_spans */
 
 /* ---- size classes: 16-byte steps to 128, then four per doubling -------- */
@@ -145,13 +144,13 @@ enum { SPAN_FREE, SPAN_CURRENT, SPAN_LISTED, SPAN_FULL };
 /* A full span on no list carries USED_FULL in used, so that a free into
  * it takes the slow path by the same single test as a free that empties
  * a span: (int32_t)(used - 1) <= 0. */
-#define USED_FULL 0x80000000u
+#define USED_FULL INT32_MIN
 
 typedef struct span_s {
     /* What the fast paths read, together. */
     uint16_t free;       /* the owner allocates from this list */
     uint16_t local_free; /* the owner's frees since the last refill */
-    uint32_t used;       /* blocks out: handed out, or freed by others and not yet taken */
+    int32_t used;        /* blocks out: handed out, or freed by others and not yet taken */
     char *start;         /* its first block */
     uint16_t *links;     /* per block: a list link or LINK_* (in the segment's metadata) */
     uint64_t recip;      /* ceil(2^42 / block_size): block index without a division */
@@ -159,8 +158,8 @@ typedef struct span_s {
     uint8_t class_idx;
     uint8_t pages;
     uint8_t state; /* SPAN_* */
-    uint8_t held;  /* a trimmer left LINK_HELD blocks (under the heap's trim_busy) */
     /* The slow paths'. */
+    uint16_t held; /* blocks a trimmer gave the pages of back, for the owner (under trim_busy) */
     uint16_t capacity;
     uint16_t link_unit, link_units; /* where its link array lies in the link area */
     uint32_t used_flushed;          /* used when last added to the statistics */
@@ -246,7 +245,13 @@ static size_t heap_chunk_left;
 static atomic_bool slab_ready;
 static pthread_key_t heap_key;
 
-static TA_TLS heap_t *tls_heap;
+/* A thread's heap; until it has one, empty_heap, whose current spans are
+ * all no_span, so that the fast paths need no NULL test. */
+#define NO_SPAN_4 &no_span, &no_span, &no_span, &no_span
+#define NO_SPAN_20 NO_SPAN_4, NO_SPAN_4, NO_SPAN_4, NO_SPAN_4, NO_SPAN_4
+_Static_assert(CLASS_COUNT == 60, "empty_heap's initialiser");
+static heap_t empty_heap = {.current = {NO_SPAN_20, NO_SPAN_20, NO_SPAN_20}};
+static TA_TLS heap_t *tls_heap = &empty_heap;
 
 static _Atomic int64_t small_live, small_peak;
 static _Atomic uint64_t committed_bytes, segment_bytes, span_count, heap_count;
@@ -258,27 +263,16 @@ static atomic_bool purge_watching; /* the purge thread watches the live heaps' l
  * (the test itself is inline, in internal.h). */
 #define SEGMAP_BITS ((size_t)1 << (48 - SEGMENT_SHIFT))
 _Static_assert(SEGMENT_SHIFT == TA_SEGMENT_SHIFT, "internal.h's ownership test");
-_Atomic(uint64_t *) _ta_segmap;
-
-static bool segmap_ensure(void)
-{
-    if (atomic_load_explicit(&_ta_segmap, memory_order_acquire))
-        return true;
-    void *mem;
-    size_t bytes = SEGMAP_BITS / 8;
-    if (_ta_os_map(bytes, _ta_os_page_size(), &mem) != 0)
-        return false;
-    uint64_t *expected = NULL;
-    if (!atomic_compare_exchange_strong(&_ta_segmap, &expected, (uint64_t *)mem))
-        _ta_os_unmap(mem, bytes);
-    return true;
-}
+/* In .bss (8 MiB of address space, resident only where a segment's word
+ * was written): its address is a link-time constant, so the test needs no
+ * load and no NULL check. */
+_Static_assert(SEGMAP_BITS / 64 == TA_SEGMAP_WORDS, "internal.h's map size");
+_Atomic uint64_t _ta_segmap[TA_SEGMAP_WORDS];
 
 static void segmap_set(uintptr_t seg, bool on)
 {
-    uint64_t *map = atomic_load_explicit(&_ta_segmap, memory_order_acquire);
     size_t bit = seg >> SEGMENT_SHIFT;
-    _Atomic uint64_t *word = (_Atomic uint64_t *)&map[bit / 64];
+    _Atomic uint64_t *word = &_ta_segmap[bit / 64];
     if (on)
         atomic_fetch_or_explicit(word, 1ULL << (bit % 64), memory_order_release);
     else
@@ -304,7 +298,7 @@ __attribute__((noinline, cold)) static void live_flush(heap_t *h)
 
 static inline void span_flush(heap_t *h, span_t *s)
 {
-    uint32_t used = s->used & ~USED_FULL;
+    uint32_t used = (uint32_t)(s->used & ~USED_FULL);
     int64_t d = h->live_delta + ((int64_t)used - (int64_t)s->used_flushed) * s->block_size;
     s->used_flushed = used;
     h->live_delta = d;
@@ -393,7 +387,7 @@ static heap_t *heap_acquire(void)
 static inline heap_t *heap_get(void)
 {
     heap_t *h = tls_heap;
-    return TA_LIKELY(h != NULL) ? h : heap_acquire();
+    return TA_LIKELY(h != &empty_heap) ? h : heap_acquire();
 }
 
 /* ---- segments, page runs and link units ------------------------------------------ */
@@ -405,8 +399,6 @@ static inline segment_t *segment_of(const void *p)
 
 static segment_t *segment_new(heap_t *h)
 {
-    if (!segmap_ensure())
-        return NULL;
     void *mem;
     if (_ta_os_map(SEGMENT_SIZE, SEGMENT_SIZE, &mem) != 0)
         return NULL;
@@ -592,7 +584,7 @@ static span_t *span_new(heap_t *h, int c)
     s->recip = block_recip(ci->block_size);
     s->class_idx = (uint8_t)c;
     s->pages = ci->pages;
-    s->held = 0;
+    s->held = LINK_END;
     s->link_unit = (uint16_t)unit;
     s->link_units = (uint16_t)units;
     s->used = 0;
@@ -725,14 +717,16 @@ __attribute__((noinline)) static void span_after_free(heap_t *h, span_t *s)
  * trimmer). */
 static void span_gave_back(heap_t *h, span_t *s, uint32_t n)
 {
-    s->used -= n;
-    if ((int32_t)s->used <= 0)
+    s->used -= (int32_t)n;
+    if (s->used <= 0)
         span_after_free(h, s);
 }
 
 /* Moves the blocks other threads freed into s onto its local_free and
  * returns how many. TF_NOTIFIED stays unless clear_notified (whoever took
- * s off remote_spans clears it). */
+ * s off remote_spans clears it). Release as well as acquire: the next
+ * thread to set NOTIFIED writes next_notified, which the caller has just
+ * read. */
 static uint32_t span_take_thread_free(span_t *s, bool clear_notified)
 {
     uint32_t old = atomic_load_explicit(&s->thread_free, memory_order_relaxed), want;
@@ -742,7 +736,7 @@ static uint32_t span_take_thread_free(span_t *s, bool clear_notified)
             return 0;
         want = LINK_END | (notified && !clear_notified ? TF_NOTIFIED : 0);
     } while (!atomic_compare_exchange_weak_explicit(&s->thread_free, &old, want,
-                                                    memory_order_acquire, memory_order_relaxed));
+                                                    memory_order_acq_rel, memory_order_relaxed));
     uint32_t first = old & 0xFFFF;
     if (first == LINK_END)
         return 0;
@@ -793,9 +787,10 @@ static inline span_t *block_locate(const void *p, const char *call, uint32_t *id
  * the owner's fast paths are untouched, and for each span takes its list
  * and gives back every OS page that lies wholly under blocks it took: the
  * owner cannot hand those blocks out (they are on no list of its) and
- * nobody else may touch them (they are freed). It marks the blocks on
- * those pages LINK_HELD and pushes the others back. The owner's next sweep
- * (trimmed) frees the held blocks and takes what was pushed back. A flag
+ * nobody else may touch them (they are freed). It chains the blocks on
+ * those pages onto the span's held list and pushes the others back. The
+ * owner's next sweep (trimmed) frees the held blocks and takes what was
+ * pushed back. A flag
  * per heap (trim_busy), taken with an exchange and never waited on, keeps
  * a trimmer and the owner's sweep apart. */
 
@@ -823,8 +818,8 @@ static bool trim_span(span_t *s, uint32_t first)
             any = true;
         }
     }
-    /* Relink the others before giving pages back (the links are out of
-     * band, but the held ones must be marked before the owner can look). */
+    /* The blocks on marked pages go onto the held list, the others back
+     * onto thread_free. */
     uint32_t back = LINK_END, back_tail = LINK_END;
     for (uint32_t b = first, next; b != LINK_END; b = next) {
         next = s->links[b];
@@ -833,7 +828,8 @@ static bool trim_span(span_t *s, uint32_t first)
         for (size_t p = off / page; any && p * page < off + bs && !on_marked; p++)
             on_marked = bit_get(marks, p);
         if (on_marked) {
-            s->links[b] = LINK_HELD;
+            s->links[b] = s->held;
+            s->held = (uint16_t)b;
             continue;
         }
         s->links[b] = (uint16_t)back;
@@ -862,8 +858,6 @@ static bool trim_span(span_t *s, uint32_t first)
             &s->thread_free, &old, back | (old & TF_NOTIFIED), memory_order_release,
             memory_order_relaxed));
     }
-    if (any)
-        s->held = 1;
     return any;
 }
 
@@ -895,17 +889,16 @@ static void heap_trim_remote(heap_t *h)
     atomic_store_explicit(&h->trim_busy, false, memory_order_release);
 }
 
-/* Frees the blocks a trimmer held in s; returns how many. */
+/* Frees the blocks a trimmer held in s (walking only their links: the
+ * others' belong to whoever frees those blocks); returns how many. */
 static uint32_t span_unhold(span_t *s)
 {
-    uint32_t n = 0;
-    for (uint32_t b = 0; b < s->capacity; b++) {
-        if (s->links[b] == LINK_HELD) {
-            s->links[b] = s->local_free;
-            s->local_free = (uint16_t)b;
-            n++;
-        }
-    }
+    uint32_t first = s->held, last = first, n = 1;
+    for (; s->links[last] != LINK_END; n++)
+        last = s->links[last];
+    s->links[last] = s->local_free;
+    s->local_free = (uint16_t)first;
+    s->held = LINK_END;
     return n;
 }
 
@@ -926,10 +919,8 @@ static void heap_sweep(heap_t *h)
             if (s->state == SPAN_FREE)
                 continue;
             uint32_t n = span_take_thread_free(s, false);
-            if (merge && s->held) {
-                s->held = 0;
+            if (merge && s->held != LINK_END)
                 n += span_unhold(s);
-            }
             if (n)
                 span_gave_back(h, s, n);
             if (s->state != SPAN_FREE)
@@ -966,8 +957,7 @@ static void heap_collect(heap_t *h)
 /* The owner's frees, then other threads', become the allocation list. */
 static bool span_refill(heap_t *h, span_t *s)
 {
-    uint32_t n = span_take_thread_free(s, false);
-    s->used -= n;
+    s->used -= (int32_t)span_take_thread_free(s, false);
     if (s->free == LINK_END) {
         s->free = s->local_free;
         s->local_free = LINK_END;
@@ -1006,10 +996,9 @@ static void *alloc_slow(heap_t *h, int c)
     return span_pop(s);
 }
 
-/* Every case but the common one: alignment, zeroing, sizes over 1 KiB, a
- * thread without a heap yet, a current span used up. Out of line, so that
- * the fast path below needs no stack frame. */
-__attribute__((noinline)) static void *small_alloc_general(size_t size, size_t alignment, bool zero)
+/* Every small request but malloc's fast path: alignment, zeroing, sizes
+ * over 1 KiB, a thread without a heap yet, a current span used up. */
+void *_ta_small_alloc(size_t size, size_t alignment, bool zero)
 {
     if (TA_UNLIKELY(alignment > TA_SMALL_MAX_ALIGN)) {
         errno = EINVAL;
@@ -1045,18 +1034,15 @@ __attribute__((noinline)) static void *small_alloc_general(size_t size, size_t a
     return p;
 }
 
-/* The fast path: a thread with a heap asks for up to 1 KiB, naturally
- * aligned, not zeroed, and its current span of that class has a free
- * block (no_span, the current span of a class without one, has none). */
-void *_ta_small_alloc(size_t size, size_t alignment, bool zero)
+/* malloc's fast path (size <= TA_SMALL_FAST_MAX): the current span of
+ * the size's class has a free block. Anything else (no heap yet, the span
+ * used up: no_span has none) continues in alloc.c's general path. */
+void *_ta_small_malloc(size_t size)
 {
-    heap_t *h = tls_heap;
-    if (TA_LIKELY(h != NULL && size <= 1024 && alignment <= TA_MIN_ALIGN && !zero)) {
-        span_t *s = h->current[small_class[(size + 15) >> 4]];
-        if (TA_LIKELY(s->free != LINK_END))
-            return span_pop(s);
-    }
-    return small_alloc_general(size, alignment, zero);
+    span_t *s = tls_heap->current[small_class[(size + 15) >> 4]];
+    if (TA_LIKELY(s->free != LINK_END))
+        return span_pop(s);
+    return _ta_malloc_general(size);
 }
 
 /* The spans other threads free into are pushed onto the owner's
@@ -1079,9 +1065,9 @@ static bool heap_notify(heap_t *h, span_t *s)
 }
 
 /* A block of another thread's heap: pushed onto its span's thread_free
- * with one compare-and-swap, which also sets NOTIFIED. While NOTIFIED,
- * the span's segment stays mapped, so the push onto remote_spans after
- * it is safe. */
+ * with one compare-and-swap, which also sets NOTIFIED (acquiring the
+ * clear of it, see span_take_thread_free). While NOTIFIED, the span's
+ * segment stays mapped, so the push onto remote_spans after it is safe. */
 __attribute__((noinline)) static void free_remote(segment_t *seg, span_t *s, uint32_t b,
                                                   const char *call, const void *p)
 {
@@ -1092,13 +1078,14 @@ __attribute__((noinline)) static void free_remote(segment_t *seg, span_t *s, uin
     do {
         *link = (uint16_t)old;
     } while (!atomic_compare_exchange_weak_explicit(&s->thread_free, &old, b | TF_NOTIFIED,
-                                                    memory_order_release, memory_order_relaxed));
+                                                    memory_order_acq_rel, memory_order_relaxed));
     if (!(old & TF_NOTIFIED) && heap_notify(seg->heap, s))
         _ta_purge_wake();
 }
 
-void _ta_small_free(void *p, const char *call)
+void _ta_small_free(void *p)
 {
+    const char *call = "free";
     uint32_t b;
     span_t *s = block_locate(p, call, &b);
     heap_t *h = tls_heap;
@@ -1108,7 +1095,7 @@ void _ta_small_free(void *p, const char *call)
             block_bad(p, call);
         *link = s->local_free;
         s->local_free = (uint16_t)b;
-        if (TA_UNLIKELY((int32_t)--s->used <= 0))
+        if (TA_UNLIKELY(--s->used <= 0))
             span_after_free(h, s);
         return;
     }
@@ -1195,7 +1182,7 @@ void _ta_small_trim(void)
     for (heap_t *h = heaps_first(); h; h = h->next_all)
         if (h != tls_heap && !atomic_load_explicit(&h->abandoned, memory_order_relaxed))
             heap_trim_remote(h);
-    if (tls_heap)
+    if (tls_heap != &empty_heap)
         heap_tidy(tls_heap, true);
     tidy_abandoned(true);
 }
@@ -1259,15 +1246,15 @@ static void thread_exit_cb(void *arg)
     heap_t *h = arg;
     if (h == NULL)
         return;
-    tls_heap = NULL;
+    tls_heap = &empty_heap;
     heap_abandon(h);
 }
 
 void _ta_small_thread_done(void)
 {
     heap_t *h = tls_heap;
-    if (h) {
-        tls_heap = NULL;
+    if (h != &empty_heap) {
+        tls_heap = &empty_heap;
         pthread_setspecific(heap_key, NULL);
         heap_abandon(h);
     }
@@ -1306,7 +1293,7 @@ static void heap_flush_stats(heap_t *h)
 
 void _ta_small_stats(ta_stats_t *st)
 {
-    if (tls_heap)
+    if (tls_heap != &empty_heap)
         heap_flush_stats(tls_heap);
     int64_t live = atomic_load_explicit(&small_live, memory_order_relaxed);
     st->small_live_bytes = live > 0 ? (uint64_t)live : 0;
