@@ -146,26 +146,31 @@ enum { SPAN_FREE, SPAN_CURRENT, SPAN_LISTED, SPAN_FULL };
  * a span: (int32_t)(used - 1) <= 0. */
 #define USED_FULL INT32_MIN
 
+/* Three cache lines, by who writes them: a thread freeing into a span
+ * reads its geometry while the owner writes its list heads on every
+ * allocation, and sharing one line made a producer/consumer pair 3x slower
+ * whenever the two ran on different cores. */
 typedef struct span_s {
-    /* What the fast paths read, together. */
-    uint16_t free;       /* the owner allocates from this list */
-    uint16_t local_free; /* the owner's frees since the last refill */
-    int32_t used;        /* blocks out: handed out, or freed by others and not yet taken */
-    char *start;         /* its first block */
-    uint16_t *links;     /* per block: a list link or LINK_* (in the segment's metadata) */
-    uint64_t recip;      /* ceil(2^42 / block_size): block index without a division */
+    /* Geometry: written when the span is made, then read by every free. */
+    char *start;     /* its first block */
+    uint16_t *links; /* per block: a list link or LINK_* (in the segment's metadata) */
+    uint64_t recip;  /* ceil(2^42 / block_size): block index without a division */
     uint32_t block_size;
+    uint16_t capacity;
     uint8_t class_idx;
     uint8_t pages;
-    uint8_t state; /* SPAN_* */
-    /* The slow paths'. */
-    uint16_t held; /* blocks a trimmer gave the pages of back, for the owner (under trim_busy) */
-    uint16_t capacity;
     uint16_t link_unit, link_units; /* where its link array lies in the link area */
-    uint32_t used_flushed;          /* used when last added to the statistics */
-    struct span_s *next, *prev;     /* the heap's list of partial spans of this class */
-    _Atomic uint32_t thread_free;   /* other threads' frees: a list head | TF_NOTIFIED */
-    struct span_s *next_notified;   /* the link on the heap's remote_spans */
+    /* The owner's. */
+    _Alignas(64) uint16_t free; /* the owner allocates from this list */
+    uint16_t local_free;        /* the owner's frees since the last refill */
+    int32_t used;               /* blocks out: handed out, or freed by others and not yet taken */
+    uint8_t state;              /* SPAN_* */
+    uint16_t held;         /* blocks a trimmer gave the pages of back, for the owner (trim_busy) */
+    uint32_t used_flushed; /* used when last added to the statistics */
+    struct span_s *next, *prev; /* the heap's list of partial spans of this class */
+    /* Other threads'. */
+    _Alignas(64) _Atomic uint32_t thread_free; /* their frees: a list head | TF_NOTIFIED */
+    struct span_s *next_notified;              /* the link on the heap's remote_spans */
 } span_t;
 
 /* The segment's first META_PAGES: this header, then the link area, cut
@@ -696,6 +701,17 @@ static inline void *span_pop(span_t *s)
     return s->start + (size_t)b * s->block_size;
 }
 
+/* An empty single-page span stays listed while its class has no other
+ * partial span: a class that cycles through one span at a time (a
+ * producer whose blocks another thread frees) would otherwise release and
+ * rebuild it, writing the segment's header lines that every free reads.
+ * The owner's tidy releases it (after mimalloc's delayed page retire). */
+static inline bool span_keep_empty(const heap_t *h, const span_t *s)
+{
+    return s->pages == 1 && h->partial[s->class_idx] == (s->state == SPAN_LISTED ? s : NULL) &&
+           (s->state != SPAN_LISTED || s->next == NULL);
+}
+
 /* A span that is not its class's current one changed state: it emptied
  * (its pages go back to the segment) or, full until now, has room again
  * (it is listed). The current span stays, even empty. */
@@ -704,11 +720,11 @@ __attribute__((noinline)) static void span_after_free(heap_t *h, span_t *s)
     if (s->used & USED_FULL) {
         s->used &= ~USED_FULL;
         span_flush(h, s);
-        if (s->used == 0)
+        if (s->used == 0 && !span_keep_empty(h, s))
             span_release(h, s);
         else
             partial_push(h, s);
-    } else if (s->used == 0 && s->state != SPAN_CURRENT) {
+    } else if (s->used == 0 && s->state == SPAN_LISTED && !span_keep_empty(h, s)) {
         span_release(h, s);
     }
 }
@@ -1128,6 +1144,8 @@ static bool heap_tidy(heap_t *h, bool force)
             h->current[c] = &no_span;
             span_release(h, s);
         }
+        if ((s = h->partial[c]) != NULL && s->used == 0 && s->next == NULL)
+            span_release(h, s); /* the one kept empty (span_keep_empty) */
     }
     live_flush(h);
     if (!force && h->dirty_bytes &&
