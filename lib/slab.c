@@ -42,6 +42,7 @@
 #define SPAN_MAX_PAGES 16 /* slab pages of the largest span */
 #define SPAN_MAX_OS_PAGES (SPAN_MAX_PAGES * SLAB_PAGE_SIZE / 4096) /* at 4 KiB pages */
 #define SEGMENT_MAGIC 0x5441534547ULL                              /* "TASEG" */
+#define PURGE_AT_ONCE_PAGES 4 /* spans this big are purged when released */
 #define PURGE_LIMIT ((size_t)8 << 20)                              /* free pages a heap may keep */
 #define STATS_BATCH 65536 /* live-byte deltas flushed beyond this */
 
@@ -650,10 +651,18 @@ static void span_release(heap_t *h, span_t *s)
     uint64_t run = (s->pages == 64 ? ~0ULL : ((1ULL << s->pages) - 1)) << first;
     s->state = SPAN_FREE;
     seg->used_pages &= ~run;
-    seg->dirty_pages |= run;
-    if (h->dirty_bytes == 0)
-        h->dirty_since_ms = _ta_os_now_ms();
-    dirty_add(h, (int64_t)s->pages * (int64_t)SLAB_PAGE_SIZE);
+    /* A big span's pages go back at once: one madvise per 256 KiB or more
+     * of churn, and the classes above 16 KiB are the ones a program grows
+     * through once (Python's list and dict resizes) and leaves. */
+    if (s->pages >= PURGE_AT_ONCE_PAGES &&
+        _ta_os_advise_dontneed(s->start, (size_t)s->pages * SLAB_PAGE_SIZE) == 0) {
+        /* clean */
+    } else {
+        seg->dirty_pages |= run;
+        if (h->dirty_bytes == 0)
+            h->dirty_since_ms = _ta_os_now_ms();
+        dirty_add(h, (int64_t)s->pages * (int64_t)SLAB_PAGE_SIZE);
+    }
     atomic_fetch_sub_explicit(&committed_bytes, (uint64_t)s->pages * SLAB_PAGE_SIZE,
                               memory_order_relaxed);
     atomic_fetch_sub_explicit(&span_count, 1, memory_order_relaxed);
@@ -663,7 +672,11 @@ static void span_release(heap_t *h, span_t *s)
         else if (h->spare != seg)
             segment_release(h, seg);
     }
-    if (h->dirty_bytes > PURGE_LIMIT)
+    /* Free pages go back once a heap holds too many, or once they have
+     * waited RETAIN_MS (pages reused sooner cost no fault; mimalloc's
+     * delayed reset). */
+    if (h->dirty_bytes > PURGE_LIMIT ||
+        _ta_os_now_ms() - h->dirty_since_ms >= (uint64_t)_ta_opt(TA_OPT_RETAIN_MS))
         heap_purge(h);
 }
 
