@@ -436,3 +436,31 @@ Test(large, realloc_in_small_steps_across_huge_page_size)
         cr_assert_eq((uintptr_t)p % (2 * MiB), 0, "grown block lost its 2 MiB alignment");
     ta_free(p);
 }
+
+/* A program whose large blocks come and go one at a time, in sizes and
+ * alignments the pool cannot all reuse (Python's strings and lists): the
+ * pool must not pile up RETAIN_MS worth of them. Live mappings plus pool
+ * stay within 1.25 times the most the live blocks ever mapped. */
+Test(large, pool_stays_within_a_quarter_above_the_live_peak)
+{
+    ta_option_set(TA_OPT_RETAIN_MS, 60000);
+    size_t peak = 0, worst_pool = 0;
+    for (int i = 0; i < 48; i++) {
+        size_t size = (size_t)(1 + i % 3) * 2 * MiB;
+        size_t align = (size_t)2 * MiB << (i % 4); /* 2-16 MiB: many entries do not fit */
+        void *p = ta_aligned_alloc(align, size);
+        cr_assert_not_null(p);
+        ta_stats_t st = stats_now();
+        if (st.large_mapped_bytes > peak)
+            peak = st.large_mapped_bytes;
+        ta_free(p);
+        st = stats_now();
+        if (st.pool_bytes > worst_pool)
+            worst_pool = st.pool_bytes;
+        cr_assert_leq(st.pool_bytes + st.large_mapped_bytes, peak + peak / 4,
+                      "step %d: pool %zu MiB with a live peak of %zu MiB", i,
+                      (size_t)st.pool_bytes / MiB, peak / MiB);
+    }
+    cr_log_info("peak %zu MiB, largest pool %zu MiB", peak / MiB, worst_pool / MiB);
+    cr_assert_gt(worst_pool, 0, "the pool kept nothing: the test shows no bound");
+}
