@@ -3,7 +3,9 @@
  * libFuzzer harness: the input is a program of allocator calls. Each op is
  * 4 bytes: kind, slot, and a 16-bit size (scaled to reach the large path).
  * Kinds: malloc, calloc, realloc, aligned_alloc, posix_memalign, free,
- * free from another thread, usable-size check, trim. After every op, every
+ * free from another thread, usable-size check, trim, malloc in another
+ * thread (that thread then owns the block: the frees of it here go onto
+ * its spans' lists, which a trim here takes over while it idles). After every op, every
  * live block's pattern and size are checked; at the end everything is freed
  * and the statistics must come back to zero.
  */
@@ -24,10 +26,14 @@ typedef struct {
 
 static block_t slot[SLOTS];
 
-/* A second thread that frees what it is handed (cross-thread frees). */
+/* A second thread that frees what it is handed (cross-thread frees) or
+ * allocates what it is asked for (blocks of its heap). */
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
-static void *handed;
+static void *to_free; /* a block for the helper to free */
+static size_t wanted; /* a request for wanted - 1 bytes */
+static void *got;     /* its answer, when got_ready */
+static int got_ready;
 static int helper_started;
 
 static void *helper(void *arg)
@@ -35,28 +41,53 @@ static void *helper(void *arg)
     (void)arg;
     pthread_mutex_lock(&mu);
     for (;;) {
-        while (!handed)
+        while (!to_free && !wanted)
             pthread_cond_wait(&cv, &mu);
-        ta_free(handed);
-        handed = NULL;
+        if (to_free) {
+            ta_free(to_free);
+            to_free = NULL;
+        } else {
+            got = ta_malloc(wanted - 1);
+            got_ready = 1;
+            wanted = 0;
+        }
         pthread_cond_broadcast(&cv);
     }
     return NULL;
 }
 
-static void free_elsewhere(void *p)
+static void helper_start(void)
 {
     if (!helper_started) {
         pthread_t t;
         pthread_create(&t, NULL, helper, NULL);
         helper_started = 1;
     }
+}
+
+static void free_elsewhere(void *p)
+{
+    helper_start();
     pthread_mutex_lock(&mu);
-    handed = p;
+    to_free = p;
     pthread_cond_broadcast(&cv);
-    while (handed)
+    while (to_free)
         pthread_cond_wait(&cv, &mu);
     pthread_mutex_unlock(&mu);
+}
+
+static void *malloc_elsewhere(size_t n)
+{
+    helper_start();
+    pthread_mutex_lock(&mu);
+    wanted = n + 1;
+    pthread_cond_broadcast(&cv);
+    while (!got_ready)
+        pthread_cond_wait(&cv, &mu);
+    void *p = got;
+    got_ready = 0;
+    pthread_mutex_unlock(&mu);
+    return p;
 }
 
 /* A head pattern, then a tail pattern over it where they meet. */
@@ -103,7 +134,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t len);
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t len)
 {
     for (size_t at = 0; at + 4 <= len; at += 4) {
-        unsigned kind = data[at] % 9;
+        unsigned kind = data[at] % 10;
         block_t *b = &slot[data[at + 1] % SLOTS];
         size_t n = scale((uint16_t)(data[at + 2] | data[at + 3] << 8));
         size_t align = (size_t)16 << (data[at + 1] % 12);
@@ -154,7 +185,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t len)
             if (b->p)
                 check(b);
             continue;
-        default: ta_trim(); continue;
+        case 8: ta_trim(); continue;
+        default: p = malloc_elsewhere(n); break;
         }
         if (!p)
             abort(); /* nothing here is too big */

@@ -786,7 +786,9 @@ __attribute__((noreturn, noinline, cold)) static void block_bad(const void *p, c
     size_t page = ((uintptr_t)p - (uintptr_t)seg) >> SLAB_PAGE_SHIFT;
     TA_CHECK(page >= META_PAGES, call, p, "invalid pointer");
     const span_t *s = seg->page_span[page];
-    TA_CHECK(s != &no_span, call, p, "invalid pointer (free page)");
+    /* A span released when its last block was freed: no state is left to
+     * tell a second free of that block from a stray pointer. */
+    TA_CHECK(s != &no_span, call, p, "double free or invalid pointer (a page of no block)");
     size_t off = (size_t)((const char *)p - s->start);
     uint32_t b = (uint32_t)((off * s->recip) >> 42);
     TA_CHECK((size_t)b * s->block_size == off && s->links[b] != LINK_TAIL, call, p,

@@ -4,8 +4,30 @@
 #include "internal.h" /* _ta_small_selfcheck */
 
 #include <criterion/criterion.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdbool.h>
 #include <stdlib.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+/* One size per slab class, from 16 bytes to the largest, found through
+ * the allocator itself (usable sizes are the class sizes). */
+static size_t class_sizes(size_t *out, size_t cap)
+{
+    size_t n = 0;
+    for (size_t size = 1; size <= 256 * KiB - 1 && n < cap;) {
+        void *p = ta_malloc(size);
+        size_t usable = ta_usable_size(p);
+        ta_free(p);
+        if (usable >= 256 * KiB)
+            break; /* the large threshold: the sizes from here are not slab blocks */
+        if (n == 0 || usable != out[n - 1])
+            out[n++] = usable;
+        size = usable + 1;
+    }
+    return n;
+}
 
 Test(slab, every_small_size_is_usable_and_disjoint)
 {
@@ -114,9 +136,9 @@ Test(slab, class_table_and_block_index_are_exact)
     cr_assert(_ta_small_selfcheck());
 }
 
-/* Freed blocks anywhere in a span must be found again (the summary of
- * words with free blocks): refilling the holes needs no new span, and no
- * block is handed out twice. */
+/* Freed blocks anywhere in a span must be found again (the local free
+ * list becomes the allocation list): refilling the holes needs no new
+ * span, and no block is handed out twice. */
 Test(slab, freed_blocks_anywhere_in_a_span_are_found)
 {
     enum { N = 3000 };
@@ -135,4 +157,211 @@ Test(slab, freed_blocks_anywhere_in_a_span_are_found)
             cr_assert_neq(p[i], p[j], "block %d handed out twice", i);
     for (int i = 0; i < N; i++)
         ta_free(p[i]);
+}
+
+/* ---- the per-span lists: every state of a freed block is caught ---------- */
+
+enum { FREED_LOCAL, FREED_REMOTE, REFILLED, STATES };
+static const char *const state_names[STATES] = {"on the owner's local list",
+                                                "on another thread's list",
+                                                "on the allocation list after a refill"};
+
+static void *free_in_thread(void *p)
+{
+    ta_free(p);
+    return NULL;
+}
+
+/* In a child: frees a block of the given size twice, the first free
+ * leaving it in the given state (or its span released, the big classes'
+ * case: the report then says "double free or invalid pointer"). Returns what the child wrote to
+ * stderr and whether it died of SIGABRT. */
+static bool double_free_aborts(size_t size, int state, char *msg, size_t cap)
+{
+    int fds[2];
+    cr_assert_eq(pipe(fds), 0);
+    pid_t pid = fork();
+    if (pid == 0) {
+        dup2(fds[1], 2);
+        void *p = ta_malloc(size), *q = ta_malloc(size);
+        if (state == FREED_REMOTE) {
+            pthread_t t;
+            pthread_create(&t, NULL, free_in_thread, p);
+            pthread_join(t, NULL);
+        } else {
+            ta_free(p);
+        }
+        if (state == REFILLED) {
+            /* q freed after p heads the local list; use the allocation list
+             * up until the refill hands out q: p is then next on it. */
+            ta_free(q);
+            for (int i = 0; i < 5000 && ta_malloc(size) != q; i++)
+                ;
+        }
+        ta_free(p);
+        _exit(q != NULL ? 0 : 1); /* not reached when caught */
+    }
+    close(fds[1]);
+    ssize_t got = read(fds[0], msg, cap - 1);
+    msg[got > 0 ? got : 0] = 0;
+    close(fds[0]);
+    int status;
+    waitpid(pid, &status, 0);
+    return WIFSIGNALED(status) && WTERMSIG(status) == SIGABRT;
+}
+
+Test(slab, double_free_of_every_class_is_caught_in_every_state)
+{
+    size_t sizes[80];
+    size_t n = class_sizes(sizes, 80);
+    cr_assert_geq(n, 50, "%zu classes", n);
+    for (size_t c = 0; c < n; c++) {
+        for (int state = 0; state < STATES; state++) {
+            if (state == REFILLED && sizes[c] > 4 * KiB)
+                continue; /* a refill of a big class takes many blocks of memory */
+            char msg[512];
+            bool aborted = double_free_aborts(sizes[c], state, msg, sizeof msg);
+            cr_assert(aborted && strstr(msg, "double free"), "%zu-byte block freed twice, %s: %s",
+                      sizes[c], state_names[state], aborted ? msg : "not caught");
+        }
+    }
+}
+
+Test(slab, every_class_honours_every_alignment)
+{
+    size_t sizes[80];
+    size_t n = class_sizes(sizes, 80);
+    for (size_t c = 0; c < n; c++) {
+        for (size_t align = 16; align <= 64 * KiB; align *= 2) {
+            size_t size = sizes[c] - (sizes[c] > 16 ? 8 : 0);
+            void *p = ta_aligned_alloc(align, size);
+            cr_assert_not_null(p, "%zu bytes at %zu", size, align);
+            cr_assert_eq((uintptr_t)p % align, 0, "%zu bytes at %zu: %p", size, align, p);
+            cr_assert_geq(ta_usable_size(p), size);
+            pattern_fill(p, size, c * 64 + align);
+            void *q = ta_aligned_alloc(align, size); /* a neighbour, for the pattern */
+            pattern_fill(q, size, ~(c * 64 + align));
+            cr_assert(pattern_ok(p, size, c * 64 + align), "%zu bytes at %zu overlap", size, align);
+            ta_free(q);
+            ta_free(p);
+        }
+    }
+}
+
+/* Freed slab pages go back to the kernel: a big span's pages when it
+ * empties, the others once they have waited RETAIN_MS. */
+Test(slab, empty_spans_are_purged)
+{
+    ta_option_set(TA_OPT_RETAIN_MS, 50);
+    enum { BIG = 40, SMALL = 40000 };
+    static void *big[BIG], *small[SMALL];
+    size_t before = rss_bytes();
+    for (int i = 0; i < BIG; i++) {
+        big[i] = ta_malloc(200 * KiB); /* below the large threshold: slab spans of 4+ pages */
+        memset(big[i], 1, 200 * KiB);
+    }
+    size_t full = rss_bytes();
+    for (int i = 0; i < BIG; i++)
+        ta_free(big[i]);
+    size_t after_big = rss_bytes();
+    cr_log_info("200 KiB blocks: RSS %zu MiB above start, %zu after their frees",
+                (full - before) / MiB, (after_big - before) / MiB);
+    cr_assert_lt(after_big, full - (BIG * 200 * KiB) * 3 / 4, "big spans kept their pages");
+
+    for (int i = 0; i < SMALL; i++) {
+        small[i] = ta_malloc(100);
+        memset(small[i], 2, 100);
+    }
+    for (int i = 0; i < SMALL; i++)
+        ta_free(small[i]);
+    uint64_t dirty = stats_now().small_dirty_bytes;
+    usleep(80 * 1000); /* past RETAIN_MS: the next span release purges */
+    for (int i = 0; i < 60; i++)
+        small[i] = ta_malloc(3000); /* a class of its own: three spans, two released */
+    for (int i = 0; i < 60; i++)
+        ta_free(small[i]);
+    uint64_t dirty_later = stats_now().small_dirty_bytes;
+    cr_log_info("free slab pages: %llu KiB, %llu KiB after RETAIN_MS",
+                (unsigned long long)dirty / 1024, (unsigned long long)dirty_later / 1024);
+    cr_assert_gt(dirty, 0);
+    cr_assert_lt(dirty_later, dirty, "free pages older than RETAIN_MS were kept");
+}
+
+/* Random operations against a model: every live block carries a pattern
+ * (checked before it is freed and at checkpoints), sizes are honoured,
+ * zeroed blocks are zero, and no two live blocks overlap. */
+typedef struct {
+    unsigned char *p;
+    size_t size;
+    uint64_t seed;
+} model_block_t;
+
+static int by_address(const void *a, const void *b)
+{
+    const model_block_t *x = a, *y = b;
+    return x->p < y->p ? -1 : x->p > y->p;
+}
+
+Test(slab, random_operations_match_a_model, .timeout = 120)
+{
+    enum { SLOTS = 4096, OPS = 300000 };
+    static model_block_t live[SLOTS], sorted[SLOTS];
+    uint64_t s = 12345;
+    for (int op = 0; op < OPS; op++) {
+        s = s * 6364136223846793005ULL + 1442695040888963407ULL;
+        uint64_t r = s >> 11;
+        model_block_t *b = &live[r % SLOTS];
+        if (b->p) {
+            cr_assert(pattern_ok(b->p, b->size, b->seed), "op %d: block %p of %zu changed", op,
+                      (void *)b->p, b->size);
+            if ((r >> 12) % 4 == 0) { /* realloc keeps the common part */
+                size_t size = 1 + (r >> 14) % (r & (1 << 20) ? 20000 : 600);
+                unsigned char *q = ta_realloc(b->p, size);
+                cr_assert_not_null(q);
+                size_t keep = size < b->size ? size : b->size;
+                cr_assert(pattern_ok(q, keep, b->seed), "op %d: realloc lost the contents", op);
+                b->p = q;
+                b->size = size;
+                pattern_fill(q, size, b->seed);
+                continue;
+            }
+            ta_free(b->p);
+            b->p = NULL;
+            continue;
+        }
+        size_t size = 1 + (r >> 14) % ((r & 0xF00) == 0 ? 70000 : 700);
+        switch ((r >> 40) % 3) {
+        case 0: b->p = ta_malloc(size); break;
+        case 1:
+            b->p = ta_calloc(1, size);
+            cr_assert_not_null(b->p);
+            for (size_t i = 0; i < size; i++)
+                cr_assert_eq(b->p[i], 0, "op %d: calloc'd byte %zu not zero", op, i);
+            break;
+        default:
+            b->p = ta_aligned_alloc((size_t)16 << ((r >> 44) % 8), size);
+            cr_assert_eq((uintptr_t)b->p % ((size_t)16 << ((r >> 44) % 8)), 0);
+            break;
+        }
+        cr_assert_not_null(b->p);
+        cr_assert_geq(ta_usable_size(b->p), size);
+        b->size = size;
+        b->seed = r;
+        pattern_fill(b->p, size, r);
+        if (op % 50000 == 49999) { /* checkpoint: live blocks are disjoint */
+            size_t n = 0;
+            for (int i = 0; i < SLOTS; i++)
+                if (live[i].p)
+                    sorted[n++] = live[i];
+            qsort(sorted, n, sizeof *sorted, by_address);
+            for (size_t i = 1; i < n; i++)
+                cr_assert_geq(sorted[i].p, sorted[i - 1].p + sorted[i - 1].size,
+                              "op %d: live blocks overlap", op);
+        }
+    }
+    for (int i = 0; i < SLOTS; i++)
+        if (live[i].p) {
+            cr_assert(pattern_ok(live[i].p, live[i].size, live[i].seed));
+            ta_free(live[i].p);
+        }
 }

@@ -364,3 +364,124 @@ Test(threads, purge_thread_gives_back_blocks_freed_into_an_idle_heap, .timeout =
     assert_given_back(before, st);
     finish_idle_owner(owner);
 }
+
+/* ---- the per-span lists across thread exit --------------------------------
+ * An owner hands its blocks to freeing threads and exits at once, so that
+ * their frees (onto the spans' thread_free lists, notifying the spans) race
+ * its heap's abandonment; the next owner adopts the heap with whatever is
+ * pending. No block may be lost, handed out twice or changed. */
+enum { RACE_BLOCKS = 3000, RACE_FREERS = 3 };
+
+typedef struct {
+    unsigned char *blocks[RACE_BLOCKS];
+    size_t sizes[RACE_BLOCKS];
+    atomic_int next; /* the freers' cursor */
+    atomic_bool published;
+} race_t;
+
+static void *race_owner(void *arg)
+{
+    race_t *r = arg;
+    uint64_t s = (uint64_t)(uintptr_t)arg;
+    for (int i = 0; i < RACE_BLOCKS; i++) {
+        s = s * 6364136223846793005ULL + 1;
+        r->sizes[i] = 16 + (s >> 33) % 900;
+        r->blocks[i] = ta_malloc(r->sizes[i]);
+        pattern_fill(r->blocks[i], r->sizes[i], (uint64_t)i);
+    }
+    atomic_store(&r->published, true);
+    return NULL; /* exits while the freers work */
+}
+
+static void *race_freer(void *arg)
+{
+    race_t *r = arg;
+    while (!atomic_load(&r->published))
+        ;
+    for (int i; (i = atomic_fetch_add(&r->next, 1)) < RACE_BLOCKS;) {
+        if (!pattern_ok(r->blocks[i], r->sizes[i], (uint64_t)i))
+            atomic_store(&bad_pattern, 1);
+        ta_free(r->blocks[i]);
+    }
+    return NULL;
+}
+
+Test(threads, cross_thread_frees_race_the_owners_exit, .timeout = 120)
+{
+    static race_t r;
+    ta_trim();
+    uint64_t live_before = stats_now().small_live_bytes;
+    for (int round = 0; round < 40; round++) {
+        memset(&r, 0, sizeof r);
+        pthread_t owner, freers[RACE_FREERS];
+        for (int i = 0; i < RACE_FREERS; i++)
+            pthread_create(&freers[i], NULL, race_freer, &r);
+        pthread_create(&owner, NULL, race_owner, &r);
+        pthread_join(owner, NULL);
+        for (int i = 0; i < RACE_FREERS; i++)
+            pthread_join(freers[i], NULL);
+        cr_assert_eq(atomic_load(&bad_pattern), 0, "round %d: a block changed before its free",
+                     round);
+    }
+    ta_trim(); /* tidies the abandoned heaps: every pending free is taken */
+    ta_stats_t st = stats_now();
+    cr_assert_leq(st.heaps, 8, "heaps are adopted: %llu", (unsigned long long)st.heaps);
+    cr_assert_lt(st.small_live_bytes, live_before + 64 * KiB,
+                 "%" PRIu64 " bytes live after 40 rounds: frees were lost",
+                 st.small_live_bytes - live_before);
+}
+
+/* A heap abandoned with blocks out, freed afterwards by another thread
+ * (onto its span's thread_free, no owner to take them), is adopted by the
+ * next thread, which gets every one of those blocks back from the same
+ * span (after the blocks the span had never handed out), making no new
+ * span. */
+enum { ADOPT_BLOCKS = 500, ADOPT_SPAN = 65536 / 80 };
+static void *adopt_freed[ADOPT_BLOCKS], *adopt_got[ADOPT_SPAN + 1];
+static int adopt_reused, adopt_taken;
+
+static void *allocate_and_exit(void *arg)
+{
+    (void)arg;
+    for (int i = 0; i < ADOPT_BLOCKS; i++)
+        adopt_freed[i] = ta_malloc(80);
+    return NULL;
+}
+
+static int cmp_ptr(const void *a, const void *b)
+{
+    const char *x = *(void *const *)a, *y = *(void *const *)b;
+    return x < y ? -1 : x > y;
+}
+
+static void *allocate_until_all_back(void *arg)
+{
+    (void)arg;
+    while (adopt_reused < ADOPT_BLOCKS && adopt_taken <= ADOPT_SPAN) {
+        void *p = ta_malloc(80);
+        adopt_got[adopt_taken++] = p;
+        adopt_reused += bsearch(&p, adopt_freed, ADOPT_BLOCKS, sizeof p, cmp_ptr) != NULL;
+    }
+    return NULL;
+}
+
+Test(threads, adopted_heap_reuses_blocks_freed_into_it)
+{
+    pthread_t t;
+    pthread_create(&t, NULL, allocate_and_exit, NULL);
+    pthread_join(t, NULL);
+    for (int i = 0; i < ADOPT_BLOCKS; i++)
+        ta_free(adopt_freed[i]); /* into the abandoned heap: other threads' frees */
+    qsort(adopt_freed, ADOPT_BLOCKS, sizeof *adopt_freed, cmp_ptr);
+    ta_stats_t before = stats_now();
+    pthread_create(&t, NULL, allocate_until_all_back, NULL);
+    pthread_join(t, NULL);
+    ta_stats_t after = stats_now();
+    cr_assert_eq(after.heaps, before.heaps, "the new thread made a heap instead of adopting");
+    cr_assert_eq(adopt_reused, ADOPT_BLOCKS,
+                 "%d of the %d freed blocks came back in %d allocations", adopt_reused,
+                 ADOPT_BLOCKS, adopt_taken);
+    cr_assert_eq(after.small_spans, before.small_spans, "a new span although blocks were free");
+    for (int i = 0; i < adopt_taken; i++)
+        ta_free(adopt_got[i]);
+}
