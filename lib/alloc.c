@@ -75,11 +75,51 @@ static inline size_t threshold(void)
     return (size_t)_ta_opt(TA_OPT_THRESHOLD);
 }
 
+static inline void large_events(unsigned events)
+{
+    if (events & TA_LARGE_WAKE)
+        _ta_purge_wake(); /* the pool's age bound, or parked unmaps' timed retries */
+}
+
+/* A large request. Near vm.max_map_count, when the pool cannot serve it:
+ * the pool is emptied first (its entries are mappings too), and if that
+ * is not enough the slabs take it where they honour its alignment;
+ * otherwise the kernel has the last word. */
+static void *alloc_large(size_t size, size_t alignment, bool zero)
+{
+    unsigned events = 0;
+    void *p = _ta_large_alloc(size, alignment, zero, false, &events);
+    if (TA_UNLIKELY(p == NULL && (events & TA_LARGE_AT_LIMIT))) {
+        events |= _ta_large_trim(false);
+        events &= ~(unsigned)TA_LARGE_AT_LIMIT;
+        p = _ta_large_alloc(size, alignment, zero, false, &events);
+        if (p == NULL && (events & TA_LARGE_AT_LIMIT)) {
+            if (size <= TA_SMALL_MAX && alignment <= TA_SMALL_MAX_ALIGN) {
+                _ta_large_count_fallback();
+                p = _ta_small_alloc(size, alignment, zero);
+            } else {
+                p = _ta_large_alloc(size, alignment, zero, true, &events);
+            }
+        }
+    }
+    large_events(events);
+    return p;
+}
+
 static inline void *alloc_path(size_t size, size_t alignment, bool zero)
 {
     if (size < threshold() && alignment <= TA_SMALL_MAX_ALIGN)
         return _ta_small_alloc(size, alignment, zero);
-    return _ta_large_alloc(size, alignment, zero);
+    return alloc_large(size, alignment, zero);
+}
+
+void *_ta_alloc_mapped(size_t size, size_t alignment)
+{
+    process_init();
+    unsigned events = 0;
+    void *p = _ta_large_alloc(size, alignment, false, true, &events);
+    large_events(events);
+    return p;
 }
 
 /* Before an allocation fails, what is retained (pool entries, parked
@@ -90,7 +130,7 @@ __attribute__((noinline, cold)) static void *alloc_retry(size_t size, size_t ali
 {
     if (size > SIZE_MAX / 2)
         return NULL; /* errno is ENOMEM already */
-    _ta_large_trim(true);
+    large_events(_ta_large_trim(true));
     _ta_small_trim();
     errno = 0;
     void *p = alloc_path(size, alignment, zero);
@@ -156,11 +196,10 @@ __attribute__((noinline)) static void free_not_small(void *ptr)
 {
     if (ptr == NULL)
         return;
-    int rc = _ta_large_free(ptr);
-    if (TA_UNLIKELY(rc == TA_LARGE_NOT_MINE))
+    unsigned events = 0;
+    if (TA_UNLIKELY(!_ta_large_free(ptr, &events)))
         _ta_fatal("free", ptr, "invalid pointer");
-    if (rc == TA_LARGE_POOLED_FIRST)
-        _ta_purge_wake(); /* the pool has a deadline to keep */
+    large_events(events);
 }
 
 void ta_free(void *ptr)
@@ -248,7 +287,7 @@ int ta_posix_memalign(void **out, size_t alignment, size_t size)
 void ta_trim(void)
 {
     process_init();
-    _ta_large_trim(true);
+    large_events(_ta_large_trim(true));
     _ta_small_trim();
 }
 

@@ -490,7 +490,7 @@ static int pool_take(ta_pinned_pool_t *pool, int n, size_t size, void **out)
     int rc = 0;
     for (int i = have; i < n; i++) {
         buffer_t *b = ta_malloc(sizeof *b);
-        void *p = b ? _ta_large_alloc(size, page, false) : NULL;
+        void *p = b ? _ta_alloc_mapped(size, page) : NULL;
         uintptr_t base;
         size_t cap;
         /* Marked pinned like a block pinned in place, so that the large path

@@ -79,16 +79,22 @@ static inline size_t _ta_align_up(size_t n, size_t a)
 extern atomic_long _ta_live_mappings;
 
 /* ---- large path (large.c) ------------------------------------------------ */
+/* The large path never calls up: what a call leaves for its caller (the
+ * front door, lib/alloc.c) comes back as bits in *events. */
+enum {
+    TA_LARGE_WAKE = 1,     /* the purge thread has a deadline to keep (pool, parked unmaps) */
+    TA_LARGE_AT_LIMIT = 2, /* nothing mapped: a fresh mapping would reach the map-count guard */
+};
 /* Allocates a block with its own mapping; alignment is a power of two.
- * zero: the caller needs zeroed memory. Returns NULL with errno set. */
-void *_ta_large_alloc(size_t size, size_t alignment, bool zero);
+ * zero: the caller needs zeroed memory. Near the map-count guard a request
+ * the pool cannot serve maps only if near_limit_ok, else it returns NULL
+ * with TA_LARGE_AT_LIMIT. Returns NULL with errno set on failure. */
+void *_ta_large_alloc(size_t size, size_t alignment, bool zero, bool near_limit_ok,
+                      unsigned *events);
 /* Returns true and fills *usable if p is a live large block. */
 bool _ta_large_lookup(const void *p, size_t *usable);
-/* Frees a large block. Returns TA_LARGE_NOT_MINE if p is not one, and
- * TA_LARGE_POOLED_FIRST when the block went into an empty pool (the purge
- * thread then has work). */
-enum { TA_LARGE_NOT_MINE = 0, TA_LARGE_FREED = 1, TA_LARGE_POOLED_FIRST = 2 };
-int _ta_large_free(void *p);
+/* Frees a large block; false if p is not one. */
+bool _ta_large_free(void *p, unsigned *events);
 /* Unmaps pool entries past their age or beyond the byte bound; returns
  * true while entries remain. */
 bool _ta_large_expire(void);
@@ -96,8 +102,10 @@ bool _ta_large_expire(void);
  * with errno set on failure (the block is untouched then). */
 void *_ta_large_realloc(void *p, size_t size);
 /* Empties the pool; with parked set, also retries every parked unmap
- * (else only those whose retry time has come). */
-void _ta_large_trim(bool parked);
+ * (else only those whose retry time has come). Returns events. */
+unsigned _ta_large_trim(bool parked);
+/* Counts a request the slabs served for the map-count guard's sake. */
+void _ta_large_count_fallback(void);
 /* Marks (pin) or unmarks the large block starting at p as registered with
  * CUDA and returns its mapping. Returns 0, -1 if p is not a live large
  * block, 1 if it already is in that state. */
@@ -124,6 +132,9 @@ void *_ta_small_alloc(size_t size, size_t alignment, bool zero);
 #define TA_SMALL_FAST_MAX 1024
 void *_ta_small_malloc(size_t size);
 void *_ta_malloc_general(size_t size);
+/* A block with a mapping of its own (alloc.c), never a slab block, even
+ * near the map-count guard: for CUDA staging buffers, which are pinned. */
+void *_ta_alloc_mapped(size_t size, size_t alignment);
 /* True if p lies in a slab segment: one bit per 4 MiB segment of a 48-bit
  * address space, read without a lock (inline: every free asks). */
 #define TA_SEGMENT_SHIFT 22

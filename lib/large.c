@@ -444,9 +444,10 @@ static void parked_retry(bool force)
 
 /* Gives a range back to the kernel. counted: the range is a mapping the
  * guard already counts (else a piece cut off one, which becomes one when
- * its unmap fails). A failed munmap parks the range. Called without the
- * lock held. */
-static void release_mapping(uintptr_t addr, size_t size, bool counted)
+ * its unmap fails). A failed munmap parks the range and adds
+ * TA_LARGE_WAKE to *events (its timed retries need the purge thread).
+ * Called without the lock held. */
+static void release_mapping(uintptr_t addr, size_t size, bool counted, unsigned *events)
 {
     if (_ta_os_unmap((void *)addr, size) == 0) {
         if (counted)
@@ -458,13 +459,13 @@ static void release_mapping(uintptr_t addr, size_t size, bool counted)
         atomic_fetch_add_explicit(&_ta_live_mappings, 1, memory_order_relaxed);
     park_range(addr, size, 0);
     _ta_log(false, "tensoralloc: munmap(%p, %zu) failed; parked, will retry\n", (void *)addr, size);
-    _ta_purge_wake(); /* the timed retries */
+    *events |= TA_LARGE_WAKE; /* the timed retries */
 }
 
-static void unmap_all(const unmap_t *list, size_t n)
+static void unmap_all(const unmap_t *list, size_t n, unsigned *events)
 {
     for (size_t i = 0; i < n; i++)
-        release_mapping(list[i].addr, list[i].size, true);
+        release_mapping(list[i].addr, list[i].size, true, events);
 }
 
 /* ---- the vm.max_map_count guard --------------------------------------------- */
@@ -513,7 +514,7 @@ static void name_and_advise(void *p, size_t cap, size_t fresh_bytes)
  * kernel zero them; docs/design.md). Even a piece too small for the large
  * path is kept: it joins its block again when that is freed. A piece
  * beyond the pool's bounds is unmapped. Called without the lock. */
-static void pool_keep_piece(pool_entry_t piece)
+static void pool_keep_piece(pool_entry_t piece, unsigned *events)
 {
     bool kept = false, first = false;
     int joined = 0;
@@ -527,21 +528,21 @@ static void pool_keep_piece(pool_entry_t piece)
         _ta_unlock(&large_lock);
     }
     if (!kept) {
-        release_mapping(piece.addr, piece.capacity, false);
+        release_mapping(piece.addr, piece.capacity, false, events);
         return;
     }
     /* A piece of a mapping may become a mapping of its own when its
      * neighbour is unmapped: count it as one for the max_map_count guard. */
     atomic_fetch_add_explicit(&_ta_live_mappings, 1 - joined, memory_order_relaxed);
     if (first)
-        _ta_purge_wake(); /* the pool has a deadline to keep */
+        *events |= TA_LARGE_WAKE; /* the pool has a deadline to keep */
 }
 
 /* Fits a pooled entry to *capp: cuts it (the rest kept in the pool) or grows
  * it, and stores the capacity the block ends up with. Returns the block's
  * address, or NULL (the entry is then unmapped). A grown block was moved:
  * its origin becomes 0, for the caller to give it a new one. */
-static void *pool_fit(pool_entry_t *entry, size_t *capp, size_t align, bool zero)
+static void *pool_fit(pool_entry_t *entry, size_t *capp, size_t align, bool zero, unsigned *events)
 {
     pool_entry_t e = *entry;
     size_t cap = *capp;
@@ -553,7 +554,7 @@ static void *pool_fit(pool_entry_t *entry, size_t *capp, size_t align, bool zero
         e.capacity - cap >= TA_HUGE_PAGE && (from_end & (align - 1)) == 0) {
         /* A small block from a big entry comes off its end, so that the
          * rest keeps its 2 MiB alignment for blocks of 2 MiB and more. */
-        pool_keep_piece((pool_entry_t){e.addr, e.capacity - cap, e.freed_ms, e.origin});
+        pool_keep_piece((pool_entry_t){e.addr, e.capacity - cap, e.freed_ms, e.origin}, events);
         p = (void *)from_end;
         dirty = cap;
     } else if (e.capacity > cap) {
@@ -564,11 +565,12 @@ static void *pool_fit(pool_entry_t *entry, size_t *capp, size_t align, bool zero
         if (cap >= TA_HUGE_PAGE && huge_aligned && huge_cut < e.capacity)
             cap = huge_cut;
         if (cap < e.capacity)
-            pool_keep_piece((pool_entry_t){e.addr + cap, e.capacity - cap, e.freed_ms, e.origin});
+            pool_keep_piece((pool_entry_t){e.addr + cap, e.capacity - cap, e.freed_ms, e.origin},
+                            events);
         dirty = cap;
     } else if (e.capacity < cap) {
         if (_ta_os_remap_aligned(p, e.capacity, cap, align, &p) != 0) {
-            release_mapping(e.addr, e.capacity, true);
+            release_mapping(e.addr, e.capacity, true, events);
             return NULL;
         }
         name_and_advise(p, cap, cap - e.capacity);
@@ -590,7 +592,8 @@ static size_t pool_oldest(void)
     return oldest;
 }
 
-void *_ta_large_alloc(size_t size, size_t alignment, bool zero)
+void *_ta_large_alloc(size_t size, size_t alignment, bool zero, bool near_limit_ok,
+                      unsigned *events)
 {
     size_t page = _ta_os_page_size();
     if (size > SIZE_MAX - TA_HUGE_PAGE) {
@@ -608,20 +611,12 @@ void *_ta_large_alloc(size_t size, size_t alignment, bool zero)
     bool from_pool = pool_take(cap, align, &e);
     _ta_unlock(&large_lock);
     if (from_pool)
-        p = pool_fit(&e, &cap, align, zero);
+        p = pool_fit(&e, &cap, align, zero, events);
 
     if (p == NULL) {
-        if (_ta_large_near_map_limit()) {
-            _ta_large_trim(false); /* pool entries are mappings too */
-            /* Slabs are the fallback only where they honour the alignment;
-             * otherwise the kernel has the last word. */
-            if (_ta_large_near_map_limit() && size <= TA_SMALL_MAX &&
-                alignment <= TA_SMALL_MAX_ALIGN) {
-                _ta_lock(&large_lock);
-                large_stats.fallbacks++;
-                _ta_unlock(&large_lock);
-                return _ta_small_alloc(size, alignment, zero);
-            }
+        if (!near_limit_ok && _ta_large_near_map_limit()) {
+            *events |= TA_LARGE_AT_LIMIT; /* the front door decides (lib/alloc.c) */
+            return NULL;
         }
         int rc = _ta_os_map(cap, align, &p);
         if (rc != 0) {
@@ -635,7 +630,7 @@ void *_ta_large_alloc(size_t size, size_t alignment, bool zero)
     }
 
     if (table_reserve() != 0) { /* on success the lock is held */
-        release_mapping((uintptr_t)p, cap, true);
+        release_mapping((uintptr_t)p, cap, true, events);
         errno = ENOMEM;
         return NULL;
     }
@@ -666,11 +661,10 @@ bool _ta_large_lookup(const void *p, size_t *usable)
     return r != NULL;
 }
 
-int _ta_large_free(void *p)
+bool _ta_large_free(void *p, unsigned *events)
 {
     unmap_t victims[EVICT_BATCH + 2];
     size_t n = 0;
-    int result = TA_LARGE_FREED;
     int joined = 0;
     uint64_t now = _ta_os_now_ms();
     uint64_t max_age = (uint64_t)_ta_opt(TA_OPT_RETAIN_MS);
@@ -679,7 +673,7 @@ int _ta_large_free(void *p)
     region_t *r = find_unpinned_locked((uintptr_t)p);
     if (r == NULL) {
         _ta_unlock(&large_lock);
-        return TA_LARGE_NOT_MINE;
+        return false;
     }
     region_t gone = *r;
     table_remove(r);
@@ -697,7 +691,7 @@ int _ta_large_free(void *p)
             pool_remove_at(o);
         }
         if (pool_count == 0)
-            result = TA_LARGE_POOLED_FIRST;
+            *events |= TA_LARGE_WAKE; /* the pool has a deadline to keep */
         joined = pool_insert_locked((pool_entry_t){gone.addr, gone.capacity, now, gone.origin});
         while (pool_bytes > max_bytes && n < EVICT_BATCH + 1) {
             size_t o = pool_oldest();
@@ -710,10 +704,10 @@ int _ta_large_free(void *p)
     _ta_unlock(&large_lock);
     if (joined)
         atomic_fetch_sub_explicit(&_ta_live_mappings, joined, memory_order_relaxed);
-    unmap_all(victims, n);
+    unmap_all(victims, n, events);
     if (TA_UNLIKELY(__atomic_load_n(&parked_count, __ATOMIC_RELAXED) != 0))
         parked_retry(false); /* without a purge thread, frees keep the retries going */
-    return result;
+    return true;
 }
 
 bool _ta_large_expire(void)
@@ -721,13 +715,14 @@ bool _ta_large_expire(void)
     unmap_t victims[EVICT_BATCH];
     size_t n;
     bool left;
+    unsigned events = 0;
     do {
         _ta_lock(&large_lock);
         n = pool_evict(_ta_os_now_ms(), pool_limit_locked(), (uint64_t)_ta_opt(TA_OPT_RETAIN_MS),
                        victims, EVICT_BATCH);
         left = pool_count > 0;
         _ta_unlock(&large_lock);
-        unmap_all(victims, n);
+        unmap_all(victims, n, &events); /* the caller is the purge thread */
     } while (n == EVICT_BATCH);
     parked_retry(false);
     _ta_lock(&large_lock);
@@ -789,17 +784,29 @@ void *_ta_large_realloc(void *p, size_t size)
 
 /* Each pass takes what is in the pool when it starts: a failed unmap parks
  * its range instead of putting it back, so this always ends. */
-void _ta_large_trim(bool parked)
+unsigned _ta_large_trim(bool parked)
 {
     unmap_t victims[EVICT_BATCH];
     size_t n;
+    unsigned events = 0;
     parked_retry(parked);
     do {
         _ta_lock(&large_lock);
         n = pool_evict(_ta_os_now_ms(), 0, 0, victims, EVICT_BATCH);
         _ta_unlock(&large_lock);
-        unmap_all(victims, n);
+        unmap_all(victims, n, &events);
     } while (n == EVICT_BATCH);
+    return events;
+}
+
+/* A request the slabs served because fresh mappings would take the
+ * process to the map-count guard (lib/alloc.c decides; counted here with
+ * the large path's other statistics). */
+void _ta_large_count_fallback(void)
+{
+    _ta_lock(&large_lock);
+    large_stats.fallbacks++;
+    _ta_unlock(&large_lock);
 }
 
 void _ta_large_stats(ta_stats_t *st)
