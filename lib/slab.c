@@ -42,9 +42,9 @@
 #define SPAN_MAX_PAGES 16 /* slab pages of the largest span */
 #define SPAN_MAX_OS_PAGES (SPAN_MAX_PAGES * SLAB_PAGE_SIZE / 4096) /* at 4 KiB pages */
 #define SEGMENT_MAGIC 0x5441534547ULL                              /* "TASEG" */
-#define PURGE_AT_ONCE_PAGES 4 /* spans this big are purged when released */
-#define PURGE_LIMIT ((size_t)8 << 20)                              /* free pages a heap may keep */
-#define STATS_BATCH 65536 /* live-byte deltas flushed beyond this */
+#define PURGE_AT_ONCE_PAGES 4         /* spans this big are purged when released */
+#define PURGE_LIMIT ((size_t)8 << 20) /* free pages a heap may keep */
+#define STATS_BATCH 65536             /* live-byte deltas flushed beyond this */
 
 /* Link values: below 4096 a block index (the next on a list). */
 #define LINK_END 0xFFFFu       /* the end of a list */
@@ -244,6 +244,10 @@ static inline void dirty_add(heap_t *h, int64_t delta)
 /* ---- global state ---------------------------------------------------------- */
 
 static ta_lock_t heaps_lock; /* guards all_heaps, abandoned, heap_chunk */
+/* One tidier of the abandoned heaps at a time (taken before heaps_lock):
+ * a trim must reach every one of them, also those a purge pass has taken
+ * off the list to tidy. Never taken on an allocation path. */
+static ta_lock_t tidy_lock;
 static heap_t *all_heaps;
 static heap_t *abandoned;
 static char *heap_chunk;
@@ -1181,6 +1185,7 @@ static bool heap_tidy(heap_t *h, bool force)
 static bool tidy_abandoned(bool every)
 {
     bool waiting = false;
+    _ta_lock(&tidy_lock);
     _ta_lock(&heaps_lock);
     heap_t *taken = abandoned;
     abandoned = NULL;
@@ -1198,6 +1203,7 @@ static bool tidy_abandoned(bool every)
         abandoned = taken;
         _ta_unlock(&heaps_lock);
     }
+    _ta_unlock(&tidy_lock);
     return waiting;
 }
 
@@ -1295,12 +1301,14 @@ void _ta_small_thread_done(void)
 
 void _ta_small_fork_prepare(void)
 {
+    _ta_lock(&tidy_lock);
     _ta_lock(&heaps_lock);
 }
 
 void _ta_small_fork_parent(void)
 {
     _ta_unlock(&heaps_lock);
+    _ta_unlock(&tidy_lock);
 }
 
 /* In the child only the forking thread lives on. The other threads' heaps
@@ -1311,6 +1319,7 @@ void _ta_small_fork_parent(void)
 void _ta_small_fork_child(void)
 {
     _ta_unlock(&heaps_lock);
+    _ta_unlock(&tidy_lock);
     atomic_store(&purge_watching, false); /* the child has no purge thread yet */
 }
 

@@ -485,3 +485,40 @@ Test(threads, adopted_heap_reuses_blocks_freed_into_it)
     for (int i = 0; i < adopt_taken; i++)
         ta_free(adopt_got[i]);
 }
+
+/* ta_trim tidies every abandoned heap, also while the purge thread is
+ * tidying some of them: afterwards no block freed before the trim counts
+ * as live. Threads leave blocks behind and exit; the main thread frees them
+ * (into the abandoned heaps: each first free wakes the purge thread, which
+ * takes heaps off the abandoned list to tidy them) and trims at once. */
+enum { TIDY_THREADS = 8, TIDY_BLOCKS = 3000 };
+static void *tidy_blocks[TIDY_THREADS][TIDY_BLOCKS];
+
+static void *leave_blocks(void *arg)
+{
+    void **out = arg;
+    for (int i = 0; i < TIDY_BLOCKS; i++)
+        out[i] = ta_malloc(48 + (size_t)(i % 5) * 16);
+    return NULL;
+}
+
+Test(threads, trim_reaches_heaps_the_purge_thread_is_tidying, .timeout = 120)
+{
+    ta_option_set(TA_OPT_RETAIN_MS, 1); /* the purge thread passes every few ms */
+    ta_trim();
+    uint64_t base = stats_now().small_live_bytes;
+    for (int round = 0; round < 60; round++) {
+        pthread_t t[TIDY_THREADS];
+        for (int i = 0; i < TIDY_THREADS; i++)
+            pthread_create(&t[i], NULL, leave_blocks, tidy_blocks[i]);
+        for (int i = 0; i < TIDY_THREADS; i++)
+            pthread_join(t[i], NULL);
+        for (int i = 0; i < TIDY_THREADS; i++)
+            for (int j = 0; j < TIDY_BLOCKS; j++)
+                ta_free(tidy_blocks[i][j]);
+        ta_trim();
+        uint64_t live = stats_now().small_live_bytes;
+        cr_assert_lt(live, base + 16 * KiB, "round %d: %" PRIu64 " bytes still live after trim",
+                     round, live - base);
+    }
+}
