@@ -63,7 +63,23 @@ typedef struct {
 } class_info_t;
 
 static class_info_t classes[CLASS_COUNT];
-static uint8_t small_class[1024 / 16 + 1]; /* class by (size + 15) / 16, up to 1 KiB */
+/* The class by (size + 15) / 16, up to 1 KiB: a constant, because malloc's
+ * fast path reads it before the thread has a heap, so before any thread
+ * may have run classes_init (filled at run time, that was a data race
+ * ThreadSanitizer caught). CLASS_AT(n) is class_of_computed(n) as a
+ * constant expression; the slab suite checks the two agree. */
+#define CLASS_LG(m)                                                                                \
+    ((m) >= 512 ? 9 : (m) >= 256 ? 8 : 7) /* 2^lg <= m < 2^(lg+1), 128 <= m < 1024 */
+#define CLASS_AT(n)                                                                                \
+    ((n) <= 128 ? ((n) ? ((n)-1) >> 4 : 0)                                                         \
+                : 8 + (CLASS_LG((n)-1) - 7) * 4 + ((((n)-1) >> (CLASS_LG((n)-1) - 2)) & 3))
+#define CLASS_ROW(i)                                                                               \
+    CLASS_AT((i)*16), CLASS_AT((i)*16 + 16), CLASS_AT((i)*16 + 32), CLASS_AT((i)*16 + 48),         \
+        CLASS_AT((i)*16 + 64), CLASS_AT((i)*16 + 80), CLASS_AT((i)*16 + 96),                       \
+        CLASS_AT((i)*16 + 112)
+static const uint8_t small_class[1024 / 16 + 1] = {CLASS_ROW(0),  CLASS_ROW(8),  CLASS_ROW(16),
+                                                   CLASS_ROW(24), CLASS_ROW(32), CLASS_ROW(40),
+                                                   CLASS_ROW(48), CLASS_ROW(56), CLASS_AT(1024)};
 
 /* ceil(2^42 / bs): for every offset below 2^20 (a span is at most 1 MiB)
  * and bs <= 2^20, (off * recip) >> 42 == off / bs, since the rounding
@@ -105,8 +121,6 @@ static void classes_init(void)
         classes[c] = (class_info_t){
             (uint32_t)bs, (uint16_t)(cap > SPAN_MAX_BLOCKS ? SPAN_MAX_BLOCKS : cap), (uint8_t)k};
     }
-    for (size_t i = 0; i < sizeof small_class; i++)
-        small_class[i] = (uint8_t)class_of_computed(i * 16);
 }
 
 static inline int class_of(size_t size)
