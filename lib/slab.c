@@ -656,6 +656,7 @@ static void heap_purge(heap_t *h);
 /* Gives an empty span's pages back to its segment. */
 static void span_release(heap_t *h, span_t *s)
 {
+    uint64_t now = _ta_os_now_ms();
     segment_t *seg = segment_of(s);
     if (s->state == SPAN_LISTED)
         partial_unlink(h, s);
@@ -678,7 +679,7 @@ static void span_release(heap_t *h, span_t *s)
     } else {
         seg->dirty_pages |= run;
         if (h->dirty_bytes == 0)
-            h->dirty_since_ms = _ta_os_now_ms();
+            h->dirty_since_ms = now;
         dirty_add(h, (int64_t)s->pages * (int64_t)SLAB_PAGE_SIZE);
     }
     atomic_fetch_sub_explicit(&committed_bytes, (uint64_t)s->pages * SLAB_PAGE_SIZE,
@@ -694,7 +695,7 @@ static void span_release(heap_t *h, span_t *s)
      * waited RETAIN_MS (pages reused sooner cost no fault; mimalloc's
      * delayed reset). */
     if (h->dirty_bytes > PURGE_LIMIT ||
-        _ta_os_now_ms() - h->dirty_since_ms >= (uint64_t)_ta_opt(TA_OPT_RETAIN_MS))
+        now - h->dirty_since_ms >= (uint64_t)_ta_opt(TA_OPT_RETAIN_MS))
         heap_purge(h);
 }
 
@@ -739,8 +740,10 @@ static inline void *span_pop(span_t *s)
  * The owner's tidy releases it (after mimalloc's delayed page retire). */
 static inline bool span_keep_empty(const heap_t *h, const span_t *s)
 {
-    return s->pages == 1 && h->partial[s->class_idx] == (s->state == SPAN_LISTED ? s : NULL) &&
-           (s->state != SPAN_LISTED || s->next == NULL);
+    const span_t *first = h->partial[s->class_idx];
+    if (s->pages != 1)
+        return false;
+    return s->state == SPAN_LISTED ? first == s && s->next == NULL : first == NULL;
 }
 
 /* A span that is not its class's current one changed state: it emptied
@@ -769,30 +772,40 @@ static void span_gave_back(heap_t *h, span_t *s, uint32_t n)
         span_after_free(h, s);
 }
 
-/* Moves the blocks other threads freed into s onto its local_free and
- * returns how many. TF_NOTIFIED stays unless clear_notified (whoever took
+/* Takes the list other threads freed into s and returns its head
+ * (LINK_END: none). TF_NOTIFIED stays unless clear_notified (whoever took
  * s off remote_spans clears it). Release as well as acquire: the next
  * thread to set NOTIFIED writes next_notified, which the caller has just
  * read. */
-static uint32_t span_take_thread_free(span_t *s, bool clear_notified)
+static uint32_t thread_free_take(span_t *s, bool clear_notified)
 {
     uint32_t old = atomic_load_explicit(&s->thread_free, memory_order_relaxed), want;
     do {
         bool notified = old & TF_NOTIFIED;
         if ((old & 0xFFFF) == LINK_END && !(clear_notified && notified))
-            return 0;
+            return LINK_END;
         want = LINK_END | (notified && !clear_notified ? TF_NOTIFIED : 0);
     } while (!atomic_compare_exchange_weak_explicit(&s->thread_free, &old, want,
                                                     memory_order_acq_rel, memory_order_relaxed));
-    uint32_t first = old & 0xFFFF;
-    if (first == LINK_END)
-        return 0;
+    return old & 0xFFFF;
+}
+
+/* Puts the chain from first (not empty) onto s's local_free; returns its
+ * length. */
+static uint32_t chain_to_local(span_t *s, uint32_t first)
+{
     uint32_t n = 1, last = first;
     for (; s->links[last] != LINK_END; n++)
         last = s->links[last];
     s->links[last] = s->local_free;
     s->local_free = (uint16_t)first;
     return n;
+}
+
+static uint32_t span_take_thread_free(span_t *s, bool clear_notified)
+{
+    uint32_t first = thread_free_take(s, clear_notified);
+    return first == LINK_END ? 0 : chain_to_local(s, first);
 }
 
 /* Reports what is wrong with a pointer that failed free's block test, or
@@ -919,17 +932,14 @@ static void heap_trim_remote(heap_t *h)
     bool left = false;
     while (s) {
         span_t *next = s->next_notified;
-        uint32_t old = atomic_load_explicit(&s->thread_free, memory_order_relaxed);
-        while ((old & 0xFFFF) != LINK_END &&
-               !atomic_compare_exchange_weak_explicit(&s->thread_free, &old, LINK_END | TF_NOTIFIED,
-                                                      memory_order_acquire, memory_order_relaxed))
-            ;
-        if ((old & 0xFFFF) != LINK_END)
-            left |= trim_span(s, old & 0xFFFF);
+        uint32_t first = thread_free_take(s, false);
+        if (first != LINK_END)
+            left |= trim_span(s, first);
         /* The last touch of s: NOTIFIED kept its segment mapped until now.
          * What still waits on its list the owner's sweep finds, and a
          * later free by another thread notifies it anew. */
-        old = atomic_fetch_and_explicit(&s->thread_free, ~TF_NOTIFIED, memory_order_release);
+        uint32_t old =
+            atomic_fetch_and_explicit(&s->thread_free, ~TF_NOTIFIED, memory_order_release);
         left |= (old & 0xFFFF) != LINK_END;
         s = next;
     }
@@ -942,11 +952,7 @@ static void heap_trim_remote(heap_t *h)
  * others' belong to whoever frees those blocks); returns how many. */
 static uint32_t span_unhold(span_t *s)
 {
-    uint32_t first = s->held, last = first, n = 1;
-    for (; s->links[last] != LINK_END; n++)
-        last = s->links[last];
-    s->links[last] = s->local_free;
-    s->local_free = (uint16_t)first;
+    uint32_t n = chain_to_local(s, s->held);
     s->held = LINK_END;
     return n;
 }
@@ -983,8 +989,8 @@ static void heap_sweep(heap_t *h)
 }
 
 /* Takes the spans other threads freed into off remote_spans, and sweeps
- * after a trimmer. */
-static void heap_collect(heap_t *h)
+ * when asked to (a tidy) or after a trimmer. */
+static void heap_collect(heap_t *h, bool sweep)
 {
     atomic_store_explicit(&h->collects,
                           atomic_load_explicit(&h->collects, memory_order_relaxed) + 1,
@@ -999,7 +1005,7 @@ static void heap_collect(heap_t *h)
             s = next;
         }
     }
-    if (atomic_load_explicit(&h->trimmed, memory_order_relaxed))
+    if (sweep || atomic_load_explicit(&h->trimmed, memory_order_relaxed))
         heap_sweep(h);
 }
 
@@ -1027,7 +1033,7 @@ static void *alloc_slow(heap_t *h, int c)
         s->used |= USED_FULL;
         h->current[c] = &no_span;
     }
-    heap_collect(h);
+    heap_collect(h, false);
     while ((s = h->partial[c]) != NULL) {
         partial_unlink(h, s);
         s->state = SPAN_CURRENT;
@@ -1169,8 +1175,7 @@ size_t _ta_small_usable(const void *p, const char *call)
  * free pages wait. */
 static bool heap_tidy(heap_t *h, bool force)
 {
-    heap_collect(h);
-    heap_sweep(h);
+    heap_collect(h, true);
     for (int c = 0; c < CLASS_COUNT; c++) {
         span_t *s = h->current[c];
         if (s != &no_span && s->used == 0) {
