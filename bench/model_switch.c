@@ -34,7 +34,8 @@ static struct {
     size_t budget;
     double scale;
     uint64_t seed;
-} cfg = {8, 24, 2, (size_t)2048 << 20, 0.35, 1};
+    const char *shape;
+} cfg = {0, 24, 2, (size_t)2048 << 20, 0, 1, "mix"};
 
 static model_t *models;
 static atomic_llong live_bytes, peak_live;
@@ -74,25 +75,232 @@ static size_t tensor_size(uint64_t *s)
         n = rng_log_uniform(s, 1 << 20, 16 << 20);
     else
         n = rng_log_uniform(s, 16 << 20, 52 << 20);
-    n = (size_t)((double)n * cfg.scale);
-    n = n < 256 ? 256 : n;
-    return n & ~(size_t)3; /* fp32 elements */
+    return n; /* bytes before --scale */
 }
 
-static void models_init(void)
+/* ---- model shapes ----------------------------------------------------------
+ * Each shape is a list of public model configurations; a model's tensors are
+ * the ones its checkpoint holds (fp16/bf16, 2 bytes an element), in file
+ * order, and --scale multiplies every tensor's bytes. */
+
+typedef struct {
+    size_t *sizes;
+    size_t count, cap;
+} tensor_list_t;
+
+static void add_tensor(tensor_list_t *l, double elements)
+{
+    if (l->count == l->cap) {
+        l->cap = l->cap ? 2 * l->cap : 256;
+        l->sizes = realloc(l->sizes, l->cap * sizeof(size_t));
+    }
+    size_t n = (size_t)(elements * 2.0 * cfg.scale);
+    n = n < 256 ? 256 : n;
+    l->sizes[l->count++] = n & ~(size_t)3;
+}
+
+/* Llama-style decoders: hidden, intermediate (MLP), layers, vocabulary, key/
+ * value width (grouped-query attention), tied embeddings. From each model's
+ * config.json on the Hugging Face hub. */
+typedef struct {
+    const char *name;
+    double hidden, inter, layers, vocab, kv;
+    int tied;
+} llm_config_t;
+
+static const llm_config_t llm_configs[] = {
+    {"TinyLlama-1.1B", 2048, 5632, 22, 32000, 256, 0},
+    {"Llama-3.2-1B", 2048, 8192, 16, 128256, 512, 1},
+    {"Qwen2-0.5B", 896, 4864, 24, 151936, 128, 1},
+    {"SmolLM-360M", 960, 2560, 32, 49152, 320, 1},
+    {"phi-1.5", 2048, 8192, 24, 51200, 2048, 0},
+};
+
+static void llm_tensors(const llm_config_t *c, tensor_list_t *l)
+{
+    add_tensor(l, c->vocab * c->hidden); /* embed_tokens */
+    for (int i = 0; i < (int)c->layers; i++) {
+        add_tensor(l, c->hidden);                /* input_layernorm */
+        add_tensor(l, c->hidden * c->hidden);    /* q_proj */
+        add_tensor(l, c->hidden * c->kv);        /* k_proj */
+        add_tensor(l, c->hidden * c->kv);        /* v_proj */
+        add_tensor(l, c->hidden * c->hidden);    /* o_proj */
+        add_tensor(l, c->hidden);                /* post_attention_layernorm */
+        add_tensor(l, c->hidden * c->inter);     /* gate_proj */
+        add_tensor(l, c->hidden * c->inter);     /* up_proj */
+        add_tensor(l, c->hidden * c->inter);     /* down_proj */
+    }
+    add_tensor(l, c->hidden); /* norm */
+    if (!c->tied)
+        add_tensor(l, c->vocab * c->hidden); /* lm_head */
+}
+
+/* Mixture-of-experts decoders: per layer an attention block, a router and
+ * `experts` routed experts (gate, up and down of hidden x expert_inter),
+ * plus `shared` shared experts of the same shape (DeepSeek, Qwen-MoE).
+ * Layers: as configured, `layers` of them MoE. */
+typedef struct {
+    const char *name;
+    double hidden, expert_inter, layers, experts, shared, vocab, kv;
+} moe_config_t;
+
+static const moe_config_t moe_configs[] = {
+    {"OLMoE-1B-7B", 2048, 1024, 16, 64, 0, 50304, 2048},
+    {"Qwen1.5-MoE-A2.7B", 2048, 1408, 24, 60, 4, 151936, 2048},
+    {"DeepSeek-V2-Lite", 2048, 1408, 26, 64, 2, 102400, 2048},
+    {"Qwen3-30B-A3B (first 16 of 48 layers)", 2048, 768, 16, 128, 0, 151936, 512},
+};
+
+static void moe_tensors(const moe_config_t *c, tensor_list_t *l)
+{
+    add_tensor(l, c->vocab * c->hidden);
+    for (int i = 0; i < (int)c->layers; i++) {
+        add_tensor(l, c->hidden);
+        add_tensor(l, c->hidden * c->hidden);
+        add_tensor(l, c->hidden * c->kv);
+        add_tensor(l, c->hidden * c->kv);
+        add_tensor(l, c->hidden * c->hidden);
+        add_tensor(l, c->hidden);
+        add_tensor(l, c->hidden * c->experts); /* router */
+        for (int e = 0; e < (int)(c->experts + c->shared); e++)
+            for (int k = 0; k < 3; k++)
+                add_tensor(l, c->hidden * c->expert_inter);
+    }
+    add_tensor(l, c->hidden);
+    add_tensor(l, c->vocab * c->hidden);
+}
+
+/* UNets of latent diffusion (diffusers' UNet2DConditionModel configs):
+ * block_out_channels per stage, transformer blocks per attention stage,
+ * cross-attention width. Each stage: 2 resnets down, 3 up, each with two
+ * 3x3 convolutions, its norms and the time projection; attention stages add
+ * per resnet a transformer (self and cross attention, GEGLU feed-forward). */
+typedef struct {
+    const char *name;
+    double channels[4];
+    int stages, depth[4];
+    double cross;
+} unet_config_t;
+
+static const unet_config_t unet_configs[] = {
+    {"SD-1.5 UNet", {320, 640, 1280, 1280}, 4, {1, 1, 1, 0}, 768},
+    {"SD-2.1 UNet", {320, 640, 1280, 1280}, 4, {1, 1, 1, 0}, 1024},
+    {"SDXL UNet", {320, 640, 1280, 0}, 3, {0, 2, 10, 0}, 2048},
+};
+
+static void unet_resnet(tensor_list_t *l, double c)
+{
+    add_tensor(l, c);
+    add_tensor(l, c);
+    add_tensor(l, c * c * 9);
+    add_tensor(l, c);
+    add_tensor(l, 1280 * c); /* time_emb_proj */
+    add_tensor(l, c);
+    add_tensor(l, c);
+    add_tensor(l, c * c * 9);
+    add_tensor(l, c);
+}
+
+static void unet_transformer(tensor_list_t *l, double c, double cross)
+{
+    add_tensor(l, c);
+    add_tensor(l, c * c); /* proj_in */
+    add_tensor(l, c);     /* norm1..3 */
+    add_tensor(l, c);
+    add_tensor(l, c);
+    for (int a = 0; a < 2; a++) { /* self attention, then cross attention */
+        double kv = a ? cross : c;
+        add_tensor(l, c * c);
+        add_tensor(l, kv * c);
+        add_tensor(l, kv * c);
+        add_tensor(l, c * c);
+        add_tensor(l, c);
+    }
+    add_tensor(l, c * 8 * c); /* GEGLU proj */
+    add_tensor(l, c * 8);
+    add_tensor(l, 4 * c * c); /* ff out */
+    add_tensor(l, c);
+    add_tensor(l, c * c); /* proj_out */
+    add_tensor(l, c);
+}
+
+static void unet_tensors(const unet_config_t *c, tensor_list_t *l)
+{
+    add_tensor(l, 320 * 4 * 9); /* conv_in */
+    add_tensor(l, 320 * 1280);  /* time embedding */
+    add_tensor(l, 1280 * 1280);
+    for (int pass = 0; pass < 2; pass++) /* down blocks, then up blocks */
+        for (int s = 0; s < c->stages; s++) {
+            double ch = c->channels[pass ? c->stages - 1 - s : s];
+            int depth = c->depth[pass ? c->stages - 1 - s : s];
+            for (int r = 0; r < (pass ? 3 : 2); r++) {
+                unet_resnet(l, ch);
+                for (int t = 0; t < depth; t++)
+                    unet_transformer(l, ch, c->cross);
+            }
+            add_tensor(l, ch * ch * 9); /* down- or upsampler */
+        }
+    double mid = c->channels[c->stages - 1];
+    unet_resnet(l, mid);
+    for (int t = 0; t < (c->depth[c->stages - 1] ? c->depth[c->stages - 1] : 1); t++)
+        unet_transformer(l, mid, c->cross);
+    unet_resnet(l, mid);
+    add_tensor(l, 320 * 4 * 9); /* conv_out */
+}
+
+#define COUNT(a) (sizeof(a) / sizeof((a)[0]))
+
+/* The shapes: their configurations and default scale (bytes per model
+ * between about 0.5 and 3 GB). */
+static const struct {
+    const char *name;
+    size_t configs;
+    double scale;
+} shapes[] = {
+    {"mix", 8, 0.35},
+    {"llm", COUNT(llm_configs), 0.7},
+    {"moe", COUNT(moe_configs), 0.1},
+    {"diffusion", COUNT(unet_configs), 0.5},
+};
+
+static void model_tensors(int shape, int m, uint64_t *s, tensor_list_t *l)
+{
+    size_t k = (size_t)m % shapes[shape].configs;
+    if (shape == 0) {
+        size_t count = 300 + rng_next(s) % 901;
+        for (size_t i = 0; i < count; i++)
+            add_tensor(l, (double)tensor_size(s) / 2.0); /* fp32 elements */
+    } else if (shape == 1) {
+        llm_tensors(&llm_configs[k], l);
+    } else if (shape == 2) {
+        moe_tensors(&moe_configs[k], l);
+    } else {
+        unet_tensors(&unet_configs[k], l);
+    }
+}
+
+static int shape_index(const char *name)
+{
+    for (size_t i = 0; i < COUNT(shapes); i++)
+        if (strcmp(shapes[i].name, name) == 0)
+            return (int)i;
+    return -1;
+}
+
+static void models_init(int shape)
 {
     models = calloc((size_t)cfg.models, sizeof *models);
     uint64_t s = cfg.seed * 7919;
     for (int m = 0; m < cfg.models; m++) {
         model_t *md = &models[m];
-        md->count = 300 + rng_next(&s) % 901;
-        md->sizes = calloc(md->count, sizeof(size_t));
+        tensor_list_t l = {0};
+        model_tensors(shape, m, &s, &l);
+        md->count = l.count;
+        md->sizes = l.sizes;
         md->tensors = calloc(md->count, sizeof(void *));
         md->meta = calloc(md->count, sizeof(void *));
-        for (size_t i = 0; i < md->count; i++) {
-            md->sizes[i] = tensor_size(&s);
+        for (size_t i = 0; i < md->count; i++)
             md->bytes += md->sizes[i];
-        }
     }
     longlived_cap = 64;
     for (int m = 0; m < cfg.models; m++)
@@ -173,10 +381,18 @@ static size_t cached_bytes(void)
     return total;
 }
 
+static size_t cached_bytes_all(void)
+{
+    size_t total = 0;
+    for (int m = 0; m < cfg.models; m++)
+        total += models[m].bytes;
+    return total;
+}
+
 static void usage(void)
 {
-    fprintf(stderr, "usage: model_switch [--models N] [--switches N] [--budget-mib N] "
-                    "[--threads N] [--scale F] [--seed N]\n");
+    fprintf(stderr, "usage: model_switch [--shape mix|llm|moe|diffusion] [--models N] "
+                    "[--switches N] [--budget-mib N] [--threads N] [--scale F] [--seed N]\n");
     exit(2);
 }
 
@@ -188,6 +404,7 @@ int main(int argc, char **argv)
                                          {"threads", 1, 0, 't'},
                                          {"scale", 1, 0, 'c'},
                                          {"seed", 1, 0, 'r'},
+                                         {"shape", 1, 0, 'p'},
                                          {0, 0, 0, 0}};
     int c;
     while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
@@ -198,16 +415,27 @@ int main(int argc, char **argv)
         case 't': cfg.threads = atoi(optarg); break;
         case 'c': cfg.scale = atof(optarg); break;
         case 'r': cfg.seed = (uint64_t)atoll(optarg); break;
+        case 'p': cfg.shape = optarg; break;
         default: usage();
         }
     }
+    int shape = shape_index(cfg.shape);
+    if (shape < 0) {
+        fprintf(stderr, "model_switch: unknown shape %s\n", cfg.shape);
+        usage();
+    }
+    if (cfg.models == 0)
+        cfg.models = (int)shapes[shape].configs;
+    if (cfg.scale == 0)
+        cfg.scale = shapes[shape].scale;
     if (cfg.models < 1 || cfg.switches < 1 || cfg.threads < 1 || cfg.scale <= 0)
         usage();
 
     size_t rss_start = status_bytes("VmRSS");
     long faults0 = minor_faults();
     double t0 = now_s();
-    models_init();
+    models_init(shape);
+    double loaded_bytes = 0;
     uint64_t s = cfg.seed;
     uint64_t clock = 0;
     int hits = 0, loads = 0, evictions = 0;
@@ -233,6 +461,7 @@ int main(int argc, char **argv)
             evictions++;
         }
         model_load(md);
+        loaded_bytes += (double)md->bytes;
         loads++;
     }
     for (int m = 0; m < cfg.models; m++)
@@ -249,6 +478,7 @@ int main(int argc, char **argv)
     size_t rss_1s = status_bytes("VmRSS");
 
     report_str("workload", "model-switch");
+    report_str("shape", cfg.shape);
     report_str("api", BENCH_API);
     report_num("wall_s", wall);
     report_num("peak_rss_mib", (double)hwm / MiB);
@@ -258,6 +488,13 @@ int main(int argc, char **argv)
     report_num("rss_1s_mib", (double)rss_1s / MiB);
     report_num("rss_1s_above_start_mib", ((double)rss_1s - (double)rss_start) / MiB);
     report_num("minor_faults", (double)faults);
+    report_num("loaded_gib", loaded_bytes / (double)(1 << 30));
+    report_num("faults_per_gib", (double)faults / (loaded_bytes / (double)(1 << 30)));
+    size_t tensors = 0;
+    for (int m = 0; m < cfg.models; m++)
+        tensors += models[m].count;
+    report_num("tensors_per_model", (double)tensors / cfg.models);
+    report_num("model_mib", (double)cached_bytes_all() / cfg.models / MiB);
     report_num("loads", loads);
     report_num("hits", hits);
     report_num("evictions", evictions);
