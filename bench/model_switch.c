@@ -120,15 +120,15 @@ static void llm_tensors(const llm_config_t *c, tensor_list_t *l)
 {
     add_tensor(l, c->vocab * c->hidden); /* embed_tokens */
     for (int i = 0; i < (int)c->layers; i++) {
-        add_tensor(l, c->hidden);                /* input_layernorm */
-        add_tensor(l, c->hidden * c->hidden);    /* q_proj */
-        add_tensor(l, c->hidden * c->kv);        /* k_proj */
-        add_tensor(l, c->hidden * c->kv);        /* v_proj */
-        add_tensor(l, c->hidden * c->hidden);    /* o_proj */
-        add_tensor(l, c->hidden);                /* post_attention_layernorm */
-        add_tensor(l, c->hidden * c->inter);     /* gate_proj */
-        add_tensor(l, c->hidden * c->inter);     /* up_proj */
-        add_tensor(l, c->hidden * c->inter);     /* down_proj */
+        add_tensor(l, c->hidden);             /* input_layernorm */
+        add_tensor(l, c->hidden * c->hidden); /* q_proj */
+        add_tensor(l, c->hidden * c->kv);     /* k_proj */
+        add_tensor(l, c->hidden * c->kv);     /* v_proj */
+        add_tensor(l, c->hidden * c->hidden); /* o_proj */
+        add_tensor(l, c->hidden);             /* post_attention_layernorm */
+        add_tensor(l, c->hidden * c->inter);  /* gate_proj */
+        add_tensor(l, c->hidden * c->inter);  /* up_proj */
+        add_tensor(l, c->hidden * c->inter);  /* down_proj */
     }
     add_tensor(l, c->hidden); /* norm */
     if (!c->tied)
@@ -398,14 +398,10 @@ static void usage(void)
 
 int main(int argc, char **argv)
 {
-    static const struct option opts[] = {{"models", 1, 0, 'm'},
-                                         {"switches", 1, 0, 's'},
-                                         {"budget-mib", 1, 0, 'b'},
-                                         {"threads", 1, 0, 't'},
-                                         {"scale", 1, 0, 'c'},
-                                         {"seed", 1, 0, 'r'},
-                                         {"shape", 1, 0, 'p'},
-                                         {0, 0, 0, 0}};
+    static const struct option opts[] = {{"models", 1, 0, 'm'},     {"switches", 1, 0, 's'},
+                                         {"budget-mib", 1, 0, 'b'}, {"threads", 1, 0, 't'},
+                                         {"scale", 1, 0, 'c'},      {"seed", 1, 0, 'r'},
+                                         {"shape", 1, 0, 'p'},      {0, 0, 0, 0}};
     int c;
     while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
         switch (c) {

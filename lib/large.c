@@ -18,6 +18,7 @@
  */
 #define _GNU_SOURCE
 #include "internal.h"
+#include "pool.h"
 
 #include <errno.h>
 #include <string.h>
@@ -81,36 +82,122 @@ static void table_remove(region_t *r)
     table[hole].addr = 0;
     table_used--;
 }
+/* ---- statistics (guarded by large_lock) ----------------------------------- */
 
-/* Makes room for one more entry; called without the lock held. The new
- * table is mapped outside the lock and swapped in under it. */
-static int table_reserve(void)
+static struct {
+    uint64_t live_bytes, peak_bytes, live_count, mapped_bytes, alloc_count;
+    uint64_t mapped_peak; /* the most the live blocks ever mapped, for the pool's bound */
+    uint64_t pool_hits, pool_misses, pool_expired, fallbacks;
+} large_stats;
+
+static inline void mapped_add_locked(int64_t delta)
 {
+    large_stats.mapped_bytes = (uint64_t)((int64_t)large_stats.mapped_bytes + delta);
+    if (large_stats.mapped_bytes > large_stats.mapped_peak)
+        large_stats.mapped_peak = large_stats.mapped_bytes;
+}
+
+/* ---- the retain pool (pool.c) and the mapping count ------------------------- */
+
+static ta_pool_t pool;
+
+/* What the pool may hold now: RETAIN_BYTES, and no more than keeps the
+ * large path's footprint (live mappings plus pool) within 1.25 times the
+ * most its live blocks ever mapped. A process that drops a model keeps all
+ * of it for the next one (live falls to zero); one whose large blocks come
+ * and go a few at a time (Python's strings and lists) keeps about one
+ * working set, not RETAIN_MS worth of every size it freed (python-json's
+ * peak RSS was 1.6x mimalloc's). The quarter above the peak is what
+ * churn of varied sizes needs to find a fitting entry: without it,
+ * large-churn (1-64 MiB) ran at 0.6x, faulting fresh huge pages. */
+static size_t pool_limit_locked(void)
+{
+    size_t max = (size_t)_ta_opt(TA_OPT_RETAIN_BYTES);
+    uint64_t room =
+        large_stats.mapped_peak + large_stats.mapped_peak / 4 - large_stats.mapped_bytes;
+    return room < max ? (size_t)room : max;
+}
+
+/* Each mapping made by map or moved by mremap gets a new origin; the
+ * blocks and pool ranges cut from it keep it. Nothing is done to part of
+ * a range, so ranges of one origin lie in one VMA and, adjacent and both
+ * free, can join into one that mremap can still move or grow (it refuses
+ * a range spanning two VMAs). Origin 0 never joins. */
+static uint64_t last_origin;
+
+static uint64_t new_origin_locked(void)
+{
+    return ++last_origin;
+}
+
+/* A range to unmap once the lock is released. */
+typedef struct {
+    uintptr_t addr;
+    size_t size;
+} unmap_t;
+
+#define EVICT_BATCH 32 /* victims collected per pass, on the stack */
+
+/* Ranges freed at or before this are max_age old at now. */
+static uint64_t before_ms(uint64_t now, uint64_t max_age)
+{
+    return now >= max_age ? now - max_age : 0;
+}
+
+/* Moves up to EVICT_BATCH of the oldest ranges that were freed at or
+ * before before_ms, or are beyond max_bytes, into out[]; returns how many. */
+static size_t pool_evict_locked(uint64_t before_ms, size_t max_bytes, unmap_t *out)
+{
+    size_t n = 0;
+    ta_range_t r;
+    while (n < EVICT_BATCH && _ta_pool_expire_one(&pool, before_ms, max_bytes, &r)) {
+        out[n++] = (unmap_t){r.addr, r.size};
+        if (r.freed_ms <= before_ms)
+            large_stats.pool_expired++;
+    }
+    return n;
+}
+
+/* Makes room for one more block in the table and two more ranges in the
+ * pool; called without the lock held, returns 0 with it held. New storage
+ * is mapped outside the lock and swapped in under it. */
+static int reserve_locked(void)
+{
+    size_t page = _ta_os_page_size();
     for (;;) {
         _ta_lock(&large_lock);
-        size_t need = table_used + 1;
+        if (pool.page == 0)
+            _ta_pool_init(&pool, page, TA_HUGE_PAGE);
         size_t slots = table_slots;
-        if (need * 10 <= slots * 7) /* load factor 0.7 */
-            return 0;               /* returns with the lock held */
+        bool table_full = (table_used + 1) * 10 > slots * 7; /* load factor 0.7 */
+        if (!table_full && _ta_pool_has_room(&pool, 2))
+            return 0;
+        uint32_t pool_capacity = pool.capacity;
+        size_t pool_bytes = _ta_pool_storage_bytes(&pool);
         _ta_unlock(&large_lock);
 
         size_t new_slots = slots ? slots * 2 : TABLE_MIN_SLOTS;
-        size_t bytes = _ta_align_up(new_slots * sizeof(region_t), _ta_os_page_size());
+        size_t bytes = table_full ? _ta_align_up(new_slots * sizeof(region_t), page)
+                                  : _ta_align_up(pool_bytes, page);
         void *mem;
-        int rc = _ta_os_map(bytes, _ta_os_page_size(), &mem);
+        int rc = _ta_os_map(bytes, page, &mem);
         if (rc != 0)
             return rc;
-        region_t *old = NULL;
+        void *old = NULL;
         size_t old_bytes = 0;
         _ta_lock(&large_lock);
-        if (table_slots == slots) {
+        if (table_full && table_slots == slots) {
             for (size_t i = 0; i < table_slots; i++)
                 if (table[i].addr)
                     table_put(mem, new_slots, table[i]);
             old = table;
-            old_bytes = _ta_align_up(table_slots * sizeof(region_t), _ta_os_page_size());
+            old_bytes = _ta_align_up(table_slots * sizeof(region_t), page);
             table = mem;
             table_slots = new_slots;
+            mem = NULL;
+        } else if (!table_full && pool.capacity == pool_capacity) {
+            old = _ta_pool_grow(&pool, mem, bytes, &old_bytes);
+            old_bytes = _ta_align_up(old_bytes, page);
             mem = NULL;
         }
         _ta_unlock(&large_lock);
@@ -174,146 +261,6 @@ static region_t *find_unpinned_locked(uintptr_t p)
         r = table_find(p);
     }
     return r;
-}
-
-/* ---- statistics (guarded by large_lock) ----------------------------------- */
-
-static struct {
-    uint64_t live_bytes, peak_bytes, live_count, mapped_bytes, alloc_count;
-    uint64_t mapped_peak; /* the most the live blocks ever mapped, for the pool's bound */
-    uint64_t pool_hits, pool_misses, pool_expired, fallbacks;
-} large_stats;
-
-static inline void mapped_add_locked(int64_t delta)
-{
-    large_stats.mapped_bytes = (uint64_t)((int64_t)large_stats.mapped_bytes + delta);
-    if (large_stats.mapped_bytes > large_stats.mapped_peak)
-        large_stats.mapped_peak = large_stats.mapped_bytes;
-}
-
-/* ---- the retain pool -------------------------------------------------------- */
-
-typedef struct {
-    uintptr_t addr;
-    size_t capacity;
-    uint64_t freed_ms;
-    uint64_t origin;
-} pool_entry_t;
-
-#define POOL_MAX_ENTRIES 1024
-#define EVICT_BATCH 32 /* victims collected per pass, on the stack */
-
-static pool_entry_t pool[POOL_MAX_ENTRIES];
-static size_t pool_count;
-static size_t pool_bytes;
-
-/* What the pool may hold now: RETAIN_BYTES, and no more than keeps the
- * large path's footprint (live mappings plus pool) within 1.25 times the
- * most its live blocks ever mapped. A process that drops a model keeps all
- * of it for the next one (live falls to zero); one whose large blocks come
- * and go a few at a time (Python's strings and lists) keeps about one
- * working set, not RETAIN_MS worth of every size it freed (python-json's
- * peak RSS was 1.6x mimalloc's). The quarter above the peak is what
- * churn of varied sizes needs to find a fitting entry: without it,
- * large-churn (1-64 MiB) ran at 0.6x, faulting fresh huge pages. */
-static size_t pool_limit_locked(void)
-{
-    size_t max = (size_t)_ta_opt(TA_OPT_RETAIN_BYTES);
-    uint64_t room =
-        large_stats.mapped_peak + large_stats.mapped_peak / 4 - large_stats.mapped_bytes;
-    return room < max ? (size_t)room : max;
-}
-static uint64_t last_origin;
-
-/* A region to unmap once the lock is released. */
-typedef struct {
-    uintptr_t addr;
-    size_t size;
-} unmap_t;
-
-static void pool_remove_at(size_t i)
-{
-    pool_bytes -= pool[i].capacity;
-    pool[i] = pool[--pool_count];
-}
-
-/* Each mapping made by map or moved by mremap gets a new origin; the
- * blocks and pool pieces cut from it keep it. Nothing is done to part of
- * a piece, so pieces of one origin lie in one VMA and, adjacent and both
- * free, can join into one entry that mremap can still move or grow (it
- * refuses a range spanning two VMAs). Origin 0 never joins. */
-static uint64_t new_origin_locked(void)
-{
-    return ++last_origin;
-}
-
-/* Puts a free range into the pool (room checked by the caller), joining
- * it with free neighbours cut from the same mapping. Returns how many
- * entries it joined (each one mapping fewer to count). */
-static int pool_insert_locked(pool_entry_t e)
-{
-    int joined = 0;
-    for (size_t i = 0; e.origin != 0 && i < pool_count;) {
-        pool_entry_t n = pool[i];
-        if (n.origin == e.origin &&
-            (n.addr + n.capacity == e.addr || e.addr + e.capacity == n.addr)) {
-            pool_remove_at(i);
-            e.addr = n.addr < e.addr ? n.addr : e.addr;
-            e.capacity += n.capacity;
-            joined++;
-            if (joined == 2)
-                break;
-            continue; /* the entry moved into slot i: look at it too */
-        }
-        i++;
-    }
-    pool[pool_count++] = e;
-    pool_bytes += e.capacity;
-    return joined;
-}
-
-/* Takes out the entry that serves a request of capacity cap best: the
- * smallest entry >= cap whose address meets align, else the largest
- * smaller one (to be grown). Returns false if the pool has nothing. */
-static bool pool_take(size_t cap, size_t align, pool_entry_t *out)
-{
-    size_t best = POOL_MAX_ENTRIES, below = POOL_MAX_ENTRIES;
-    for (size_t i = 0; i < pool_count; i++) {
-        if (pool[i].addr & (align - 1))
-            continue;
-        if (pool[i].capacity >= cap) {
-            if (best == POOL_MAX_ENTRIES || pool[i].capacity < pool[best].capacity)
-                best = i;
-        } else if (below == POOL_MAX_ENTRIES || pool[i].capacity > pool[below].capacity) {
-            below = i;
-        }
-    }
-    size_t pick = best != POOL_MAX_ENTRIES ? best : below;
-    if (pick == POOL_MAX_ENTRIES)
-        return false;
-    *out = pool[pick];
-    pool_remove_at(pick);
-    return true;
-}
-
-/* Moves up to cap entries that are too old, or beyond the byte bound,
- * into out[]; returns how many. */
-static size_t pool_evict(uint64_t now_ms, size_t max_bytes, uint64_t max_age, unmap_t *out,
-                         size_t cap)
-{
-    size_t n = 0;
-    for (size_t i = 0; i < pool_count && n < cap;) {
-        bool aged = now_ms - pool[i].freed_ms >= max_age;
-        if (aged || pool_bytes > max_bytes) {
-            out[n++] = (unmap_t){pool[i].addr, pool[i].capacity};
-            if (aged)
-                large_stats.pool_expired++;
-            pool_remove_at(i);
-        } else {
-            i++;
-        }
-    }
-    return n;
 }
 
 /* ---- the huge-page rule ------------------------------------------------------
@@ -383,6 +330,18 @@ typedef struct parked_s {
 static parked_t *parked_list;
 static size_t parked_count, parked_bytes;
 
+/* The large path's share of _ta_live_mappings, kept here and nowhere else:
+ * every live block, pool range and parked range may be a VMA of its own.
+ * Synced under the lock after every change to those three. */
+static long counted_ranges;
+
+static void count_sync_locked(void)
+{
+    long now = (long)(large_stats.live_count + pool.count + parked_count);
+    atomic_fetch_add_explicit(&_ta_live_mappings, now - counted_ranges, memory_order_relaxed);
+    counted_ranges = now;
+}
+
 static bool parked_timed_left_locked(void)
 {
     for (parked_t *q = parked_list; q; q = q->next)
@@ -405,6 +364,7 @@ static void park_range(uintptr_t addr, size_t size, uint32_t tries)
     parked_list = q;
     __atomic_store_n(&parked_count, parked_count + 1, __ATOMIC_RELAXED);
     parked_bytes += size;
+    count_sync_locked();
     _ta_unlock(&large_lock);
 }
 
@@ -427,36 +387,29 @@ static void parked_retry(bool force)
             pp = &q->next;
         }
     }
+    count_sync_locked();
     _ta_unlock(&large_lock);
     while (due) {
         parked_t *q = due;
         due = q->next;
         size_t size = q->size;
         uint32_t tries = q->tries + 1; /* forced retries count too */
-        if (_ta_os_unmap(q, size) == 0) {
-            atomic_fetch_sub_explicit(&_ta_live_mappings, 1, memory_order_relaxed);
+        if (_ta_os_unmap(q, size) == 0)
             recycled_add(size);
-        } else {
+        else
             park_range((uintptr_t)q, size, tries);
-        }
     }
 }
 
-/* Gives a range back to the kernel. counted: the range is a mapping the
- * guard already counts (else a piece cut off one, which becomes one when
- * its unmap fails). A failed munmap parks the range and adds
- * TA_LARGE_WAKE to *events (its timed retries need the purge thread).
+/* Gives a range back to the kernel. A failed munmap parks the range and
+ * adds TA_LARGE_WAKE to *events (its timed retries need the purge thread).
  * Called without the lock held. */
-static void release_mapping(uintptr_t addr, size_t size, bool counted, unsigned *events)
+static void release_mapping(uintptr_t addr, size_t size, unsigned *events)
 {
     if (_ta_os_unmap((void *)addr, size) == 0) {
-        if (counted)
-            atomic_fetch_sub_explicit(&_ta_live_mappings, 1, memory_order_relaxed);
         recycled_add(size);
         return;
     }
-    if (!counted)
-        atomic_fetch_add_explicit(&_ta_live_mappings, 1, memory_order_relaxed);
     park_range(addr, size, 0);
     _ta_log(false, "tensoralloc: munmap(%p, %zu) failed; parked, will retry\n", (void *)addr, size);
     *events |= TA_LARGE_WAKE; /* the timed retries */
@@ -465,7 +418,7 @@ static void release_mapping(uintptr_t addr, size_t size, bool counted, unsigned 
 static void unmap_all(const unmap_t *list, size_t n, unsigned *events)
 {
     for (size_t i = 0; i < n; i++)
-        release_mapping(list[i].addr, list[i].size, true, events);
+        release_mapping(list[i].addr, list[i].size, events);
 }
 
 /* ---- the vm.max_map_count guard --------------------------------------------- */
@@ -507,89 +460,62 @@ static void name_and_advise(void *p, size_t cap, size_t fresh_bytes)
     _ta_os_name(p, cap, "tensoralloc");
 }
 
-/* The unused part of a pooled mapping stays in the pool as an entry of its
- * own, with the age of the mapping it came from: its pages are touched, so
- * the next load reuses them instead of faulting fresh ones in (unmapping
- * the tails made model-switch fault 26% more pages than tcmalloc, and the
- * kernel zero them; docs/design.md). Even a piece too small for the large
- * path is kept: it joins its block again when that is freed. A piece
- * beyond the pool's bounds is unmapped. Called without the lock. */
-static void pool_keep_piece(pool_entry_t piece, unsigned *events)
+/* Enters a new live block (lock held, room reserved). */
+static void block_enter_locked(uintptr_t p, size_t cap, size_t size, uint64_t origin, bool pooled)
 {
-    bool kept = false, first = false;
-    int joined = 0;
-    if (_ta_opt(TA_OPT_RETAIN_MS) > 0) {
-        _ta_lock(&large_lock);
-        if (pool_count < POOL_MAX_ENTRIES && pool_bytes + piece.capacity <= pool_limit_locked()) {
-            first = pool_count == 0;
-            joined = pool_insert_locked(piece);
-            kept = true;
-        }
+    table_put(table, table_slots, (region_t){p, cap, size, false, origin});
+    table_used++;
+    large_stats.live_bytes += size;
+    if (large_stats.live_bytes > large_stats.peak_bytes)
+        large_stats.peak_bytes = large_stats.live_bytes;
+    large_stats.live_count++;
+    mapped_add_locked((int64_t)cap);
+    large_stats.alloc_count++;
+    if (pooled)
+        large_stats.pool_hits++;
+    else
+        large_stats.pool_misses++;
+    count_sync_locked();
+}
+
+/* A block from the pool, or NULL. The pool cuts a fitting range (what is
+ * left stays pooled with its pages, so the next load reuses them instead
+ * of faulting fresh ones: unmapping the tails made model-switch fault 26%
+ * more pages than tcmalloc) or hands out the largest smaller one, which
+ * mremap grows. Called with the lock held and room reserved; returns with
+ * it released. */
+static void *pool_alloc_unlock(size_t size, size_t cap, size_t align, bool zero, unsigned *events)
+{
+    ta_range_t r;
+    ta_pool_take_t t = _ta_pool_take(&pool, cap, align, &r);
+    if (t == TA_POOL_EMPTY) {
         _ta_unlock(&large_lock);
+        return NULL;
     }
-    if (!kept) {
-        release_mapping(piece.addr, piece.capacity, false, events);
-        return;
+    if (t == TA_POOL_FIT) {
+        block_enter_locked(r.addr, r.size, size, r.origin, true);
+        _ta_unlock(&large_lock);
+        if (zero)
+            memset((void *)r.addr, 0, r.size);
+        return (void *)r.addr;
     }
-    /* A piece of a mapping may become a mapping of its own when its
-     * neighbour is unmapped: count it as one for the max_map_count guard. */
-    atomic_fetch_add_explicit(&_ta_live_mappings, 1 - joined, memory_order_relaxed);
-    if (first)
-        *events |= TA_LARGE_WAKE; /* the pool has a deadline to keep */
-}
-
-/* Fits a pooled entry to *capp: cuts it (the rest kept in the pool) or grows
- * it, and stores the capacity the block ends up with. Returns the block's
- * address, or NULL (the entry is then unmapped). A grown block was moved:
- * its origin becomes 0, for the caller to give it a new one. */
-static void *pool_fit(pool_entry_t *entry, size_t *capp, size_t align, bool zero, unsigned *events)
-{
-    pool_entry_t e = *entry;
-    size_t cap = *capp;
-    void *p = (void *)e.addr;
-    size_t dirty = e.capacity;
-    bool huge_aligned = (e.addr & (TA_HUGE_PAGE - 1)) == 0;
-    uintptr_t from_end = e.addr + e.capacity - cap;
-    if (e.capacity > cap && cap < TA_HUGE_PAGE && huge_aligned &&
-        e.capacity - cap >= TA_HUGE_PAGE && (from_end & (align - 1)) == 0) {
-        /* A small block from a big entry comes off its end, so that the
-         * rest keeps its 2 MiB alignment for blocks of 2 MiB and more. */
-        pool_keep_piece((pool_entry_t){e.addr, e.capacity - cap, e.freed_ms, e.origin}, events);
-        p = (void *)from_end;
-        dirty = cap;
-    } else if (e.capacity > cap) {
-        /* Cut a huge-page mapping only on a 2 MiB boundary: cutting inside
-         * a huge page splits it, and on model-switch that tripled the run
-         * time (docs/design.md). The block keeps the rest of that page. */
-        size_t huge_cut = _ta_align_up(cap, TA_HUGE_PAGE);
-        if (cap >= TA_HUGE_PAGE && huge_aligned && huge_cut < e.capacity)
-            cap = huge_cut;
-        if (cap < e.capacity)
-            pool_keep_piece((pool_entry_t){e.addr + cap, e.capacity - cap, e.freed_ms, e.origin},
-                            events);
-        dirty = cap;
-    } else if (e.capacity < cap) {
-        if (_ta_os_remap_aligned(p, e.capacity, cap, align, &p) != 0) {
-            release_mapping(e.addr, e.capacity, true, events);
-            return NULL;
-        }
-        name_and_advise(p, cap, cap - e.capacity);
-        entry->origin = 0;
+    count_sync_locked();
+    _ta_unlock(&large_lock);
+    void *p;
+    if (_ta_os_remap_aligned((void *)r.addr, r.size, cap, align, &p) != 0) {
+        release_mapping(r.addr, r.size, events);
+        return NULL;
     }
+    name_and_advise(p, cap, cap - r.size);
     if (zero)
-        memset(p, 0, dirty);
-    *capp = cap;
+        memset(p, 0, r.size);
+    if (reserve_locked() != 0) {
+        release_mapping((uintptr_t)p, cap, events);
+        return NULL;
+    }
+    block_enter_locked((uintptr_t)p, cap, size, new_origin_locked(), true);
+    _ta_unlock(&large_lock);
     return p;
-}
-
-/* The pool entry freed longest ago. */
-static size_t pool_oldest(void)
-{
-    size_t oldest = 0;
-    for (size_t i = 1; i < pool_count; i++)
-        if (pool[i].freed_ms < pool[oldest].freed_ms)
-            oldest = i;
-    return oldest;
 }
 
 void *_ta_large_alloc(size_t size, size_t alignment, bool zero, bool near_limit_ok,
@@ -605,48 +531,28 @@ void *_ta_large_alloc(size_t size, size_t alignment, bool zero, bool near_limit_
     if (alignment > align)
         align = alignment;
 
-    void *p = NULL;
-    pool_entry_t e = {0};
-    _ta_lock(&large_lock);
-    bool from_pool = pool_take(cap, align, &e);
-    _ta_unlock(&large_lock);
-    if (from_pool)
-        p = pool_fit(&e, &cap, align, zero, events);
-
-    if (p == NULL) {
-        if (!near_limit_ok && _ta_large_near_map_limit()) {
-            *events |= TA_LARGE_AT_LIMIT; /* the front door decides (lib/alloc.c) */
-            return NULL;
-        }
-        int rc = _ta_os_map(cap, align, &p);
-        if (rc != 0) {
-            errno = ENOMEM;
-            return NULL;
-        }
-        atomic_fetch_add_explicit(&_ta_live_mappings, 1, memory_order_relaxed);
-        name_and_advise(p, cap, cap);
-        from_pool = false;
-        e.origin = 0;
-    }
-
-    if (table_reserve() != 0) { /* on success the lock is held */
-        release_mapping((uintptr_t)p, cap, true, events);
+    if (reserve_locked() != 0) {
         errno = ENOMEM;
         return NULL;
     }
-    uint64_t origin = e.origin != 0 ? e.origin : new_origin_locked();
-    table_put(table, table_slots, (region_t){(uintptr_t)p, cap, size, false, origin});
-    table_used++;
-    large_stats.live_bytes += size;
-    if (large_stats.live_bytes > large_stats.peak_bytes)
-        large_stats.peak_bytes = large_stats.live_bytes;
-    large_stats.live_count++;
-    mapped_add_locked((int64_t)cap);
-    large_stats.alloc_count++;
-    if (from_pool)
-        large_stats.pool_hits++;
-    else
-        large_stats.pool_misses++;
+    void *p = pool_alloc_unlock(size, cap, align, zero, events);
+    if (p != NULL)
+        return p;
+    if (!near_limit_ok && _ta_large_near_map_limit()) {
+        *events |= TA_LARGE_AT_LIMIT; /* the front door decides (lib/alloc.c) */
+        return NULL;
+    }
+    if (_ta_os_map(cap, align, &p) != 0) {
+        errno = ENOMEM;
+        return NULL;
+    }
+    name_and_advise(p, cap, cap);
+    if (reserve_locked() != 0) {
+        release_mapping((uintptr_t)p, cap, events);
+        errno = ENOMEM;
+        return NULL;
+    }
+    block_enter_locked((uintptr_t)p, cap, size, new_origin_locked(), false);
     _ta_unlock(&large_lock);
     return p;
 }
@@ -661,15 +567,37 @@ bool _ta_large_lookup(const void *p, size_t *usable)
     return r != NULL;
 }
 
+/* Evicts until the pool is within its bounds (age and bytes); returns
+ * whether anything is left in the pool. */
+static bool evict_all_due(uint64_t max_age, bool all, unsigned *events)
+{
+    unmap_t victims[EVICT_BATCH];
+    size_t n;
+    bool left;
+    do {
+        _ta_lock(&large_lock);
+        uint64_t now = _ta_os_now_ms();
+        n = pool_evict_locked(all ? UINT64_MAX : before_ms(now, max_age),
+                              all ? 0 : pool_limit_locked(), victims);
+        left = pool.count > 0;
+        count_sync_locked();
+        _ta_unlock(&large_lock);
+        unmap_all(victims, n, events);
+    } while (n == EVICT_BATCH);
+    return left;
+}
+
 bool _ta_large_free(void *p, unsigned *events)
 {
-    unmap_t victims[EVICT_BATCH + 2];
+    unmap_t victims[EVICT_BATCH + 1];
     size_t n = 0;
-    int joined = 0;
     uint64_t now = _ta_os_now_ms();
     uint64_t max_age = (uint64_t)_ta_opt(TA_OPT_RETAIN_MS);
 
-    _ta_lock(&large_lock);
+    if (reserve_locked() != 0) { /* no room to pool it: unmap it */
+        max_age = 0;
+        _ta_lock(&large_lock);
+    }
     region_t *r = find_unpinned_locked((uintptr_t)p);
     if (r == NULL) {
         _ta_unlock(&large_lock);
@@ -682,29 +610,20 @@ bool _ta_large_free(void *p, unsigned *events)
     mapped_add_locked(-(int64_t)gone.capacity);
     size_t max_bytes = pool_limit_locked();
     if (gone.capacity <= max_bytes && max_age > 0) {
-        /* Make room: first what is over its age, then the oldest, so that
-         * the newest mapping (the likeliest to be wanted) stays. */
-        n = pool_evict(now, max_bytes, max_age, victims, EVICT_BATCH);
-        if (pool_count == POOL_MAX_ENTRIES) {
-            size_t o = pool_oldest();
-            victims[n++] = (unmap_t){pool[o].addr, pool[o].capacity};
-            pool_remove_at(o);
-        }
-        if (pool_count == 0)
+        if (pool.count == 0)
             *events |= TA_LARGE_WAKE; /* the pool has a deadline to keep */
-        joined = pool_insert_locked((pool_entry_t){gone.addr, gone.capacity, now, gone.origin});
-        while (pool_bytes > max_bytes && n < EVICT_BATCH + 1) {
-            size_t o = pool_oldest();
-            victims[n++] = (unmap_t){pool[o].addr, pool[o].capacity};
-            pool_remove_at(o);
-        }
+        _ta_pool_put(&pool, (ta_range_t){gone.addr, gone.capacity, gone.origin, now});
+        /* Make room: the oldest first, so that the newest mapping (the
+         * likeliest to be wanted) stays. */
+        n = pool_evict_locked(before_ms(now, max_age), max_bytes, victims);
     } else {
         victims[n++] = (unmap_t){gone.addr, gone.capacity};
     }
+    count_sync_locked();
     _ta_unlock(&large_lock);
-    if (joined)
-        atomic_fetch_sub_explicit(&_ta_live_mappings, joined, memory_order_relaxed);
     unmap_all(victims, n, events);
+    if (n == EVICT_BATCH)
+        evict_all_due(max_age, false, events);
     if (TA_UNLIKELY(__atomic_load_n(&parked_count, __ATOMIC_RELAXED) != 0))
         parked_retry(false); /* without a purge thread, frees keep the retries going */
     return true;
@@ -712,18 +631,8 @@ bool _ta_large_free(void *p, unsigned *events)
 
 bool _ta_large_expire(void)
 {
-    unmap_t victims[EVICT_BATCH];
-    size_t n;
-    bool left;
-    unsigned events = 0;
-    do {
-        _ta_lock(&large_lock);
-        n = pool_evict(_ta_os_now_ms(), pool_limit_locked(), (uint64_t)_ta_opt(TA_OPT_RETAIN_MS),
-                       victims, EVICT_BATCH);
-        left = pool_count > 0;
-        _ta_unlock(&large_lock);
-        unmap_all(victims, n, &events); /* the caller is the purge thread */
-    } while (n == EVICT_BATCH);
+    unsigned events = 0; /* the caller is the purge thread */
+    bool left = evict_all_due((uint64_t)_ta_opt(TA_OPT_RETAIN_MS), false, &events);
     parked_retry(false);
     _ta_lock(&large_lock);
     left |= parked_timed_left_locked();
@@ -786,16 +695,9 @@ void *_ta_large_realloc(void *p, size_t size)
  * its range instead of putting it back, so this always ends. */
 unsigned _ta_large_trim(bool parked)
 {
-    unmap_t victims[EVICT_BATCH];
-    size_t n;
     unsigned events = 0;
     parked_retry(parked);
-    do {
-        _ta_lock(&large_lock);
-        n = pool_evict(_ta_os_now_ms(), 0, 0, victims, EVICT_BATCH);
-        _ta_unlock(&large_lock);
-        unmap_all(victims, n, &events);
-    } while (n == EVICT_BATCH);
+    evict_all_due(0, true, &events);
     return events;
 }
 
@@ -817,8 +719,8 @@ void _ta_large_stats(ta_stats_t *st)
     st->large_live_count = large_stats.live_count;
     st->large_mapped_bytes = large_stats.mapped_bytes;
     st->large_alloc_count = large_stats.alloc_count;
-    st->pool_bytes = pool_bytes;
-    st->pool_entries = pool_count;
+    st->pool_bytes = pool.bytes;
+    st->pool_entries = pool.count;
     st->pool_hits = large_stats.pool_hits;
     st->pool_misses = large_stats.pool_misses;
     st->pool_expired = large_stats.pool_expired;

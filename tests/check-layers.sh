@@ -1,18 +1,25 @@
 #!/bin/sh
 # SPDX-License-Identifier: MIT
 # check-layers.sh LIBA: the large path (lib/large.c) calls down only: the OS
-# layer, the options, the log and the lock; never the slabs, the purge
-# thread or the front door, which it tells what to do through return codes
-# (docs/design.md, "Layers").
+# layer, its pool's data structure, the options, the log and the lock; never
+# the slabs, the purge thread or the front door, which it tells what to do
+# through return codes (docs/design.md, "Layers"). The pool (lib/pool.c)
+# calls nothing of tensoralloc and nothing of the kernel.
 set -eu
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
 (cd "$dir" && ar x "$1")
 obj=$(ls "$dir"/*large.c.o)
 up=$(nm -u "$obj" | awk '{print $2}' | grep '^_ta_' |
-     grep -Ev '^_ta_(os_|opt|options|log|lock_slow$|live_mappings$)' || true)
+     grep -Ev '^_ta_(os_|pool_|opt|options|log|lock_slow$|live_mappings$)' || true)
 if [ -n "$up" ]; then
     echo "FAIL: lib/large.c calls up into: $up"
     exit 1
 fi
-echo "PASS: lib/large.c calls only the OS layer, options, log and lock"
+pool=$(ls "$dir"/*pool.c.o)
+calls=$(nm -u "$pool" | awk '{print $2}' | grep -Ev '^(memset|memcpy)$' || true)
+if [ -n "$calls" ]; then
+    echo "FAIL: lib/pool.c calls out: $calls"
+    exit 1
+fi
+echo "PASS: lib/large.c calls only the OS layer, the pool, options, log and lock; lib/pool.c nothing"
