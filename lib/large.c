@@ -120,9 +120,10 @@ static size_t pool_limit_locked(void)
 
 /* Each mapping made by map or moved by mremap gets a new origin; the
  * blocks and pool ranges cut from it keep it. Nothing is done to part of
- * a range, so ranges of one origin lie in one VMA and, adjacent and both
- * free, can join into one that mremap can still move or grow (it refuses
- * a range spanning two VMAs). Origin 0 never joins. */
+ * a range, so a range of one origin lies in one VMA, which mremap can move
+ * or grow (it refuses a range spanning two VMAs). Pool ranges join whatever
+ * their origins (pool.c): a range that joined two gets origin 0, as does a
+ * block that was pinned (the driver may split its VMA). */
 static uint64_t last_origin;
 
 static uint64_t new_origin_locked(void)

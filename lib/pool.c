@@ -279,31 +279,52 @@ void *_ta_pool_grow(ta_pool_t *p, void *mem, size_t bytes, size_t *old_bytes)
 
 /* ---- put ------------------------------------------------------------------------ */
 
-static bool joinable(const ta_pool_t *p, uint32_t i, uint64_t origin)
+/* Ranges join whatever mapping they came from: a cut is bookkeeping, not a
+ * kernel call, so a joined range serves any block that fits in it. Only
+ * mremap cares where a VMA ends: a joined range of two origins has origin
+ * 0, and a take never hands one out to be grown. */
+static uint64_t joined_origin(uint64_t a, uint64_t b)
 {
-    return i != NONE && origin != 0 && p->nodes[i].r.origin == origin;
+    return a == b ? a : 0;
+}
+
+/* Grows node i by r (its neighbour) in place, keeping its place in the age
+ * order. */
+static void node_extend(ta_pool_t *p, uint32_t i, ta_range_t r)
+{
+    ta_range_t n = p->nodes[i].r;
+    node_leave(p, i);
+    n.origin = joined_origin(n.origin, r.origin);
+    n.addr = n.addr < r.addr ? n.addr : r.addr;
+    n.size += r.size;
+    node_enter(p, i, n);
 }
 
 int _ta_pool_put(ta_pool_t *p, ta_range_t r)
 {
-    int joined = 0;
     uint32_t left = hash_find(p, r.addr, true);
-    if (joinable(p, left, r.origin)) {
-        r.addr = p->nodes[left].r.addr;
-        r.size += p->nodes[left].r.size;
-        node_free(p, left);
-        joined++;
-    }
     uint32_t right = hash_find(p, r.addr + r.size, false);
-    if (joinable(p, right, r.origin)) {
-        r.size += p->nodes[right].r.size;
-        node_free(p, right);
-        joined++;
+    if (left == NONE && right == NONE) {
+        uint32_t i = node_new(p);
+        node_enter(p, i, r);
+        age_link_after(p, i, p->age_tail);
+        return 0;
     }
-    uint32_t i = node_new(p);
-    node_enter(p, i, r);
-    age_link_after(p, i, p->age_tail);
-    return joined;
+    /* joins the older neighbour, which keeps its age */
+    uint32_t keep = left, other = right;
+    if (keep == NONE || (other != NONE && p->nodes[other].r.freed_ms < p->nodes[keep].r.freed_ms)) {
+        keep = right;
+        other = left;
+    }
+    if (other != NONE) {
+        ta_range_t o = p->nodes[other].r;
+        node_free(p, other);
+        r.origin = joined_origin(r.origin, o.origin);
+        r.addr = r.addr < o.addr ? r.addr : o.addr;
+        r.size += o.size;
+    }
+    node_extend(p, keep, r);
+    return other != NONE ? 2 : 1;
 }
 
 /* ---- take ------------------------------------------------------------------------- */
@@ -320,7 +341,8 @@ static bool fits(const ta_range_t *r, size_t size, size_t align)
 }
 
 /* A node of bin b that fits, or NONE (at most SCAN_MAX looked at); *largest
- * keeps the largest node seen that is smaller than size. */
+ * keeps the largest node seen that is smaller than size and can be grown
+ * (one origin). */
 static uint32_t bin_scan(const ta_pool_t *p, uint32_t b, size_t size, size_t align,
                          uint32_t *largest)
 {
@@ -329,7 +351,8 @@ static uint32_t bin_scan(const ta_pool_t *p, uint32_t b, size_t size, size_t ali
         const ta_range_t *r = &p->nodes[i].r;
         if (fits(r, size, align))
             return i;
-        if (r->size < size && (*largest == NONE || r->size > p->nodes[*largest].r.size))
+        if (r->size < size && r->origin != 0 &&
+            (*largest == NONE || r->size > p->nodes[*largest].r.size))
             *largest = i;
     }
     return NONE;
@@ -398,7 +421,7 @@ ta_pool_take_t _ta_pool_take(ta_pool_t *p, size_t size, size_t align, ta_range_t
         if (below < TA_POOL_BINS)
             bin_scan(p, below, size, align, &largest);
         if (largest == NONE)
-            return TA_POOL_EMPTY; /* only ranges too big to grow, not aligned */
+            return TA_POOL_EMPTY; /* none that fits or can be grown */
         *out = p->nodes[largest].r;
         node_free(p, largest);
         return TA_POOL_SHORT;
@@ -418,7 +441,20 @@ bool _ta_pool_expire_one(ta_pool_t *p, uint64_t before_ms, size_t max_bytes, ta_
     uint32_t i = p->age_head;
     if (i == NONE || (p->nodes[i].r.freed_ms > before_ms && p->bytes <= max_bytes))
         return false;
-    *out = p->nodes[i].r;
+    ta_range_t r = p->nodes[i].r;
+    if (r.freed_ms > before_ms) {
+        /* over the byte bound only: the excess comes off the oldest range's
+         * end, whole huge pages where the range has them */
+        size_t excess = align_up(p->bytes - max_bytes, p->page);
+        if (p->huge && r.size >= p->huge && (r.addr & (p->huge - 1)) == 0)
+            excess = align_up(excess, p->huge);
+        if (excess < r.size) {
+            cut(p, i, r.addr + r.size - excess, r.addr + r.size);
+            *out = (ta_range_t){r.addr + r.size - excess, excess, r.origin, r.freed_ms};
+            return true;
+        }
+    }
+    *out = r;
     node_free(p, i);
     return true;
 }

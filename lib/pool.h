@@ -17,7 +17,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* A free range. origin 0 never joins a neighbour. */
+/* A free range. origin: the mapping it lies in (one VMA), 0 if unknown. */
 typedef struct {
     uintptr_t addr;
     size_t size;
@@ -55,16 +55,18 @@ bool _ta_pool_has_room(const ta_pool_t *p, uint32_t nodes);
 size_t _ta_pool_storage_bytes(const ta_pool_t *p);
 void *_ta_pool_grow(ta_pool_t *p, void *mem, size_t bytes, size_t *old_bytes);
 
-/* Adds a free range (needs room for 1 node), joining it with free
- * neighbours of the same nonzero origin; the joined range is as young as
- * r. Returns how many neighbours it joined (0-2). */
+/* Adds a free range (needs room for 1 node), joining it with the free
+ * ranges on either side; the joined range takes the older neighbour's age
+ * and place in the age order, and keeps r's origin if they all had it,
+ * else gets 0. Returns how many neighbours it joined (0-2). */
 int _ta_pool_put(ta_pool_t *p, ta_range_t r);
 
 /* What a take found. */
 typedef enum {
     TA_POOL_EMPTY, /* nothing in the pool */
     TA_POOL_FIT,   /* *out is a block of at least size bytes at an aligned address */
-    TA_POOL_SHORT, /* *out is the largest range found, smaller than size: grow it */
+    TA_POOL_SHORT, /* *out is the largest range of one origin found, smaller
+                      than size: grow it */
 } ta_pool_take_t;
 
 /* Takes a block for a request of size bytes at align (needs room for 1
@@ -75,9 +77,10 @@ typedef enum {
  * comes off its end, so the rest keeps its huge-page alignment. */
 ta_pool_take_t _ta_pool_take(ta_pool_t *p, size_t size, size_t align, ta_range_t *out);
 
-/* Takes out the oldest range if it was freed at or before `before_ms` or
- * if the pool holds more than max_bytes; returns false when there is none
- * to take. */
+/* Takes out the oldest range if it was freed at or before `before_ms`;
+ * else, while the pool holds more than max_bytes, the excess off the end
+ * of the oldest range (in whole huge pages where it has them). Returns
+ * false when there is none to take. */
 bool _ta_pool_expire_one(ta_pool_t *p, uint64_t before_ms, size_t max_bytes, ta_range_t *out);
 
 /* Checks every internal link and sum; returns NULL or what is wrong (for
