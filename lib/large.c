@@ -139,9 +139,20 @@ typedef struct {
 
 #define EVICT_BATCH 32 /* victims collected per pass, on the stack */
 
-/* Ranges freed at or before this are max_age old at now. */
+/* Retention by activity: while large requests keep coming (a model is
+ * loading, or the process switches between models) nothing in the pool
+ * ages, so an evicted model's pages wait for the next load however long
+ * it takes; once requests stop for RETAIN_MS, what has waited as long
+ * goes back. The byte and footprint bounds hold throughout. */
+static _Atomic uint64_t last_request_ms;
+
+/* Ranges freed at or before this are due at now: 0 (none) while requests
+ * came within max_age. */
 static uint64_t before_ms(uint64_t now, uint64_t max_age)
 {
+    uint64_t last = atomic_load_explicit(&last_request_ms, memory_order_relaxed);
+    if (last > now || now - last < max_age)
+        return 0;
     return now >= max_age ? now - max_age : 0;
 }
 
@@ -519,6 +530,26 @@ static void *pool_alloc_unlock(size_t size, size_t cap, size_t align, bool zero,
     return p;
 }
 
+/* Evicts until the pool is within its bounds (age and bytes); returns
+ * whether anything is left in the pool. */
+static bool evict_all_due(uint64_t max_age, bool all, unsigned *events)
+{
+    unmap_t victims[EVICT_BATCH];
+    size_t n;
+    bool left;
+    do {
+        _ta_lock(&large_lock);
+        uint64_t now = _ta_os_now_ms();
+        n = pool_evict_locked(all ? UINT64_MAX : before_ms(now, max_age),
+                              all ? 0 : pool_limit_locked(), victims);
+        left = pool.count > 0;
+        count_sync_locked();
+        _ta_unlock(&large_lock);
+        unmap_all(victims, n, events);
+    } while (n == EVICT_BATCH);
+    return left;
+}
+
 void *_ta_large_alloc(size_t size, size_t alignment, bool zero, bool near_limit_ok,
                       unsigned *events)
 {
@@ -532,6 +563,12 @@ void *_ta_large_alloc(size_t size, size_t alignment, bool zero, bool near_limit_
     if (alignment > align)
         align = alignment;
 
+    /* The first request after an idle gap: what came due during it goes
+     * first (the purge thread may not exist, at the mapping limit). */
+    uint64_t max_age = (uint64_t)_ta_opt(TA_OPT_RETAIN_MS), now = _ta_os_now_ms();
+    if (now - atomic_load_explicit(&last_request_ms, memory_order_relaxed) >= max_age)
+        evict_all_due(max_age, false, events);
+    atomic_store_explicit(&last_request_ms, now, memory_order_relaxed);
     if (reserve_locked() != 0) {
         errno = ENOMEM;
         return NULL;
@@ -566,26 +603,6 @@ bool _ta_large_lookup(const void *p, size_t *usable)
         *usable = r->capacity;
     _ta_unlock(&large_lock);
     return r != NULL;
-}
-
-/* Evicts until the pool is within its bounds (age and bytes); returns
- * whether anything is left in the pool. */
-static bool evict_all_due(uint64_t max_age, bool all, unsigned *events)
-{
-    unmap_t victims[EVICT_BATCH];
-    size_t n;
-    bool left;
-    do {
-        _ta_lock(&large_lock);
-        uint64_t now = _ta_os_now_ms();
-        n = pool_evict_locked(all ? UINT64_MAX : before_ms(now, max_age),
-                              all ? 0 : pool_limit_locked(), victims);
-        left = pool.count > 0;
-        count_sync_locked();
-        _ta_unlock(&large_lock);
-        unmap_all(victims, n, events);
-    } while (n == EVICT_BATCH);
-    return left;
 }
 
 bool _ta_large_free(void *p, unsigned *events)

@@ -93,16 +93,18 @@ static bool parse_value(const char *s, option_kind_t kind, long long *out)
 extern char **environ;
 
 /* The pool may hold an eighth of physical memory, between 64 MiB and
- * 8 GiB: enough for a whole evicted model to be reused by the next one
- * (docs/design.md), small next to the machine. */
+ * 64 GiB: 3 GiB on a 24 GiB machine, 64 GiB on a 512 GiB one; enough for
+ * an evicted model to wait for the next load (docs/design.md). The
+ * footprint bound and retention by activity (large.c) keep it from
+ * holding more than the process's own peak needs, or for longer. */
 static long long retain_bytes_default(void)
 {
     long long ram = (long long)_ta_os_physical_memory();
     long long v = ram / 8;
     if (v < (64LL << 20))
         v = 64LL << 20;
-    if (v > (8LL << 30))
-        v = 8LL << 30;
+    if (v > (64LL << 30))
+        v = 64LL << 30;
     return v;
 }
 

@@ -279,13 +279,12 @@ void *_ta_pool_grow(ta_pool_t *p, void *mem, size_t bytes, size_t *old_bytes)
 
 /* ---- put ------------------------------------------------------------------------ */
 
-/* Ranges join whatever mapping they came from: a cut is bookkeeping, not a
- * kernel call, so a joined range serves any block that fits in it. Only
- * mremap cares where a VMA ends: a joined range of two origins has origin
- * 0, and a take never hands one out to be grown. */
-static uint64_t joined_origin(uint64_t a, uint64_t b)
+/* Only ranges of one mapping join: a range of one origin lies in one VMA,
+ * which mremap can grow or move whole (joining across origins made the
+ * model shapes fault more, not less: docs/benchmarks.md). */
+static bool joinable(const ta_pool_t *p, uint32_t i, uint64_t origin)
 {
-    return a == b ? a : 0;
+    return i != NONE && origin != 0 && p->nodes[i].r.origin == origin;
 }
 
 /* Grows node i by r (its neighbour) in place, keeping its place in the age
@@ -294,7 +293,6 @@ static void node_extend(ta_pool_t *p, uint32_t i, ta_range_t r)
 {
     ta_range_t n = p->nodes[i].r;
     node_leave(p, i);
-    n.origin = joined_origin(n.origin, r.origin);
     n.addr = n.addr < r.addr ? n.addr : r.addr;
     n.size += r.size;
     node_enter(p, i, n);
@@ -304,6 +302,10 @@ int _ta_pool_put(ta_pool_t *p, ta_range_t r)
 {
     uint32_t left = hash_find(p, r.addr, true);
     uint32_t right = hash_find(p, r.addr + r.size, false);
+    if (!joinable(p, left, r.origin))
+        left = NONE;
+    if (!joinable(p, right, r.origin))
+        right = NONE;
     if (left == NONE && right == NONE) {
         uint32_t i = node_new(p);
         node_enter(p, i, r);
@@ -319,7 +321,6 @@ int _ta_pool_put(ta_pool_t *p, ta_range_t r)
     if (other != NONE) {
         ta_range_t o = p->nodes[other].r;
         node_free(p, other);
-        r.origin = joined_origin(r.origin, o.origin);
         r.addr = r.addr < o.addr ? r.addr : o.addr;
         r.size += o.size;
     }

@@ -17,7 +17,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* A free range. origin: the mapping it lies in (one VMA), 0 if unknown. */
+/* A free range. origin: the mapping it lies in (one VMA); 0 if unknown,
+ * and then it never joins a neighbour. */
 typedef struct {
     uintptr_t addr;
     size_t size;
@@ -56,17 +57,17 @@ size_t _ta_pool_storage_bytes(const ta_pool_t *p);
 void *_ta_pool_grow(ta_pool_t *p, void *mem, size_t bytes, size_t *old_bytes);
 
 /* Adds a free range (needs room for 1 node), joining it with the free
- * ranges on either side; the joined range takes the older neighbour's age
- * and place in the age order, and keeps r's origin if they all had it,
- * else gets 0. Returns how many neighbours it joined (0-2). */
+ * ranges of the same nonzero origin on either side; the joined range takes
+ * the older neighbour's age and place in the age order. Returns how many
+ * neighbours it joined (0-2). */
 int _ta_pool_put(ta_pool_t *p, ta_range_t r);
 
 /* What a take found. */
 typedef enum {
     TA_POOL_EMPTY, /* nothing in the pool */
     TA_POOL_FIT,   /* *out is a block of at least size bytes at an aligned address */
-    TA_POOL_SHORT, /* *out is the largest range of one origin found, smaller
-                      than size: grow it */
+    TA_POOL_SHORT, /* *out is the largest range of a known origin found,
+                      smaller than size: grow it */
 } ta_pool_take_t;
 
 /* Takes a block for a request of size bytes at align (needs room for 1

@@ -66,33 +66,31 @@ Test(pool, an_exact_fit_comes_back_whole)
     take(p, PAGE, PAGE, TA_POOL_EMPTY);
 }
 
-/* Neighbours join whatever their origin; a range of two origins is never
- * handed out to be grown (mremap refuses a range spanning two VMAs). */
-Test(pool, neighbours_join_and_mixed_origins_are_not_grown)
+/* Only neighbours of one mapping join (one VMA, which mremap can grow);
+ * the joined range keeps the older one's age. */
+Test(pool, neighbours_of_one_origin_join_and_others_do_not)
 {
     ta_pool_t *p = fresh();
     put(p, BASE, 4 * PAGE, 7, 1);
     put(p, BASE + 8 * PAGE, 4 * PAGE, 7, 2);
-    put(p, BASE + 20 * PAGE, 4 * PAGE, 8, 3);
+    put(p, BASE + 12 * PAGE, 4 * PAGE, 8, 3); /* another mapping: stays apart */
     cr_assert_eq(p->count, 3);
     room(p);
     int joined = _ta_pool_put(p, (ta_range_t){BASE + 4 * PAGE, 4 * PAGE, 7, 4});
     check(p);
     cr_assert_eq(joined, 2);
     cr_assert_eq(p->count, 2);
-    ta_range_t r = take(p, 14 * PAGE, PAGE, TA_POOL_SHORT);
-    cr_assert_eq(r.addr, BASE, "the joined range of one origin can be grown");
-    cr_assert_eq(r.size, 12 * PAGE);
-    cr_assert_eq(r.origin, 7);
-    put(p, BASE, 12 * PAGE, 7, 5);
+    ta_range_t e;
+    cr_assert(_ta_pool_expire_one(p, 1, SIZE_MAX, &e), "the joined range is as old as its oldest");
+    cr_assert_eq(e.addr, BASE);
+    cr_assert_eq(e.size, 12 * PAGE);
+    /* origin 0 never joins */
+    put(p, BASE + 20 * PAGE, PAGE, 0, 5);
     room(p);
-    cr_assert_eq(_ta_pool_put(p, (ta_range_t){BASE + 12 * PAGE, 8 * PAGE, 9, 6}), 2);
-    cr_assert_eq(p->count, 1);
-    r = take(p, 24 * PAGE, PAGE, TA_POOL_FIT);
-    cr_assert_eq(r.origin, 0, "three origins in one range");
-    cr_assert_eq(r.size, 24 * PAGE);
-    put(p, BASE, 24 * PAGE, 0, 7);
-    take(p, 32 * PAGE, PAGE, TA_POOL_EMPTY); /* origin 0: not grown */
+    cr_assert_eq(_ta_pool_put(p, (ta_range_t){BASE + 21 * PAGE, PAGE, 0, 6}), 0);
+    cr_assert_eq(p->count, 3);
+    take(p, 8 * PAGE, PAGE, TA_POOL_SHORT); /* the origin-8 range, to be grown */
+    take(p, 8 * PAGE, PAGE, TA_POOL_EMPTY); /* origin 0: never grown */
 }
 
 Test(pool, a_cut_leaves_the_rest_where_it_was_in_age_order)
@@ -203,8 +201,8 @@ static void move_pages(ta_range_t r, int from, int to)
     cr_assert_leq(first + n, SPACE_PAGES);
     for (size_t i = first; i < first + n; i++) {
         cr_assert_eq(m.state[i], from, "page %zu is %d, expected %d", i, m.state[i], from);
-        if (from == POOLED && r.origin != 0)
-            cr_assert_eq(m.origin[i], r.origin, "a range of one origin that is not");
+        if (from == POOLED)
+            cr_assert_eq(m.origin[i], r.origin, "a range mixes origins");
         m.state[i] = (unsigned char)to;
     }
     if (from == POOLED)
@@ -267,7 +265,7 @@ Test(pool, random_operations_match_a_page_map)
                 cr_assert_eq(r.addr % align, 0);
             } else {
                 cr_assert_lt(r.size, n * PAGE);
-                cr_assert_neq(r.origin, 0, "a range of mixed origins handed out to grow");
+                cr_assert_neq(r.origin, 0, "a range of no known origin handed out to grow");
             }
             move_pages(r, POOLED, LIVE);
             live[nlive++] = r;
