@@ -490,20 +490,66 @@ static void block_enter_locked(uintptr_t p, size_t cap, size_t size, uint64_t or
     count_sync_locked();
 }
 
+#define MAX_PIECES 16 /* ranges moved into one block (each a syscall and a VMA) */
+
+/* A block put together from pooled ranges: a fresh mapping of cap bytes
+ * (untouched, so it costs nothing) into which each piece is moved with
+ * mremap (page tables move; nothing is copied, zeroed or faulted). So a
+ * load reuses an evicted model's pages whatever the shapes of its tensors;
+ * only what the pieces do not cover faults. The block lies in several VMAs:
+ * origin 0, never grown or joined. pieces[0] is taken already; called with
+ * the lock held, returns with it released. */
+static void *assemble_unlock(size_t size, size_t cap, size_t align, bool zero, ta_range_t first,
+                             unsigned *events)
+{
+    ta_range_t pieces[MAX_PIECES];
+    size_t n = 1, covered = first.size;
+    pieces[0] = first;
+    while (n < MAX_PIECES && cap - covered >= TA_HUGE_PAGE &&
+           _ta_pool_take_piece(&pool, cap - covered, TA_HUGE_PAGE, &pieces[n]))
+        covered += pieces[n++].size;
+    count_sync_locked();
+    _ta_unlock(&large_lock);
+
+    void *p;
+    if (n == 1) { /* one piece: grow it, in place where the kernel can */
+        if (_ta_os_remap_aligned((void *)first.addr, first.size, cap, align, &p) != 0) {
+            release_mapping(first.addr, first.size, events);
+            return NULL;
+        }
+    } else if (_ta_os_map(cap, align, &p) != 0) {
+        for (size_t i = 0; i < n; i++)
+            release_mapping(pieces[i].addr, pieces[i].size, events);
+        return NULL;
+    }
+    size_t off = 0;
+    for (size_t i = 0; i < n && n > 1; i++) {
+        if (_ta_os_move((void *)pieces[i].addr, pieces[i].size, (char *)p + off) != 0)
+            release_mapping(pieces[i].addr, pieces[i].size, events); /* that part stays fresh */
+        off += pieces[i].size;
+    }
+    name_and_advise(p, cap, cap - covered);
+    if (zero)
+        memset(p, 0, covered);
+    if (reserve_locked() != 0) {
+        release_mapping((uintptr_t)p, cap, events);
+        return NULL;
+    }
+    block_enter_locked((uintptr_t)p, cap, size, n == 1 ? new_origin_locked() : 0, true);
+    _ta_unlock(&large_lock);
+    return p;
+}
+
 /* A block from the pool, or NULL. The pool cuts a fitting range (what is
  * left stays pooled with its pages, so the next load reuses them instead
  * of faulting fresh ones: unmapping the tails made model-switch fault 26%
- * more pages than tcmalloc) or hands out the largest smaller one, which
- * mremap grows. Called with the lock held and room reserved; returns with
- * it released. */
+ * more pages than tcmalloc); if none fits, the block is put together from
+ * the largest smaller ranges. Called with the lock held and room reserved;
+ * returns with it released. */
 static void *pool_alloc_unlock(size_t size, size_t cap, size_t align, bool zero, unsigned *events)
 {
     ta_range_t r;
     ta_pool_take_t t = _ta_pool_take(&pool, cap, align, &r);
-    if (t == TA_POOL_EMPTY) {
-        _ta_unlock(&large_lock);
-        return NULL;
-    }
     if (t == TA_POOL_FIT) {
         block_enter_locked(r.addr, r.size, size, r.origin, true);
         _ta_unlock(&large_lock);
@@ -511,23 +557,10 @@ static void *pool_alloc_unlock(size_t size, size_t cap, size_t align, bool zero,
             memset((void *)r.addr, 0, r.size);
         return (void *)r.addr;
     }
-    count_sync_locked();
+    if (t == TA_POOL_SHORT || _ta_pool_take_piece(&pool, cap, 0, &r))
+        return assemble_unlock(size, cap, align, zero, r, events);
     _ta_unlock(&large_lock);
-    void *p;
-    if (_ta_os_remap_aligned((void *)r.addr, r.size, cap, align, &p) != 0) {
-        release_mapping(r.addr, r.size, events);
-        return NULL;
-    }
-    name_and_advise(p, cap, cap - r.size);
-    if (zero)
-        memset(p, 0, r.size);
-    if (reserve_locked() != 0) {
-        release_mapping((uintptr_t)p, cap, events);
-        return NULL;
-    }
-    block_enter_locked((uintptr_t)p, cap, size, new_origin_locked(), true);
-    _ta_unlock(&large_lock);
-    return p;
+    return NULL;
 }
 
 /* Evicts until the pool is within its bounds (age and bytes); returns

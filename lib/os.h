@@ -25,6 +25,10 @@ int _ta_os_remap(void *addr, size_t old_size, size_t new_size, void **out);
  * lets the kernel move huge-page entries whole instead of splitting them).
  * On failure the old mapping is untouched. */
 int _ta_os_remap_aligned(void *addr, size_t old_size, size_t new_size, size_t align, void **out);
+/* Move size bytes of mapped pages from `from` to `to`, replacing what was
+ * mapped there (mremap MREMAP_FIXED: page tables move, nothing is copied
+ * or zeroed; from must lie in one VMA on kernels before 6.17). */
+int _ta_os_move(void *from, size_t size, void *to);
 /* Resize without moving; ENOMEM if the range above is taken. */
 int _ta_os_remap_in_place(void *addr, size_t old_size, size_t new_size);
 int _ta_os_advise_hugepage(void *addr, size_t size);

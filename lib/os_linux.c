@@ -183,6 +183,23 @@ int _ta_os_remap(void *addr, size_t old_size, size_t new_size, void **out)
     return rc;
 }
 
+int _ta_os_move(void *from, size_t size, void *to)
+{
+    int saved = errno;
+    int rc = 0;
+    if (hook_fires(&fail_remap_countdown)) {
+        rc = ENOMEM;
+    } else {
+        counter_bump(&count_remap);
+        if (mremap(from, size, size, MREMAP_MAYMOVE | MREMAP_FIXED, to) == MAP_FAILED)
+            rc = errno;
+    }
+    if (rc != 0)
+        counter_bump(&count_remap_fail);
+    errno = saved;
+    return rc;
+}
+
 int _ta_os_remap_in_place(void *addr, size_t old_size, size_t new_size)
 {
     int saved = errno;

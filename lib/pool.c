@@ -435,6 +435,38 @@ ta_pool_take_t _ta_pool_take(ta_pool_t *p, size_t size, size_t align, ta_range_t
     return TA_POOL_FIT;
 }
 
+/* The largest range of a known origin of min to max bytes among the first
+ * bins at and below max's, or NONE. */
+static uint32_t largest_between(const ta_pool_t *p, size_t min, size_t max)
+{
+    uint32_t best = NONE;
+    uint32_t b = bin_of(max / p->page);
+    for (int bins = 0; bins < 4 && best == NONE && b < TA_POOL_BINS; bins++) {
+        uint32_t i = p->bin_head[b];
+        for (int k = 0; k < SCAN_MAX && i != NONE; k++, i = p->nodes[i].bin_next) {
+            const ta_range_t *r = &p->nodes[i].r;
+            if (r->size <= max && r->size >= min && r->origin != 0 &&
+                (best == NONE || r->size > p->nodes[best].r.size))
+                best = i;
+        }
+        b = b ? bin_prev_nonempty(p, b) : TA_POOL_BINS;
+    }
+    return best;
+}
+
+bool _ta_pool_take_piece(ta_pool_t *p, size_t max, size_t min, ta_range_t *out)
+{
+    max &= ~(p->page - 1);
+    if (p->count == 0 || max == 0)
+        return false;
+    uint32_t i = largest_between(p, min, max);
+    if (i == NONE)
+        return false;
+    *out = p->nodes[i].r;
+    node_free(p, i);
+    return true;
+}
+
 /* ---- expire ------------------------------------------------------------------------ */
 
 bool _ta_pool_expire_one(ta_pool_t *p, uint64_t before_ms, size_t max_bytes, ta_range_t *out)

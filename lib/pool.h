@@ -78,6 +78,11 @@ typedef enum {
  * comes off its end, so the rest keeps its huge-page alignment. */
 ta_pool_take_t _ta_pool_take(ta_pool_t *p, size_t size, size_t align, ta_range_t *out);
 
+/* For a block put together from pieces (large.c moves them into it with
+ * mremap): takes whole the largest range of a known origin of min to max
+ * bytes. False if there is none. */
+bool _ta_pool_take_piece(ta_pool_t *p, size_t max, size_t min, ta_range_t *out);
+
 /* Takes out the oldest range if it was freed at or before `before_ms`;
  * else, while the pool holds more than max_bytes, the excess off the end
  * of the oldest range (in whole huge pages where it has them). Returns

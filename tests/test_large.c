@@ -243,6 +243,94 @@ Test(large, pinned_blocks_do_not_join)
     ta_trim();
 }
 
+/* The /proc/self/maps entries that overlap [p, p + n): how many, and
+ * whether they cover it without a gap. */
+static int vmas_over(const void *p, size_t n, bool *covered)
+{
+    uintptr_t lo = (uintptr_t)p, hi = lo + n, reached = lo;
+    FILE *f = fopen("/proc/self/maps", "r");
+    cr_assert_not_null(f);
+    char line[512];
+    int count = 0;
+    while (fgets(line, sizeof line, f)) {
+        uintptr_t a, b;
+        if (sscanf(line, "%lx-%lx", &a, &b) != 2 || b <= lo || a >= hi)
+            continue;
+        count++;
+        if (a <= reached && b > reached)
+            reached = b;
+    }
+    fclose(f);
+    *covered = reached >= hi;
+    return count;
+}
+
+/* A load whose tensors are bigger than any pooled range gets a block put
+ * together from pooled ranges moved into it with mremap: their pages (and
+ * contents: nothing is zeroed or copied) are in it, back to back, nothing
+ * else is touched, calloc still gets zeros, and realloc, which mremap
+ * cannot do across the pieces' VMAs, copies. */
+Test(large, pooled_ranges_move_into_one_block)
+{
+    if (under_valgrind())
+        cr_skip_test("valgrind does not move mappings with mremap MREMAP_FIXED as the kernel does");
+    ta_option_set(TA_OPT_RETAIN_MS, 60000);
+    ta_option_set(TA_OPT_THP, 0);
+    unsigned char *a = ta_malloc(4 * MiB), *spacer = ta_malloc(2 * MiB), *b = ta_malloc(6 * MiB);
+    unsigned char *spacer2 = ta_malloc(2 * MiB);
+    memset(a, 0xa1, 4 * MiB);
+    memset(b, 0xb2, 6 * MiB);
+    memset(spacer, 0x55, 2 * MiB);
+    memset(spacer2, 0x66, 2 * MiB);
+    ta_free(a);
+    ta_free(b);
+    ta_stats_t st = stats_now();
+    cr_assert_eq(st.pool_bytes, 10 * MiB);
+    cr_assert_eq(st.pool_entries, 2, "the ranges must not have joined");
+    _ta_os_counters_t c0, c1;
+    _ta_os_counters(&c0);
+    unsigned char *p = ta_malloc(10 * MiB);
+    _ta_os_counters(&c1);
+    cr_assert_not_null(p);
+    cr_assert_eq(stats_now().pool_bytes, 0, "both ranges went into the block");
+    cr_assert_geq(c1.remap - c0.remap, 2, "the pieces were not moved");
+    /* the biggest piece first, then the next: contents moved, not zeroed */
+    cr_assert_eq(p[0], 0xb2);
+    cr_assert_eq(p[6 * MiB - 1], 0xb2);
+    cr_assert_eq(p[6 * MiB], 0xa1);
+    cr_assert_eq(p[10 * MiB - 1], 0xa1);
+    for (size_t i = 0; i < 2 * MiB; i += 4096) {
+        cr_assert_eq(spacer[i], 0x55, "a neighbour was overwritten");
+        cr_assert_eq(spacer2[i], 0x66, "a neighbour was overwritten");
+    }
+    bool covered;
+    int vmas = vmas_over(p, 10 * MiB, &covered);
+    cr_assert(covered, "the block has a hole");
+    cr_assert(vmas >= 1 && vmas <= 3, "%d VMAs for a block of 2 pieces", vmas);
+    cr_log_info("a block of 2 pieces lies in %d VMAs", vmas);
+    /* realloc copies (mremap refuses the pieces' VMAs) and keeps contents */
+    unsigned char *q = ta_realloc(p, 14 * MiB);
+    cr_assert_not_null(q);
+    cr_assert_eq(q[0], 0xb2);
+    cr_assert_eq(q[10 * MiB - 1], 0xa1);
+    ta_free(q);
+    /* calloc from pieces still gets zeros */
+    unsigned char *x = ta_malloc(4 * MiB), *y = ta_malloc(6 * MiB);
+    memset(x, 0x77, 4 * MiB);
+    memset(y, 0x77, 6 * MiB);
+    ta_trim();
+    ta_free(x);
+    ta_free(y);
+    unsigned char *z = ta_calloc(1, 10 * MiB);
+    cr_assert_not_null(z);
+    for (size_t i = 0; i < 10 * MiB; i += 512)
+        cr_assert_eq(z[i], 0, "calloc from moved pieces is not zero at %zu", i);
+    ta_free(z);
+    ta_free(spacer);
+    ta_free(spacer2);
+    ta_trim();
+}
+
 /* Random large blocks through a pool that cuts and joins pieces: blocks
  * never overlap, keep their contents, and those of 2 MiB and more stay
  * 2 MiB aligned (small blocks are cut off the end of big entries). */

@@ -150,6 +150,27 @@ Test(pool, nothing_big_enough_hands_out_the_largest_smaller)
     cr_assert_eq(p->count, 2);
 }
 
+/* Pieces for a block put together by mremap: whole ranges of a known
+ * origin, the largest that fits what is left, none smaller than asked. */
+Test(pool, pieces_are_whole_ranges_of_a_known_origin)
+{
+    ta_pool_t *p = fresh();
+    put(p, BASE, 256 * PAGE, 1, 1);                /* 1 MiB */
+    put(p, BASE + 1024 * PAGE, 1024 * PAGE, 2, 2); /* 4 MiB */
+    put(p, BASE + 4096 * PAGE, 2048 * PAGE, 3, 3); /* 8 MiB */
+    put(p, BASE + 8192 * PAGE, 1536 * PAGE, 0, 4); /* 6 MiB, origin unknown */
+    ta_range_t r;
+    cr_assert(_ta_pool_take_piece(p, 7 * (HUGE / 2), HUGE, &r)); /* at most 7 MiB */
+    check(p);
+    cr_assert_eq(r.addr, BASE + 1024 * PAGE, "the 4 MiB range, not the unknown 6 MiB one");
+    cr_assert_eq(r.size, 4 << 20);
+    cr_assert_not(_ta_pool_take_piece(p, 7 * (HUGE / 2), HUGE, &r), "1 MiB is below the minimum");
+    cr_assert(_ta_pool_take_piece(p, 16 << 20, 0, &r));
+    cr_assert_eq(r.size, 8 << 20);
+    cr_assert_eq(p->count, 2);
+    check(p);
+}
+
 /* A model of 100,000 tensors fits if its bytes do: no cap on ranges. */
 Test(pool, one_hundred_thousand_ranges)
 {
