@@ -163,7 +163,9 @@ int _ta_os_map(size_t size, size_t align, void **out)
     return rc;
 }
 
-int _ta_os_remap(void *addr, size_t old_size, size_t new_size, void **out)
+/* A moving mremap (MAYMOVE, and FIXED to `to` when it is set), with the fault
+ * hook, the counters and errno kept. */
+static int remap_moving(void *addr, size_t old_size, size_t new_size, void *to, void **out)
 {
     int saved = errno;
     int rc = 0;
@@ -171,10 +173,11 @@ int _ta_os_remap(void *addr, size_t old_size, size_t new_size, void **out)
         rc = ENOMEM;
     } else {
         counter_bump(&count_remap);
-        void *p = mremap(addr, old_size, new_size, MREMAP_MAYMOVE);
+        void *p = to ? mremap(addr, old_size, new_size, MREMAP_MAYMOVE | MREMAP_FIXED, to)
+                     : mremap(addr, old_size, new_size, MREMAP_MAYMOVE);
         if (p == MAP_FAILED)
             rc = errno;
-        else
+        else if (out)
             *out = p;
     }
     if (rc != 0)
@@ -183,21 +186,14 @@ int _ta_os_remap(void *addr, size_t old_size, size_t new_size, void **out)
     return rc;
 }
 
+int _ta_os_remap(void *addr, size_t old_size, size_t new_size, void **out)
+{
+    return remap_moving(addr, old_size, new_size, NULL, out);
+}
+
 int _ta_os_move(void *from, size_t size, void *to)
 {
-    int saved = errno;
-    int rc = 0;
-    if (hook_fires(&fail_remap_countdown)) {
-        rc = ENOMEM;
-    } else {
-        counter_bump(&count_remap);
-        if (mremap(from, size, size, MREMAP_MAYMOVE | MREMAP_FIXED, to) == MAP_FAILED)
-            rc = errno;
-    }
-    if (rc != 0)
-        counter_bump(&count_remap_fail);
-    errno = saved;
-    return rc;
+    return remap_moving(from, size, size, to, NULL);
 }
 
 int _ta_os_remap_in_place(void *addr, size_t old_size, size_t new_size)
