@@ -82,9 +82,9 @@ static inline void large_events(unsigned events)
 }
 
 /* A large request. Near vm.max_map_count, when the pool cannot serve it:
- * the pool is emptied first (its entries are mappings too), and if that
- * is not enough the slabs take it where they honour its alignment;
- * otherwise the kernel has the last word. */
+ * the pool is emptied first (its entries hold VMAs too), and if the
+ * process is still at the limit the block is cut from a pack, a mapping
+ * shared by many blocks (lib/large.c). */
 static void *alloc_large(size_t size, size_t alignment, bool zero)
 {
     unsigned events = 0;
@@ -93,14 +93,8 @@ static void *alloc_large(size_t size, size_t alignment, bool zero)
         events |= _ta_large_trim(false);
         events &= ~(unsigned)TA_LARGE_AT_LIMIT;
         p = _ta_large_alloc(size, alignment, zero, false, &events);
-        if (p == NULL && (events & TA_LARGE_AT_LIMIT)) {
-            if (size <= TA_SMALL_MAX && alignment <= TA_SMALL_MAX_ALIGN) {
-                _ta_large_count_fallback();
-                p = _ta_small_alloc(size, alignment, zero);
-            } else {
-                p = _ta_large_alloc(size, alignment, zero, true, &events);
-            }
-        }
+        if (p == NULL && (events & TA_LARGE_AT_LIMIT))
+            p = _ta_large_alloc_packed(size, alignment);
     }
     large_events(events);
     return p;

@@ -104,8 +104,9 @@ void *_ta_large_realloc(void *p, size_t size);
 /* Empties the pool; with parked set, also retries every parked unmap
  * (else only those whose retry time has come). Returns events. */
 unsigned _ta_large_trim(bool parked);
-/* Counts a request the slabs served for the map-count guard's sake. */
-void _ta_large_count_fallback(void);
+/* At the map-count guard: a block cut from a pack, a mapping shared by
+ * many blocks (reads zero; never grown in place). NULL with ENOMEM. */
+void *_ta_large_alloc_packed(size_t size, size_t alignment);
 /* Marks (pin) or unmarks the large block starting at p as registered with
  * CUDA and returns its mapping. Returns 0, -1 if p is not a live large
  * block, 1 if it already is in that state. */

@@ -30,6 +30,7 @@ typedef struct {
     size_t capacity; /* mapped bytes */
     size_t size;     /* requested bytes, for statistics */
     bool pinned;     /* registered with the CUDA runtime (cuda.c) */
+    bool packed;     /* a piece of a pack (origin: the pack's number) */
     uint64_t origin; /* the mapping it was cut from (see pool_insert_locked) */
 } region_t;
 
@@ -100,6 +101,7 @@ static inline void mapped_add_locked(int64_t delta)
 /* ---- the retain pool (pool.c) and the mapping count ------------------------- */
 
 static ta_pool_t pool;
+static ta_pool_t pack_free; /* the free space inside packs (see "packs") */
 
 /* What the pool may hold now: RETAIN_BYTES, and no more than keeps the
  * large path's footprint (live mappings plus pool) within 1.25 times the
@@ -178,19 +180,23 @@ static int reserve_locked(void)
     size_t page = _ta_os_page_size();
     for (;;) {
         _ta_lock(&large_lock);
-        if (pool.page == 0)
+        if (pool.page == 0) {
             _ta_pool_init(&pool, page, TA_HUGE_PAGE);
+            _ta_pool_init(&pack_free, page, TA_HUGE_PAGE);
+        }
         size_t slots = table_slots;
         bool table_full = (table_used + 1) * 10 > slots * 7; /* load factor 0.7 */
-        if (!table_full && _ta_pool_has_room(&pool, 2))
+        ta_pool_t *grow = !_ta_pool_has_room(&pool, 2)        ? &pool
+                          : !_ta_pool_has_room(&pack_free, 2) ? &pack_free
+                                                              : NULL;
+        if (!table_full && grow == NULL)
             return 0;
-        uint32_t pool_capacity = pool.capacity;
-        size_t pool_bytes = _ta_pool_storage_bytes(&pool);
+        uint32_t pool_capacity = grow ? grow->capacity : 0;
+        size_t bytes = table_full ? (slots ? slots * 2 : TABLE_MIN_SLOTS) * sizeof(region_t)
+                                  : _ta_pool_storage_bytes(grow);
+        bytes = _ta_align_up(bytes, page);
         _ta_unlock(&large_lock);
 
-        size_t new_slots = slots ? slots * 2 : TABLE_MIN_SLOTS;
-        size_t bytes = table_full ? _ta_align_up(new_slots * sizeof(region_t), page)
-                                  : _ta_align_up(pool_bytes, page);
         void *mem;
         int rc = _ta_os_map(bytes, page, &mem);
         if (rc != 0)
@@ -199,6 +205,7 @@ static int reserve_locked(void)
         size_t old_bytes = 0;
         _ta_lock(&large_lock);
         if (table_full && table_slots == slots) {
+            size_t new_slots = slots ? slots * 2 : TABLE_MIN_SLOTS;
             for (size_t i = 0; i < table_slots; i++)
                 if (table[i].addr)
                     table_put(mem, new_slots, table[i]);
@@ -207,8 +214,8 @@ static int reserve_locked(void)
             table = mem;
             table_slots = new_slots;
             mem = NULL;
-        } else if (!table_full && pool.capacity == pool_capacity) {
-            old = _ta_pool_grow(&pool, mem, bytes, &old_bytes);
+        } else if (!table_full && grow->capacity == pool_capacity) {
+            old = _ta_pool_grow(grow, mem, bytes, &old_bytes);
             old_bytes = _ta_align_up(old_bytes, page);
             mem = NULL;
         }
@@ -451,10 +458,49 @@ static long map_limit(void)
     return k > 2 * reserve ? k - reserve : k / 2;
 }
 
+/* The count is the kernel's: the lines of /proc/self/maps at the last look
+ * plus what the calls made since can have added (the OS layer's bound).
+ * Adjacent anonymous mappings merge, so counting blocks overcounts by far
+ * (42,665 blocks and pool entries counted while the kernel had 38 VMAs).
+ * Reading the maps costs O(VMAs), so it is done only when the bound says
+ * the limit is near, and at most every RECOUNT_MS. */
+#define RECOUNT_MS 100
+
+static _Atomic long vmas_counted;
+static _Atomic uint64_t vmas_counted_ms;
+
 bool _ta_large_near_map_limit(void)
 {
-    return atomic_load_explicit(&_ta_live_mappings, memory_order_relaxed) + 1 >= map_limit();
+    long limit = map_limit();
+    if (atomic_load_explicit(&vmas_counted, memory_order_relaxed) + _ta_os_vma_growth() + 1 < limit)
+        return false;
+    uint64_t now = _ta_os_now_ms() + 1; /* 0 means never counted */
+    uint64_t last = atomic_load_explicit(&vmas_counted_ms, memory_order_relaxed);
+    long n;
+    if ((last == 0 || now - last >= RECOUNT_MS) &&
+        atomic_compare_exchange_strong(&vmas_counted_ms, &last, now) && _ta_os_vma_count(&n) == 0)
+        atomic_store_explicit(&vmas_counted, n, memory_order_relaxed);
+    return atomic_load_explicit(&vmas_counted, memory_order_relaxed) + _ta_os_vma_growth() + 1 >=
+           limit;
 }
+
+/* ---- packs -------------------------------------------------------------------
+ * At the limit a block cannot have a mapping of its own. It is cut from a
+ * pack instead: a mapping of PACK_BYTES or more (one VMA) whose free space
+ * is a pool of its own (pack_free; a range's origin is its pack's number,
+ * so only ranges of one pack join). A freed piece gives its pages back with
+ * MADV_DONTNEED, which changes no VMA, and reads zero from then on; a pack
+ * whose pieces are all free is unmapped whole. Every alignment is met by
+ * the pool's cut. mremap never touches a piece (it would split the pack):
+ * realloc copies. Guarded by large_lock. */
+
+#define PACK_BYTES ((size_t)256 << 20)
+#define PACKS_MAX 4096 /* 1 TiB of packs at the least */
+
+static struct {
+    uintptr_t base;
+    size_t size, used; /* used: bytes of live pieces */
+} packs[PACKS_MAX];
 
 /* ---- allocation ------------------------------------------------------------------ */
 
@@ -475,7 +521,8 @@ static void name_and_advise(void *p, size_t cap, size_t fresh_bytes)
 /* Enters a new live block (lock held, room reserved). */
 static void block_enter_locked(uintptr_t p, size_t cap, size_t size, uint64_t origin, bool pooled)
 {
-    table_put(table, table_slots, (region_t){p, cap, size, false, origin});
+    table_put(table, table_slots,
+              (region_t){.addr = p, .capacity = cap, .size = size, .origin = origin});
     table_used++;
     large_stats.live_bytes += size;
     if (large_stats.live_bytes > large_stats.peak_bytes)
@@ -546,10 +593,15 @@ static void *assemble_unlock(size_t size, size_t cap, size_t align, bool zero, t
  * more pages than tcmalloc); if none fits, the block is put together from
  * the largest smaller ranges. Called with the lock held and room reserved;
  * returns with it released. */
-static void *pool_alloc_unlock(size_t size, size_t cap, size_t align, bool zero, unsigned *events)
+static void *pool_alloc_unlock(size_t size, size_t cap, size_t align, bool zero, bool fit_only,
+                               unsigned *events)
 {
     ta_range_t r;
     ta_pool_take_t t = _ta_pool_take(&pool, cap, align, &r);
+    if (t == TA_POOL_SHORT && fit_only) { /* at the map limit: no new VMAs */
+        _ta_pool_put(&pool, r);
+        t = TA_POOL_EMPTY;
+    }
     if (t == TA_POOL_FIT) {
         block_enter_locked(r.addr, r.size, size, r.origin, true);
         _ta_unlock(&large_lock);
@@ -557,7 +609,7 @@ static void *pool_alloc_unlock(size_t size, size_t cap, size_t align, bool zero,
             memset((void *)r.addr, 0, r.size);
         return (void *)r.addr;
     }
-    if (t == TA_POOL_SHORT || _ta_pool_take_piece(&pool, cap, 0, &r))
+    if (t == TA_POOL_SHORT || (!fit_only && _ta_pool_take_piece(&pool, cap, 0, &r)))
         return assemble_unlock(size, cap, align, zero, r, events);
     _ta_unlock(&large_lock);
     return NULL;
@@ -606,10 +658,11 @@ void *_ta_large_alloc(size_t size, size_t alignment, bool zero, bool near_limit_
         errno = ENOMEM;
         return NULL;
     }
-    void *p = pool_alloc_unlock(size, cap, align, zero, events);
+    bool at_limit = !near_limit_ok && _ta_large_near_map_limit();
+    void *p = pool_alloc_unlock(size, cap, align, zero, at_limit, events);
     if (p != NULL)
         return p;
-    if (!near_limit_ok && _ta_large_near_map_limit()) {
+    if (at_limit) {
         *events |= TA_LARGE_AT_LIMIT; /* the front door decides (lib/alloc.c) */
         return NULL;
     }
@@ -626,6 +679,97 @@ void *_ta_large_alloc(size_t size, size_t alignment, bool zero, bool near_limit_
     block_enter_locked((uintptr_t)p, cap, size, new_origin_locked(), false);
     _ta_unlock(&large_lock);
     return p;
+}
+
+/* A new pack of at least `need` bytes into pack_free; false if none can be
+ * had. Called without the lock. */
+static bool pack_new(size_t need)
+{
+    size_t bytes = need > PACK_BYTES ? _ta_align_up(need, TA_HUGE_PAGE) : PACK_BYTES;
+    void *p;
+    if (_ta_os_map(bytes, TA_HUGE_PAGE, &p) != 0)
+        return false;
+    /* never huge pages: a block's first byte would fault in 2 MiB of its
+     * neighbours' (100,000 blocks touched at both ends: 23 GiB resident) */
+    _ta_os_name(p, bytes, "tensoralloc-pack");
+    if (reserve_locked() != 0) {
+        _ta_os_unmap(p, bytes);
+        return false;
+    }
+    size_t i = 0;
+    while (i < PACKS_MAX && packs[i].base != 0)
+        i++;
+    if (i < PACKS_MAX) {
+        packs[i].base = (uintptr_t)p;
+        packs[i].size = bytes;
+        packs[i].used = 0;
+        _ta_pool_put(&pack_free, (ta_range_t){(uintptr_t)p, bytes, i + 1, 0});
+    }
+    _ta_unlock(&large_lock);
+    if (i == PACKS_MAX)
+        _ta_os_unmap(p, bytes);
+    return i < PACKS_MAX;
+}
+
+void *_ta_large_alloc_packed(size_t size, size_t alignment)
+{
+    if (size > SIZE_MAX - 2 * TA_HUGE_PAGE) {
+        errno = ENOMEM;
+        return NULL;
+    }
+    size_t cap = _ta_align_up(size ? size : 1, _ta_os_page_size());
+    size_t align = natural_alignment(cap);
+    if (alignment > align)
+        align = alignment;
+    for (bool fresh = false;; fresh = true) {
+        if (reserve_locked() != 0)
+            break;
+        ta_range_t r;
+        ta_pool_take_t t = _ta_pool_take(&pack_free, cap, align, &r);
+        if (t == TA_POOL_FIT) {
+            packs[r.origin - 1].used += r.size;
+            block_enter_locked(r.addr, r.size, size, r.origin, false);
+            table_find(r.addr)->packed = true;
+            large_stats.fallbacks++;
+            _ta_unlock(&large_lock);
+            return (void *)r.addr; /* fresh or given back: reads zero */
+        }
+        if (t == TA_POOL_SHORT)
+            _ta_pool_put(&pack_free, r); /* packs are never grown */
+        _ta_unlock(&large_lock);
+        if (fresh || !pack_new(cap + (align > TA_HUGE_PAGE ? align : 0)))
+            break;
+    }
+    errno = ENOMEM;
+    return NULL;
+}
+
+/* Frees a piece of a pack (lock held, the block out of the table already);
+ * returns with the lock released. */
+static void pack_free_unlock(region_t gone)
+{
+    size_t i = gone.origin - 1;
+    _ta_unlock(&large_lock);
+    if (_ta_os_advise_dontneed((void *)gone.addr, gone.capacity) != 0)
+        memset((void *)gone.addr, 0, gone.capacity); /* free pack space reads zero */
+    bool room = reserve_locked() == 0;
+    if (!room) /* the range stays out of the pack's pool: its pages went back */
+        _ta_lock(&large_lock);
+    packs[i].used -= gone.capacity;
+    if (room)
+        _ta_pool_put(&pack_free, (ta_range_t){gone.addr, gone.capacity, gone.origin, 0});
+    ta_range_t whole = {0};
+    if (packs[i].used == 0 && _ta_pool_take_at(&pack_free, packs[i].base, &whole)) {
+        if (whole.size == packs[i].size) {
+            packs[i].base = 0; /* every piece free: the pack goes */
+        } else {
+            _ta_pool_put(&pack_free, whole); /* a range is missing (no room once) */
+            whole.size = 0;
+        }
+    }
+    _ta_unlock(&large_lock);
+    if (whole.size != 0)
+        _ta_os_unmap((void *)whole.addr, whole.size);
 }
 
 bool _ta_large_lookup(const void *p, size_t *usable)
@@ -659,6 +803,11 @@ bool _ta_large_free(void *p, unsigned *events)
     large_stats.live_bytes -= gone.size;
     large_stats.live_count--;
     mapped_add_locked(-(int64_t)gone.capacity);
+    if (gone.packed) {
+        count_sync_locked();
+        pack_free_unlock(gone);
+        return true;
+    }
     size_t max_bytes = pool_limit_locked();
     if (gone.capacity <= max_bytes && max_age > 0) {
         if (pool.count == 0)
@@ -706,6 +855,10 @@ void *_ta_large_realloc(void *p, size_t size)
         return NULL;
     }
     region_t old = *r;
+    if (old.packed && cap != old.capacity) { /* mremap would split the pack */
+        _ta_unlock(&large_lock);
+        return NULL;
+    }
     if (cap == old.capacity) { /* same pages: only the accounting changes */
         large_stats.live_bytes += size - old.size;
         if (large_stats.live_bytes > large_stats.peak_bytes)
@@ -732,7 +885,10 @@ void *_ta_large_realloc(void *p, size_t size)
         errno = ENOMEM;
         return NULL;
     }
-    table_put(table, table_slots, (region_t){(uintptr_t)q, cap, size, false, new_origin_locked()});
+    table_put(
+        table, table_slots,
+        (region_t){
+            .addr = (uintptr_t)q, .capacity = cap, .size = size, .origin = new_origin_locked()});
     table_used++;
     large_stats.live_bytes += size - old.size;
     if (large_stats.live_bytes > large_stats.peak_bytes)
@@ -750,16 +906,6 @@ unsigned _ta_large_trim(bool parked)
     parked_retry(parked);
     evict_all_due(0, true, &events);
     return events;
-}
-
-/* A request the slabs served because fresh mappings would take the
- * process to the map-count guard (lib/alloc.c decides; counted here with
- * the large path's other statistics). */
-void _ta_large_count_fallback(void)
-{
-    _ta_lock(&large_lock);
-    large_stats.fallbacks++;
-    _ta_unlock(&large_lock);
 }
 
 void _ta_large_stats(ta_stats_t *st)

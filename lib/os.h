@@ -46,6 +46,12 @@ int _ta_os_thp_available(void);
 size_t _ta_os_physical_memory(void);
 /* vm.max_map_count, or 65530 if it cannot be read. */
 long _ta_os_max_map_count(void);
+/* The kernel's count of this process's mappings (VMAs: the lines of
+ * /proc/self/maps, what vm.max_map_count limits); reads the whole file. */
+int _ta_os_vma_count(long *out);
+/* How many VMAs the calls made through this layer since the last
+ * _ta_os_vma_count can have added at most (merges only lower it). */
+long _ta_os_vma_growth(void);
 /* Resident set size of this process in bytes (VmRSS), 0 if unknown. */
 size_t _ta_os_rss(void);
 /* Monotonic milliseconds. */

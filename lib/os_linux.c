@@ -87,6 +87,48 @@ void _ta_os_fail_nth_advise(long n)
     atomic_store(&fail_advise_countdown, n);
 }
 
+/* ---- the kernel's mapping count ---------------------------------------------
+ * An upper bound on the VMAs made since the last exact count: a map adds at
+ * most one, an unmap one (a split), a moving mremap three (the source split,
+ * the destination split around the moved range), an madvise or a name two
+ * (the range cut out of the middle of a VMA). Merges only lower the truth. */
+static _Atomic long vma_growth;
+
+static void vma_grow(long n)
+{
+    atomic_fetch_add_explicit(&vma_growth, n, memory_order_relaxed);
+}
+
+long _ta_os_vma_growth(void)
+{
+    return atomic_load_explicit(&vma_growth, memory_order_relaxed);
+}
+
+int _ta_os_vma_count(long *out)
+{
+    int saved = errno;
+    /* calls made while reading are counted again: the bound stays a bound */
+    atomic_store_explicit(&vma_growth, 0, memory_order_relaxed);
+    int fd = open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        int rc = errno;
+        errno = saved;
+        return rc;
+    }
+    char buf[16384];
+    long lines = 0;
+    ssize_t n;
+    while ((n = read(fd, buf, sizeof buf)) > 0)
+        for (ssize_t i = 0; i < n; i++)
+            lines += buf[i] == '\n';
+    int rc = n < 0 ? errno : 0;
+    close(fd);
+    errno = saved;
+    if (rc == 0)
+        *out = lines;
+    return rc;
+}
+
 static int raw_map(size_t size, void **out)
 {
     if (hook_fires(&fail_map_countdown) || every_fires(&fail_every_map)) {
@@ -94,6 +136,7 @@ static int raw_map(size_t size, void **out)
         return ENOMEM;
     }
     counter_bump(&count_map);
+    vma_grow(1);
     void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED) {
         counter_bump(&count_map_fail);
@@ -111,6 +154,7 @@ int _ta_os_unmap(void *addr, size_t size)
         rc = ENOMEM;
     } else {
         counter_bump(&count_unmap);
+        vma_grow(1);
         rc = munmap(addr, size) == 0 ? 0 : errno;
     }
     if (rc)
@@ -173,6 +217,7 @@ static int remap_moving(void *addr, size_t old_size, size_t new_size, void *to, 
         rc = ENOMEM;
     } else {
         counter_bump(&count_remap);
+        vma_grow(3);
         void *p = to ? mremap(addr, old_size, new_size, MREMAP_MAYMOVE | MREMAP_FIXED, to)
                      : mremap(addr, old_size, new_size, MREMAP_MAYMOVE);
         if (p == MAP_FAILED)
@@ -230,6 +275,7 @@ int _ta_os_remap_aligned(void *addr, size_t old_size, size_t new_size, size_t al
         rc = ENOMEM;
     } else {
         counter_bump(&count_remap);
+        vma_grow(3);
         p = mremap(addr, old_size, new_size, MREMAP_MAYMOVE | MREMAP_FIXED, dest);
         rc = p == MAP_FAILED ? errno : 0;
     }
@@ -251,6 +297,8 @@ static int advise(void *addr, size_t size, int advice)
         rc = EAGAIN;
     } else {
         counter_bump(&count_madvise);
+        if (advice != MADV_DONTNEED) /* DONTNEED changes no VMA */
+            vma_grow(2);
         rc = madvise(addr, size, advice) == 0 ? 0 : errno;
     }
     if (rc)
@@ -275,6 +323,7 @@ int _ta_os_name(void *addr, size_t size, const char *name)
     if (atomic_load_explicit(&unsupported, memory_order_relaxed))
         return ENOSYS;
     int saved = errno;
+    vma_grow(2);
     int rc =
         prctl(PR_SET_VMA, PR_SET_VMA_ANON_NAME, (unsigned long)addr, size, (unsigned long)name) == 0
             ? 0

@@ -467,6 +467,16 @@ bool _ta_pool_take_piece(ta_pool_t *p, size_t max, size_t min, ta_range_t *out)
     return true;
 }
 
+bool _ta_pool_take_at(ta_pool_t *p, uintptr_t addr, ta_range_t *out)
+{
+    uint32_t i = hash_find(p, addr, false);
+    if (i == NONE)
+        return false;
+    *out = p->nodes[i].r;
+    node_free(p, i);
+    return true;
+}
+
 /* ---- expire ------------------------------------------------------------------------ */
 
 bool _ta_pool_expire_one(ta_pool_t *p, uint64_t before_ms, size_t max_bytes, ta_range_t *out)

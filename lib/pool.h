@@ -83,6 +83,9 @@ ta_pool_take_t _ta_pool_take(ta_pool_t *p, size_t size, size_t align, ta_range_t
  * bytes. False if there is none. */
 bool _ta_pool_take_piece(ta_pool_t *p, size_t max, size_t min, ta_range_t *out);
 
+/* Takes out the range that starts at addr; false if there is none. */
+bool _ta_pool_take_at(ta_pool_t *p, uintptr_t addr, ta_range_t *out);
+
 /* Takes out the oldest range if it was freed at or before `before_ms`;
  * else, while the pool holds more than max_bytes, the excess off the end
  * of the oldest range (in whole huge pages where it has them). Returns

@@ -183,6 +183,87 @@ Test(limits, no_purge_thread_at_the_real_limit, .timeout = 60)
     cr_assert_geq(aged.pool_expired, 1);
 }
 
+static uint64_t next_rand(uint64_t *s)
+{
+    *s = *s * 6364136223846793005ULL + 1442695040888963407ULL;
+    return *s >> 33;
+}
+
+/* About log-uniform in [lo, 64 lo): a power of two times 1 to 2. */
+static size_t log_uniform(uint64_t *s, size_t lo)
+{
+    size_t base = lo << (next_rand(s) % 6);
+    return (base + (size_t)(next_rand(s) % base)) & ~(size_t)15;
+}
+
+static long maps_lines(void)
+{
+    FILE *f = fopen("/proc/self/maps", "r");
+    long n = 0;
+    int c;
+    while (f && (c = getc(f)) != EOF)
+        n += c == '\n';
+    if (f)
+        fclose(f);
+    return n;
+}
+
+/* 100,000 live blocks of 256 KiB to 16 MiB, churned, under the kernel's
+ * real vm.max_map_count: every allocation succeeds, every block keeps its
+ * contents, the process stays under the limit (blocks past the guard are
+ * cut from packs), and all of it goes when they are freed. Huge pages off:
+ * each block is touched on its first and last page only. */
+Test(limits, one_hundred_thousand_live_blocks_under_the_real_limit, .timeout = 600)
+{
+    skip_unless_plain();
+    skip_unless_fillable();
+    ta_option_set(TA_OPT_THP, 0);
+    enum { N = 100000, ROUNDS = 20000, OTHERS = 20000 };
+    static unsigned char *b[N];
+    static size_t size[N];
+    uint64_t s = 7;
+    long limit = _ta_os_max_map_count(), worst = 0;
+    /* the program's own mappings, which never merge (alternating
+     * protection): they take a third of the limit, so the guard is met */
+    char *others = mmap(NULL, OTHERS * 4096, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    cr_assert_neq(others, MAP_FAILED);
+    for (int i = 0; i < OTHERS; i += 2)
+        cr_assert_eq(mprotect(others + (size_t)i * 4096, 4096, PROT_NONE), 0);
+    for (int i = 0; i < N + ROUNDS; i++) {
+        int k = i < N ? i : (int)(next_rand(&s) % N);
+        if (i >= N) {
+            cr_assert_eq(b[k][0], (unsigned char)k, "block %d lost its first byte", k);
+            cr_assert_eq(b[k][size[k] - 1], (unsigned char)~k, "block %d lost its last byte", k);
+            ta_free(b[k]);
+        }
+        size[k] = log_uniform(&s, 256 * KiB); /* 256 KiB to 16 MiB */
+        b[k] = ta_malloc(size[k]);
+        cr_assert_not_null(b[k], "allocation %d (%zu bytes) failed", i, size[k]);
+        b[k][0] = (unsigned char)k;
+        b[k][size[k] - 1] = (unsigned char)~k;
+        if (i % 10000 == 0) {
+            long m = maps_lines();
+            worst = m > worst ? m : worst;
+        }
+    }
+    ta_stats_t st = stats_now();
+    long at_end = maps_lines();
+    cr_log_info("%" PRIu64 " blocks packed; %ld VMAs at the end, at most %ld seen, limit %ld",
+                st.maxmap_fallbacks, at_end, worst, limit);
+    cr_assert_lt(at_end, limit);
+    cr_assert_gt(st.maxmap_fallbacks, 0, "the guard never packed a block: the test shows nothing");
+    cr_assert_eq(st.large_live_count, N);
+    for (int k = 0; k < N; k++) {
+        cr_assert_eq(b[k][0], (unsigned char)k);
+        ta_free(b[k]);
+    }
+    ta_trim();
+    munmap(others, OTHERS * 4096);
+    st = stats_now();
+    cr_assert_eq(st.large_live_count, 0);
+    cr_assert_lt(maps_lines(), 1000, "mappings stayed after every block was freed");
+}
+
 /* The same through the MAX_MAP_COUNT option, with every unmap failing:
  * trim returns, malloc near the limit returns (it trims first), and
  * nothing is lost once unmaps work again. */
