@@ -75,7 +75,7 @@ typedef struct ta_stats_s {
     /* large path */
     uint64_t large_live_bytes; /* requested bytes of live large blocks */
     uint64_t large_peak_bytes;
-    uint64_t large_live_count;   /* live large blocks = live mappings */
+    uint64_t large_live_count;   /* live large blocks (pieces may share a mapping) */
     uint64_t large_mapped_bytes; /* bytes of live mappings, pool excluded */
     uint64_t large_alloc_count;  /* large allocations served so far */
     uint64_t pool_bytes;         /* bytes retained for reuse */
@@ -83,7 +83,7 @@ typedef struct ta_stats_s {
     uint64_t pool_hits;        /* large allocations served from the pool */
     uint64_t pool_misses;      /* large allocations that needed a fresh mapping */
     uint64_t pool_expired;     /* pool entries unmapped after RETAIN_MS */
-    uint64_t maxmap_fallbacks; /* large requests sent to slabs near the limit */
+    uint64_t maxmap_fallbacks; /* large blocks cut from packs near the map limit */
     uint64_t map_limit;        /* the vm.max_map_count in force */
     /* small path */
     uint64_t small_live_bytes; /* block bytes in use (batched, see docs) */
