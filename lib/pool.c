@@ -307,6 +307,8 @@ int _ta_pool_put(ta_pool_t *p, ta_range_t r)
     if (!joinable(p, right, r.origin))
         right = NONE;
     if (left == NONE && right == NONE) {
+        if (p->age_tail != NONE && r.freed_ms < p->nodes[p->age_tail].r.freed_ms)
+            r.freed_ms = p->nodes[p->age_tail].r.freed_ms; /* the list stays in order */
         uint32_t i = node_new(p);
         node_enter(p, i, r);
         age_link_after(p, i, p->age_tail);

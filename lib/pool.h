@@ -58,7 +58,8 @@ void *_ta_pool_grow(ta_pool_t *p, void *mem, size_t bytes, size_t *old_bytes);
 
 /* Adds a free range (needs room for 1 node), joining it with the free
  * ranges of the same nonzero origin on either side; the joined range takes
- * the older neighbour's age and place in the age order. Returns how many
+ * the older neighbour's age and place in the age order; a range older than
+ * the newest one in the pool gets that one's age. Returns how many
  * neighbours it joined (0-2). */
 int _ta_pool_put(ta_pool_t *p, ta_range_t r);
 
