@@ -466,22 +466,30 @@ static long map_limit(void)
  * the limit is near, and at most every RECOUNT_MS. */
 #define RECOUNT_MS 100
 
-static _Atomic long vmas_counted;
+static _Atomic long vmas_counted, growth_at_count;
 static _Atomic uint64_t vmas_counted_ms;
+
+/* The kernel's count at the last look plus what can have been added since. */
+static long vmas_bound(void)
+{
+    return atomic_load_explicit(&vmas_counted, memory_order_relaxed) + _ta_os_vma_growth() -
+           atomic_load_explicit(&growth_at_count, memory_order_relaxed);
+}
 
 bool _ta_large_near_map_limit(void)
 {
     long limit = map_limit();
-    if (atomic_load_explicit(&vmas_counted, memory_order_relaxed) + _ta_os_vma_growth() + 1 < limit)
+    if (vmas_bound() + 1 < limit)
         return false;
     uint64_t now = _ta_os_now_ms() + 1; /* 0 means never counted */
     uint64_t last = atomic_load_explicit(&vmas_counted_ms, memory_order_relaxed);
-    long n;
+    long growth = _ta_os_vma_growth(), n; /* calls made while reading count twice */
     if ((last == 0 || now - last >= RECOUNT_MS) &&
-        atomic_compare_exchange_strong(&vmas_counted_ms, &last, now) && _ta_os_vma_count(&n) == 0)
+        atomic_compare_exchange_strong(&vmas_counted_ms, &last, now) && _ta_os_vma_count(&n) == 0) {
+        atomic_store_explicit(&growth_at_count, growth, memory_order_relaxed);
         atomic_store_explicit(&vmas_counted, n, memory_order_relaxed);
-    return atomic_load_explicit(&vmas_counted, memory_order_relaxed) + _ta_os_vma_growth() + 1 >=
-           limit;
+    }
+    return vmas_bound() + 1 >= limit;
 }
 
 /* ---- packs -------------------------------------------------------------------

@@ -49,8 +49,9 @@ long _ta_os_max_map_count(void);
 /* The kernel's count of this process's mappings (VMAs: the lines of
  * /proc/self/maps, what vm.max_map_count limits); reads the whole file. */
 int _ta_os_vma_count(long *out);
-/* How many VMAs the calls made through this layer since the last
- * _ta_os_vma_count can have added at most (merges only lower it). */
+/* How many VMAs the calls made through this layer so far can have added at
+ * most (merges only lower it); never decreases: a caller that counted
+ * remembers this value with its count and adds what it grew by since. */
 long _ta_os_vma_growth(void);
 /* Resident set size of this process in bytes (VmRSS), 0 if unknown. */
 size_t _ta_os_rss(void);

@@ -88,7 +88,7 @@ void _ta_os_fail_nth_advise(long n)
 }
 
 /* ---- the kernel's mapping count ---------------------------------------------
- * An upper bound on the VMAs made since the last exact count: a map adds at
+ * An upper bound on the VMAs the calls made so far can have added: a map at
  * most one, an unmap one (a split), a moving mremap three (the source split,
  * the destination split around the moved range), an madvise or a name two
  * (the range cut out of the middle of a VMA). Merges only lower the truth. */
@@ -107,8 +107,6 @@ long _ta_os_vma_growth(void)
 int _ta_os_vma_count(long *out)
 {
     int saved = errno;
-    /* calls made while reading are counted again: the bound stays a bound */
-    atomic_store_explicit(&vma_growth, 0, memory_order_relaxed);
     int fd = open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
         int rc = errno;

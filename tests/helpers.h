@@ -65,6 +65,13 @@ static inline int under_valgrind(void)
     return pre && strstr(pre, "vgpreload") != NULL;
 }
 
+/* The kernel's mappings of this process (lines of /proc/self/maps). */
+static inline long maps_lines(void)
+{
+    long n = -1;
+    return _ta_os_vma_count(&n) == 0 ? n : -1;
+}
+
 static inline ta_stats_t stats_now(void)
 {
     ta_stats_t st;

@@ -122,18 +122,6 @@ Test(faults, every_nth_map_failure_is_absorbed)
     cr_assert_eq(st.pool_bytes, 0);
 }
 
-static long maps_lines(void)
-{
-    FILE *f = fopen("/proc/self/maps", "r");
-    cr_assert_not_null(f);
-    long n = 0;
-    int c;
-    while ((c = getc(f)) != EOF)
-        n += c == '\n';
-    fclose(f);
-    return n;
-}
-
 /* At the guard, large blocks are cut from packs (mappings shared by many
  * blocks): thousands of them cost a handful of VMAs, keep their contents,
  * and the packs go once their blocks are freed. The limit is set just

@@ -196,18 +196,6 @@ static size_t log_uniform(uint64_t *s, size_t lo)
     return (base + (size_t)(next_rand(s) % base)) & ~(size_t)15;
 }
 
-static long maps_lines(void)
-{
-    FILE *f = fopen("/proc/self/maps", "r");
-    long n = 0;
-    int c;
-    while (f && (c = getc(f)) != EOF)
-        n += c == '\n';
-    if (f)
-        fclose(f);
-    return n;
-}
-
 /* 100,000 live blocks of 256 KiB to 16 MiB, churned, under the kernel's
  * real vm.max_map_count: every allocation succeeds, every block keeps its
  * contents, the process stays under the limit (blocks past the guard are
