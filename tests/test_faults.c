@@ -142,14 +142,19 @@ Test(faults, map_count_guard_packs_large_blocks)
     cr_assert_gt(st.maxmap_fallbacks, 0, "no block was packed");
     cr_log_info("%" PRIu64 " of %d blocks packed; %ld VMAs (%ld before)", st.maxmap_fallbacks, N,
                 at, base);
-    cr_assert_leq(at, base + 50 + 16, "%ld VMAs for %d blocks (%ld before)", at, N, base);
+    bool vmas_meaningful = !under_valgrind(); /* valgrind keeps mappings of its own */
+    if (vmas_meaningful)
+        cr_assert_leq(at, base + 50 + 16, "%ld VMAs for %d blocks (%ld before)", at, N, base);
     for (int i = 0; i < N; i++) {
         cr_assert_eq(((unsigned char *)p[i])[300 * KiB - 1], (unsigned char)(i & 0xff));
         ta_free(p[i]);
     }
     ta_trim();
     cr_assert_eq(stats_now().large_live_count, 0);
-    cr_assert_leq(maps_lines(), base + 8, "the packs stayed after their blocks went");
+    if (vmas_meaningful)
+        cr_assert_leq(maps_lines(), base + 8, "the packs stayed after their blocks went");
+    else
+        cr_log_info("under valgrind: VMA counts not checked");
 }
 
 Test(faults, map_limit_reports_the_override)
