@@ -517,6 +517,21 @@ static size_t natural_alignment(size_t cap)
     return cap >= TA_HUGE_PAGE ? TA_HUGE_PAGE : _ta_os_page_size();
 }
 
+/* The mapped bytes and the alignment of a block of size bytes; false with
+ * ENOMEM for a size no mapping can have (room left for huge-page slack). */
+static bool block_shape(size_t size, size_t alignment, size_t *cap, size_t *align)
+{
+    if (size > SIZE_MAX - 2 * TA_HUGE_PAGE) {
+        errno = ENOMEM;
+        return false;
+    }
+    *cap = _ta_align_up(size ? size : 1, _ta_os_page_size());
+    *align = natural_alignment(*cap);
+    if (alignment > *align)
+        *align = alignment;
+    return true;
+}
+
 /* Always the whole mapping: advising part of it would split the VMA, and
  * mremap refuses (EFAULT) to move or grow a range spanning two VMAs. */
 static void name_and_advise(void *p, size_t cap, size_t fresh_bytes)
@@ -661,15 +676,9 @@ static bool evict_all_due(uint64_t max_age, bool all, unsigned *events)
 void *_ta_large_alloc(size_t size, size_t alignment, bool zero, bool near_limit_ok,
                       unsigned *events)
 {
-    size_t page = _ta_os_page_size();
-    if (size > SIZE_MAX - TA_HUGE_PAGE) {
-        errno = ENOMEM;
+    size_t cap, align;
+    if (!block_shape(size, alignment, &cap, &align))
         return NULL;
-    }
-    size_t cap = _ta_align_up(size ? size : 1, page);
-    size_t align = natural_alignment(cap);
-    if (alignment > align)
-        align = alignment;
 
     /* The first request after an idle gap: what came due during it goes
      * first (the purge thread may not exist, at the mapping limit). */
@@ -736,14 +745,9 @@ static bool pack_new(size_t need)
 
 void *_ta_large_alloc_packed(size_t size, size_t alignment)
 {
-    if (size > SIZE_MAX - 2 * TA_HUGE_PAGE) {
-        errno = ENOMEM;
+    size_t cap, align;
+    if (!block_shape(size, alignment, &cap, &align))
         return NULL;
-    }
-    size_t cap = _ta_align_up(size ? size : 1, _ta_os_page_size());
-    size_t align = natural_alignment(cap);
-    if (alignment > align)
-        align = alignment;
     for (bool fresh = false;; fresh = true) {
         if (reserve_locked() != 0)
             break;
