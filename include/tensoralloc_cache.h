@@ -66,6 +66,13 @@ typedef enum {
     TA_OVERFLOW_ADMIT = 1,  /* admit over budget, log a warning, count it */
 } ta_overflow_t;
 
+/* What a load does with the page cache. */
+typedef enum {
+    TA_PAGE_CACHE_KEEP = 0,   /* buffered reads; the file stays cached (fastest to load again) */
+    TA_PAGE_CACHE_DROP = 1,   /* buffered reads, then POSIX_FADV_DONTNEED of the file */
+    TA_PAGE_CACHE_BYPASS = 2, /* O_DIRECT reads; where refused (tmpfs), as DROP */
+} ta_page_cache_t;
+
 typedef struct {
     size_t size;               /* sizeof(ta_cache_config_t) */
     size_t ram_budget;         /* bytes of host tensor memory */
@@ -77,6 +84,11 @@ typedef struct {
     ta_log_fn log; /* NULL: no logging */
     void *log_arg;
     ta_log_level_t log_level; /* messages up to this level are passed on */
+    /* Loads (fields a caller's smaller config.size leaves out are 0). */
+    int load_threads;           /* reader threads per load; 0: one per core, at most 8 */
+    size_t load_chunk;          /* bytes per read; 0: 4 MiB */
+    ta_page_cache_t page_cache; /* 0: TA_PAGE_CACHE_KEEP */
+    uint64_t keep_alive_ms;     /* evict unlocked entries unused this long (a timer); 0: never */
 } ta_cache_config_t;
 
 typedef struct ta_cache ta_cache_t;

@@ -13,6 +13,7 @@
  */
 #define _GNU_SOURCE
 #include "internal.h"
+#include "loader.h"
 #include "safetensors.h"
 #include "tensoralloc_cache.h"
 #include "tensoralloc_cuda.h"
@@ -27,7 +28,6 @@
 #include <time.h>
 #include <unistd.h>
 
-#define READ_CHUNK ((size_t)64 << 20)
 #define PINNED_BUDGET ((size_t)256 << 20)
 
 typedef struct {
@@ -507,40 +507,49 @@ static int entry_append(ta_entry_t *e, const char *name, ta_dtype_t dtype, int n
     return 0;
 }
 
-/* Reads n bytes at off into dst in large chunks. */
-static int read_fully(int fd, void *dst, size_t n, uint64_t off, const char *path)
+/* ---- loading ------------------------------------------------------------------------ */
+
+/* Reads the spans into a loading entry and publishes it, or abandons it. */
+static int load_entry(ta_cache_t *c, ta_entry_t *e, const char *path, int fd, _ta_span_t *spans,
+                      size_t n, uint64_t total, double t0)
 {
-    for (size_t done = 0; done < n;) {
-        size_t want = n - done < READ_CHUNK ? n - done : READ_CHUNK;
-        ssize_t got = pread(fd, (char *)dst + done, want, (off_t)(off + done));
-        if (got < 0) {
-            if (errno == EINTR)
-                continue;
-            return fail(errno, "%s: read failed at offset %llu: %s", path,
-                        (unsigned long long)(off + done), strerror(errno));
-        }
-        if (got == 0)
-            return fail(TA_EFORMAT, "%s: file ends at offset %llu, %zu bytes short", path,
-                        (unsigned long long)(off + done), n - done);
-        done += (size_t)got;
+    _ta_load_opts_t opts = {.threads = c->cfg.load_threads,
+                            .chunk = c->cfg.load_chunk,
+                            .page_cache = c->cfg.page_cache};
+    _ta_load_report_t rep = {0};
+    char why[200] = "";
+    int rc = _ta_load_spans(path, fd, spans, n, &opts, &rep, why, sizeof why);
+    double dt = now_s() - t0;
+    if (rc) {
+        abandon_entry(c, e);
+        return fail(rc, "%s: %s", path, why);
     }
+    publish(c, e, total, dt);
+    cache_log(c, TA_LOG_INFO,
+              "loaded '%s' from %s: %zu tensors, %.3f GB in %.3f s (%.2f GB/s, %d reader%s%s)",
+              e->key, path, e->count, (double)total / 1e9, dt, dt > 0 ? (double)total / dt / 1e9 : 0,
+              rep.threads, rep.threads == 1 ? "" : "s", rep.direct ? ", O_DIRECT" : "");
     return 0;
 }
 
-/* ---- loading ------------------------------------------------------------------------ */
+/* Opens path and fails with its message. */
+static int open_file(const char *path, int *fd)
+{
+    int rc = _ta_os_open_read(path, 0, fd);
+    return rc ? fail(rc, "%s: %s", path, strerror(rc)) : 0;
+}
 
 int ta_cache_load_safetensors(ta_cache_t *c, const char *key, const char *path, ta_entry_t **out)
 {
     if (!c || !key || !path || !out)
         return fail(EINVAL, "NULL argument");
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return fail(errno, "%s: %s", path, strerror(errno));
+    int fd, rc;
+    if ((rc = open_file(path, &fd)) != 0)
+        return rc;
     _ta_st_header_t h;
     char why[200] = "";
-    int rc = _ta_st_read_header(fd, &h, why, sizeof why);
-    if (rc) {
-        close(fd);
+    if ((rc = _ta_st_read_header(fd, &h, why, sizeof why)) != 0) {
+        _ta_os_close(fd);
         return rc == TA_EFORMAT ? fail(rc, "%s: %s", path, why)
                                 : fail(rc, "%s: %s", path, strerror(rc));
     }
@@ -549,37 +558,33 @@ int ta_cache_load_safetensors(ta_cache_t *c, const char *key, const char *path, 
         total += h.tensors[i].end - h.tensors[i].begin;
     ta_memory_snapshot_t before;
     snapshot_if_debug(c, &before);
-    ta_entry_t *e;
-    if ((rc = insert_reserved(c, key, (size_t)total, true, &e)) != 0) {
-        _ta_st_free(&h);
-        close(fd);
-        return rc;
-    }
+    ta_entry_t *e = NULL;
+    _ta_span_t *spans = malloc((h.count ? h.count : 1) * sizeof *spans);
+    if (!spans)
+        rc = fail(ENOMEM, "no memory for %zu tensors", h.count);
+    else
+        rc = insert_reserved(c, key, (size_t)total, true, &e);
     double t0 = now_s();
     for (size_t i = 0; i < h.count && rc == 0; i++) {
         _ta_st_tensor_t *st = &h.tensors[i];
         size_t n = (size_t)(st->end - st->begin);
         void *data = ta_malloc(n ? n : 1); /* large tensors: a mapping each */
-        if (!data) {
+        if (!data)
             rc = fail(ENOMEM, "%s: no memory for tensor '%s' (%zu bytes)", path, st->name, n);
-            break;
-        }
-        rc = read_fully(fd, data, n, h.data_start + st->begin, path);
-        if (rc == 0)
-            rc = entry_append(e, st->name, st->dtype, st->ndim, st->shape, n, data);
-        if (rc)
+        else if ((rc = entry_append(e, st->name, st->dtype, st->ndim, st->shape, n, data)) != 0)
             ta_free(data);
+        else
+            spans[i] = (_ta_span_t){data, h.data_start + st->begin, n};
     }
-    double dt = now_s() - t0;
-    close(fd);
-    _ta_st_free(&h);
-    if (rc) {
+    if (e && rc)
         abandon_entry(c, e);
+    else if (e)
+        rc = load_entry(c, e, path, fd, spans, h.count, total, t0);
+    free(spans);
+    _ta_os_close(fd);
+    _ta_st_free(&h);
+    if (rc)
         return rc;
-    }
-    publish(c, e, total, dt);
-    cache_log(c, TA_LOG_INFO, "loaded '%s' from %s: %zu tensors, %.3f GB in %.2f s (%.0f MB/s)",
-              key, path, e->count, (double)total / 1e9, dt, dt > 0 ? (double)total / dt / 1e6 : 0);
     log_snapshot_diff(c, &before);
     *out = e;
     return 0;
@@ -594,36 +599,37 @@ int ta_cache_load_raw(ta_cache_t *c, const char *key, const char *path, ta_dtype
     int rc = tensor_bytes(dtype, ndim, shape, &n);
     if (rc)
         return rc;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return fail(errno, "%s: %s", path, strerror(errno));
-    off_t size = lseek(fd, 0, SEEK_END);
-    if (size < 0 || (uint64_t)size != n) {
-        close(fd);
-        return fail(TA_EFORMAT, "%s: file is %lld bytes, the shape needs %zu", path,
-                    (long long)size, n);
+    int fd;
+    if ((rc = open_file(path, &fd)) != 0)
+        return rc;
+    uint64_t size = 0;
+    if ((rc = _ta_os_file_size(fd, &size)) != 0 || size != n) {
+        _ta_os_close(fd);
+        return rc ? fail(rc, "%s: %s", path, strerror(rc))
+                  : fail(TA_EFORMAT, "%s: file is %llu bytes, the shape needs %zu", path,
+                         (unsigned long long)size, n);
     }
     ta_memory_snapshot_t before;
     snapshot_if_debug(c, &before);
     ta_entry_t *e;
     if ((rc = insert_reserved(c, key, n, true, &e)) != 0) {
-        close(fd);
+        _ta_os_close(fd);
         return rc;
     }
     double t0 = now_s();
     void *data = ta_malloc(n ? n : 1);
-    rc = data ? read_fully(fd, data, n, 0, path) : fail(ENOMEM, "no memory for %zu bytes", n);
-    if (rc == 0)
-        rc = entry_append(e, "data", dtype, ndim, shape, n, data);
-    double dt = now_s() - t0;
-    close(fd);
+    rc = data ? entry_append(e, "data", dtype, ndim, shape, n, data)
+              : fail(ENOMEM, "no memory for %zu bytes", n);
     if (rc) {
         ta_free(data);
         abandon_entry(c, e);
-        return rc;
+    } else {
+        _ta_span_t span = {data, 0, n};
+        rc = load_entry(c, e, path, fd, &span, 1, n, t0);
     }
-    publish(c, e, n, dt);
-    cache_log(c, TA_LOG_INFO, "loaded '%s' from %s: %zu bytes in %.2f s", key, path, n, dt);
+    _ta_os_close(fd);
+    if (rc)
+        return rc;
     log_snapshot_diff(c, &before);
     *out = e;
     return 0;

@@ -62,6 +62,30 @@ void _ta_os_write_stderr(const char *buf, size_t len);
 /* Read an environment variable from environ without allocating. */
 const char *_ta_os_getenv(const char *name);
 
+/* ---- files and threads: the model cache's loader ------------------------- */
+/* Open path for reading; with direct, O_DIRECT (EINVAL where the
+ * filesystem refuses it, as tmpfs does). */
+int _ta_os_open_read(const char *path, int direct, int *fd);
+void _ta_os_close(int fd);
+int _ta_os_file_size(int fd, uint64_t *out);
+/* One pread of at most len bytes at off (EINTR retried); *got is 0 at the
+ * end of the file. */
+int _ta_os_read_at(int fd, void *buf, size_t len, uint64_t off, size_t *got);
+typedef enum { TA_OS_FADV_SEQUENTIAL, TA_OS_FADV_WILLNEED, TA_OS_FADV_DONTNEED } ta_os_fadvice_t;
+/* posix_fadvise over [off, off + len); len 0: to the end of the file. */
+int _ta_os_fadvise(int fd, uint64_t off, uint64_t len, ta_os_fadvice_t advice);
+/* Fault the pages of a mapped range in, writable, now (MADV_POPULATE_WRITE;
+ * EINVAL on kernels before 5.14). The contents are unchanged. */
+int _ta_os_populate_write(void *addr, size_t size);
+/* Start a joinable thread running fn(arg); *id names it for the join. */
+int _ta_os_thread_start(void *(*fn)(void *), void *arg, unsigned long *id);
+void _ta_os_thread_join(unsigned long id);
+/* Processors online, at least 1. */
+int _ta_os_cpu_count(void);
+/* This process's cgroup memory limit in bytes (v2 memory.max, else v1
+ * memory.limit_in_bytes), 0 if there is none or it cannot be read. */
+size_t _ta_os_cgroup_memory_limit(void);
+
 /* Counters of the kernel calls made so far (relaxed reads). */
 typedef struct {
     uint64_t map, unmap, remap, madvise, map_failures, unmap_failures, advise_failures;
@@ -82,5 +106,16 @@ void _ta_os_fail_nth_advise(long n);
 void _ta_os_fail_every_unmap(int on);
 /* While on, every map fails with ENOMEM. */
 void _ta_os_fail_every_map(int on);
+
+/* A test's read hook: called before every _ta_os_read_at with the request;
+ * it may shorten *len (a short read), do something to the file (shrink
+ * it), or return an errno the read then fails with. NULL removes it. */
+typedef int (*ta_os_read_hook_t)(void *arg, int fd, size_t *len, uint64_t off);
+void _ta_os_set_read_hook(ta_os_read_hook_t hook, void *arg);
+/* While on, O_DIRECT opens fail with EINVAL, as on a filesystem without
+ * direct I/O. */
+void _ta_os_refuse_direct(int on);
+/* Make the Nth thread start from now fail (EAGAIN); 0 disarms. */
+void _ta_os_fail_nth_thread(long n);
 
 #endif

@@ -9,13 +9,19 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
+#include <stdio.h>
 #include <stdatomic.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23 /* Linux 5.14 */
+#endif
 #ifndef PR_SET_VMA
 #define PR_SET_VMA 0x53564d41
 #define PR_SET_VMA_ANON_NAME 0
@@ -26,7 +32,7 @@ extern char **environ;
 static _Atomic uint64_t count_map, count_unmap, count_remap, count_madvise, count_map_fail;
 static _Atomic uint64_t count_unmap_fail, count_advise_fail, count_remap_fail, count_injected;
 static _Atomic long fail_map_countdown, fail_remap_countdown, fail_unmap_countdown,
-    fail_advise_countdown;
+    fail_advise_countdown, fail_thread_countdown;
 
 static void counter_bump(_Atomic uint64_t *c)
 {
@@ -85,6 +91,20 @@ static int every_fires(atomic_int *on)
 void _ta_os_fail_nth_advise(long n)
 {
     atomic_store(&fail_advise_countdown, n);
+}
+
+void _ta_os_fail_nth_thread(long n)
+{
+    atomic_store(&fail_thread_countdown, n);
+}
+
+static ta_os_read_hook_t _Atomic read_hook;
+static void *_Atomic read_hook_arg;
+
+void _ta_os_set_read_hook(ta_os_read_hook_t hook, void *arg)
+{
+    atomic_store(&read_hook_arg, arg);
+    atomic_store(&read_hook, hook);
 }
 
 /* ---- the kernel's mapping count ---------------------------------------------
@@ -295,7 +315,7 @@ static int advise(void *addr, size_t size, int advice)
         rc = EAGAIN;
     } else {
         counter_bump(&count_madvise);
-        if (advice != MADV_DONTNEED) /* DONTNEED changes no VMA */
+        if (advice != MADV_DONTNEED && advice != MADV_POPULATE_WRITE) /* these change no VMA */
             vma_grow(2);
         rc = madvise(addr, size, advice) == 0 ? 0 : errno;
     }
@@ -454,4 +474,134 @@ void _ta_os_counters(_ta_os_counters_t *out)
     out->advise_failures = atomic_load_explicit(&count_advise_fail, memory_order_relaxed);
     out->remap_failures = atomic_load_explicit(&count_remap_fail, memory_order_relaxed);
     out->injected = atomic_load_explicit(&count_injected, memory_order_relaxed);
+}
+
+/* ---- files and threads ----------------------------------------------------- */
+
+static atomic_int refuse_direct;
+
+void _ta_os_refuse_direct(int on)
+{
+    atomic_store(&refuse_direct, on);
+}
+
+int _ta_os_open_read(const char *path, int direct, int *fd)
+{
+    if (direct && every_fires(&refuse_direct))
+        return EINVAL;
+    int saved = errno;
+    int f = open(path, O_RDONLY | O_CLOEXEC | (direct ? O_DIRECT : 0));
+    int rc = f < 0 ? errno : 0;
+    errno = saved;
+    if (rc == 0)
+        *fd = f;
+    return rc;
+}
+
+void _ta_os_close(int fd)
+{
+    int saved = errno;
+    close(fd);
+    errno = saved;
+}
+
+int _ta_os_file_size(int fd, uint64_t *out)
+{
+    int saved = errno;
+    struct stat st;
+    int rc = fstat(fd, &st) == 0 ? 0 : errno;
+    errno = saved;
+    if (rc == 0)
+        *out = (uint64_t)st.st_size;
+    return rc;
+}
+
+int _ta_os_read_at(int fd, void *buf, size_t len, uint64_t off, size_t *got)
+{
+    ta_os_read_hook_t hook = atomic_load_explicit(&read_hook, memory_order_acquire);
+    if (hook) {
+        int rc = hook(atomic_load(&read_hook_arg), fd, &len, off);
+        if (rc) {
+            counter_bump(&count_injected);
+            return rc;
+        }
+    }
+    int saved = errno;
+    ssize_t n;
+    do
+        n = pread(fd, buf, len, (off_t)off);
+    while (n < 0 && errno == EINTR);
+    int rc = n < 0 ? errno : 0;
+    errno = saved;
+    if (rc == 0)
+        *got = (size_t)n;
+    return rc;
+}
+
+int _ta_os_fadvise(int fd, uint64_t off, uint64_t len, ta_os_fadvice_t advice)
+{
+    static const int advices[] = {[TA_OS_FADV_SEQUENTIAL] = POSIX_FADV_SEQUENTIAL,
+                                  [TA_OS_FADV_WILLNEED] = POSIX_FADV_WILLNEED,
+                                  [TA_OS_FADV_DONTNEED] = POSIX_FADV_DONTNEED};
+    return posix_fadvise(fd, (off_t)off, (off_t)len, advices[advice]); /* returns the error */
+}
+
+int _ta_os_populate_write(void *addr, size_t size)
+{
+    return advise(addr, size, MADV_POPULATE_WRITE);
+}
+
+int _ta_os_thread_start(void *(*fn)(void *), void *arg, unsigned long *id)
+{
+    if (hook_fires(&fail_thread_countdown))
+        return EAGAIN;
+    pthread_t t;
+    int rc = pthread_create(&t, NULL, fn, arg);
+    if (rc == 0)
+        *id = (unsigned long)t;
+    return rc;
+}
+
+void _ta_os_thread_join(unsigned long id)
+{
+    pthread_join((pthread_t)id, NULL);
+}
+
+int _ta_os_cpu_count(void)
+{
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n > 0 ? (int)n : 1;
+}
+
+/* A limit file's value: "max" and absurd v1 values (no limit) are 0. */
+static size_t read_limit(const char *path)
+{
+    char buf[64];
+    if (read_small_file(path, buf, sizeof buf) <= 0 || buf[0] < '0' || buf[0] > '9')
+        return 0;
+    unsigned long long v = 0;
+    for (const char *c = buf; *c >= '0' && *c <= '9' && v < (1ULL << 60); c++)
+        v = v * 10 + (unsigned long long)(*c - '0');
+    return v >= (1ULL << 60) ? 0 : (size_t)v;
+}
+
+size_t _ta_os_cgroup_memory_limit(void)
+{
+    /* v2: "0::/path" in /proc/self/cgroup names this process's group. */
+    char groups[4096], path[4200];
+    if (read_small_file("/proc/self/cgroup", groups, sizeof groups) > 0) {
+        for (char *line = groups; line && *line;) {
+            char *next = strchr(line, '\n');
+            if (next)
+                *next++ = '\0';
+            if (strncmp(line, "0::", 3) == 0) {
+                snprintf(path, sizeof path, "/sys/fs/cgroup%s/memory.max", line + 3);
+                size_t v = read_limit(path);
+                if (v)
+                    return v;
+            }
+            line = next;
+        }
+    }
+    return read_limit("/sys/fs/cgroup/memory/memory.limit_in_bytes");
 }

@@ -3,8 +3,16 @@
  * tensoralloc-cache-demo: a model cache switching between safetensors
  * files, done two ways so they can be compared under any allocator:
  *
- *   tensoralloc-cache-demo make DIR [--models N] [--scale F]
- *       writes N synthetic models (hundreds of tensors, 256 B to tens of MiB)
+ *   tensoralloc-cache-demo make DIR [--models N] [--scale F] [--shape mix|transformer]
+ *       writes N synthetic models: mix, hundreds of tensors of 256 B to tens
+ *       of MiB; transformer, TinyLlama-1.1B's tensors (hidden 2048, MLP
+ *       5632, 4 KV heads of 64, vocabulary 32000, bf16) with 22 x F layers
+ *   tensoralloc-cache-demo load FILE... [--mode cache|plain] [--rounds N]
+ *                          [--threads N] [--chunk-mib N]
+ *                          [--page-cache keep|drop|bypass] [--cold] [--verbose]
+ *       loads each file and drops it, N rounds: the load throughput alone
+ *       (cache: the model cache's loader; plain: malloc + pread, 64 MiB
+ *       per call); --cold drops the page cache before every load (root)
  *   tensoralloc-cache-demo run DIR [--mode cache|plain] [--budget-mib N]
  *                          [--switches N] [--verbose]
  *       cache: tensoralloc's model cache (budget, LRU, per-tensor mappings),
@@ -22,6 +30,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -59,7 +68,72 @@ static uint64_t rng(uint64_t *s)
 
 /* ---- make: synthetic safetensors models ----------------------------------- */
 
-static int make_models(const char *dir, int models, double scale)
+/* Adds a tensor of dims (a x b; b 0 for one dimension) at *off. */
+static void add_tensor(cJSON *hdr, const char *name, const char *dtype, uint64_t a, uint64_t b,
+                       size_t elem, uint64_t *off)
+{
+    cJSON *t = cJSON_AddObjectToObject(hdr, name);
+    cJSON_AddStringToObject(t, "dtype", dtype);
+    cJSON *shape = cJSON_AddArrayToObject(t, "shape");
+    cJSON_AddItemToArray(shape, cJSON_CreateNumber((double)a));
+    if (b)
+        cJSON_AddItemToArray(shape, cJSON_CreateNumber((double)b));
+    uint64_t bytes = a * (b ? b : 1) * elem;
+    cJSON *offs = cJSON_AddArrayToObject(t, "data_offsets");
+    cJSON_AddItemToArray(offs, cJSON_CreateNumber((double)*off));
+    cJSON_AddItemToArray(offs, cJSON_CreateNumber((double)(*off + bytes)));
+    *off += bytes;
+}
+
+/* Hundreds of tensors of 256 B to 52 MiB. */
+static int mix_tensors(cJSON *hdr, uint64_t *s, double scale, uint64_t *off)
+{
+    int count = 200 + (int)(rng(s) % 500);
+    for (int i = 0; i < count; i++) {
+        unsigned r = (unsigned)(rng(s) % 100);
+        double lo = r < 40 ? 256 : r < 70 ? 16384 : r < 96 ? 1048576 : 16777216;
+        double hi = r < 40 ? 16384 : r < 70 ? 1048576 : r < 96 ? 16777216 : 54525952;
+        double u = (double)rng(s) / 2147483648.0;
+        uint64_t elems = (uint64_t)(lo * __builtin_pow(hi / lo, u) * scale / 4) + 1;
+        char name[32];
+        snprintf(name, sizeof name, "layer%d.weight", i);
+        add_tensor(hdr, name, "F32", elems, 0, 4, off);
+    }
+    return count;
+}
+
+/* TinyLlama-1.1B's shapes (its config.json on the Hugging Face hub). */
+static int transformer_tensors(cJSON *hdr, double scale, uint64_t *off)
+{
+    const uint64_t hidden = 2048, mlp = 5632, kv = 4 * 64, vocab = 32000;
+    int layers = (int)(22 * scale + 0.5), count = 0;
+    if (layers < 1)
+        layers = 1;
+    add_tensor(hdr, "model.embed_tokens.weight", "BF16", vocab, hidden, 2, off);
+    for (int l = 0; l < layers; l++) {
+        static const char *const names[] = {"self_attn.q_proj", "self_attn.k_proj",
+                                            "self_attn.v_proj", "self_attn.o_proj",
+                                            "mlp.gate_proj",    "mlp.up_proj",
+                                            "mlp.down_proj"};
+        const uint64_t rows[] = {hidden, kv, kv, hidden, mlp, mlp, hidden};
+        const uint64_t cols[] = {hidden, hidden, hidden, hidden, hidden, hidden, mlp};
+        char name[96];
+        for (int k = 0; k < 7; k++) {
+            snprintf(name, sizeof name, "model.layers.%d.%s.weight", l, names[k]);
+            add_tensor(hdr, name, "BF16", rows[k], cols[k], 2, off);
+        }
+        snprintf(name, sizeof name, "model.layers.%d.input_layernorm.weight", l);
+        add_tensor(hdr, name, "BF16", hidden, 0, 2, off);
+        snprintf(name, sizeof name, "model.layers.%d.post_attention_layernorm.weight", l);
+        add_tensor(hdr, name, "BF16", hidden, 0, 2, off);
+        count += 9;
+    }
+    add_tensor(hdr, "model.norm.weight", "BF16", hidden, 0, 2, off);
+    add_tensor(hdr, "lm_head.weight", "BF16", vocab, hidden, 2, off);
+    return count + 3;
+}
+
+static int make_models(const char *dir, int models, double scale, bool transformer)
 {
     if (mkdir(dir, 0755) != 0 && errno != EEXIST) {
         perror(dir);
@@ -67,26 +141,10 @@ static int make_models(const char *dir, int models, double scale)
     }
     uint64_t s = 7;
     for (int m = 0; m < models; m++) {
-        int count = 200 + (int)(rng(&s) % 500);
         cJSON *hdr = cJSON_CreateObject();
         uint64_t off = 0;
-        for (int i = 0; i < count; i++) {
-            unsigned r = (unsigned)(rng(&s) % 100);
-            double lo = r < 40 ? 256 : r < 70 ? 16384 : r < 96 ? 1048576 : 16777216;
-            double hi = r < 40 ? 16384 : r < 70 ? 1048576 : r < 96 ? 16777216 : 54525952;
-            double u = (double)rng(&s) / 2147483648.0;
-            uint64_t elems = (uint64_t)(lo * __builtin_pow(hi / lo, u) * scale / 4) + 1;
-            char name[32];
-            snprintf(name, sizeof name, "layer%d.weight", i);
-            cJSON *t = cJSON_AddObjectToObject(hdr, name);
-            cJSON_AddStringToObject(t, "dtype", "F32");
-            cJSON *shape = cJSON_AddArrayToObject(t, "shape");
-            cJSON_AddItemToArray(shape, cJSON_CreateNumber((double)elems));
-            cJSON *offs = cJSON_AddArrayToObject(t, "data_offsets");
-            cJSON_AddItemToArray(offs, cJSON_CreateNumber((double)off));
-            cJSON_AddItemToArray(offs, cJSON_CreateNumber((double)(off + elems * 4)));
-            off += elems * 4;
-        }
+        int count = transformer ? transformer_tensors(hdr, scale, &off)
+                                : mix_tensors(hdr, &s, scale, &off);
         char *text = cJSON_PrintUnformatted(hdr);
         char path[4096];
         snprintf(path, sizeof path, "%s/model%d.safetensors", dir, m);
@@ -300,12 +358,104 @@ static int run(const char *dir, const char *mode, size_t budget, int switches, i
     return 0;
 }
 
-static void usage(void)
+/* ---- load: the load throughput alone ------------------------------------------ */
+
+typedef struct {
+    bool cache, cold, verbose;
+    int rounds, threads;
+    size_t chunk;
+    ta_page_cache_t page_cache;
+} load_args_t;
+
+/* Drops the clean page cache (root only); false with a message if refused. */
+static bool drop_page_cache(void)
 {
-    fprintf(stderr, "usage: tensoralloc-cache-demo make DIR [--models N] [--scale F]\n"
-                    "       tensoralloc-cache-demo run DIR [--mode cache|plain] [--budget-mib N]\n"
-                    "                                  [--switches N] [--verbose]\n");
+    sync();
+    FILE *f = fopen("/proc/sys/vm/drop_caches", "w");
+    bool ok = f && fputs("1\n", f) >= 0;
+    if (f && fclose(f) != 0)
+        ok = false;
+    if (!ok)
+        fprintf(stderr, "SKIP: cannot drop the page cache (/proc/sys/vm/drop_caches: %s); "
+                        "cold loads need root\n", strerror(errno));
+    return ok;
+}
+
+static int load_files(char **files, int nfiles, const load_args_t *a)
+{
+    ta_cache_config_t cfg = {.size = sizeof cfg,
+                             .ram_budget = SIZE_MAX / 2,
+                             .log = a->verbose ? demo_log : NULL,
+                             .log_level = TA_LOG_INFO,
+                             .load_threads = a->threads,
+                             .load_chunk = a->chunk,
+                             .page_cache = a->page_cache};
+    ta_cache_t *c = NULL;
+    if (a->cache && ta_cache_create(&cfg, &c) != 0)
+        return 1;
+    double seconds = 0, warm_seconds = 0;
+    uint64_t bytes = 0, warm_bytes = 0;
+    for (int r = 0; r < a->rounds; r++)
+        for (int i = 0; i < nfiles; i++) {
+            if (a->cold && !drop_page_cache())
+                return 77;
+            double t0 = now_s();
+            uint64_t n = 0;
+            if (a->cache) {
+                ta_entry_t *e;
+                int rc = ta_cache_load_safetensors(c, files[i], files[i], &e);
+                if (rc) {
+                    fprintf(stderr, "%s: %s\n", ta_strerror(rc), ta_cache_last_error());
+                    return 1;
+                }
+                n = ta_entry_ram_bytes(e);
+                seconds += now_s() - t0;
+                ta_entry_unlock(e);
+                ta_cache_remove(c, files[i]);
+            } else {
+                plain_model_t m = {0};
+                if (plain_load(files[i], &m) != 0) {
+                    fprintf(stderr, "%s: cannot load\n", files[i]);
+                    return 1;
+                }
+                n = m.bytes;
+                seconds += now_s() - t0;
+                plain_free(&m);
+            }
+            double dt = now_s() - t0;
+            bytes += n;
+            if (r > 0 || a->rounds == 1) {
+                warm_bytes += n;
+                warm_seconds += dt;
+            }
+        }
+    ta_cache_destroy(c);
+    printf("workload=load\nmode=%s\nbytes=%llu\nseconds=%.4f\ngbps=%.3f\n",
+           a->cache ? "cache" : "plain", (unsigned long long)bytes, seconds,
+           seconds > 0 ? (double)bytes / seconds / 1e9 : 0);
+    printf("steady_gbps=%.3f\n", warm_seconds > 0 ? (double)warm_bytes / warm_seconds / 1e9 : 0);
+    return 0;
+}
+
+static __attribute__((noreturn)) void usage(void)
+{
+    fprintf(stderr,
+            "usage: tensoralloc-cache-demo make DIR [--models N] [--scale F] [--shape mix|transformer]\n"
+            "       tensoralloc-cache-demo run DIR [--mode cache|plain] [--budget-mib N]\n"
+            "                                  [--switches N] [--verbose]\n"
+            "       tensoralloc-cache-demo load FILE... [--mode cache|plain] [--rounds N]\n"
+            "                                  [--threads N] [--chunk-mib N]\n"
+            "                                  [--page-cache keep|drop|bypass] [--cold] [--verbose]\n");
     exit(2);
+}
+
+static int page_cache_mode(const char *s)
+{
+    static const char *const names[] = {"keep", "drop", "bypass"};
+    for (int i = 0; i < 3; i++)
+        if (strcmp(s, names[i]) == 0)
+            return i;
+    usage();
 }
 
 int main(int argc, char **argv)
@@ -313,15 +463,18 @@ int main(int argc, char **argv)
     if (argc < 3)
         usage();
     const char *cmd = argv[1], *dir = argv[2];
-    static const struct option opts[] = {{"models", 1, 0, 'm'},   {"scale", 1, 0, 's'},
-                                         {"mode", 1, 0, 'o'},     {"budget-mib", 1, 0, 'b'},
-                                         {"switches", 1, 0, 'w'}, {"verbose", 0, 0, 'v'},
-                                         {"help", 0, 0, 'h'},     {0, 0, 0, 0}};
+    static const struct option opts[] = {
+        {"models", 1, 0, 'm'},  {"scale", 1, 0, 's'},   {"mode", 1, 0, 'o'},
+        {"budget-mib", 1, 0, 'b'}, {"switches", 1, 0, 'w'}, {"verbose", 0, 0, 'v'},
+        {"shape", 1, 0, 'S'},   {"rounds", 1, 0, 'r'},  {"threads", 1, 0, 't'},
+        {"chunk-mib", 1, 0, 'c'}, {"page-cache", 1, 0, 'p'}, {"cold", 0, 0, 'C'},
+        {"help", 0, 0, 'h'},    {0, 0, 0, 0}};
     int models = 6, switches = 20, verbose = 0, c;
     double scale = 0.3;
     size_t budget = (size_t)1536 << 20;
-    const char *mode = "cache";
-    optind = 3;
+    const char *mode = "cache", *shape = "mix";
+    load_args_t la = {.rounds = 3};
+    optind = 2;
     while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
         switch (c) {
         case 'm': models = atoi(optarg); break;
@@ -330,13 +483,26 @@ int main(int argc, char **argv)
         case 'b': budget = (size_t)atoll(optarg) << 20; break;
         case 'w': switches = atoi(optarg); break;
         case 'v': verbose = 1; break;
+        case 'S': shape = optarg; break;
+        case 'r': la.rounds = atoi(optarg); break;
+        case 't': la.threads = atoi(optarg); break;
+        case 'c': la.chunk = (size_t)atoll(optarg) << 20; break;
+        case 'p': la.page_cache = (ta_page_cache_t)page_cache_mode(optarg); break;
+        case 'C': la.cold = true; break;
         default: usage();
         }
     }
-    if (strcmp(cmd, "make") == 0 && models > 0 && scale > 0)
-        return make_models(dir, models, scale);
-    if (strcmp(cmd, "run") == 0 && switches > 0 && budget > 0 &&
-        (!strcmp(mode, "cache") || !strcmp(mode, "plain")))
+    bool known_mode = !strcmp(mode, "cache") || !strcmp(mode, "plain");
+    bool transformer = strcmp(shape, "transformer") == 0;
+    if (strcmp(cmd, "make") == 0 && models > 0 && scale > 0 && (transformer || !strcmp(shape, "mix")))
+        return make_models(dir, models, scale, transformer);
+    if (strcmp(cmd, "run") == 0 && switches > 0 && budget > 0 && known_mode)
         return run(dir, mode, budget, switches, verbose);
+    if (strcmp(cmd, "load") == 0 && la.rounds > 0 && la.threads >= 0 && known_mode &&
+        optind < argc) {
+        la.cache = strcmp(mode, "cache") == 0;
+        la.verbose = verbose;
+        return load_files(argv + optind, argc - optind, &la);
+    }
     usage();
 }

@@ -1,0 +1,289 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The loader: a load is cut into units of work that reader threads take
+ * in file order from one atomic counter, so the file is read front to
+ * back by all of them at once (the kernel's readahead sees one stream).
+ *
+ * Buffered (the default): a unit is a chunk of one span, read by pread
+ * straight into its destination; the kernel's copy out of the page cache
+ * is the only copy. The destination is not prefaulted: MADV_POPULATE_WRITE
+ * before each chunk's read was measured slower on fresh and on reused
+ * blocks alike (docs/benchmarks.md "Loads"); the readers fault their own
+ * chunks, in parallel.
+ *
+ * Direct: a unit is an aligned range of the file read with O_DIRECT into
+ * the reader's own aligned buffer, then copied to every span it covers
+ * (O_DIRECT needs the buffer, offset and length aligned, and a tensor's
+ * file offset and its block's address differ in their low bits). The page
+ * cache is never filled, as llama.cpp's direct-I/O loads do.
+ */
+#include "loader.h"
+#include "os.h"
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define DIRECT_ALIGN ((uint64_t)4096)
+
+typedef struct {
+    uint32_t span;
+    uint64_t at; /* bytes into the span */
+    size_t len;
+} piece_t;
+
+typedef struct {
+    int fd;
+    const _ta_span_t *spans;
+    size_t nspans;
+    size_t chunk;
+    bool direct;
+    /* buffered: the pieces; direct: the spans in file order and the range */
+    piece_t *pieces;
+    size_t npieces;
+    uint32_t *order;
+    uint64_t lo, hi;
+    size_t nunits;
+    _Atomic size_t next;
+    _Atomic uint64_t reads;
+    _Atomic int rc; /* the first failure; its message in why */
+    char *why;
+    size_t whylen;
+} job_t;
+
+static void job_fail(job_t *j, int rc, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static void job_fail(job_t *j, int rc, const char *fmt, ...)
+{
+    int none = 0;
+    if (atomic_compare_exchange_strong(&j->rc, &none, rc)) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(j->why, j->whylen, fmt, ap);
+        va_end(ap);
+    }
+}
+
+/* Reads len bytes at off into dst; fewer only at the end of the file. */
+static int read_span(job_t *j, void *dst, size_t len, uint64_t off, size_t *got)
+{
+    size_t done = 0;
+    while (done < len) {
+        size_t n;
+        atomic_fetch_add_explicit(&j->reads, 1, memory_order_relaxed);
+        int rc = _ta_os_read_at(j->fd, (char *)dst + done, len - done, off + done, &n);
+        if (rc) {
+            job_fail(j, rc, "read failed at offset %llu: %s", (unsigned long long)(off + done),
+                     strerror(rc));
+            return rc;
+        }
+        if (n == 0)
+            break;
+        done += n;
+    }
+    *got = done;
+    return 0;
+}
+
+static void short_file(job_t *j, uint64_t at)
+{
+    job_fail(j, TA_EFORMAT,
+             "file ends at offset %llu, before the tensors it declares do (it shrank during the load)",
+             (unsigned long long)at);
+}
+
+static void buffered_unit(job_t *j, size_t u)
+{
+    const piece_t *p = &j->pieces[u];
+    const _ta_span_t *s = &j->spans[p->span];
+    char *dst = (char *)s->dst + p->at;
+    size_t got;
+    if (read_span(j, dst, p->len, s->off + p->at, &got) == 0 && got < p->len)
+        short_file(j, s->off + p->at + got);
+}
+
+/* The first span, in file order, that ends after off. */
+static size_t first_after(const job_t *j, uint64_t off)
+{
+    size_t lo = 0, hi = j->nspans;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        const _ta_span_t *s = &j->spans[j->order[mid]];
+        if (s->off + s->len <= off)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+static void direct_unit(job_t *j, size_t u, unsigned char *buf)
+{
+    uint64_t a = j->lo + (uint64_t)u * j->chunk;
+    uint64_t want = j->hi - a < j->chunk ? j->hi - a : j->chunk;
+    size_t i = first_after(j, a);
+    if (i == j->nspans || j->spans[j->order[i]].off >= a + want)
+        return; /* a gap between spans */
+    size_t got;
+    size_t len = (size_t)((want + DIRECT_ALIGN - 1) & ~(DIRECT_ALIGN - 1));
+    if (read_span(j, buf, len, a, &got) != 0)
+        return;
+    uint64_t end = a + got;
+    for (; i < j->nspans; i++) {
+        const _ta_span_t *s = &j->spans[j->order[i]];
+        if (s->off >= a + want)
+            break;
+        uint64_t from = s->off > a ? s->off : a;
+        uint64_t to = s->off + s->len < a + want ? s->off + s->len : a + want;
+        if (to > end) {
+            short_file(j, end);
+            return;
+        }
+        char *dst = (char *)s->dst + (from - s->off);
+        memcpy(dst, buf + (from - a), (size_t)(to - from));
+    }
+}
+
+static void *reader(void *arg)
+{
+    job_t *j = arg;
+    unsigned char *buf = NULL;
+    if (j->direct && _ta_os_map(j->chunk, _ta_os_page_size(), (void **)&buf) != 0) {
+        job_fail(j, ENOMEM, "no memory for a read buffer of %zu bytes", j->chunk);
+        return NULL;
+    }
+    for (;;) {
+        size_t u = atomic_fetch_add_explicit(&j->next, 1, memory_order_relaxed);
+        if (u >= j->nunits || atomic_load_explicit(&j->rc, memory_order_relaxed))
+            break;
+        if (j->direct)
+            direct_unit(j, u, buf);
+        else
+            buffered_unit(j, u);
+    }
+    if (buf)
+        _ta_os_unmap(buf, j->chunk);
+    return NULL;
+}
+
+static int cut_pieces(job_t *j)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < j->nspans; i++)
+        n += (j->spans[i].len + j->chunk - 1) / j->chunk;
+    if (!(j->pieces = malloc((n ? n : 1) * sizeof *j->pieces)))
+        return ENOMEM;
+    for (size_t i = 0; i < j->nspans; i++)
+        for (uint64_t at = 0; at < j->spans[i].len; at += j->chunk) {
+            size_t left = (size_t)(j->spans[i].len - at);
+            j->pieces[j->npieces++] =
+                (piece_t){(uint32_t)i, at, left < j->chunk ? left : j->chunk};
+        }
+    j->nunits = j->npieces;
+    return 0;
+}
+
+typedef struct {
+    uint64_t off;
+    uint32_t span;
+} by_offset_t;
+
+static int by_offset(const void *a, const void *b)
+{
+    uint64_t x = ((const by_offset_t *)a)->off, y = ((const by_offset_t *)b)->off;
+    return x < y ? -1 : x > y;
+}
+
+static int order_spans(job_t *j)
+{
+    if (!(j->order = malloc((j->nspans ? j->nspans : 1) * sizeof *j->order)))
+        return ENOMEM;
+    bool sorted = true;
+    j->lo = UINT64_MAX;
+    j->hi = 0;
+    for (size_t i = 0; i < j->nspans; i++) {
+        j->order[i] = (uint32_t)i;
+        sorted = sorted && (i == 0 || j->spans[i].off >= j->spans[i - 1].off);
+        if (j->spans[i].len == 0)
+            continue;
+        if (j->spans[i].off < j->lo)
+            j->lo = j->spans[i].off;
+        if (j->spans[i].off + j->spans[i].len > j->hi)
+            j->hi = j->spans[i].off + j->spans[i].len;
+    }
+    if (!sorted) { /* safetensors writers keep file order; others may not */
+        by_offset_t *keys = malloc(j->nspans * sizeof *keys);
+        if (!keys)
+            return ENOMEM;
+        for (size_t i = 0; i < j->nspans; i++)
+            keys[i] = (by_offset_t){j->spans[i].off, (uint32_t)i};
+        qsort(keys, j->nspans, sizeof *keys, by_offset);
+        for (size_t i = 0; i < j->nspans; i++)
+            j->order[i] = keys[i].span;
+        free(keys);
+    }
+    if (j->hi == 0)
+        return 0;
+    j->lo &= ~(DIRECT_ALIGN - 1);
+    j->nunits = (size_t)((j->hi - j->lo + j->chunk - 1) / j->chunk);
+    return 0;
+}
+
+/* Direct reads wait on the device, not a core: more of them in flight
+ * (a deeper queue) is what pays, 4 x 16 MiB measured best here. */
+#define DIRECT_READERS 4
+#define DIRECT_CHUNK ((size_t)16 << 20)
+
+static int reader_count(const _ta_load_opts_t *o, bool direct, size_t units)
+{
+    int n = o->threads > 0 ? o->threads : _ta_os_cpu_count();
+    if (direct && o->threads <= 0 && n < DIRECT_READERS)
+        n = DIRECT_READERS;
+    if (n > TA_LOAD_MAX_THREADS)
+        n = TA_LOAD_MAX_THREADS;
+    if ((size_t)n > units)
+        n = units ? (int)units : 1;
+    return n;
+}
+
+int _ta_load_spans(const char *path, int fd, const _ta_span_t *spans, size_t n,
+                   const _ta_load_opts_t *o, _ta_load_report_t *report, char *why,
+                   size_t whylen)
+{
+    job_t j = {.fd = fd, .spans = spans, .nspans = n, .why = why, .whylen = whylen};
+    int direct_fd = -1;
+    if (o->page_cache == TA_PAGE_CACHE_BYPASS && _ta_os_open_read(path, 1, &direct_fd) == 0) {
+        j.fd = direct_fd;
+        j.direct = true;
+    }
+    size_t chunk = o->chunk ? o->chunk : j.direct ? DIRECT_CHUNK : TA_LOAD_CHUNK;
+    j.chunk = (chunk + DIRECT_ALIGN - 1) & ~(size_t)(DIRECT_ALIGN - 1);
+    int rc = j.direct ? order_spans(&j) : cut_pieces(&j);
+    if (rc) {
+        snprintf(why, whylen, "no memory to plan the reads");
+    } else {
+        if (!j.direct)
+            _ta_os_fadvise(fd, 0, 0, TA_OS_FADV_SEQUENTIAL); /* a larger readahead window */
+        int readers = reader_count(o, j.direct, j.nunits), started = 0;
+        unsigned long ids[TA_LOAD_MAX_THREADS];
+        /* A reader that cannot be started is not an error: fewer read. */
+        while (started < readers - 1 && _ta_os_thread_start(reader, &j, &ids[started]) == 0)
+            started++;
+        reader(&j);
+        for (int i = 0; i < started; i++)
+            _ta_os_thread_join(ids[i]);
+        rc = atomic_load(&j.rc);
+        report->threads = started + 1;
+    }
+    if (o->page_cache != TA_PAGE_CACHE_KEEP && !j.direct)
+        _ta_os_fadvise(fd, 0, 0, TA_OS_FADV_DONTNEED);
+    if (direct_fd >= 0)
+        _ta_os_close(direct_fd);
+    report->direct = j.direct;
+    report->reads = atomic_load(&j.reads);
+    free(j.pieces);
+    free(j.order);
+    return rc;
+}

@@ -1,0 +1,44 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The model cache's loader: reads byte ranges of a file into memory with
+ * several threads, in chunks; buffered (straight into the destination) or O_DIRECT (through
+ * aligned per-thread buffers). Calls only the OS layer.
+ */
+#ifndef TA_LOADER_H
+#define TA_LOADER_H
+
+#include "tensoralloc_cache.h"
+
+#include <stdbool.h>
+#include <stdint.h>
+
+/* len bytes at file offset off go to dst. */
+typedef struct {
+    void *dst;
+    uint64_t off;
+    size_t len;
+} _ta_span_t;
+
+typedef struct {
+    int threads;  /* 0: one per core, at most TA_LOAD_MAX_THREADS */
+    size_t chunk; /* bytes per read; 0: TA_LOAD_CHUNK */
+    ta_page_cache_t page_cache;
+} _ta_load_opts_t;
+
+typedef struct {
+    int threads;    /* readers that ran, the caller included */
+    bool direct;    /* O_DIRECT was used */
+    uint64_t reads; /* read calls made */
+} _ta_load_report_t;
+
+#define TA_LOAD_MAX_THREADS 8
+#define TA_LOAD_CHUNK ((size_t)4 << 20)
+
+/* Reads every span from fd (opened buffered; path is reopened for O_DIRECT).
+ * Returns 0, an errno of a failed read (message in why), or TA_EFORMAT when
+ * the file ends before a span does (it shrank). Spans must not overlap. */
+int _ta_load_spans(const char *path, int fd, const _ta_span_t *spans, size_t n,
+                   const _ta_load_opts_t *opts, _ta_load_report_t *report, char *why,
+                   size_t whylen);
+
+#endif
