@@ -527,8 +527,9 @@ static int load_entry(ta_cache_t *c, ta_entry_t *e, const char *path, int fd, _t
     publish(c, e, total, dt);
     cache_log(c, TA_LOG_INFO,
               "loaded '%s' from %s: %zu tensors, %.3f GB in %.3f s (%.2f GB/s, %d reader%s%s)",
-              e->key, path, e->count, (double)total / 1e9, dt, dt > 0 ? (double)total / dt / 1e9 : 0,
-              rep.threads, rep.threads == 1 ? "" : "s", rep.direct ? ", O_DIRECT" : "");
+              e->key, path, e->count, (double)total / 1e9, dt,
+              dt > 0 ? (double)total / dt / 1e9 : 0, rep.threads, rep.threads == 1 ? "" : "s",
+              rep.direct ? ", O_DIRECT" : "");
     return 0;
 }
 

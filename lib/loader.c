@@ -89,9 +89,10 @@ static int read_span(job_t *j, void *dst, size_t len, uint64_t off, size_t *got)
 
 static void short_file(job_t *j, uint64_t at)
 {
-    job_fail(j, TA_EFORMAT,
-             "file ends at offset %llu, before the tensors it declares do (it shrank during the load)",
-             (unsigned long long)at);
+    job_fail(
+        j, TA_EFORMAT,
+        "file ends at offset %llu, before the tensors it declares do (it shrank during the load)",
+        (unsigned long long)at);
 }
 
 static void buffered_unit(job_t *j, size_t u)
@@ -178,8 +179,7 @@ static int cut_pieces(job_t *j)
     for (size_t i = 0; i < j->nspans; i++)
         for (uint64_t at = 0; at < j->spans[i].len; at += j->chunk) {
             size_t left = (size_t)(j->spans[i].len - at);
-            j->pieces[j->npieces++] =
-                (piece_t){(uint32_t)i, at, left < j->chunk ? left : j->chunk};
+            j->pieces[j->npieces++] = (piece_t){(uint32_t)i, at, left < j->chunk ? left : j->chunk};
         }
     j->nunits = j->npieces;
     return 0;
@@ -249,8 +249,7 @@ static int reader_count(const _ta_load_opts_t *o, bool direct, size_t units)
 }
 
 int _ta_load_spans(const char *path, int fd, const _ta_span_t *spans, size_t n,
-                   const _ta_load_opts_t *o, _ta_load_report_t *report, char *why,
-                   size_t whylen)
+                   const _ta_load_opts_t *o, _ta_load_report_t *report, char *why, size_t whylen)
 {
     job_t j = {.fd = fd, .spans = spans, .nspans = n, .why = why, .whylen = whylen};
     int direct_fd = -1;

@@ -8,14 +8,13 @@
  */
 #define _GNU_SOURCE
 #include "safetensors.h"
+#include "os.h"
 
 #include <cjson/cJSON.h>
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
 static const struct {
     const char *name;
@@ -86,15 +85,15 @@ int _ta_st_read_header(int fd, _ta_st_header_t *out, char *err, size_t errlen)
     int rc = 0;
     char *text = NULL;
     cJSON *root = NULL;
-    struct stat st;
-    if (fstat(fd, &st) != 0)
-        return errno;
-    uint64_t size = (uint64_t)st.st_size;
+    uint64_t size;
+    if ((rc = _ta_os_file_size(fd, &size)) != 0)
+        return rc;
     unsigned char len8[8];
     if (size < 8)
         FAIL("file is %llu bytes, shorter than the 8-byte header length", (unsigned long long)size);
-    if (pread(fd, len8, 8, 0) != 8)
-        return errno ? errno : EIO;
+    size_t got;
+    if ((rc = _ta_os_read_at(fd, len8, 8, 0, &got)) != 0 || got != 8)
+        return rc ? rc : EIO;
     uint64_t n = 0;
     for (int i = 7; i >= 0; i--)
         n = n << 8 | len8[i]; /* little-endian */
@@ -108,10 +107,12 @@ int _ta_st_read_header(int fd, _ta_st_header_t *out, char *err, size_t errlen)
     text = malloc((size_t)n + 1);
     if (!text)
         return ENOMEM;
-    if (pread(fd, text, (size_t)n, 8) != (ssize_t)n) {
-        rc = errno ? errno : EIO;
-        goto out;
-    }
+    for (size_t done = 0; done < (size_t)n; done += got)
+        if ((rc = _ta_os_read_at(fd, text + done, (size_t)n - done, 8 + done, &got)) != 0 ||
+            got == 0) {
+            rc = rc ? rc : EIO; /* shrank since the size was read */
+            goto out;
+        }
     text[n] = '\0';
     root = cJSON_ParseWithLength(text, (size_t)n);
     if (root == NULL) {

@@ -16,6 +16,7 @@
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 static char dir[64];
@@ -499,7 +500,7 @@ Test(cache, loads_log_snapshot_diffs_at_debug)
     ta_entry_t *e;
     cr_assert_eq(ta_cache_load_safetensors(c, "m", path, &e), 0);
     cr_assert(strstr(logged, "loaded 'm' from"), "%s", logged);
-    cr_assert(strstr(logged, "MB/s"), "%s", logged);
+    cr_assert(strstr(logged, "GB/s"), "%s", logged);
     cr_assert(strstr(logged, "3:Process RAM"), "%s", logged);
     cr_assert(strstr(logged, "3:VRAM"), "%s", logged);
     ta_entry_unlock(e);
@@ -730,4 +731,269 @@ Test(cache, concurrent_moves_of_one_entry_are_serialised)
     ta_cache_stats_t s = cstats(c);
     cr_assert_eq(s.vram_used, 0);
     ta_cache_destroy(c);
+}
+
+/* ---- loads: readers, direct I/O, bad files and faults ---------------------- */
+
+#define MANY_MAX 512
+static uint64_t many_offsets[MANY_MAX]; /* data offset of tensor "t<i>" */
+
+/* A file of n tensors (n < MANY_MAX, not a multiple of 7) of 1 B to about
+ * 3 MiB, named "t<i>" out of file order. */
+static void write_many(const char *path, int n)
+{
+    char *hdr = malloc((size_t)n * 96 + 16);
+    cr_assert_not_null(hdr);
+    uint64_t s = 12345, off = 0;
+    int len = sprintf(hdr, "{");
+    for (int k = 0; k < n; k++) {
+        int i = (k * 7) % n;
+        s = s * 6364136223846793005ULL + 1442695040888963407ULL;
+        uint64_t bytes = 1 + (s >> 33) % ((k % 5 == 0) ? 3 * MiB : 8192);
+        len += sprintf(hdr + len,
+                       "%s\"t%d\":{\"dtype\":\"U8\",\"shape\":[%llu],"
+                       "\"data_offsets\":[%llu,%llu]}",
+                       k ? "," : "", i, (unsigned long long)bytes, (unsigned long long)off,
+                       (unsigned long long)(off + bytes));
+        many_offsets[i] = off;
+        off += bytes;
+    }
+    strcpy(hdr + len, "}");
+    write_st(path, hdr, (size_t)off);
+    free(hdr);
+}
+
+/* Every tensor of e holds its own bytes of the file (data byte x is 3 + 7x). */
+static void expect_file_bytes(ta_entry_t *e)
+{
+    ta_tensor_t t;
+    size_t i;
+    for (i = 0; ta_entry_tensor_at(e, i, &t) == 0; i++) {
+        int k = atoi(t.name + 1);
+        cr_assert(k >= 0 && k < MANY_MAX);
+        const unsigned char *p = t.data;
+        for (size_t x = 0; x < t.nbytes; x++)
+            if (p[x] != (unsigned char)(3 + 7 * (many_offsets[k] + x)))
+                cr_assert_fail("tensor %s byte %zu: %u", t.name, x, p[x]);
+    }
+    cr_assert_gt(i, 0);
+}
+
+typedef struct {
+    ta_cache_t *c;
+    char log[8192];
+} logged_cache_t;
+
+static void keep_log(void *arg, ta_log_level_t level, const char *msg)
+{
+    (void)level;
+    logged_cache_t *lc = arg;
+    size_t n = strlen(lc->log);
+    snprintf(lc->log + n, sizeof lc->log - n, "%s\n", msg);
+}
+
+static logged_cache_t *load_cache(int threads, size_t chunk, ta_page_cache_t pc)
+{
+    logged_cache_t *lc = calloc(1, sizeof *lc);
+    ta_cache_config_t cfg = {.size = sizeof cfg,
+                             .ram_budget = 256 * MiB,
+                             .log = keep_log,
+                             .log_arg = lc,
+                             .log_level = TA_LOG_INFO,
+                             .load_threads = threads,
+                             .load_chunk = chunk,
+                             .page_cache = pc};
+    cr_assert_eq(ta_cache_create(&cfg, &lc->c), 0);
+    return lc;
+}
+
+static void loaded_and_checked(logged_cache_t *lc, const char *path, const char *key,
+                               const char *needle)
+{
+    ta_entry_t *e;
+    lc->log[0] = '\0';
+    cr_assert_eq(ta_cache_load_safetensors(lc->c, key, path, &e), 0, "%s", ta_cache_last_error());
+    expect_file_bytes(e);
+    cr_assert(strstr(lc->log, needle), "log '%s' lacks '%s'", lc->log, needle);
+    ta_entry_unlock(e);
+    cr_assert_eq(ta_cache_remove(lc->c, key), 0);
+}
+
+Test(cache, loads_with_several_readers_and_every_page_cache_mode)
+{
+    char path[128];
+    snprintf(path, sizeof path, "%s/many.safetensors", dir);
+    write_many(path, 251);
+    /* 64 KiB chunks: the big tensors are cut into many reads */
+    for (int threads = 1; threads <= 4; threads *= 2) {
+        char needle[32];
+        snprintf(needle, sizeof needle, "%d reader%s", threads, threads > 1 ? "s" : "");
+        for (int pc = TA_PAGE_CACHE_KEEP; pc <= TA_PAGE_CACHE_BYPASS; pc++) {
+            logged_cache_t *lc = load_cache(threads, 64 * KiB, (ta_page_cache_t)pc);
+            loaded_and_checked(lc, path, "m", needle);
+            if (pc == TA_PAGE_CACHE_BYPASS) /* /tmp takes O_DIRECT; tmpfs too since 6.6 */
+                cr_assert(strstr(lc->log, "O_DIRECT") || strncmp(dir, "/tmp", 4) != 0, "%s",
+                          lc->log);
+            ta_cache_destroy(lc->c);
+            free(lc);
+        }
+    }
+}
+
+Test(cache, direct_loads_fall_back_where_the_filesystem_refuses)
+{
+    char path[128];
+    snprintf(path, sizeof path, "%s/many.safetensors", dir);
+    write_many(path, 101);
+    logged_cache_t *lc = load_cache(2, 0, TA_PAGE_CACHE_BYPASS);
+    _ta_os_refuse_direct(1);
+    loaded_and_checked(lc, path, "m", "2 readers");
+    _ta_os_refuse_direct(0);
+    cr_assert_null(strstr(lc->log, "O_DIRECT"), "%s", lc->log);
+    ta_cache_destroy(lc->c);
+    free(lc);
+}
+
+Test(cache, loads_on_tmpfs)
+{
+    char shm[] = "/dev/shm/ta-load-XXXXXX";
+    if (mkdtemp(shm) == NULL) {
+        cr_skip_test("no /dev/shm (tmpfs) here: %s", strerror(errno));
+    }
+    char path[128];
+    snprintf(path, sizeof path, "%s/many.safetensors", shm);
+    write_many(path, 101);
+    for (int pc = TA_PAGE_CACHE_KEEP; pc <= TA_PAGE_CACHE_BYPASS; pc++) {
+        logged_cache_t *lc = load_cache(2, 256 * KiB, (ta_page_cache_t)pc);
+        loaded_and_checked(lc, path, "m", "loaded 'm'");
+        ta_cache_destroy(lc->c);
+        free(lc);
+    }
+    unlink(path);
+    rmdir(shm);
+}
+
+/* The read hook: what the test does to the nth read of the data section. */
+typedef struct {
+    _Atomic long reads;
+    long at;            /* the read it acts on (1 = the first data read) */
+    int err;            /* fail it with this */
+    bool shorten;       /* every data read returns a third */
+    const char *shrink; /* truncate this file to half before that read */
+    uint64_t data_start;
+} hook_t;
+
+static int on_read(void *arg, int fd, size_t *len, uint64_t off)
+{
+    (void)fd;
+    hook_t *h = arg;
+    if (off < h->data_start)
+        return 0; /* the header */
+    long n = atomic_fetch_add(&h->reads, 1) + 1;
+    if (h->shorten && *len > 3)
+        *len = *len / 3;
+    if (n == h->at && h->shrink) {
+        struct stat st;
+        cr_assert_eq(stat(h->shrink, &st), 0);
+        cr_assert_eq(truncate(h->shrink, st.st_size / 2), 0);
+    }
+    return n == h->at ? h->err : 0;
+}
+
+static uint64_t data_start_of(const char *path)
+{
+    FILE *f = fopen(path, "rb");
+    unsigned char len8[8];
+    cr_assert_eq(fread(len8, 1, 8, f), 8);
+    fclose(f);
+    uint64_t n = 0;
+    for (int i = 7; i >= 0; i--)
+        n = n << 8 | len8[i];
+    return 8 + n;
+}
+
+/* A load that fails part way leaves the cache as it was (nothing had to be
+ * evicted: the budget has room) and frees every tensor it had made. */
+static void expect_failed_load(const char *path, hook_t *h, ta_page_cache_t pc, int want_rc,
+                               const char *needle)
+{
+    logged_cache_t *lc = load_cache(2, 64 * KiB, pc);
+    cr_assert_eq(put(lc->c, "keep", MiB, 5), 0);
+    ta_cache_stats_t before = cstats(lc->c);
+    ta_stats_t heap_before = stats_now();
+    h->data_start = data_start_of(path);
+    atomic_store(&h->reads, 0);
+    _ta_os_set_read_hook(on_read, h);
+    ta_entry_t *e = NULL;
+    int rc = ta_cache_load_safetensors(lc->c, "m", path, &e);
+    _ta_os_set_read_hook(NULL, NULL);
+    cr_assert_eq(rc, want_rc, "rc %d (%s)", rc, ta_cache_last_error());
+    cr_assert(strstr(ta_cache_last_error(), needle), "'%s' lacks '%s'", ta_cache_last_error(),
+              needle);
+    cr_assert_null(e);
+    ta_cache_stats_t after = cstats(lc->c);
+    cr_assert_eq(after.in_cache, before.in_cache);
+    cr_assert_eq(after.ram_used, before.ram_used);
+    cr_assert_eq(after.loads, before.loads);
+    cr_assert_eq(after.cleared, before.cleared);
+    cr_assert(present(lc->c, "keep"));
+    cr_assert_not(present(lc->c, "m"));
+    ta_stats_t heap_after = stats_now();
+    cr_assert_eq(heap_after.large_live_bytes, heap_before.large_live_bytes,
+                 "large blocks leaked: %llu -> %llu",
+                 (unsigned long long)heap_before.large_live_bytes,
+                 (unsigned long long)heap_after.large_live_bytes);
+    ta_cache_destroy(lc->c);
+    free(lc);
+}
+
+Test(cache, a_read_error_part_way_fails_the_load_cleanly)
+{
+    char path[128];
+    snprintf(path, sizeof path, "%s/many.safetensors", dir);
+    write_many(path, 101);
+    for (int pc = TA_PAGE_CACHE_KEEP; pc <= TA_PAGE_CACHE_BYPASS; pc += 2) {
+        hook_t h = {.at = 9, .err = EIO};
+        expect_failed_load(path, &h, (ta_page_cache_t)pc, EIO, "read failed at offset");
+        cr_assert_geq(atomic_load(&h.reads), 9);
+    }
+}
+
+Test(cache, a_file_that_shrinks_during_the_load_is_refused)
+{
+    char path[128];
+    snprintf(path, sizeof path, "%s/many.safetensors", dir);
+    for (int pc = TA_PAGE_CACHE_KEEP; pc <= TA_PAGE_CACHE_BYPASS; pc += 2) {
+        write_many(path, 101);
+        hook_t h = {.at = 2, .shrink = path};
+        expect_failed_load(path, &h, (ta_page_cache_t)pc, TA_EFORMAT, "shrank during the load");
+    }
+}
+
+Test(cache, short_reads_are_carried_on)
+{
+    char path[128];
+    snprintf(path, sizeof path, "%s/many.safetensors", dir);
+    write_many(path, 101);
+    hook_t h = {.shorten = true, .data_start = data_start_of(path)};
+    logged_cache_t *lc = load_cache(2, 64 * KiB, TA_PAGE_CACHE_KEEP);
+    _ta_os_set_read_hook(on_read, &h);
+    loaded_and_checked(lc, path, "m", "2 readers");
+    _ta_os_set_read_hook(NULL, NULL);
+    cr_assert_gt(atomic_load(&h.reads), 400, "%ld reads", atomic_load(&h.reads));
+    ta_cache_destroy(lc->c);
+    free(lc);
+}
+
+Test(cache, a_reader_that_cannot_start_leaves_fewer_readers)
+{
+    char path[128];
+    snprintf(path, sizeof path, "%s/many.safetensors", dir);
+    write_many(path, 101);
+    logged_cache_t *lc = load_cache(4, 64 * KiB, TA_PAGE_CACHE_KEEP);
+    _ta_os_fail_nth_thread(2); /* the first reader starts, the second does not */
+    loaded_and_checked(lc, path, "m", "2 readers");
+    _ta_os_fail_nth_thread(0);
+    ta_cache_destroy(lc->c);
+    free(lc);
 }

@@ -111,10 +111,9 @@ static int transformer_tensors(cJSON *hdr, double scale, uint64_t *off)
         layers = 1;
     add_tensor(hdr, "model.embed_tokens.weight", "BF16", vocab, hidden, 2, off);
     for (int l = 0; l < layers; l++) {
-        static const char *const names[] = {"self_attn.q_proj", "self_attn.k_proj",
-                                            "self_attn.v_proj", "self_attn.o_proj",
-                                            "mlp.gate_proj",    "mlp.up_proj",
-                                            "mlp.down_proj"};
+        static const char *const names[] = {
+            "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+            "mlp.gate_proj",    "mlp.up_proj",      "mlp.down_proj"};
         const uint64_t rows[] = {hidden, kv, kv, hidden, mlp, mlp, hidden};
         const uint64_t cols[] = {hidden, hidden, hidden, hidden, hidden, hidden, mlp};
         char name[96];
@@ -143,8 +142,8 @@ static int make_models(const char *dir, int models, double scale, bool transform
     for (int m = 0; m < models; m++) {
         cJSON *hdr = cJSON_CreateObject();
         uint64_t off = 0;
-        int count = transformer ? transformer_tensors(hdr, scale, &off)
-                                : mix_tensors(hdr, &s, scale, &off);
+        int count =
+            transformer ? transformer_tensors(hdr, scale, &off) : mix_tensors(hdr, &s, scale, &off);
         char *text = cJSON_PrintUnformatted(hdr);
         char path[4096];
         snprintf(path, sizeof path, "%s/model%d.safetensors", dir, m);
@@ -376,8 +375,10 @@ static bool drop_page_cache(void)
     if (f && fclose(f) != 0)
         ok = false;
     if (!ok)
-        fprintf(stderr, "SKIP: cannot drop the page cache (/proc/sys/vm/drop_caches: %s); "
-                        "cold loads need root\n", strerror(errno));
+        fprintf(stderr,
+                "SKIP: cannot drop the page cache (/proc/sys/vm/drop_caches: %s); "
+                "cold loads need root\n",
+                strerror(errno));
     return ok;
 }
 
@@ -439,13 +440,15 @@ static int load_files(char **files, int nfiles, const load_args_t *a)
 
 static __attribute__((noreturn)) void usage(void)
 {
-    fprintf(stderr,
-            "usage: tensoralloc-cache-demo make DIR [--models N] [--scale F] [--shape mix|transformer]\n"
-            "       tensoralloc-cache-demo run DIR [--mode cache|plain] [--budget-mib N]\n"
-            "                                  [--switches N] [--verbose]\n"
-            "       tensoralloc-cache-demo load FILE... [--mode cache|plain] [--rounds N]\n"
-            "                                  [--threads N] [--chunk-mib N]\n"
-            "                                  [--page-cache keep|drop|bypass] [--cold] [--verbose]\n");
+    fprintf(
+        stderr,
+        "usage: tensoralloc-cache-demo make DIR [--models N] [--scale F] [--shape "
+        "mix|transformer]\n"
+        "       tensoralloc-cache-demo run DIR [--mode cache|plain] [--budget-mib N]\n"
+        "                                  [--switches N] [--verbose]\n"
+        "       tensoralloc-cache-demo load FILE... [--mode cache|plain] [--rounds N]\n"
+        "                                  [--threads N] [--chunk-mib N]\n"
+        "                                  [--page-cache keep|drop|bypass] [--cold] [--verbose]\n");
     exit(2);
 }
 
@@ -463,12 +466,13 @@ int main(int argc, char **argv)
     if (argc < 3)
         usage();
     const char *cmd = argv[1], *dir = argv[2];
-    static const struct option opts[] = {
-        {"models", 1, 0, 'm'},  {"scale", 1, 0, 's'},   {"mode", 1, 0, 'o'},
-        {"budget-mib", 1, 0, 'b'}, {"switches", 1, 0, 'w'}, {"verbose", 0, 0, 'v'},
-        {"shape", 1, 0, 'S'},   {"rounds", 1, 0, 'r'},  {"threads", 1, 0, 't'},
-        {"chunk-mib", 1, 0, 'c'}, {"page-cache", 1, 0, 'p'}, {"cold", 0, 0, 'C'},
-        {"help", 0, 0, 'h'},    {0, 0, 0, 0}};
+    static const struct option opts[] = {{"models", 1, 0, 'm'},     {"scale", 1, 0, 's'},
+                                         {"mode", 1, 0, 'o'},       {"budget-mib", 1, 0, 'b'},
+                                         {"switches", 1, 0, 'w'},   {"verbose", 0, 0, 'v'},
+                                         {"shape", 1, 0, 'S'},      {"rounds", 1, 0, 'r'},
+                                         {"threads", 1, 0, 't'},    {"chunk-mib", 1, 0, 'c'},
+                                         {"page-cache", 1, 0, 'p'}, {"cold", 0, 0, 'C'},
+                                         {"help", 0, 0, 'h'},       {0, 0, 0, 0}};
     int models = 6, switches = 20, verbose = 0, c;
     double scale = 0.3;
     size_t budget = (size_t)1536 << 20;
@@ -494,7 +498,8 @@ int main(int argc, char **argv)
     }
     bool known_mode = !strcmp(mode, "cache") || !strcmp(mode, "plain");
     bool transformer = strcmp(shape, "transformer") == 0;
-    if (strcmp(cmd, "make") == 0 && models > 0 && scale > 0 && (transformer || !strcmp(shape, "mix")))
+    if (strcmp(cmd, "make") == 0 && models > 0 && scale > 0 &&
+        (transformer || !strcmp(shape, "mix")))
         return make_models(dir, models, scale, transformer);
     if (strcmp(cmd, "run") == 0 && switches > 0 && budget > 0 && known_mode)
         return run(dir, mode, budget, switches, verbose);
