@@ -159,12 +159,19 @@ typedef struct {
     uint64_t loads, load_bytes;
     double load_seconds; /* file reads: load_bytes / load_seconds = B/s */
     uint64_t device_moves;
+    /* version 2: the last load */
+    uint64_t last_load_bytes;
+    double last_load_seconds;
+    uint32_t last_load_readers; /* reader threads it ran */
+    uint32_t last_load_direct;  /* 1: read with O_DIRECT */
 } ta_cache_stats_t;
 
-#define TA_CACHE_STATS_VERSION 1
+#define TA_CACHE_STATS_VERSION 2
 TA_API int ta_cache_stats_get(ta_cache_t *cache, ta_cache_stats_t *stats);
 /* Statistics as JSON, with each entry's largest loaded size (InvokeAI's
- * loaded_model_sizes). */
+ * loaded_model_sizes) and the last TA_CACHE_RECENT_LOADS loads, oldest
+ * first ("recent_loads": key, bytes, seconds, gbps, readers, direct). */
+#define TA_CACHE_RECENT_LOADS 16
 TA_API int ta_cache_stats_json(ta_cache_t *cache, FILE *out);
 
 typedef struct {

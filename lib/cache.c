@@ -60,6 +60,14 @@ typedef struct {
     uint64_t bytes;
 } size_record_t;
 
+typedef struct {
+    char key[64]; /* cut to fit */
+    uint64_t bytes;
+    double seconds;
+    int readers;
+    bool direct;
+} load_record_t;
+
 struct ta_cache {
     ta_cache_config_t cfg;
     pthread_mutex_t mu;
@@ -70,6 +78,7 @@ struct ta_cache {
     ta_cache_stats_t st;
     size_record_t *sizes;
     size_t nsizes;
+    load_record_t recent[TA_CACHE_RECENT_LOADS]; /* a ring: loads % N is the next */
     ta_pinned_pool_t *pool;
 };
 
@@ -450,13 +459,24 @@ static void abandon_entry(ta_cache_t *c, ta_entry_t *e)
     entry_free(e);
 }
 
-static void publish(ta_cache_t *c, ta_entry_t *e, uint64_t bytes, double seconds)
+static void publish(ta_cache_t *c, ta_entry_t *e, uint64_t bytes, double seconds,
+                    const _ta_load_report_t *rep)
 {
     pthread_mutex_lock(&c->mu);
     e->loading = false;
+    load_record_t *r = &c->recent[c->st.loads % TA_CACHE_RECENT_LOADS];
+    snprintf(r->key, sizeof r->key, "%s", e->key);
+    r->bytes = bytes;
+    r->seconds = seconds;
+    r->readers = rep->threads;
+    r->direct = rep->direct;
     c->st.loads++;
     c->st.load_bytes += bytes;
     c->st.load_seconds += seconds;
+    c->st.last_load_bytes = bytes;
+    c->st.last_load_seconds = seconds;
+    c->st.last_load_readers = (uint32_t)rep->threads;
+    c->st.last_load_direct = rep->direct;
     record_size(c, e->key, e->ram_bytes);
     pthread_cond_broadcast(&c->loaded);
     pthread_mutex_unlock(&c->mu);
@@ -524,7 +544,7 @@ static int load_entry(ta_cache_t *c, ta_entry_t *e, const char *path, int fd, _t
         abandon_entry(c, e);
         return fail(rc, "%s: %s", path, why);
     }
-    publish(c, e, total, dt);
+    publish(c, e, total, dt, &rep);
     cache_log(c, TA_LOG_INFO,
               "loaded '%s' from %s: %zu tensors, %.3f GB in %.3f s (%.2f GB/s, %d reader%s%s)",
               e->key, path, e->count, (double)total / 1e9, dt,
@@ -1112,7 +1132,19 @@ int ta_cache_stats_json(ta_cache_t *c, FILE *f)
         json_string(f, c->sizes[i].key);
         fprintf(f, ": %llu", (unsigned long long)c->sizes[i].bytes);
     }
+    fputs("}, \"recent_loads\": [", f);
+    uint64_t n = c->st.loads < TA_CACHE_RECENT_LOADS ? c->st.loads : TA_CACHE_RECENT_LOADS;
+    for (uint64_t i = c->st.loads - n; i < c->st.loads; i++) {
+        const load_record_t *r = &c->recent[i % TA_CACHE_RECENT_LOADS];
+        fputs(i > c->st.loads - n ? ", {\"key\": " : "{\"key\": ", f);
+        json_string(f, r->key);
+        fprintf(f, ", \"bytes\": %llu, \"seconds\": %.6f, \"gbps\": %.3f, \"readers\": %d, "
+                   "\"direct\": %s}",
+                (unsigned long long)r->bytes, r->seconds,
+                r->seconds > 0 ? (double)r->bytes / r->seconds / 1e9 : 0.0, r->readers,
+                r->direct ? "true" : "false");
+    }
     pthread_mutex_unlock(&c->mu);
-    fputs("}}\n", f);
+    fputs("]}\n", f);
     return ferror(f) ? EIO : 0;
 }

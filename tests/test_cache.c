@@ -997,3 +997,41 @@ Test(cache, a_reader_that_cannot_start_leaves_fewer_readers)
     ta_cache_destroy(lc->c);
     free(lc);
 }
+
+Test(cache, each_load_is_recorded_in_the_statistics)
+{
+    char path[128];
+    snprintf(path, sizeof path, "%s/many.safetensors", dir);
+    write_many(path, 101);
+    logged_cache_t *lc = load_cache(2, 0, TA_PAGE_CACHE_KEEP);
+    struct stat st;
+    cr_assert_eq(stat(path, &st), 0);
+    uint64_t data = (uint64_t)st.st_size - data_start_of(path);
+    for (int i = 0; i < TA_CACHE_RECENT_LOADS + 3; i++) {
+        char key[16];
+        snprintf(key, sizeof key, "k%d", i);
+        loaded_and_checked(lc, path, key, "2 readers");
+    }
+    ta_cache_stats_t s = cstats(lc->c);
+    cr_assert_eq(s.version, 2);
+    cr_assert_eq(s.last_load_bytes, data);
+    cr_assert_gt(s.last_load_seconds, 0);
+    cr_assert_eq(s.last_load_readers, 2);
+    cr_assert_eq(s.last_load_direct, 0);
+    char *text = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&text, &len);
+    cr_assert_eq(ta_cache_stats_json(lc->c, f), 0);
+    fclose(f);
+    /* the last 16 of 19 loads, oldest first */
+    cr_assert_null(strstr(text, "\"key\": \"k2\""), "%s", text);
+    const char *first = strstr(text, "\"key\": \"k3\""), *last = strstr(text, "\"key\": \"k18\"");
+    cr_assert(first && last && first < last, "%s", text);
+    char want[64];
+    snprintf(want, sizeof want, "\"bytes\": %llu, \"seconds\": ", (unsigned long long)data);
+    cr_assert(strstr(last, want), "%s", text);
+    cr_assert(strstr(last, "\"readers\": 2, \"direct\": false}]}"), "%s", text);
+    free(text);
+    ta_cache_destroy(lc->c);
+    free(lc);
+}
