@@ -75,7 +75,7 @@ typedef enum {
 
 typedef struct {
     size_t size;               /* sizeof(ta_cache_config_t) */
-    size_t ram_budget;         /* bytes of host tensor memory */
+    size_t ram_budget;         /* bytes of host tensor memory; 0: ta_cache_budget_rule's */
     size_t vram_budget;        /* bytes of device tensor memory; 0: no device use */
     int device;                /* CUDA device ordinal */
     size_t device_working_mem; /* device bytes to leave free for computation */
@@ -95,6 +95,12 @@ typedef struct ta_cache ta_cache_t;
 typedef struct ta_entry ta_entry_t;
 
 TA_API int ta_cache_create(const ta_cache_config_t *config, ta_cache_t **out);
+/* The RAM budget a config with ram_budget 0 gets, after InvokeAI's rule
+ * (docs/cache.md): half of memory less 2 GiB, at most 32 GiB without a
+ * device (vram_budget 0) or vram_budget - device_working_mem with one, at
+ * least 4 GiB or half of memory where that is less. memory: the smaller of
+ * physical memory and the cgroup limit (0: this machine's). */
+TA_API size_t ta_cache_budget_rule(size_t memory, size_t vram_budget, size_t device_working_mem);
 /* Frees every entry (entries still locked included: do not use them). */
 TA_API void ta_cache_destroy(ta_cache_t *cache);
 
@@ -164,6 +170,7 @@ typedef struct {
     double last_load_seconds;
     uint32_t last_load_readers; /* reader threads it ran */
     uint32_t last_load_direct;  /* 1: read with O_DIRECT */
+    uint64_t expired;           /* entries evicted by keep_alive_ms */
 } ta_cache_stats_t;
 
 #define TA_CACHE_STATS_VERSION 2

@@ -52,6 +52,7 @@ struct ta_entry {
     bool moving;                  /* a device move is in flight (moves are serialised) */
     bool drop_host;               /* free the host copy when the last holder unlocks */
     bool drop_device;             /* free the device copy when the last holder unlocks */
+    uint64_t used_ms;             /* last loaded, got or unlocked (keep_alive_ms) */
     struct ta_entry *prev, *next; /* LRU order: head least recently used */
 };
 
@@ -80,6 +81,9 @@ struct ta_cache {
     size_t nsizes;
     load_record_t recent[TA_CACHE_RECENT_LOADS]; /* a ring: loads % N is the next */
     ta_pinned_pool_t *pool;
+    pthread_cond_t wake_keeper; /* the keep-alive timer's */
+    unsigned long keeper;
+    bool has_keeper, stopping;
 };
 
 static TA_TLS char last_error[256];
@@ -365,20 +369,105 @@ static int charge_entry(ta_cache_t *c, ta_entry_t *e, size_t need, const char *w
 
 /* ---- creation ----------------------------------------------------------------- */
 
+size_t ta_cache_budget_rule(size_t memory, size_t vram_budget, size_t device_working_mem)
+{
+    const size_t GiB = (size_t)1 << 30;
+    if (memory == 0) {
+        memory = _ta_os_physical_memory();
+        size_t limit = _ta_os_cgroup_memory_limit();
+        if (limit && (limit < memory || memory == 0))
+            memory = limit;
+    }
+    size_t half = memory / 2;
+    size_t budget = half > 2 * GiB ? half - 2 * GiB : 0;
+    size_t cap = 32 * GiB;
+    if (vram_budget)
+        cap = vram_budget > device_working_mem ? vram_budget - device_working_mem : 0;
+    if (budget > cap)
+        budget = cap;
+    size_t floor = half < 4 * GiB ? half : 4 * GiB;
+    return budget > floor ? budget : floor;
+}
+
+/* The keep-alive timer: evicts unlocked entries unused for keep_alive_ms,
+ * waking when the oldest of them comes due. */
+static void *keeper_main(void *arg)
+{
+    ta_cache_t *c = arg;
+    uint64_t keep = c->cfg.keep_alive_ms;
+    pthread_mutex_lock(&c->mu);
+    while (!c->stopping) {
+        uint64_t now = _ta_os_now_ms(), next = now + keep;
+        victims_t v = {0};
+        for (ta_entry_t *e = c->head, *after; e && v.nwhole < 64; e = after) {
+            after = e->next;
+            if (e->locks || e->loading)
+                continue;
+            if (now - e->used_ms >= keep) {
+                detach(c, e);
+                v.whole[v.nwhole++] = e;
+                c->st.expired++;
+                cache_log(c, TA_LOG_INFO, "'%s' unused for %llu ms: evicted", e->key,
+                          (unsigned long long)(now - e->used_ms));
+            } else if (e->used_ms + keep < next) {
+                next = e->used_ms + keep;
+            }
+        }
+        if (v.nwhole) {
+            pthread_mutex_unlock(&c->mu);
+            victims_free(&v);
+            pthread_mutex_lock(&c->mu);
+            continue;
+        }
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        uint64_t wait_ms = next - now + 1;
+        ts.tv_sec += (time_t)(wait_ms / 1000);
+        ts.tv_nsec += (long)(wait_ms % 1000) * 1000000;
+        if (ts.tv_nsec >= 1000000000) {
+            ts.tv_sec++;
+            ts.tv_nsec -= 1000000000;
+        }
+        pthread_cond_timedwait(&c->wake_keeper, &c->mu, &ts);
+    }
+    pthread_mutex_unlock(&c->mu);
+    return NULL;
+}
+
 int ta_cache_create(const ta_cache_config_t *config, ta_cache_t **out)
 {
     if (!config || !out || config->size < offsetof(ta_cache_config_t, log) ||
-        config->ram_budget == 0 || (unsigned)config->overflow > TA_OVERFLOW_ADMIT)
+        (unsigned)config->overflow > TA_OVERFLOW_ADMIT)
         return fail(EINVAL, "invalid cache configuration");
     ta_cache_t *c = calloc(1, sizeof *c);
     if (!c)
         return ENOMEM;
     memcpy(&c->cfg, config, config->size < sizeof c->cfg ? config->size : sizeof c->cfg);
     c->cfg.size = sizeof c->cfg;
+    if (c->cfg.load_threads < 0 || (unsigned)c->cfg.page_cache > TA_PAGE_CACHE_BYPASS) {
+        free(c);
+        return fail(EINVAL, "invalid cache configuration: load_threads %d, page_cache %d",
+                    c->cfg.load_threads, (int)c->cfg.page_cache);
+    }
+    if (c->cfg.ram_budget == 0)
+        c->cfg.ram_budget = ta_cache_budget_rule(0, c->cfg.vram_budget, c->cfg.device_working_mem);
     pthread_mutex_init(&c->mu, NULL);
     pthread_cond_init(&c->loaded, NULL);
+    pthread_condattr_t attr;
+    pthread_condattr_init(&attr);
+    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+    pthread_cond_init(&c->wake_keeper, &attr);
+    pthread_condattr_destroy(&attr);
     c->st.ram_budget = c->cfg.ram_budget;
     c->st.vram_budget = c->cfg.vram_budget;
+    if (c->cfg.keep_alive_ms) {
+        int rc = _ta_os_thread_start(keeper_main, c, &c->keeper);
+        if (rc) {
+            ta_cache_destroy(c);
+            return fail(rc, "cannot start the keep-alive timer: %s", strerror(rc));
+        }
+        c->has_keeper = true;
+    }
     *out = c;
     return 0;
 }
@@ -387,6 +476,13 @@ void ta_cache_destroy(ta_cache_t *c)
 {
     if (!c)
         return;
+    if (c->has_keeper) {
+        pthread_mutex_lock(&c->mu);
+        c->stopping = true;
+        pthread_cond_signal(&c->wake_keeper);
+        pthread_mutex_unlock(&c->mu);
+        _ta_os_thread_join(c->keeper);
+    }
     for (ta_entry_t *e = c->head, *next; e; e = next) {
         next = e->next;
         entry_free(e);
@@ -397,6 +493,7 @@ void ta_cache_destroy(ta_cache_t *c)
     ta_pinned_pool_destroy(c->pool);
     pthread_mutex_destroy(&c->mu);
     pthread_cond_destroy(&c->loaded);
+    pthread_cond_destroy(&c->wake_keeper);
     free(c);
 }
 
@@ -464,6 +561,7 @@ static void publish(ta_cache_t *c, ta_entry_t *e, uint64_t bytes, double seconds
 {
     pthread_mutex_lock(&c->mu);
     e->loading = false;
+    e->used_ms = _ta_os_now_ms();
     load_record_t *r = &c->recent[c->st.loads % TA_CACHE_RECENT_LOADS];
     snprintf(r->key, sizeof r->key, "%s", e->key);
     r->bytes = bytes;
@@ -705,6 +803,7 @@ int ta_cache_get(ta_cache_t *c, const char *key, ta_entry_t **out)
     }
     c->st.hits++;
     e->locks++;
+    e->used_ms = _ta_os_now_ms();
     lru_unlink(c, e);
     lru_push_recent(c, e);
     pthread_mutex_unlock(&c->mu);
@@ -768,6 +867,7 @@ void ta_entry_unlock(ta_entry_t *e)
     pthread_mutex_lock(&c->mu);
     if (e->locks > 0)
         e->locks--;
+    e->used_ms = _ta_os_now_ms();
     drop_marked_and_unlock(c, e, 0);
 }
 
@@ -1112,19 +1212,20 @@ int ta_cache_stats_json(ta_cache_t *c, FILE *f)
         return EINVAL;
     ta_cache_stats_t s = {.size = sizeof s};
     ta_cache_stats_get(c, &s);
-    fprintf(f,
-            "{\"hits\": %llu, \"misses\": %llu, \"high_watermark\": %llu, \"in_cache\": %llu, "
-            "\"cleared\": %llu, \"cache_size\": %llu, \"ram_used\": %llu, \"vram_budget\": %llu, "
-            "\"vram_used\": %llu, \"over_budget_admits\": %llu, \"loads\": %llu, "
-            "\"load_bytes\": %llu, \"load_seconds\": %.6f, \"device_moves\": %llu, "
-            "\"loaded_model_sizes\": {",
-            (unsigned long long)s.hits, (unsigned long long)s.misses,
-            (unsigned long long)s.high_watermark, (unsigned long long)s.in_cache,
-            (unsigned long long)s.cleared, (unsigned long long)s.ram_budget,
-            (unsigned long long)s.ram_used, (unsigned long long)s.vram_budget,
-            (unsigned long long)s.vram_used, (unsigned long long)s.over_budget_admits,
-            (unsigned long long)s.loads, (unsigned long long)s.load_bytes, s.load_seconds,
-            (unsigned long long)s.device_moves);
+    fprintf(
+        f,
+        "{\"hits\": %llu, \"misses\": %llu, \"high_watermark\": %llu, \"in_cache\": %llu, "
+        "\"cleared\": %llu, \"cache_size\": %llu, \"ram_used\": %llu, \"vram_budget\": %llu, "
+        "\"vram_used\": %llu, \"over_budget_admits\": %llu, \"loads\": %llu, "
+        "\"load_bytes\": %llu, \"load_seconds\": %.6f, \"device_moves\": %llu, \"expired\": %llu, "
+        "\"loaded_model_sizes\": {",
+        (unsigned long long)s.hits, (unsigned long long)s.misses,
+        (unsigned long long)s.high_watermark, (unsigned long long)s.in_cache,
+        (unsigned long long)s.cleared, (unsigned long long)s.ram_budget,
+        (unsigned long long)s.ram_used, (unsigned long long)s.vram_budget,
+        (unsigned long long)s.vram_used, (unsigned long long)s.over_budget_admits,
+        (unsigned long long)s.loads, (unsigned long long)s.load_bytes, s.load_seconds,
+        (unsigned long long)s.device_moves, (unsigned long long)s.expired);
     pthread_mutex_lock(&c->mu);
     for (size_t i = 0; i < c->nsizes; i++) {
         if (i)
@@ -1138,8 +1239,9 @@ int ta_cache_stats_json(ta_cache_t *c, FILE *f)
         const load_record_t *r = &c->recent[i % TA_CACHE_RECENT_LOADS];
         fputs(i > c->st.loads - n ? ", {\"key\": " : "{\"key\": ", f);
         json_string(f, r->key);
-        fprintf(f, ", \"bytes\": %llu, \"seconds\": %.6f, \"gbps\": %.3f, \"readers\": %d, "
-                   "\"direct\": %s}",
+        fprintf(f,
+                ", \"bytes\": %llu, \"seconds\": %.6f, \"gbps\": %.3f, \"readers\": %d, "
+                "\"direct\": %s}",
                 (unsigned long long)r->bytes, r->seconds,
                 r->seconds > 0 ? (double)r->bytes / r->seconds / 1e9 : 0.0, r->readers,
                 r->direct ? "true" : "false");

@@ -1035,3 +1035,74 @@ Test(cache, each_load_is_recorded_in_the_statistics)
     ta_cache_destroy(lc->c);
     free(lc);
 }
+
+Test(cache, a_budget_of_zero_follows_the_rule)
+{
+    const size_t GiB = (size_t)1 << 30;
+    cr_assert_eq(ta_cache_budget_rule(24 * GiB, 0, 0), 10 * GiB);  /* half less 2 GiB */
+    cr_assert_eq(ta_cache_budget_rule(512 * GiB, 0, 0), 32 * GiB); /* capped without a device */
+    cr_assert_eq(ta_cache_budget_rule(512 * GiB, 80 * GiB, 3 * GiB), 77 * GiB); /* VRAM - working */
+    cr_assert_eq(ta_cache_budget_rule(64 * GiB, 24 * GiB, 3 * GiB), 21 * GiB);
+    cr_assert_eq(ta_cache_budget_rule(10 * GiB, 0, 0), 4 * GiB); /* the floor */
+    cr_assert_eq(ta_cache_budget_rule(6 * GiB, 0, 0), 3 * GiB);  /* never over half */
+    /* 0: this machine's memory, or the cgroup's limit where lower */
+    size_t mem = _ta_os_physical_memory(), limit = _ta_os_cgroup_memory_limit();
+    if (limit && limit < mem)
+        mem = limit;
+    ta_cache_config_t cfg = {.size = sizeof cfg, .ram_budget = 0};
+    ta_cache_t *c;
+    cr_assert_eq(ta_cache_create(&cfg, &c), 0, "%s", ta_cache_last_error());
+    cr_assert_eq(cstats(c).ram_budget, ta_cache_budget_rule(mem, 0, 0));
+    cr_assert_eq(ta_cache_budget_rule(0, 0, 0), ta_cache_budget_rule(mem, 0, 0));
+    cr_log_info("this machine: %zu MiB of memory (cgroup limit %zu MiB): a %zu MiB budget",
+                mem >> 20, limit >> 20, (size_t)cstats(c).ram_budget >> 20);
+    ta_cache_destroy(c);
+    cfg.load_threads = -1;
+    cr_assert_eq(ta_cache_create(&cfg, &c), EINVAL);
+    cfg.load_threads = 0;
+    cfg.page_cache = (ta_page_cache_t)3;
+    cr_assert_eq(ta_cache_create(&cfg, &c), EINVAL);
+}
+
+Test(cache, keep_alive_evicts_entries_left_unused)
+{
+    ta_cache_config_t cfg = {.size = sizeof cfg, .ram_budget = 64 * MiB, .keep_alive_ms = 500};
+    ta_cache_t *c;
+    cr_assert_eq(ta_cache_create(&cfg, &c), 0, "%s", ta_cache_last_error());
+    cr_assert_eq(put(c, "idle", MiB, 1), 0);
+    cr_assert_eq(put(c, "used", MiB, 2), 0);
+    ta_entry_t *held;
+    cr_assert_eq(put(c, "held", MiB, 3), 0);
+    cr_assert_eq(ta_cache_get(c, "held", &held), 0);
+    /* "used" is touched every 100 ms, "held" stays locked: only "idle" goes */
+    for (int i = 0; i < 12; i++) {
+        usleep(100 * 1000);
+        ta_entry_t *e;
+        cr_assert_eq(ta_cache_get(c, "used", &e), 0);
+        ta_entry_unlock(e);
+    }
+    ta_cache_stats_t s = cstats(c);
+    cr_assert_eq(s.expired, 1);
+    cr_assert_eq(s.in_cache, 2);
+    cr_assert_eq(s.ram_used, 2 * MiB);
+    cr_assert(present(c, "used"));
+    cr_assert(present(c, "held"));
+    /* an unlocked entry goes within keep_alive_ms (and the timer's slack) */
+    ta_entry_unlock(held);
+    usleep(1500 * 1000);
+    s = cstats(c);
+    cr_assert_eq(s.expired, 3, "%llu expired", (unsigned long long)s.expired);
+    cr_assert_eq(s.in_cache, 0);
+    cr_assert_eq(s.ram_used, 0);
+    ta_cache_destroy(c);
+}
+
+Test(cache, a_keep_alive_timer_that_cannot_start_fails_the_create)
+{
+    ta_cache_config_t cfg = {.size = sizeof cfg, .ram_budget = MiB, .keep_alive_ms = 100};
+    ta_cache_t *c = NULL;
+    _ta_os_fail_nth_thread(1);
+    cr_assert_eq(ta_cache_create(&cfg, &c), EAGAIN);
+    _ta_os_fail_nth_thread(0);
+    cr_assert(strstr(ta_cache_last_error(), "keep-alive"), "%s", ta_cache_last_error());
+}
