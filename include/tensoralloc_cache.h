@@ -118,6 +118,14 @@ TA_API int ta_cache_remove(ta_cache_t *cache, const char *key);
  * leaves the cache exactly as it was. Returns the entry locked. */
 TA_API int ta_cache_load_safetensors(ta_cache_t *cache, const char *key, const char *path,
                                      ta_entry_t **out);
+/* Loads a safetensors file into a new entry on the device, under the VRAM
+ * budget as ta_entry_to_device. With keep_ram_copy, as
+ * ta_cache_load_safetensors then ta_entry_to_device; without, the file
+ * streams through two pinned staging buffers to the device (one read into
+ * while the other's DMA runs) and no host copy of the entry is ever made.
+ * TA_ENODEVICE or TA_ENORUNTIME without a GPU. Returns the entry locked. */
+TA_API int ta_cache_load_safetensors_to_device(ta_cache_t *cache, const char *key, const char *path,
+                                               ta_entry_t **out);
 /* Loads a raw file as one tensor named "data"; its size must match the
  * dtype and shape. */
 TA_API int ta_cache_load_raw(ta_cache_t *cache, const char *key, const char *path, ta_dtype_t dtype,

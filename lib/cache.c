@@ -575,7 +575,7 @@ static void publish(ta_cache_t *c, ta_entry_t *e, uint64_t bytes, double seconds
     c->st.last_load_seconds = seconds;
     c->st.last_load_readers = (uint32_t)rep->threads;
     c->st.last_load_direct = rep->direct;
-    record_size(c, e->key, e->ram_bytes);
+    record_size(c, e->key, bytes);
     pthread_cond_broadcast(&c->loaded);
     pthread_mutex_unlock(&c->mu);
 }
@@ -627,13 +627,18 @@ static int entry_append(ta_entry_t *e, const char *name, ta_dtype_t dtype, int n
 
 /* ---- loading ------------------------------------------------------------------------ */
 
+static _ta_load_opts_t load_opts(const ta_cache_t *c)
+{
+    return (_ta_load_opts_t){.threads = c->cfg.load_threads,
+                             .chunk = c->cfg.load_chunk,
+                             .page_cache = c->cfg.page_cache};
+}
+
 /* Reads the spans into a loading entry and publishes it, or abandons it. */
 static int load_entry(ta_cache_t *c, ta_entry_t *e, const char *path, int fd, _ta_span_t *spans,
                       size_t n, uint64_t total, double t0)
 {
-    _ta_load_opts_t opts = {.threads = c->cfg.load_threads,
-                            .chunk = c->cfg.load_chunk,
-                            .page_cache = c->cfg.page_cache};
+    _ta_load_opts_t opts = load_opts(c);
     _ta_load_report_t rep = {0};
     char why[200] = "";
     int rc = _ta_load_spans(path, fd, spans, n, &opts, &rep, why, sizeof why);
@@ -658,23 +663,33 @@ static int open_file(const char *path, int *fd)
     return rc ? fail(rc, "%s: %s", path, strerror(rc)) : 0;
 }
 
+/* Opens path and reads its safetensors header; total: the data bytes. */
+static int open_header(const char *path, int *fd, _ta_st_header_t *h, uint64_t *total)
+{
+    int rc;
+    if ((rc = open_file(path, fd)) != 0)
+        return rc;
+    char why[200] = "";
+    if ((rc = _ta_st_read_header(*fd, h, why, sizeof why)) != 0) {
+        _ta_os_close(*fd);
+        return rc == TA_EFORMAT ? fail(rc, "%s: %s", path, why)
+                                : fail(rc, "%s: %s", path, strerror(rc));
+    }
+    *total = 0;
+    for (size_t i = 0; i < h->count; i++)
+        *total += h->tensors[i].end - h->tensors[i].begin;
+    return 0;
+}
+
 int ta_cache_load_safetensors(ta_cache_t *c, const char *key, const char *path, ta_entry_t **out)
 {
     if (!c || !key || !path || !out)
         return fail(EINVAL, "NULL argument");
     int fd, rc;
-    if ((rc = open_file(path, &fd)) != 0)
-        return rc;
     _ta_st_header_t h;
-    char why[200] = "";
-    if ((rc = _ta_st_read_header(fd, &h, why, sizeof why)) != 0) {
-        _ta_os_close(fd);
-        return rc == TA_EFORMAT ? fail(rc, "%s: %s", path, why)
-                                : fail(rc, "%s: %s", path, strerror(rc));
-    }
-    uint64_t total = 0;
-    for (size_t i = 0; i < h.count; i++)
-        total += h.tensors[i].end - h.tensors[i].begin;
+    uint64_t total;
+    if ((rc = open_header(path, &fd, &h, &total)) != 0)
+        return rc;
     ta_memory_snapshot_t before;
     snapshot_if_debug(c, &before);
     ta_entry_t *e = NULL;
@@ -1033,22 +1048,13 @@ int ta_entry_to_device(ta_entry_t *e)
     return move_end(c, e, move_to_device(e));
 }
 
-static int move_to_device(ta_entry_t *e)
+static void drop_device_reservation(ta_cache_t *c, ta_entry_t *e);
+
+/* Charges need VRAM bytes to e, evicting device copies of unlocked
+ * entries, and checks the device itself has room for them. */
+static int reserve_vram(ta_cache_t *c, ta_entry_t *e, size_t need)
 {
-    ta_cache_t *c = e->cache;
     int rc;
-    if (e->vram_bytes > 0) { /* already there (perhaps moved by another holder) */
-        pthread_mutex_lock(&c->mu);
-        e->drop_device = false; /* wanted on the device after all */
-        pthread_mutex_unlock(&c->mu);
-        return 0;
-    }
-    if ((rc = pool_ready(c)) != 0)
-        return fail(rc, "pinned pool: %s", ta_strerror(rc));
-    size_t need = entry_bytes(e);
-    size_t dev_free, dev_total;
-    ta_memory_snapshot_t before;
-    snapshot_if_debug(c, &before);
     victims_t v;
     do {
         v = (victims_t){0};
@@ -1076,31 +1082,68 @@ static int move_to_device(ta_entry_t *e)
     if (rc)
         return rc;
     /* after the evictions: is there room on the device itself? */
+    size_t dev_free, dev_total;
     if ((rc = ta_cuda_mem_info(&dev_free, &dev_total)) != 0)
         rc = fail(rc, "cudaMemGetInfo: %s", ta_strerror(rc));
     else if (dev_free < need + c->cfg.device_working_mem)
         rc = fail(ENOMEM, "the device has %zu bytes free; '%s' needs %zu plus %zu working",
                   dev_free, e->key, need, c->cfg.device_working_mem);
+    if (rc)
+        drop_device_reservation(c, e);
+    return rc;
+}
+
+/* Device memory for t (t->dev NULL on failure). */
+static int device_tensor(tensor_t *t)
+{
+    int rc = ta_cuda_device_alloc(t->nbytes ? t->nbytes : 1, &t->dev);
+    if (rc) {
+        t->dev = NULL;
+        rc = fail(rc, "device allocation of '%s': %s", t->name, ta_strerror(rc));
+    }
+    return rc;
+}
+
+/* Frees e's device copies and gives its VRAM charge back. */
+static void drop_device_reservation(ta_cache_t *c, ta_entry_t *e)
+{
+    for (size_t i = 0; i < e->count; i++)
+        if (e->tensors[i].dev) {
+            ta_cuda_device_free(e->tensors[i].dev);
+            e->tensors[i].dev = NULL;
+        }
+    pthread_mutex_lock(&c->mu);
+    c->vram_used -= e->vram_bytes;
+    e->vram_bytes = 0;
+    pthread_mutex_unlock(&c->mu);
+}
+
+static int move_to_device(ta_entry_t *e)
+{
+    ta_cache_t *c = e->cache;
+    int rc;
+    if (e->vram_bytes > 0) { /* already there (perhaps moved by another holder) */
+        pthread_mutex_lock(&c->mu);
+        e->drop_device = false; /* wanted on the device after all */
+        pthread_mutex_unlock(&c->mu);
+        return 0;
+    }
+    if ((rc = pool_ready(c)) != 0)
+        return fail(rc, "pinned pool: %s", ta_strerror(rc));
+    size_t need = entry_bytes(e);
+    ta_memory_snapshot_t before;
+    snapshot_if_debug(c, &before);
+    if ((rc = reserve_vram(c, e, need)) != 0)
+        return rc;
     double t0 = now_s();
     for (size_t i = 0; i < e->count && rc == 0; i++) {
         tensor_t *t = &e->tensors[i];
-        if ((rc = ta_cuda_device_alloc(t->nbytes ? t->nbytes : 1, &t->dev)) != 0) {
-            t->dev = NULL;
-            rc = fail(rc, "device allocation of '%s': %s", t->name, ta_strerror(rc));
-        } else if ((rc = ta_cuda_copy_to_device(c->pool, t->dev, t->data, t->nbytes)) != 0) {
+        if ((rc = device_tensor(t)) == 0 &&
+            (rc = ta_cuda_copy_to_device(c->pool, t->dev, t->data, t->nbytes)) != 0)
             rc = fail(rc, "copy of '%s' to the device: %s", t->name, ta_strerror(rc));
-        }
     }
     if (rc) { /* undo: the entry stays on the host */
-        for (size_t i = 0; i < e->count; i++)
-            if (e->tensors[i].dev) {
-                ta_cuda_device_free(e->tensors[i].dev);
-                e->tensors[i].dev = NULL;
-            }
-        pthread_mutex_lock(&c->mu);
-        c->vram_used -= e->vram_bytes;
-        e->vram_bytes = 0;
-        pthread_mutex_unlock(&c->mu);
+        drop_device_reservation(c, e);
         return rc;
     }
     if (!c->cfg.keep_ram_copy)
@@ -1249,4 +1292,106 @@ int ta_cache_stats_json(ta_cache_t *c, FILE *f)
     pthread_mutex_unlock(&c->mu);
     fputs("]}\n", f);
     return ferror(f) ? EIO : 0;
+}
+
+/* ---- loads straight to the device ------------------------------------------ */
+
+typedef struct {
+    const char *path;
+    int fd;
+    _ta_load_opts_t opts;
+    _ta_load_report_t rep;
+    bool read_failed;
+    char why[200];
+} upload_reader_t;
+
+/* One staging chunk of the file, read by the loader's readers. */
+static int read_chunk(void *arg, void *buf, uint64_t off, size_t len)
+{
+    upload_reader_t *r = arg;
+    _ta_span_t span = {buf, off, len};
+    int rc = _ta_load_spans(r->path, r->fd, &span, 1, &r->opts, &r->rep, r->why, sizeof r->why);
+    r->read_failed = rc != 0;
+    return rc;
+}
+
+/* The entry's tensors on the device, streamed from the file (e loading,
+ * its tensors appended without host memory). */
+static int stream_to_device(ta_cache_t *c, ta_entry_t *e, upload_reader_t *r,
+                            const _ta_st_header_t *h, uint64_t total)
+{
+    int rc = reserve_vram(c, e, (size_t)total);
+    if (rc)
+        return rc;
+    _ta_upload_t *spans = malloc((e->count ? e->count : 1) * sizeof *spans);
+    if (!spans)
+        rc = fail(ENOMEM, "no memory for %zu tensors", e->count);
+    for (size_t i = 0; i < e->count && rc == 0; i++)
+        if ((rc = device_tensor(&e->tensors[i])) == 0)
+            spans[i] = (_ta_upload_t){e->tensors[i].dev, h->data_start + h->tensors[i].begin,
+                                      e->tensors[i].nbytes};
+    /* a staging chunk: a few of the loader's chunks, one per reader */
+    size_t chunk = (c->cfg.load_chunk ? c->cfg.load_chunk : TA_LOAD_CHUNK) * 4;
+    if (rc == 0 && (rc = _ta_cuda_upload(c->pool, spans, e->count, chunk, read_chunk, r)) != 0)
+        rc = r->read_failed ? fail(rc, "%s: %s", r->path, r->why)
+                            : fail(rc, "%s: upload to the device: %s", r->path, ta_strerror(rc));
+    free(spans);
+    if (rc)
+        drop_device_reservation(c, e);
+    return rc;
+}
+
+int ta_cache_load_safetensors_to_device(ta_cache_t *c, const char *key, const char *path,
+                                        ta_entry_t **out)
+{
+    if (!c || !key || !path || !out)
+        return fail(EINVAL, "NULL argument");
+    if (c->cfg.keep_ram_copy) { /* the host copy stays: load it, then move it */
+        int rc = ta_cache_load_safetensors(c, key, path, out);
+        if (rc == 0 && (rc = ta_entry_to_device(*out)) != 0) {
+            char why[256];
+            snprintf(why, sizeof why, "%s", ta_cache_last_error());
+            ta_entry_unlock(*out);
+            ta_cache_remove(c, key);
+            *out = NULL;
+            return fail(rc, "%s", why);
+        }
+        return rc;
+    }
+    int rc = ta_cuda_init(c->cfg.device);
+    if (rc)
+        return fail(rc, "no device: %s", ta_strerror(rc));
+    if ((rc = pool_ready(c)) != 0)
+        return fail(rc, "pinned pool: %s", ta_strerror(rc));
+    upload_reader_t r = {.path = path, .opts = load_opts(c)};
+    _ta_st_header_t h;
+    uint64_t total;
+    if ((rc = open_header(path, &r.fd, &h, &total)) != 0)
+        return rc;
+    ta_entry_t *e;
+    if ((rc = insert_reserved(c, key, 0, true, &e)) == 0) {
+        double t0 = now_s();
+        for (size_t i = 0; i < h.count && rc == 0; i++) {
+            _ta_st_tensor_t *st = &h.tensors[i];
+            rc = entry_append(e, st->name, st->dtype, st->ndim, st->shape,
+                              (size_t)(st->end - st->begin), NULL);
+        }
+        if (rc == 0)
+            rc = stream_to_device(c, e, &r, &h, total);
+        if (rc) {
+            abandon_entry(c, e);
+        } else {
+            publish(c, e, total, now_s() - t0, &r.rep);
+            pthread_mutex_lock(&c->mu);
+            c->st.device_moves++;
+            pthread_mutex_unlock(&c->mu);
+            cache_log(c, TA_LOG_INFO,
+                      "loaded '%s' from %s to device %d: %zu tensors, %.3f GB in %.3f s", key, path,
+                      c->cfg.device, e->count, (double)total / 1e9, now_s() - t0);
+            *out = e;
+        }
+    }
+    _ta_os_close(r.fd);
+    _ta_st_free(&h);
+    return rc;
 }

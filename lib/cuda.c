@@ -603,11 +603,14 @@ typedef struct {
     int streams, events;
 } staging_t;
 
-static int staging_open(ta_pinned_pool_t *pool, size_t size, staging_t *st)
+/* Two staging buffers of chunk bytes (0: the staging size), at most size. */
+static int staging_open(ta_pinned_pool_t *pool, size_t size, size_t chunk, staging_t *st)
 {
     memset(st, 0, sizeof *st);
     size_t page = _ta_os_page_size();
-    size_t chunk = __atomic_load_n(&staging_size, __ATOMIC_RELAXED);
+    if (chunk == 0)
+        chunk = __atomic_load_n(&staging_size, __ATOMIC_RELAXED);
+    chunk = _ta_align_up(chunk, page);
     if (chunk > _ta_align_up(size, page))
         chunk = _ta_align_up(size, page);
     if (2 * chunk > pool->budget)
@@ -738,7 +741,7 @@ static int copy(ta_pinned_pool_t *pool, void *dst, const void *src, size_t size,
     if (pool == NULL)
         return EINVAL;
     staging_t st;
-    rc = staging_open(pool, size, &st);
+    rc = staging_open(pool, size, 0, &st);
     if (rc == 0)
         rc = to_device ? pump_to_device(&st, dst, src, size) : pump_to_host(&st, dst, src, size);
     staging_close(pool, &st);
@@ -755,4 +758,60 @@ int ta_cuda_copy_to_device(ta_pinned_pool_t *pool, void *dev_dst, const void *ho
 int ta_cuda_copy_to_host(ta_pinned_pool_t *pool, void *host_dst, const void *dev_src, size_t size)
 {
     return copy(pool, host_dst, dev_src, size, false);
+}
+
+/* ---- uploads: a stream of bytes to device memory ----------------------------- */
+
+int _ta_cuda_upload(ta_pinned_pool_t *pool, const _ta_upload_t *spans, size_t n, size_t chunk,
+                    _ta_upload_read_fn read, void *arg)
+{
+    int rc = ensure();
+    if (rc)
+        return rc;
+    uint64_t lo = UINT64_MAX, hi = 0, bytes = 0;
+    for (size_t i = 0; i < n; i++)
+        if (spans[i].len) {
+            bytes += spans[i].len;
+            lo = spans[i].off < lo ? spans[i].off : lo;
+            hi = spans[i].off + spans[i].len > hi ? spans[i].off + spans[i].len : hi;
+        }
+    if (hi == 0)
+        return 0;
+    staging_t st;
+    double t0 = now_s();
+    rc = staging_open(pool, (size_t)(hi - lo), chunk, &st);
+    /* Chunk i of the file goes through buffer i%2: read into it (the other's
+     * DMA runs meanwhile), then one async copy per span it covers. */
+    for (uint64_t a = lo, i = 0; rc == 0 && a < hi; a += st.chunk, i++) {
+        int k = (int)(i & 1);
+        size_t len = hi - a < st.chunk ? (size_t)(hi - a) : st.chunk;
+        ta_cuerr_t e = TA_CU_SUCCESS;
+        if (i >= 2 && (e = rt.cudaEventSynchronize(st.event[k])) != TA_CU_SUCCESS) {
+            rc = cuda_fail(e);
+            break;
+        }
+        if ((rc = read(arg, st.buf[k], a, len)) != 0)
+            break;
+        for (size_t s = 0; s < n && e == TA_CU_SUCCESS; s++) {
+            uint64_t from = spans[s].off > a ? spans[s].off : a;
+            uint64_t end = spans[s].off + spans[s].len, to = end < a + len ? end : a + len;
+            if (from < to)
+                e = rt.cudaMemcpyAsync((char *)spans[s].dev + (from - spans[s].off),
+                                       (char *)st.buf[k] + (from - a), (size_t)(to - from),
+                                       TA_CU_H2D, st.stream[k]);
+        }
+        if (e == TA_CU_SUCCESS)
+            e = rt.cudaEventRecord(st.event[k], st.stream[k]);
+        if (e != TA_CU_SUCCESS)
+            rc = cuda_fail(e);
+    }
+    for (int k = 0; k < st.streams; k++) {
+        ta_cuerr_t e = rt.cudaStreamSynchronize(st.stream[k]);
+        if (e != TA_CU_SUCCESS && rc == 0)
+            rc = cuda_fail(e);
+    }
+    staging_close(pool, &st);
+    if (rc == 0)
+        stats_copied(true, (size_t)bytes, now_s() - t0, false);
+    return rc;
 }

@@ -99,3 +99,10 @@ int ta_cuda_stats_get(ta_cuda_stats_t *stats)
     stats->size = size;
     return TA_ENOTSUP;
 }
+
+int _ta_cuda_upload(ta_pinned_pool_t *pool, const _ta_upload_t *spans, size_t n, size_t chunk,
+                    _ta_upload_read_fn read, void *arg)
+{
+    (void)pool, (void)spans, (void)n, (void)chunk, (void)read, (void)arg;
+    return TA_ENORUNTIME;
+}

@@ -8,6 +8,7 @@
 #define _GNU_SOURCE
 #include "helpers.h"
 #include "tensoralloc_cache.h"
+#include "tensoralloc_cuda.h"
 
 #include <criterion/criterion.h>
 #include <errno.h>
@@ -1105,4 +1106,125 @@ Test(cache, a_keep_alive_timer_that_cannot_start_fails_the_create)
     cr_assert_eq(ta_cache_create(&cfg, &c), EAGAIN);
     _ta_os_fail_nth_thread(0);
     cr_assert(strstr(ta_cache_last_error(), "keep-alive"), "%s", ta_cache_last_error());
+}
+
+/* ---- loads straight to the device ------------------------------------------- */
+
+static ta_cache_t *device_cache(bool keep_ram_copy)
+{
+    ta_cache_config_t cfg = {.size = sizeof cfg,
+                             .ram_budget = 64 * MiB,
+                             .vram_budget = 64 * MiB,
+                             .keep_ram_copy = keep_ram_copy,
+                             .load_threads = 2,
+                             .load_chunk = 64 * KiB}; /* staging chunks of 256 KiB: many */
+    ta_cache_t *c;
+    cr_assert_eq(ta_cache_create(&cfg, &c), 0);
+    return c;
+}
+
+Test(cache, loads_straight_to_the_device_make_no_host_copy)
+{
+    use_fake_cudart();
+    char path[128];
+    snprintf(path, sizeof path, "%s/many.safetensors", dir);
+    write_many(path, 101);
+    struct stat st;
+    cr_assert_eq(stat(path, &st), 0);
+    uint64_t data = (uint64_t)st.st_size - data_start_of(path);
+    ta_cache_t *c = device_cache(false);
+    ta_cuda_stats_t before = {.size = sizeof before};
+    ta_cuda_stats_get(&before);
+    ta_entry_t *e;
+    cr_assert_eq(ta_cache_load_safetensors_to_device(c, "m", path, &e), 0, "%s",
+                 ta_cache_last_error());
+    ta_cache_stats_t s = cstats(c);
+    cr_assert_eq(s.vram_used, data);
+    cr_assert_eq(s.ram_used, 0);
+    cr_assert_eq(s.high_watermark, 0, "a host copy was charged");
+    cr_assert_eq(s.loads, 1);
+    cr_assert_eq(s.load_bytes, data);
+    cr_assert_eq(s.device_moves, 1);
+    ta_tensor_t t;
+    for (size_t i = 0; ta_entry_tensor_at(e, i, &t) == 0; i++) {
+        cr_assert_null(t.data);
+        cr_assert_not_null(t.device_data);
+    }
+    ta_cuda_stats_t after = {.size = sizeof after};
+    ta_cuda_stats_get(&after);
+    cr_assert_eq(after.h2d_bytes - before.h2d_bytes, data);
+    cr_assert_eq(after.direct_copies, before.direct_copies, "all through the staging buffers");
+    /* back to the host: every byte is the file's */
+    cr_assert_eq(ta_entry_to_host(e), 0, "%s", ta_cache_last_error());
+    expect_file_bytes(e);
+    ta_entry_unlock(e);
+    ta_cache_destroy(c);
+}
+
+Test(cache, loads_to_the_device_keep_the_ram_copy_when_asked)
+{
+    use_fake_cudart();
+    char path[128];
+    snprintf(path, sizeof path, "%s/many.safetensors", dir);
+    write_many(path, 101);
+    ta_cache_t *c = device_cache(true);
+    ta_entry_t *e;
+    cr_assert_eq(ta_cache_load_safetensors_to_device(c, "m", path, &e), 0, "%s",
+                 ta_cache_last_error());
+    ta_cache_stats_t s = cstats(c);
+    cr_assert_eq(s.vram_used, s.ram_used);
+    cr_assert_gt(s.ram_used, 0);
+    expect_file_bytes(e);
+    ta_tensor_t t;
+    cr_assert_eq(ta_entry_tensor_at(e, 0, &t), 0);
+    cr_assert_not_null(t.device_data);
+    ta_entry_unlock(e);
+    ta_cache_destroy(c);
+}
+
+Test(cache, a_failed_load_to_the_device_gives_everything_back)
+{
+    use_fake_cudart();
+    char path[128];
+    snprintf(path, sizeof path, "%s/many.safetensors", dir);
+    write_many(path, 101);
+    ta_cache_t *c = device_cache(false);
+    size_t free0, total;
+    cr_assert_eq(ta_cuda_mem_info(&free0, &total), 0);
+    hook_t h = {.at = 5, .err = EIO, .data_start = data_start_of(path)};
+    _ta_os_set_read_hook(on_read, &h);
+    ta_entry_t *e = NULL;
+    int rc = ta_cache_load_safetensors_to_device(c, "m", path, &e);
+    _ta_os_set_read_hook(NULL, NULL);
+    cr_assert_eq(rc, EIO, "rc %d (%s)", rc, ta_cache_last_error());
+    cr_assert(strstr(ta_cache_last_error(), "read failed at offset"), "%s", ta_cache_last_error());
+    cr_assert_null(e);
+    ta_cache_stats_t s = cstats(c);
+    cr_assert_eq(s.vram_used, 0);
+    cr_assert_eq(s.ram_used, 0);
+    cr_assert_eq(s.in_cache, 0);
+    cr_assert_eq(s.loads, 0);
+    size_t free1;
+    cr_assert_eq(ta_cuda_mem_info(&free1, &total), 0);
+    cr_assert_eq(free1, free0, "device memory leaked: %zu bytes", free0 - free1);
+    /* and the same file loads once the fault is gone */
+    cr_assert_eq(ta_cache_load_safetensors_to_device(c, "m", path, &e), 0, "%s",
+                 ta_cache_last_error());
+    ta_entry_unlock(e);
+    ta_cache_destroy(c);
+}
+
+Test(cache, loads_to_the_device_fail_cleanly_without_a_gpu)
+{
+    setenv("TENSORALLOC_CUDART", "/nonexistent/libcudart.so", 1);
+    char path[128];
+    snprintf(path, sizeof path, "%s/many.safetensors", dir);
+    write_many(path, 11);
+    ta_cache_t *c = device_cache(false);
+    ta_entry_t *e = NULL;
+    int rc = ta_cache_load_safetensors_to_device(c, "m", path, &e);
+    cr_assert(rc == TA_ENORUNTIME || rc == TA_ENOTSUP, "rc %d", rc);
+    cr_assert_null(e);
+    cr_assert_eq(cstats(c).in_cache, 0);
+    ta_cache_destroy(c);
 }
