@@ -264,6 +264,51 @@ static void unregister_range(void *p, size_t n)
     _ta_unlock(&stats_lock);
 }
 
+/* ---- first touch before registration ------------------------------------------
+ * cudaHostRegister faults in and pins every page of the range, one thread
+ * inside the driver. Faulting the pages first with MADV_POPULATE_WRITE from
+ * several threads moves the zeroing onto every core: PyTorch and RMM
+ * report an 8 GiB pinned pool set up 4x faster with 16-thread first touch
+ * then register than with cudaHostAlloc (../shared/notes/cuda.md). */
+
+#define PREFAULT_SLICE ((size_t)64 << 20) /* below this, one thread */
+#define PREFAULT_THREADS 16
+
+typedef struct {
+    char *base;
+    size_t size, slice;
+    _Atomic size_t next;
+} prefault_t;
+
+static void *prefault_main(void *arg)
+{
+    prefault_t *pf = arg;
+    for (;;) {
+        size_t off = atomic_fetch_add(&pf->next, pf->slice);
+        if (off >= pf->size)
+            return NULL;
+        size_t len = pf->size - off < pf->slice ? pf->size - off : pf->slice;
+        _ta_os_populate_write(pf->base + off, len); /* best effort: register faults the rest */
+    }
+}
+
+static void prefault(void *p, size_t size)
+{
+    prefault_t pf = {.base = p, .size = size, .slice = PREFAULT_SLICE};
+    int threads = _ta_os_cpu_count();
+    if (threads > PREFAULT_THREADS)
+        threads = PREFAULT_THREADS;
+    if ((size_t)threads > size / PREFAULT_SLICE)
+        threads = (int)(size / PREFAULT_SLICE) + 1;
+    unsigned long ids[PREFAULT_THREADS];
+    int started = 0;
+    while (started < threads - 1 && _ta_os_thread_start(prefault_main, &pf, &ids[started]) == 0)
+        started++;
+    prefault_main(&pf);
+    for (int i = 0; i < started; i++)
+        _ta_os_thread_join(ids[i]);
+}
+
 /* Registers [p, p+n) in chunks; on failure the chunks made are undone. */
 static int register_range(void *p, size_t n)
 {
@@ -503,13 +548,15 @@ static int pool_take(ta_pinned_pool_t *pool, int n, size_t size, void **out)
         if (p == NULL) {
             ta_free(b);
             rc = ENOMEM;
-        } else if ((rc = register_range(p, size)) != 0) {
+        } else {
+            prefault(p, size);
+            if ((rc = register_range(p, size)) == 0) {
+                *b = (buffer_t){p, size, true, NULL};
+                taken[i] = b;
+                continue;
+            }
             ta_free(p);
             ta_free(b);
-        } else {
-            *b = (buffer_t){p, size, true, NULL};
-            taken[i] = b;
-            continue;
         }
         /* give back what this call took or reserved */
         pthread_mutex_lock(&pool->mutex);

@@ -14,6 +14,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <stdlib.h>
+#include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -376,5 +377,30 @@ Test(cuda, staging_buffers_are_marked_pinned)
     cr_assert_eq(ta_pinned_release(pool, a), 0);
     ta_pinned_pool_destroy(pool);
     cr_assert_eq(fake.registrations(), 0);
+    no_violations();
+}
+
+/* Pool buffers are faulted in before they are registered (in parallel for
+ * big ones): every page is resident when the double's register runs, which
+ * touches none. */
+Test(cuda, pool_buffers_are_resident_before_registration)
+{
+    ta_pinned_pool_t *pool;
+    size_t size = 200 * MiB; /* four slices: several threads */
+    cr_assert_eq(ta_pinned_pool_create(size, &pool), 0);
+    void *p;
+    size_t rss0 = rss_bytes();
+    cr_assert_eq(ta_pinned_acquire(pool, size, &p), 0);
+    size_t pages = size / 4096;
+    unsigned char *vec = malloc(pages);
+    cr_assert_eq(mincore(p, size, vec), 0);
+    size_t resident = 0;
+    for (size_t i = 0; i < pages; i++)
+        resident += vec[i] & 1;
+    free(vec);
+    cr_assert_eq(resident, pages, "%zu of %zu pages resident", resident, pages);
+    cr_assert_geq(rss_bytes() - rss0, size - 4 * MiB);
+    ta_pinned_release(pool, p);
+    ta_pinned_pool_destroy(pool);
     no_violations();
 }
