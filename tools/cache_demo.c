@@ -9,10 +9,13 @@
  *       5632, 4 KV heads of 64, vocabulary 32000, bf16) with 22 x F layers
  *   tensoralloc-cache-demo load FILE... [--mode cache|plain] [--rounds N]
  *                          [--threads N] [--chunk-mib N]
- *                          [--page-cache keep|drop|bypass] [--cold] [--verbose]
+ *                          [--page-cache keep|drop|bypass] [--cold] [--to-device]
+ *                          [--verbose]
  *       loads each file and drops it, N rounds: the load throughput alone
  *       (cache: the model cache's loader; plain: malloc + pread, 64 MiB
- *       per call); --cold drops the page cache before every load (root)
+ *       per call); --cold drops the page cache before every load (root);
+ *       --to-device loads straight to GPU 0 (no host copy; the staging
+ *       chunk is 4 x --chunk-mib)
  *   tensoralloc-cache-demo run DIR [--mode cache|plain] [--budget-mib N]
  *                          [--switches N] [--verbose]
  *       cache: tensoralloc's model cache (budget, LRU, per-tensor mappings),
@@ -360,7 +363,7 @@ static int run(const char *dir, const char *mode, size_t budget, int switches, i
 /* ---- load: the load throughput alone ------------------------------------------ */
 
 typedef struct {
-    bool cache, cold, verbose;
+    bool cache, cold, verbose, to_device;
     int rounds, threads;
     size_t chunk;
     ta_page_cache_t page_cache;
@@ -390,7 +393,9 @@ static int load_files(char **files, int nfiles, const load_args_t *a)
                              .log_level = TA_LOG_INFO,
                              .load_threads = a->threads,
                              .load_chunk = a->chunk,
-                             .page_cache = a->page_cache};
+                             .page_cache = a->page_cache,
+                             .vram_budget = a->to_device ? SIZE_MAX / 2 : 0,
+                             .keep_ram_copy = !a->to_device};
     ta_cache_t *c = NULL;
     if (a->cache && ta_cache_create(&cfg, &c) != 0)
         return 1;
@@ -404,12 +409,14 @@ static int load_files(char **files, int nfiles, const load_args_t *a)
             uint64_t n = 0;
             if (a->cache) {
                 ta_entry_t *e;
-                int rc = ta_cache_load_safetensors(c, files[i], files[i], &e);
+                int rc = a->to_device
+                             ? ta_cache_load_safetensors_to_device(c, files[i], files[i], &e)
+                             : ta_cache_load_safetensors(c, files[i], files[i], &e);
                 if (rc) {
                     fprintf(stderr, "%s: %s\n", ta_strerror(rc), ta_cache_last_error());
                     return 1;
                 }
-                n = ta_entry_ram_bytes(e);
+                n = ta_entry_ram_bytes(e) + ta_entry_vram_bytes(e);
                 seconds += now_s() - t0;
                 ta_entry_unlock(e);
                 ta_cache_remove(c, files[i]);
@@ -431,8 +438,8 @@ static int load_files(char **files, int nfiles, const load_args_t *a)
             }
         }
     ta_cache_destroy(c);
-    printf("workload=load\nmode=%s\nbytes=%llu\nseconds=%.4f\ngbps=%.3f\n",
-           a->cache ? "cache" : "plain", (unsigned long long)bytes, seconds,
+    printf("workload=load\nmode=%s%s\nbytes=%llu\nseconds=%.4f\ngbps=%.3f\n",
+           a->cache ? "cache" : "plain", a->to_device ? "-to-device" : "", (unsigned long long)bytes, seconds,
            seconds > 0 ? (double)bytes / seconds / 1e9 : 0);
     printf("steady_gbps=%.3f\n", warm_seconds > 0 ? (double)warm_bytes / warm_seconds / 1e9 : 0);
     return 0;
@@ -448,7 +455,8 @@ static __attribute__((noreturn)) void usage(void)
         "                                  [--switches N] [--verbose]\n"
         "       tensoralloc-cache-demo load FILE... [--mode cache|plain] [--rounds N]\n"
         "                                  [--threads N] [--chunk-mib N]\n"
-        "                                  [--page-cache keep|drop|bypass] [--cold] [--verbose]\n");
+        "                                  [--page-cache keep|drop|bypass] [--cold] [--to-device]\n"
+            "                                  [--verbose]\n");
     exit(2);
 }
 
@@ -471,7 +479,7 @@ int main(int argc, char **argv)
                                          {"switches", 1, 0, 'w'},   {"verbose", 0, 0, 'v'},
                                          {"shape", 1, 0, 'S'},      {"rounds", 1, 0, 'r'},
                                          {"threads", 1, 0, 't'},    {"chunk-mib", 1, 0, 'c'},
-                                         {"page-cache", 1, 0, 'p'}, {"cold", 0, 0, 'C'},
+                                         {"page-cache", 1, 0, 'p'}, {"cold", 0, 0, 'C'}, {"to-device", 0, 0, 'D'},
                                          {"help", 0, 0, 'h'},       {0, 0, 0, 0}};
     int models = 6, switches = 20, verbose = 0, c;
     double scale = 0.3;
@@ -493,6 +501,7 @@ int main(int argc, char **argv)
         case 'c': la.chunk = (size_t)atoll(optarg) << 20; break;
         case 'p': la.page_cache = (ta_page_cache_t)page_cache_mode(optarg); break;
         case 'C': la.cold = true; break;
+        case 'D': la.to_device = true; break;
         default: usage();
         }
     }
