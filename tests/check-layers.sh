@@ -4,7 +4,8 @@
 # layer, its pool's data structure, the options, the log and the lock; never
 # the slabs, the purge thread or the front door, which it tells what to do
 # through return codes (docs/design.md, "Layers"). The pool (lib/pool.c)
-# calls nothing of tensoralloc and nothing of the kernel.
+# calls nothing of tensoralloc and nothing of the kernel. The loader
+# (lib/loader.c, when the cache is built) calls only the OS layer.
 set -eu
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
@@ -22,4 +23,12 @@ if [ -n "$calls" ]; then
     echo "FAIL: lib/pool.c calls out: $calls"
     exit 1
 fi
-echo "PASS: lib/large.c calls only the OS layer, the pool, options, log and lock; lib/pool.c nothing"
+loader=$(ls "$dir"/*loader.c.o 2>/dev/null || true)
+if [ -n "$loader" ]; then
+    up=$(nm -u "$loader" | awk '{print $2}' | grep -E '^_?ta_' | grep -Ev '^_ta_os_' || true)
+    if [ -n "$up" ]; then
+        echo "FAIL: lib/loader.c calls more than the OS layer: $up"
+        exit 1
+    fi
+fi
+echo "PASS: lib/large.c calls only the OS layer, the pool, options, log and lock; lib/pool.c nothing; lib/loader.c only the OS layer"

@@ -764,6 +764,15 @@ static void write_many(const char *path, int n)
     free(hdr);
 }
 
+/* write_many into the suite's folder; the path stays valid for the test. */
+static const char *many_file(int n)
+{
+    static char path[128];
+    snprintf(path, sizeof path, "%s/many.safetensors", dir);
+    write_many(path, n);
+    return path;
+}
+
 /* Every tensor of e holds its own bytes of the file (data byte x is 3 + 7x). */
 static void expect_file_bytes(ta_entry_t *e)
 {
@@ -822,9 +831,7 @@ static void loaded_and_checked(logged_cache_t *lc, const char *path, const char 
 
 Test(cache, loads_with_several_readers_and_every_page_cache_mode)
 {
-    char path[128];
-    snprintf(path, sizeof path, "%s/many.safetensors", dir);
-    write_many(path, 251);
+    const char *path = many_file(251);
     /* 64 KiB chunks: the big tensors are cut into many reads */
     for (int threads = 1; threads <= 4; threads *= 2) {
         char needle[32];
@@ -843,9 +850,7 @@ Test(cache, loads_with_several_readers_and_every_page_cache_mode)
 
 Test(cache, direct_loads_fall_back_where_the_filesystem_refuses)
 {
-    char path[128];
-    snprintf(path, sizeof path, "%s/many.safetensors", dir);
-    write_many(path, 101);
+    const char *path = many_file(101);
     logged_cache_t *lc = load_cache(2, 0, TA_PAGE_CACHE_BYPASS);
     _ta_os_refuse_direct(1);
     loaded_and_checked(lc, path, "m", "2 readers");
@@ -950,9 +955,7 @@ static void expect_failed_load(const char *path, hook_t *h, ta_page_cache_t pc, 
 
 Test(cache, a_read_error_part_way_fails_the_load_cleanly)
 {
-    char path[128];
-    snprintf(path, sizeof path, "%s/many.safetensors", dir);
-    write_many(path, 101);
+    const char *path = many_file(101);
     for (int pc = TA_PAGE_CACHE_KEEP; pc <= TA_PAGE_CACHE_BYPASS; pc += 2) {
         hook_t h = {.at = 9, .err = EIO};
         expect_failed_load(path, &h, (ta_page_cache_t)pc, EIO, "read failed at offset");
@@ -962,10 +965,8 @@ Test(cache, a_read_error_part_way_fails_the_load_cleanly)
 
 Test(cache, a_file_that_shrinks_during_the_load_is_refused)
 {
-    char path[128];
-    snprintf(path, sizeof path, "%s/many.safetensors", dir);
     for (int pc = TA_PAGE_CACHE_KEEP; pc <= TA_PAGE_CACHE_BYPASS; pc += 2) {
-        write_many(path, 101);
+        const char *path = many_file(101);
         hook_t h = {.at = 2, .shrink = path};
         expect_failed_load(path, &h, (ta_page_cache_t)pc, TA_EFORMAT, "shrank during the load");
     }
@@ -973,9 +974,7 @@ Test(cache, a_file_that_shrinks_during_the_load_is_refused)
 
 Test(cache, short_reads_are_carried_on)
 {
-    char path[128];
-    snprintf(path, sizeof path, "%s/many.safetensors", dir);
-    write_many(path, 101);
+    const char *path = many_file(101);
     hook_t h = {.shorten = true, .data_start = data_start_of(path)};
     logged_cache_t *lc = load_cache(2, 64 * KiB, TA_PAGE_CACHE_KEEP);
     _ta_os_set_read_hook(on_read, &h);
@@ -988,9 +987,7 @@ Test(cache, short_reads_are_carried_on)
 
 Test(cache, a_reader_that_cannot_start_leaves_fewer_readers)
 {
-    char path[128];
-    snprintf(path, sizeof path, "%s/many.safetensors", dir);
-    write_many(path, 101);
+    const char *path = many_file(101);
     logged_cache_t *lc = load_cache(4, 64 * KiB, TA_PAGE_CACHE_KEEP);
     _ta_os_fail_nth_thread(2); /* the first reader starts, the second does not */
     loaded_and_checked(lc, path, "m", "2 readers");
@@ -1001,9 +998,7 @@ Test(cache, a_reader_that_cannot_start_leaves_fewer_readers)
 
 Test(cache, each_load_is_recorded_in_the_statistics)
 {
-    char path[128];
-    snprintf(path, sizeof path, "%s/many.safetensors", dir);
-    write_many(path, 101);
+    const char *path = many_file(101);
     logged_cache_t *lc = load_cache(2, 0, TA_PAGE_CACHE_KEEP);
     struct stat st;
     cr_assert_eq(stat(path, &st), 0);
@@ -1126,9 +1121,7 @@ static ta_cache_t *device_cache(bool keep_ram_copy)
 Test(cache, loads_straight_to_the_device_make_no_host_copy)
 {
     use_fake_cudart();
-    char path[128];
-    snprintf(path, sizeof path, "%s/many.safetensors", dir);
-    write_many(path, 101);
+    const char *path = many_file(101);
     struct stat st;
     cr_assert_eq(stat(path, &st), 0);
     uint64_t data = (uint64_t)st.st_size - data_start_of(path);
@@ -1164,9 +1157,7 @@ Test(cache, loads_straight_to_the_device_make_no_host_copy)
 Test(cache, loads_to_the_device_keep_the_ram_copy_when_asked)
 {
     use_fake_cudart();
-    char path[128];
-    snprintf(path, sizeof path, "%s/many.safetensors", dir);
-    write_many(path, 101);
+    const char *path = many_file(101);
     ta_cache_t *c = device_cache(true);
     ta_entry_t *e;
     cr_assert_eq(ta_cache_load_safetensors_to_device(c, "m", path, &e), 0, "%s",
@@ -1185,9 +1176,7 @@ Test(cache, loads_to_the_device_keep_the_ram_copy_when_asked)
 Test(cache, a_failed_load_to_the_device_gives_everything_back)
 {
     use_fake_cudart();
-    char path[128];
-    snprintf(path, sizeof path, "%s/many.safetensors", dir);
-    write_many(path, 101);
+    const char *path = many_file(101);
     ta_cache_t *c = device_cache(false);
     size_t free0, total;
     cr_assert_eq(ta_cuda_mem_info(&free0, &total), 0);
@@ -1217,9 +1206,7 @@ Test(cache, a_failed_load_to_the_device_gives_everything_back)
 Test(cache, loads_to_the_device_fail_cleanly_without_a_gpu)
 {
     setenv("TENSORALLOC_CUDART", "/nonexistent/libcudart.so", 1);
-    char path[128];
-    snprintf(path, sizeof path, "%s/many.safetensors", dir);
-    write_many(path, 11);
+    const char *path = many_file(11);
     ta_cache_t *c = device_cache(false);
     ta_entry_t *e = NULL;
     int rc = ta_cache_load_safetensors_to_device(c, "m", path, &e);
