@@ -111,6 +111,12 @@ TA_API int ta_cache_get(ta_cache_t *cache, const char *key, ta_entry_t **out);
 TA_API void ta_entry_unlock(ta_entry_t *entry);
 /* Evicts an unlocked entry now (EBUSY if locked, ENOENT if absent). */
 TA_API int ta_cache_remove(ta_cache_t *cache, const char *key);
+/* Whether key is in the cache (loading included); counts no hit or miss. */
+TA_API bool ta_cache_contains(ta_cache_t *cache, const char *key);
+/* A copy of the keys, least recently used first: *keys is an array of
+ * *count strings, freed with ta_cache_keys_free. */
+TA_API int ta_cache_keys(ta_cache_t *cache, char ***keys, size_t *count);
+TA_API void ta_cache_keys_free(char **keys);
 
 /* Loads a safetensors file into a new entry (EEXIST if key exists). The
  * header is read and checked whole before anything is evicted or

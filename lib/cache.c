@@ -905,6 +905,48 @@ int ta_cache_remove(ta_cache_t *c, const char *key)
     return rc;
 }
 
+bool ta_cache_contains(ta_cache_t *c, const char *key)
+{
+    if (!c || !key)
+        return false;
+    pthread_mutex_lock(&c->mu);
+    bool found = find(c, key) != NULL;
+    pthread_mutex_unlock(&c->mu);
+    return found;
+}
+
+int ta_cache_keys(ta_cache_t *c, char ***keys, size_t *count)
+{
+    if (!c || !keys || !count)
+        return fail(EINVAL, "NULL argument");
+    pthread_mutex_lock(&c->mu);
+    size_t n = 0, bytes = 0;
+    for (ta_entry_t *e = c->head; e; e = e->next, n++)
+        bytes += strlen(e->key) + 1;
+    /* one block: the pointer array, then the strings */
+    char **out = malloc((n + 1) * sizeof *out + bytes);
+    if (out) {
+        char *text = (char *)(out + n + 1);
+        size_t i = 0;
+        for (ta_entry_t *e = c->head; e; e = e->next) {
+            out[i++] = strcpy(text, e->key);
+            text += strlen(e->key) + 1;
+        }
+        out[n] = NULL;
+    }
+    pthread_mutex_unlock(&c->mu);
+    if (!out)
+        return fail(ENOMEM, "no memory for %zu keys", n);
+    *keys = out;
+    *count = n;
+    return 0;
+}
+
+void ta_cache_keys_free(char **keys)
+{
+    free(keys);
+}
+
 const char *ta_entry_key(const ta_entry_t *e)
 {
     return e ? e->key : NULL;
