@@ -249,11 +249,12 @@ def _tensor_bytes(value, dtype_override):
         array = t.numpy()
     else:
         import numpy as np
+        shape = list(np.shape(value))  # ascontiguousarray makes 0-d arrays 1-d
         array = np.ascontiguousarray(value)
         by_name = {v: k for k, v in NUMPY_DTYPES.items() if k not in ("BF16", "F8_E4M3", "F8_E5M2")}
         if array.dtype.name not in by_name:
             raise TypeError(f"no safetensors dtype for numpy {array.dtype}")
-        dtype, shape = by_name[array.dtype.name], list(array.shape)
+        dtype = by_name[array.dtype.name]
     if dtype_override is not None:
         if dtype_override not in _ITEMSIZE:
             raise ValueError(f"unknown safetensors dtype {dtype_override!r}")
