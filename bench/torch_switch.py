@@ -8,6 +8,12 @@ process, so that making them does not count), then loaded, converted
 devices and dtypes), kept in an LRU cache under a byte budget and evicted.
 Reports time, peak RSS, and RSS once the cache is cleared, relative to the
 RSS before the first load. Prints key=value lines for bench/run.
+
+py-cache-switch is the same switching without the conversions
+(--no-convert): torch.load of .pt files into a dict LRU (--mode torch,
+under any allocator), against tensoralloc.ModelCache loading the same
+tensors from .safetensors files (--mode cache; views of the cache's
+memory, nothing copied).
 """
 import argparse
 import gc
@@ -40,6 +46,48 @@ def prepare(directory, models, scale):
             sd[f"layer{i}.norm"] = torch.ones(width)
         sd["embed"] = torch.randn(width * 4, width)
         torch.save(sd, os.path.join(directory, f"model{m}.pt"))
+        try:
+            import tensoralloc
+        except ImportError:
+            continue  # --mode cache reports it
+        tensoralloc.save_safetensors(os.path.join(directory, f"model{m}.safetensors"), sd)
+
+
+def switch_with_torch_load(d, order, budget, convert):
+    import torch
+    cache, sizes = OrderedDict(), {}
+    loads = hits = 0
+    for m in order:
+        if m in cache:
+            cache.move_to_end(m)
+            hits += 1
+            continue
+        sd = torch.load(os.path.join(d, f"model{m}.pt"), map_location="cpu")
+        if convert:
+            sd = {k: v.to(torch.float16) for k, v in sd.items()}  # convert
+            sd = {k: v.to(torch.float32) for k, v in sd.items()}  # and back
+        size = sum(v.numel() * v.element_size() for v in sd.values())
+        while cache and sum(sizes[k] for k in cache) + size > budget:
+            old, _ = cache.popitem(last=False)
+            del _
+        cache[m] = sd
+        sizes[m] = size
+        del sd
+        loads += 1
+    cache.clear()
+    return loads, hits
+
+
+def switch_through_cache(d, order, budget):
+    import tensoralloc
+    cache = tensoralloc.ModelCache(budget)
+    for m in order:
+        with cache.load(f"model{m}", os.path.join(d, f"model{m}.safetensors")) as e:
+            sd = e.state_dict()  # torch tensors over the cache's memory
+            del sd
+    s = cache.stats()
+    cache.close()
+    return s["loads"], s["hits"]
 
 
 def main():
@@ -49,6 +97,8 @@ def main():
     ap.add_argument("--budget-mib", type=int, default=400)
     ap.add_argument("--scale", type=float, default=1.0)
     ap.add_argument("--prepare", metavar="DIR")
+    ap.add_argument("--mode", choices=["torch", "cache"], default="torch")
+    ap.add_argument("--no-convert", action="store_true")
     args = ap.parse_args()
     if args.prepare:
         prepare(args.prepare, args.models, args.scale)
@@ -58,6 +108,13 @@ def main():
     except ImportError:
         print("torch-switch: torch is not importable", file=sys.stderr)
         return 77
+    if args.mode == "cache":
+        try:
+            import tensoralloc
+        except ImportError:
+            print("py-cache-switch: the tensoralloc package is not importable "
+                  "(PYTHONPATH=BUILD/tools/python)", file=sys.stderr)
+            return 77
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as d:
         subprocess.run([sys.executable, __file__, "--prepare", d, "--models", str(args.models),
@@ -72,32 +129,17 @@ def main():
             state = (state * 1103515245 + 12345) % 2**31
             order.append((state >> 16) % args.models)
         t0 = time.monotonic()
-        loads = hits = 0
-        for m in order:
-            if m in cache:
-                cache.move_to_end(m)
-                hits += 1
-                continue
-            path = os.path.join(d, f"model{m}.pt")
-            sd = torch.load(path, map_location="cpu")
-            sd = {k: v.to(torch.float16) for k, v in sd.items()}  # convert
-            sd = {k: v.to(torch.float32) for k, v in sd.items()}  # and back
-            size = sum(v.numel() * v.element_size() for v in sd.values())
-            while cache and sum(sizes[k] for k in cache) + size > budget:
-                old, _ = cache.popitem(last=False)
-                del _
-            cache[m] = sd
-            sizes[m] = size
-            del sd
-            loads += 1
-        cache.clear()
+        if args.mode == "cache":
+            loads, hits = switch_through_cache(d, order, budget)
+        else:
+            loads, hits = switch_with_torch_load(d, order, budget, not args.no_convert)
         gc.collect()
         wall = time.monotonic() - t0
         rss_clear = status_bytes("VmRSS")
         time.sleep(1)
         rss_1s = status_bytes("VmRSS")
         mib = 1 << 20
-        print("workload=torch-switch")
+        print(f"workload={'py-cache-switch' if args.no_convert else 'torch-switch'}")
         print(f"wall_s={wall:.4f}")
         print(f"peak_rss_mib={status_bytes('VmHWM') / mib:.1f}")
         print(f"rss_start_mib={rss_start / mib:.1f}")
