@@ -462,9 +462,10 @@ class Threads(Base):
             share = max(share, during / (rate * took))
         stop.set()
         t.join()
-        # With the GIL held through the load the spinner would run only at the
-        # load's edges: 3% of its rate, measured with the release taken out.
-        self.assertGreater(share, 0.2, f"the spinner ran at {share:.0%} of its rate "
+        # With the GIL held through the load the spinner runs only at the
+        # load's edges: 12% of its rate, measured with the release taken out
+        # (110% with it: the load takes the other core).
+        self.assertGreater(share, 0.35, f"the spinner ran at {share:.0%} of its rate "
                                        f"during a {took:.3f} s load")
 
 
