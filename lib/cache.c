@@ -445,9 +445,10 @@ int ta_cache_create(const ta_cache_config_t *config, ta_cache_t **out)
     memcpy(&c->cfg, config, config->size < sizeof c->cfg ? config->size : sizeof c->cfg);
     c->cfg.size = sizeof c->cfg;
     if (c->cfg.load_threads < 0 || (unsigned)c->cfg.page_cache > TA_PAGE_CACHE_BYPASS) {
+        fail(EINVAL, "invalid cache configuration: load_threads %d, page_cache %d",
+             c->cfg.load_threads, (int)c->cfg.page_cache);
         free(c);
-        return fail(EINVAL, "invalid cache configuration: load_threads %d, page_cache %d",
-                    c->cfg.load_threads, (int)c->cfg.page_cache);
+        return EINVAL;
     }
     if (c->cfg.ram_budget == 0)
         c->cfg.ram_budget = ta_cache_budget_rule(0, c->cfg.vram_budget, c->cfg.device_working_mem);
