@@ -7,7 +7,10 @@
 run=$1 lib=$2 helper=$3
 fail=0
 check() { if eval "$2"; then echo "ok - $1"; else echo "not ok - $1"; fail=1; fi; }
-echo "1..7"
+echo "1..9"
+check "the build folder's script has its run bit and runs as a program" "[ -x '$run' ] && '$run' --help >/dev/null"
+out=$(env -u TENSORALLOC_PRELOAD_LIB "$run" --stats -- perl -e 'print "child\n"' 2>&1)
+check "without --library it finds the preload library beside it" "echo \"\$out\" | grep -q 'tensoralloc .* statistics'"
 check "--help exits 0 and shows usage" "sh '$run' --help | grep -q '^usage: tensoralloc-run'"
 sh "$run" --bogus true >/dev/null 2>&1; rc=$?
 check "an unknown option exits 2" "[ $rc -eq 2 ]"

@@ -9,9 +9,11 @@ trap 'rm -rf "$work"' EXIT
 n=0 fail=0
 ok() { n=$((n + 1)); echo "ok $n - $1"; }
 bad() { n=$((n + 1)); echo "not ok $n - $1"; fail=1; }
-echo "1..10"
+echo "1..11"
 
-sh "$trace" record -o "$work/t.tat" -- "$prog" >/dev/null || bad "record ran"
+if [ -x "$trace" ]; then ok "the build folder's tensoralloc-trace has its run bit"
+else bad "the build folder's tensoralloc-trace has its run bit"; fi
+"$trace" record -o "$work/t.tat" -- "$prog" >/dev/null || bad "record ran"
 sh "$trace" info "$work/t.tat" --dump >"$work/dump" || bad "info --dump"
 # the main thread is the one that made the marker; the workers are the rest
 main=$(grep " malloc size=777 " "$work/dump" | head -1 | cut -d' ' -f1)
