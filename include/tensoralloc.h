@@ -68,52 +68,67 @@ TA_API struct mallinfo2 ta_mallinfo2(void);
 
 #define TA_STATS_VERSION 3
 
+/* The statistics fields, X(name, description) each, in order: the struct
+ * below, the text and JSON printers and ta_stats_field are all made from
+ * this one list. Every field is a uint64_t; new ones go at the end. */
+/* clang-format off */
+#define TA_STATS_FIELDS(X) \
+    /* large path */ \
+    X(large_live_bytes, "requested bytes of live large blocks") \
+    X(large_peak_bytes, "most live large bytes so far") \
+    X(large_live_count, "live large blocks (pieces may share a mapping)") \
+    X(large_mapped_bytes, "bytes of live mappings, pool excluded") \
+    X(large_alloc_count, "large allocations served so far") \
+    X(pool_bytes, "bytes retained for reuse") \
+    X(pool_entries, "ranges retained for reuse") \
+    X(pool_hits, "large allocations served from the pool") \
+    X(pool_misses, "large allocations that needed a fresh mapping") \
+    X(pool_expired, "pool ranges unmapped after RETAIN_MS") \
+    X(maxmap_fallbacks, "large blocks cut from packs near the map limit") \
+    X(map_limit, "the vm.max_map_count in force") \
+    /* small path */ \
+    X(small_live_bytes, "block bytes in use (batched, see docs)") \
+    X(small_peak_bytes, "most small bytes in use so far") \
+    X(small_committed_bytes, "slab pages handed to spans") \
+    X(small_dirty_bytes, "free pages not yet returned") \
+    X(small_segment_bytes, "segments mapped") \
+    X(small_spans, "spans in use") \
+    X(heaps, "per-thread heaps, live and abandoned") \
+    /* kernel calls made by the OS layer */ \
+    X(os_map_calls, "mmap calls") \
+    X(os_unmap_calls, "munmap calls") \
+    X(os_remap_calls, "mremap calls") \
+    X(os_madvise_calls, "madvise calls") \
+    X(os_map_failures, "failed mmap calls") \
+    /* options in force */ \
+    X(opt_threshold, "THRESHOLD") \
+    X(opt_retain_bytes, "RETAIN_BYTES") \
+    X(opt_retain_ms, "RETAIN_MS") \
+    X(opt_thp, "THP: 0 off, 1 on, 2 auto") \
+    X(opt_verbose, "VERBOSE") \
+    /* version 2 */ \
+    X(mappings, "mappings tensoralloc holds (all kinds)") \
+    X(os_unmap_failures, "failed munmaps (the range is parked, retried)") \
+    X(os_advise_failures, "failed madvise calls (absorbed)") \
+    /* version 3 */ \
+    X(parked_count, "ranges whose munmap failed, memory given back, retried") \
+    X(parked_bytes, "bytes of those ranges") \
+    X(small_remote_released_bytes, "pages of blocks freed into idle heaps, returned")
+/* clang-format on */
+
+#define TA_STATS_FIELD_(name, description) uint64_t name;
 typedef struct ta_stats_s {
     size_t size;      /* set to sizeof(ta_stats_t) by the caller */
     uint32_t version; /* filled with TA_STATS_VERSION */
     uint32_t reserved;
-    /* large path */
-    uint64_t large_live_bytes; /* requested bytes of live large blocks */
-    uint64_t large_peak_bytes;
-    uint64_t large_live_count;   /* live large blocks (pieces may share a mapping) */
-    uint64_t large_mapped_bytes; /* bytes of live mappings, pool excluded */
-    uint64_t large_alloc_count;  /* large allocations served so far */
-    uint64_t pool_bytes;         /* bytes retained for reuse */
-    uint64_t pool_entries;
-    uint64_t pool_hits;        /* large allocations served from the pool */
-    uint64_t pool_misses;      /* large allocations that needed a fresh mapping */
-    uint64_t pool_expired;     /* pool entries unmapped after RETAIN_MS */
-    uint64_t maxmap_fallbacks; /* large blocks cut from packs near the map limit */
-    uint64_t map_limit;        /* the vm.max_map_count in force */
-    /* small path */
-    uint64_t small_live_bytes; /* block bytes in use (batched, see docs) */
-    uint64_t small_peak_bytes;
-    uint64_t small_committed_bytes; /* slab pages handed to spans */
-    uint64_t small_dirty_bytes;     /* free pages not yet returned */
-    uint64_t small_segment_bytes;   /* segments mapped */
-    uint64_t small_spans;
-    uint64_t heaps; /* per-thread heaps, live and abandoned */
-    /* kernel calls made by the OS layer */
-    uint64_t os_map_calls;
-    uint64_t os_unmap_calls;
-    uint64_t os_remap_calls;
-    uint64_t os_madvise_calls;
-    uint64_t os_map_failures;
-    /* options in force */
-    uint64_t opt_threshold;
-    uint64_t opt_retain_bytes;
-    uint64_t opt_retain_ms;
-    uint64_t opt_thp;
-    uint64_t opt_verbose;
-    /* version 2 */
-    uint64_t mappings;           /* mappings tensoralloc holds (all kinds) */
-    uint64_t os_unmap_failures;  /* failed munmaps (the range is parked, retried) */
-    uint64_t os_advise_failures; /* failed madvise calls (absorbed) */
-    /* version 3 */
-    uint64_t parked_count; /* ranges whose munmap failed, memory given back, retried */
-    uint64_t parked_bytes;
-    uint64_t small_remote_released_bytes; /* pages of blocks freed into idle heaps, returned */
+    TA_STATS_FIELDS(TA_STATS_FIELD_)
 } ta_stats_t;
+#undef TA_STATS_FIELD_
+
+/* Field i of the list above (for bindings: no list of names of their own):
+ * its name, description and value in *stats; EINVAL past the end. */
+TA_API int ta_stats_field(const ta_stats_t *stats, size_t i, const char **name,
+                          const char **description, uint64_t *value);
 
 /* Fills *stats; stats->size must be set. Returns 0 or EINVAL. */
 TA_API int ta_stats_get(ta_stats_t *stats);

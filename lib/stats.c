@@ -1,9 +1,9 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * Statistics: gathers the paths' figures into ta_stats_t, maps them onto
- * glibc's struct mallinfo2, and prints them as text or JSON. The field list
- * is one X-macro table (the mimalloc way) so the printers cannot drift from
- * the struct.
+ * glibc's struct mallinfo2, and prints them as text or JSON. The fields
+ * are one X-macro list in tensoralloc.h (the mimalloc way) that makes the
+ * struct, both printers and ta_stats_field's name table.
  */
 #define _GNU_SOURCE
 #include "internal.h"
@@ -11,45 +11,30 @@
 #include <errno.h>
 #include <string.h>
 
-/* One field a line. */
-/* clang-format off */
-#define TA_STAT_FIELDS(X) \
-    X(large_live_bytes) \
-    X(large_peak_bytes) \
-    X(large_live_count) \
-    X(large_mapped_bytes) \
-    X(large_alloc_count) \
-    X(pool_bytes) \
-    X(pool_entries) \
-    X(pool_hits) \
-    X(pool_misses) \
-    X(pool_expired) \
-    X(maxmap_fallbacks) \
-    X(map_limit) \
-    X(small_live_bytes) \
-    X(small_peak_bytes) \
-    X(small_committed_bytes) \
-    X(small_dirty_bytes) \
-    X(small_segment_bytes) \
-    X(small_spans) \
-    X(heaps) \
-    X(os_map_calls) \
-    X(os_unmap_calls) \
-    X(os_remap_calls) \
-    X(os_madvise_calls) \
-    X(os_map_failures) \
-    X(opt_threshold) \
-    X(opt_retain_bytes) \
-    X(opt_retain_ms) \
-    X(opt_thp) \
-    X(opt_verbose) \
-    X(mappings) \
-    X(os_unmap_failures) \
-    X(os_advise_failures) \
-    X(parked_count) \
-    X(parked_bytes) \
-    X(small_remote_released_bytes)
-/* clang-format on */
+static const struct {
+    const char *name, *description;
+    size_t offset;
+} fields[] = {
+#define X(f, d) {#f, d, offsetof(ta_stats_t, f)},
+    TA_STATS_FIELDS(X)
+#undef X
+};
+
+int ta_stats_field(const ta_stats_t *stats, size_t i, const char **name, const char **description,
+                   uint64_t *value)
+{
+    if (i >= sizeof fields / sizeof fields[0])
+        return EINVAL;
+    if (name)
+        *name = fields[i].name;
+    if (description)
+        *description = fields[i].description;
+    if (value)
+        *value = stats && stats->size >= fields[i].offset + sizeof(uint64_t)
+                     ? *(const uint64_t *)((const char *)stats + fields[i].offset)
+                     : 0;
+    return 0;
+}
 
 static void stats_collect(ta_stats_t *st)
 {
@@ -122,20 +107,20 @@ int ta_stats_print(FILE *out, ta_stats_format_t format)
     if (format == TA_STATS_JSON) {
         rc = fprintf(out, "{\"version\": %u, \"tensoralloc\": \"%s\", \"rss_bytes\": %zu",
                      st.version, TA_VERSION_STRING, rss);
-#define X(f)                                                                                       \
+#define X(f, d)                                                                                    \
     if (rc >= 0)                                                                                   \
         rc = fprintf(out, ", \"" #f "\": %llu", (unsigned long long)st.f);
-        TA_STAT_FIELDS(X)
+        TA_STATS_FIELDS(X)
 #undef X
         if (rc >= 0)
             rc = fprintf(out, "}\n");
     } else {
         rc = fprintf(out, "tensoralloc %s statistics (version %u)\n  %-22s %zu\n",
                      TA_VERSION_STRING, st.version, "rss_bytes", rss);
-#define X(f)                                                                                       \
+#define X(f, d)                                                                                    \
     if (rc >= 0)                                                                                   \
         rc = fprintf(out, "  %-22s %llu\n", #f, (unsigned long long)st.f);
-        TA_STAT_FIELDS(X)
+        TA_STATS_FIELDS(X)
 #undef X
     }
     if (rc >= 0)

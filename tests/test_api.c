@@ -185,3 +185,38 @@ Test(api, version)
     cr_assert_eq(ta_version_number(), TA_VERSION_NUMBER);
     cr_assert_geq(TA_VERSION_NUMBER, 100);
 }
+
+/* The field table bindings read is the struct: every uint64_t after the
+ * header, in order, with its own name, and nothing past the end. */
+Test(api, the_statistics_field_table_is_the_struct)
+{
+    void *p = ta_malloc(1 << 20);
+    ta_stats_t st = {.size = sizeof st};
+    cr_assert_eq(ta_stats_get(&st), 0);
+    size_t n = (sizeof st - offsetof(ta_stats_t, large_live_bytes)) / sizeof(uint64_t);
+    const uint64_t *values = &st.large_live_bytes;
+    for (size_t i = 0; i < n; i++) {
+        const char *name, *description;
+        uint64_t v;
+        cr_assert_eq(ta_stats_field(&st, i, &name, &description, &v), 0, "field %zu", i);
+        cr_assert_eq(v, values[i], "%s", name);
+        cr_assert(name && *name && description && *description);
+        for (size_t j = 0; j < i; j++) {
+            const char *other;
+            ta_stats_field(&st, j, &other, NULL, NULL);
+            cr_assert_str_neq(name, other);
+        }
+    }
+    const char *name;
+    cr_assert_eq(ta_stats_field(&st, n, &name, NULL, NULL), EINVAL);
+    ta_stats_field(&st, 0, &name, NULL, NULL);
+    cr_assert_str_eq(name, "large_live_bytes");
+    cr_assert_geq(st.large_live_bytes, 1 << 20);
+    /* a caller's smaller struct: fields past its size read 0 */
+    ta_stats_t small = st;
+    small.size = offsetof(ta_stats_t, large_peak_bytes);
+    uint64_t v = 1;
+    cr_assert_eq(ta_stats_field(&small, 1, NULL, NULL, &v), 0);
+    cr_assert_eq(v, 0);
+    ta_free(p);
+}

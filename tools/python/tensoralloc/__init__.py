@@ -333,8 +333,8 @@ def mallinfo2():
 
 
 def stats():
-    """The full ta_stats_t as a dict."""
-    return json.loads(_c.stats_json())
+    """The full ta_stats_t as a dict (the library's own field names)."""
+    return _c.stats()
 
 
 def trim():

@@ -525,20 +525,24 @@ static PyObject *mod_mallinfo2(PyObject *m, PyObject *noargs)
                          (Py_ssize_t)mi.keepcost);
 }
 
-static PyObject *mod_stats_json(PyObject *m, PyObject *noargs)
+/* ta_stats_t as a dict, its names from the library's own field table. */
+static PyObject *mod_stats(PyObject *m, PyObject *noargs)
 {
     (void)m, (void)noargs;
-    char *text = NULL;
-    size_t len = 0;
-    FILE *f = open_memstream(&text, &len);
-    if (!f)
-        return PyErr_NoMemory();
-    int rc = ta_stats_print(f, TA_STATS_JSON);
-    fclose(f);
-    PyObject *out =
-        rc == 0 ? PyUnicode_FromStringAndSize(text, (Py_ssize_t)len) : raise_rc(rc, NULL);
-    free(text);
-    return out;
+    ta_stats_t st = {.size = sizeof st};
+    int rc = ta_stats_get(&st);
+    if (rc)
+        return raise_rc(rc, NULL);
+    PyObject *d = Py_BuildValue("{sI}", "version", st.version);
+    const char *name;
+    uint64_t value;
+    for (size_t i = 0; d && ta_stats_field(&st, i, &name, NULL, &value) == 0; i++) {
+        PyObject *v = PyLong_FromUnsignedLongLong(value);
+        if (!v || PyDict_SetItemString(d, name, v) < 0)
+            Py_CLEAR(d);
+        Py_XDECREF(v);
+    }
+    return d;
 }
 
 static PyObject *mod_trim(PyObject *m, PyObject *noargs)
@@ -590,7 +594,7 @@ static PyObject *mod_budget_rule(PyObject *m, PyObject *args)
 
 static PyMethodDef module_methods[] = {
     {"mallinfo2", mod_mallinfo2, METH_NOARGS, "ta_mallinfo2 as a dict"},
-    {"stats_json", mod_stats_json, METH_NOARGS, "ta_stats_print(TA_STATS_JSON) as text"},
+    {"stats", mod_stats, METH_NOARGS, "ta_stats_get as a dict (names from ta_stats_field)"},
     {"trim", mod_trim, METH_NOARGS, "ta_trim"},
     {"snapshot", mod_snapshot, METH_NOARGS, "ta_memory_snapshot as a tuple"},
     {"snapshot_diff", mod_snapshot_diff, METH_VARARGS, "ta_memory_snapshot_diff of two tuples"},
