@@ -28,7 +28,7 @@
 #define TA_TLS __thread
 #endif
 
-/* ---- fatal errors: metadata corruption and bad pointers stop the process */
+/* ---- fatal errors (log.c): metadata corruption and bad pointers stop the process */
 __attribute__((noreturn, cold)) void _ta_fatal(const char *call, const void *addr,
                                                const char *what);
 #define TA_CHECK(cond, call, addr, what)                                                           \
@@ -47,10 +47,10 @@ static inline long long _ta_opt(ta_option_t o)
     return __atomic_load_n(&_ta_options[o], __ATOMIC_RELAXED);
 }
 /* Writes a message to stderr without allocating when VERBOSE is on (or
- * always, when force is set). */
+ * always, when force is set). In log.c. */
 void _ta_log(bool force, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
-/* ---- a spin-then-yield lock: no allocation, fork-resettable ------------- */
+/* ---- a spin-then-yield lock (lock.c): no allocation, fork-resettable ---- */
 typedef struct {
     atomic_int held;
 } ta_lock_t;
@@ -75,7 +75,7 @@ static inline size_t _ta_align_up(size_t n, size_t a)
 }
 
 /* Mappings tensoralloc holds now (large blocks, pool entries, segments),
- * for the vm.max_map_count guard. */
+ * for the vm.max_map_count guard; defined with the statistics (stats.c). */
 extern atomic_long _ta_live_mappings;
 
 /* ---- large path (large.c) ------------------------------------------------ */

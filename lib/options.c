@@ -2,15 +2,13 @@
 /*
  * Options as one table: name, default, bounds, kind. Each is read once from
  * TENSORALLOC_<NAME> through environ (no allocation, so this runs safely
- * inside the first malloc) and can be changed through ta_option_set. Also
- * home to the logging and fatal-error helpers and the lock's slow path.
+ * inside the first malloc) and can be changed through ta_option_set.
  */
 #define _GNU_SOURCE
 #include "internal.h"
 
 #include <errno.h>
 #include <sched.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -36,7 +34,6 @@ static const option_desc_t option_table[TA_OPT_COUNT_] = {
 };
 
 long long _ta_options[TA_OPT_COUNT_];
-atomic_long _ta_live_mappings;
 static atomic_int options_state; /* 0 = not read, 1 = reading, 2 = ready */
 
 /* Parses "123", "64K", "2MiB", "1g"; returns false on anything else. */
@@ -186,47 +183,4 @@ int ta_option_set(ta_option_t option, long long value)
 const char *ta_option_name(ta_option_t option)
 {
     return (unsigned)option < TA_OPT_COUNT_ ? option_table[option].name : NULL;
-}
-
-void _ta_log(bool force, const char *fmt, ...)
-{
-    if (!force && !_ta_opt(TA_OPT_VERBOSE))
-        return;
-    char buf[512];
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(buf, sizeof buf, fmt, ap);
-    va_end(ap);
-    if (n > 0)
-        _ta_os_write_stderr(buf, (size_t)n < sizeof buf ? (size_t)n : sizeof buf - 1);
-}
-
-void _ta_fatal(const char *call, const void *addr, const char *what)
-{
-    _ta_log(true, "tensoralloc: %s(): %s: %p\n", call, what, addr);
-    abort();
-}
-
-static inline void cpu_relax(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    __asm__ volatile("yield");
-#endif
-}
-
-void _ta_lock_slow(ta_lock_t *l)
-{
-    for (int spins = 0;; spins++) {
-        int expected = 0;
-        if (atomic_load_explicit(&l->held, memory_order_relaxed) == 0 &&
-            atomic_compare_exchange_weak_explicit(&l->held, &expected, 1, memory_order_acquire,
-                                                  memory_order_relaxed))
-            return;
-        if (spins < 64)
-            cpu_relax();
-        else
-            sched_yield();
-    }
 }

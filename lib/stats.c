@@ -11,6 +11,10 @@
 #include <errno.h>
 #include <string.h>
 
+/* Written by both paths (large.c, slab.c), read by the map-count guard and
+ * reported here. */
+atomic_long _ta_live_mappings;
+
 static const struct {
     const char *name, *description;
     size_t offset;
