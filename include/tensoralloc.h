@@ -137,6 +137,24 @@ typedef enum { TA_STATS_TEXT = 0, TA_STATS_JSON = 1 } ta_stats_format_t;
 /* Writes the statistics; returns 0 or an errno. */
 TA_API int ta_stats_print(FILE *out, ta_stats_format_t format);
 
+/* ---- memory snapshots ------------------------------------------------- */
+/* Process-wide figures at one moment, and InvokeAI's diff of two. */
+typedef struct {
+    uint64_t rss;             /* process resident set */
+    uint64_t mapped;          /* mallinfo2 hblkhd: large blocks */
+    uint64_t small_used;      /* uordblks */
+    uint64_t small_free;      /* fordblks */
+    uint64_t total_allocated; /* arena + hblkhd */
+    uint64_t total_used;      /* uordblks + hblkhd */
+    uint64_t vram;            /* device memory in use (0 without a device) */
+} ta_memory_snapshot_t;
+
+TA_API void ta_memory_snapshot(ta_memory_snapshot_t *out);
+/* One metric per line: "name (+delta GB): before GB -> after GB". Returns
+ * the length written (as snprintf). */
+TA_API int ta_memory_snapshot_diff(const ta_memory_snapshot_t *before,
+                                   const ta_memory_snapshot_t *after, char *buf, size_t len);
+
 /* ---- options ---------------------------------------------------------- */
 
 /* Each option is also read once from TENSORALLOC_<NAME> in the environment.

@@ -195,21 +195,8 @@ TA_API int ta_cache_stats_get(ta_cache_t *cache, ta_cache_stats_t *stats);
 #define TA_CACHE_RECENT_LOADS 16
 TA_API int ta_cache_stats_json(ta_cache_t *cache, FILE *out);
 
-typedef struct {
-    uint64_t rss;             /* process resident set */
-    uint64_t mapped;          /* mallinfo2 hblkhd: large blocks */
-    uint64_t small_used;      /* uordblks */
-    uint64_t small_free;      /* fordblks */
-    uint64_t total_allocated; /* arena + hblkhd */
-    uint64_t total_used;      /* uordblks + hblkhd */
-    uint64_t vram;            /* device memory in use (0 without a device) */
-} ta_memory_snapshot_t;
-
-TA_API void ta_memory_snapshot(ta_memory_snapshot_t *out);
-/* One metric per line: "name (+delta GB): before GB -> after GB". Returns
- * the length written (as snprintf). */
-TA_API int ta_memory_snapshot_diff(const ta_memory_snapshot_t *before,
-                                   const ta_memory_snapshot_t *after, char *buf, size_t len);
+/* Memory snapshots (ta_memory_snapshot, ta_memory_snapshot_diff) are
+ * process-wide: declared in tensoralloc.h. */
 
 #ifdef __cplusplus
 }

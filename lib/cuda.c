@@ -13,6 +13,7 @@
  */
 #define _GNU_SOURCE
 #include "cuda_abi.h"
+#include "staging.h"
 #include "internal.h"
 #include "tensoralloc_cuda.h"
 
