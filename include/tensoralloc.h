@@ -177,20 +177,22 @@ TA_API long long ta_option_get(ta_option_t option);
 TA_API int ta_option_set(ta_option_t option, long long value);
 TA_API const char *ta_option_name(ta_option_t option);
 
-/* ---- error codes ---------------------------------------------------------
- * Calls that return an int give 0, a positive errno value, or one of these. */
-enum {
-    TA_ENORUNTIME = 1000, /* no loadable libcudart (or an entry point missing) */
-    TA_ENODEVICE,         /* runtime loaded, but no usable device or driver */
-    TA_ECUDA,             /* a CUDA call failed: see ta_cuda_last_error() */
-    TA_EPINNED,           /* the block is already pinned */
-    TA_ENOTPINNED,        /* the block is not pinned */
-    TA_ENOTLARGE,         /* not the start of a live large block */
-    TA_EBUDGET,           /* the request can never fit the budget */
-    TA_ENOTSUP,           /* this build lacks the feature */
-    TA_EFORMAT,           /* a malformed file: see ta_cache_last_error() */
-    TA_ECACHEFULL,        /* no room: everything left is locked */
-};
+/* ---- errors ----------------------------------------------------------------
+ * One convention for every call that can fail: it returns an int, 0 on
+ * success, else a positive errno value or one of the TA_E* codes; results
+ * come back through pointer arguments. (The allocation functions keep the C
+ * library's: NULL with errno set.) ta_cuda_last_error and
+ * ta_cache_last_error give the code and message of a thread's last failure.
+ *
+ * Each module's codes are one X(name, value, message) table in its own
+ * header: the core's here, TA_CUDA_ERRORS in tensoralloc_cuda.h,
+ * TA_CACHE_ERRORS in tensoralloc_cache.h. ta_strerror is made from them. */
+#define TA_ERRORS(X)                                                                               \
+    X(TA_ENOTLARGE, 1005, "not the start of a live large block")                                   \
+    X(TA_EBUDGET, 1006, "request larger than the budget (pinned pool, cache)")                     \
+    X(TA_ENOTSUP, 1007, "not supported by this build")
+#define TA_ERROR_ENUM_(name, value, message) name = value,
+enum { TA_ERRORS(TA_ERROR_ENUM_) };
 
 /* A message for any code this library returns (errno values included). */
 TA_API const char *ta_strerror(int err);

@@ -14,12 +14,19 @@
 #define TENSORALLOC_CACHE_H
 
 #include "tensoralloc.h"
+#include "tensoralloc_cuda.h" /* its codes: device calls return them */
 
 #include <stdbool.h>
 
 #ifdef __cplusplus
 extern "C" {
 #endif
+
+/* The cache's error codes (ta_strerror gives the messages). */
+#define TA_CACHE_ERRORS(X)                                                                         \
+    X(TA_EFORMAT, 1008, "malformed file (see ta_cache_last_error)")                                \
+    X(TA_ECACHEFULL, 1009, "no room in the cache: the rest is locked")
+enum { TA_CACHE_ERRORS(TA_ERROR_ENUM_) };
 
 typedef enum {
     TA_DTYPE_BOOL,

@@ -19,6 +19,15 @@
 extern "C" {
 #endif
 
+/* The CUDA module's error codes (ta_strerror gives the messages). */
+#define TA_CUDA_ERRORS(X)                                                                          \
+    X(TA_ENORUNTIME, 1000, "CUDA runtime (libcudart) not found or incomplete")                     \
+    X(TA_ENODEVICE, 1001, "no CUDA device or driver")                                              \
+    X(TA_ECUDA, 1002, "a CUDA runtime call failed (see ta_cuda_last_error)")                       \
+    X(TA_EPINNED, 1003, "block already pinned")                                                    \
+    X(TA_ENOTPINNED, 1004, "block not pinned")
+enum { TA_CUDA_ERRORS(TA_ERROR_ENUM_) };
+
 /* Loads the runtime and selects device (ordinal); idempotent per device.
  * Called implicitly by the other calls with device 0. */
 TA_API int ta_cuda_init(int device);

@@ -8,6 +8,8 @@
  */
 #define _GNU_SOURCE
 #include "internal.h"
+#include "tensoralloc_cache.h"
+#include "tensoralloc_cuda.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -289,16 +291,12 @@ const char *ta_strerror(int err)
 {
     switch (err) {
     case 0: return "success";
-    case TA_ENORUNTIME: return "CUDA runtime (libcudart) not found or incomplete";
-    case TA_ENODEVICE: return "no CUDA device or driver";
-    case TA_ECUDA: return "a CUDA runtime call failed (see ta_cuda_last_error)";
-    case TA_EPINNED: return "block already pinned";
-    case TA_ENOTPINNED: return "block not pinned";
-    case TA_ENOTLARGE: return "not the start of a live large block";
-    case TA_EBUDGET: return "request larger than the budget";
-    case TA_ENOTSUP: return "not supported by this build";
-    case TA_EFORMAT: return "malformed file (see ta_cache_last_error)";
-    case TA_ECACHEFULL: return "no room in the cache: the rest is locked";
+#define X(name, value, message)                                                                    \
+    case name: return message;
+        TA_ERRORS(X)
+        TA_CUDA_ERRORS(X)
+        TA_CACHE_ERRORS(X)
+#undef X
     default: return strerror(err);
     }
 }

@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 /* Suite "api": the C semantics of every ta_* allocation function. */
 #include "helpers.h"
+#include "tensoralloc_cache.h"
 
 #include <criterion/criterion.h>
 #include <errno.h>
@@ -219,4 +220,28 @@ Test(api, the_statistics_field_table_is_the_struct)
     cr_assert_eq(ta_stats_field(&small, 1, NULL, NULL, &v), 0);
     cr_assert_eq(v, 0);
     ta_free(p);
+}
+
+/* Every module's codes: distinct values, each with the message of its own
+ * table; errno values fall through to strerror. */
+Test(api, every_error_code_has_its_table_message)
+{
+    static const struct {
+        int code;
+        const char *message;
+    } all[] = {
+#define X(name, value, message) {name, message},
+        TA_ERRORS(X) TA_CUDA_ERRORS(X) TA_CACHE_ERRORS(X)
+#undef X
+    };
+    size_t n = sizeof all / sizeof all[0];
+    cr_assert_eq(n, 10);
+    for (size_t i = 0; i < n; i++) {
+        cr_assert_str_eq(ta_strerror(all[i].code), all[i].message);
+        cr_assert_geq(all[i].code, 1000);
+        for (size_t j = 0; j < i; j++)
+            cr_assert_neq(all[i].code, all[j].code);
+    }
+    cr_assert_str_eq(ta_strerror(0), "success");
+    cr_assert_str_eq(ta_strerror(ENOMEM), strerror(ENOMEM));
 }
