@@ -172,7 +172,8 @@ typedef enum {
     TA_OPT_COUNT_
 } ta_option_t;
 
-TA_API long long ta_option_get(ta_option_t option);
+/* *value receives the option's value in force; EINVAL for an unknown option. */
+TA_API int ta_option_get(ta_option_t option, long long *value);
 /* Returns 0, or EINVAL for an unknown option or a value out of range. */
 TA_API int ta_option_set(ta_option_t option, long long value);
 TA_API const char *ta_option_name(ta_option_t option);

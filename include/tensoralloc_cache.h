@@ -8,7 +8,8 @@
  * library). See docs/cache.md.
  *
  * Calls return 0, a positive errno (EINVAL, ENOMEM, ENOENT, EEXIST, EBUSY,
- * or the errno of a failed read) or a TA_E* code of tensoralloc.h.
+ * or the errno of a failed read) or a TA_E* code (tensoralloc.h's
+ * convention); ta_cache_last_error gives the message of the last failure.
  */
 #ifndef TENSORALLOC_CACHE_H
 #define TENSORALLOC_CACHE_H
@@ -167,8 +168,9 @@ TA_API size_t ta_entry_vram_bytes(const ta_entry_t *entry);
 TA_API int ta_entry_to_device(ta_entry_t *entry);
 TA_API int ta_entry_to_host(ta_entry_t *entry);
 
-/* The message of the last failed cache call of this thread. */
-TA_API const char *ta_cache_last_error(void);
+/* The code of this thread's last failed cache call (0 if none failed) and,
+ * in *message when not NULL, its text: as ta_cuda_last_error. */
+TA_API int ta_cache_last_error(const char **message);
 
 /* ---- statistics and memory snapshots ------------------------------------ */
 

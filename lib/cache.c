@@ -87,8 +87,17 @@ struct ta_cache {
 };
 
 static TA_TLS char last_error[256];
+static TA_TLS int last_code;
 
-const char *ta_cache_last_error(void)
+int ta_cache_last_error(const char **message)
+{
+    if (message)
+        *message = last_code ? last_error : "no error";
+    return last_code;
+}
+
+/* The message of this thread's last failure, for the cache's own use. */
+static const char *last_message(void)
 {
     return last_error;
 }
@@ -100,6 +109,7 @@ static int fail(int rc, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(last_error, sizeof last_error, fmt, ap);
     va_end(ap);
+    last_code = rc;
     return rc;
 }
 
@@ -1346,7 +1356,7 @@ int ta_cache_load_safetensors_to_device(ta_cache_t *c, const char *key, const ch
         int rc = ta_cache_load_safetensors(c, key, path, out);
         if (rc == 0 && (rc = ta_entry_to_device(*out)) != 0) {
             char why[256];
-            snprintf(why, sizeof why, "%s", ta_cache_last_error());
+            snprintf(why, sizeof why, "%s", last_message());
             ta_entry_unlock(*out);
             ta_cache_remove(c, key);
             *out = NULL;

@@ -160,14 +160,13 @@ bool _ta_options_final(void)
     return atomic_load_explicit(&options_state, memory_order_acquire) == 2;
 }
 
-long long ta_option_get(ta_option_t option)
+int ta_option_get(ta_option_t option, long long *value)
 {
     _ta_options_init();
-    if ((unsigned)option >= TA_OPT_COUNT_) {
-        errno = EINVAL;
-        return -1;
-    }
-    return _ta_opt(option);
+    if ((unsigned)option >= TA_OPT_COUNT_ || value == NULL)
+        return EINVAL;
+    *value = _ta_opt(option);
+    return 0;
 }
 
 int ta_option_set(ta_option_t option, long long value)

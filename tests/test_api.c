@@ -32,7 +32,9 @@ Test(api, free_null_is_noop)
 
 Test(api, sizes_across_the_threshold_and_pages)
 {
-    size_t t = (size_t)ta_option_get(TA_OPT_THRESHOLD);
+    long long threshold;
+    cr_assert_eq(ta_option_get(TA_OPT_THRESHOLD, &threshold), 0);
+    size_t t = (size_t)threshold;
     size_t sizes[] = {1,    15,    16,          17,      127,         128,        129,
                       4095, 4096,  4097,        65535,   65536,       65537,      t - 1,
                       t,    t + 1, 2 * MiB - 1, 2 * MiB, 2 * MiB + 1, 7 * MiB + 3};

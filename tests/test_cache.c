@@ -22,6 +22,14 @@
 
 static char dir[64];
 
+/* The message of this thread's last failed cache call. */
+static const char *cache_error(void)
+{
+    const char *message;
+    ta_cache_last_error(&message);
+    return message;
+}
+
 static void make_dir(void)
 {
     strcpy(dir, "/tmp/ta-cache-XXXXXX");
@@ -115,7 +123,7 @@ Test(cache, locked_entries_are_never_evicted)
     cr_assert_eq(ta_cache_get(c, "c", &c_held), 0);
     ta_cache_stats_t before = cstats(c);
     cr_assert_eq(put(c, "d", MiB, 4), TA_ECACHEFULL, "everything else is locked");
-    cr_assert(strstr(ta_cache_last_error(), "locked"), "%s", ta_cache_last_error());
+    cr_assert(strstr(cache_error(), "locked"), "%s", cache_error());
     ta_cache_stats_t after = cstats(c);
     cr_assert_eq(after.in_cache, before.in_cache);
     cr_assert_eq(after.ram_used, before.ram_used);
@@ -294,7 +302,7 @@ Test(cache, safetensors_load_by_name_dtype_shape)
     write_st(path, hdr, 1048632);
     ta_cache_t *c = new_cache(8 * MiB, TA_OVERFLOW_REFUSE);
     ta_entry_t *e;
-    cr_assert_eq(ta_cache_load_safetensors(c, "m", path, &e), 0, "%s", ta_cache_last_error());
+    cr_assert_eq(ta_cache_load_safetensors(c, "m", path, &e), 0, "%s", cache_error());
     cr_assert_eq(ta_entry_tensor_count(e), 3);
     ta_tensor_t t;
     cr_assert_eq(ta_entry_tensor(e, "b", &t), 0);
@@ -329,9 +337,8 @@ static void expect_refused(const char *path, const char *needle)
     ta_cache_stats_t before = cstats(c);
     ta_entry_t *e = NULL;
     int rc = ta_cache_load_safetensors(c, "bad", path, &e);
-    cr_assert_eq(rc, TA_EFORMAT, "%s: rc %d (%s)", path, rc, ta_cache_last_error());
-    cr_assert(strstr(ta_cache_last_error(), needle), "message '%s' lacks '%s'",
-              ta_cache_last_error(), needle);
+    cr_assert_eq(rc, TA_EFORMAT, "%s: rc %d (%s)", path, rc, cache_error());
+    cr_assert(strstr(cache_error(), needle), "message '%s' lacks '%s'", cache_error(), needle);
     cr_assert_null(e);
     ta_cache_stats_t after = cstats(c);
     cr_assert_eq(after.in_cache, before.in_cache);
@@ -422,7 +429,7 @@ Test(cache, committed_fixtures)
     ta_cache_t *c = new_cache(MiB, TA_OVERFLOW_REFUSE);
     ta_entry_t *e;
     snprintf(p, sizeof p, "%s/tiny.safetensors", data);
-    cr_assert_eq(ta_cache_load_safetensors(c, "tiny", p, &e), 0, "%s", ta_cache_last_error());
+    cr_assert_eq(ta_cache_load_safetensors(c, "tiny", p, &e), 0, "%s", cache_error());
     ta_tensor_t t;
     cr_assert_eq(ta_entry_tensor(e, "weight", &t), 0);
     cr_assert_eq(t.dtype, TA_DTYPE_F32);
@@ -434,10 +441,10 @@ Test(cache, committed_fixtures)
     ta_entry_unlock(e);
     snprintf(p, sizeof p, "%s/bad-overlap.safetensors", data);
     cr_assert_eq(ta_cache_load_safetensors(c, "o", p, &e), TA_EFORMAT);
-    cr_assert(strstr(ta_cache_last_error(), "overlap"), "%s", ta_cache_last_error());
+    cr_assert(strstr(cache_error(), "overlap"), "%s", cache_error());
     snprintf(p, sizeof p, "%s/bad-truncated.safetensors", data);
     cr_assert_eq(ta_cache_load_safetensors(c, "t", p, &e), TA_EFORMAT);
-    cr_assert(strstr(ta_cache_last_error(), "out of range"), "%s", ta_cache_last_error());
+    cr_assert(strstr(cache_error(), "out of range"), "%s", cache_error());
     cr_assert_eq(ta_cache_load_safetensors(c, "x", "/nonexistent/file", &e), ENOENT);
     ta_cache_destroy(c);
 }
@@ -460,8 +467,8 @@ Test(cache, raw_files)
     ta_entry_unlock(e);
     int64_t wrong[1] = {100};
     cr_assert_eq(ta_cache_load_raw(c, "r2", p, TA_DTYPE_F32, 1, wrong, &e), TA_EFORMAT);
-    cr_assert(strstr(ta_cache_last_error(), "file is 4096 bytes, the shape needs 400"), "%s",
-              ta_cache_last_error());
+    cr_assert(strstr(cache_error(), "file is 4096 bytes, the shape needs 400"), "%s",
+              cache_error());
     cr_assert_eq(cstats(c).in_cache, 1);
     ta_cache_destroy(c);
 }
@@ -591,7 +598,7 @@ Test(cache, device_moves_respect_the_vram_budget)
     cr_assert_eq(put(c, "b", 2 * MiB, 0x22), 0);
     ta_entry_t *a, *b;
     cr_assert_eq(ta_cache_get(c, "a", &a), 0);
-    cr_assert_eq(ta_entry_to_device(a), 0, "%s", ta_cache_last_error());
+    cr_assert_eq(ta_entry_to_device(a), 0, "%s", cache_error());
     ta_cache_stats_t s = cstats(c);
     cr_assert_eq(s.vram_used, 2 * MiB);
     cr_assert_eq(s.ram_used, 2 * MiB, "no RAM copy kept: a's host bytes were freed");
@@ -604,10 +611,10 @@ Test(cache, device_moves_respect_the_vram_budget)
     cr_assert_eq(ta_entry_to_device(b), TA_ECACHEFULL);
     ta_entry_unlock(a);
     /* now a is unlocked and has no host copy: it is evicted whole */
-    cr_assert_eq(ta_entry_to_device(b), 0, "%s", ta_cache_last_error());
+    cr_assert_eq(ta_entry_to_device(b), 0, "%s", cache_error());
     cr_assert_not(present(c, "a"));
     /* and back: the host copy is made again, data intact */
-    cr_assert_eq(ta_entry_to_host(b), 0, "%s", ta_cache_last_error());
+    cr_assert_eq(ta_entry_to_host(b), 0, "%s", cache_error());
     ta_entry_tensor(b, "w", &t);
     cr_assert_not_null(t.data);
     cr_assert_null(t.device_data);
@@ -632,7 +639,7 @@ Test(cache, device_moves_keep_ram_copy_and_evict_device_copies_lru)
         cr_assert_eq(put(c, keys[i], 2 * MiB, i + 1), 0);
         ta_entry_t *e;
         cr_assert_eq(ta_cache_get(c, keys[i], &e), 0);
-        cr_assert_eq(ta_entry_to_device(e), 0, "%s", ta_cache_last_error());
+        cr_assert_eq(ta_entry_to_device(e), 0, "%s", cache_error());
         ta_entry_unlock(e);
     }
     /* a's device copy went for c's; a itself stays (it has a host copy) */
@@ -723,7 +730,7 @@ Test(cache, concurrent_moves_of_one_entry_are_serialised)
         ta_entry_tensor(e, "w", &t);
         cr_assert_null(t.data);
         cr_assert_not_null(t.device_data);
-        cr_assert_eq(ta_entry_to_host(e), 0, "%s", ta_cache_last_error());
+        cr_assert_eq(ta_entry_to_host(e), 0, "%s", cache_error());
         ta_entry_tensor(e, "w", &t);
         cr_assert_eq(((unsigned char *)t.data)[4 * MiB - 1], 0x6b);
         ta_entry_unlock(e);
@@ -822,7 +829,7 @@ static void loaded_and_checked(logged_cache_t *lc, const char *path, const char 
 {
     ta_entry_t *e;
     lc->log[0] = '\0';
-    cr_assert_eq(ta_cache_load_safetensors(lc->c, key, path, &e), 0, "%s", ta_cache_last_error());
+    cr_assert_eq(ta_cache_load_safetensors(lc->c, key, path, &e), 0, "%s", cache_error());
     expect_file_bytes(e);
     cr_assert(strstr(lc->log, needle), "log '%s' lacks '%s'", lc->log, needle);
     ta_entry_unlock(e);
@@ -933,9 +940,8 @@ static void expect_failed_load(const char *path, hook_t *h, ta_page_cache_t pc, 
     ta_entry_t *e = NULL;
     int rc = ta_cache_load_safetensors(lc->c, "m", path, &e);
     _ta_os_set_read_hook(NULL, NULL);
-    cr_assert_eq(rc, want_rc, "rc %d (%s)", rc, ta_cache_last_error());
-    cr_assert(strstr(ta_cache_last_error(), needle), "'%s' lacks '%s'", ta_cache_last_error(),
-              needle);
+    cr_assert_eq(rc, want_rc, "rc %d (%s)", rc, cache_error());
+    cr_assert(strstr(cache_error(), needle), "'%s' lacks '%s'", cache_error(), needle);
     cr_assert_null(e);
     ta_cache_stats_t after = cstats(lc->c);
     cr_assert_eq(after.in_cache, before.in_cache);
@@ -1047,7 +1053,7 @@ Test(cache, a_budget_of_zero_follows_the_rule)
         mem = limit;
     ta_cache_config_t cfg = {.size = sizeof cfg, .ram_budget = 0};
     ta_cache_t *c;
-    cr_assert_eq(ta_cache_create(&cfg, &c), 0, "%s", ta_cache_last_error());
+    cr_assert_eq(ta_cache_create(&cfg, &c), 0, "%s", cache_error());
     cr_assert_eq(cstats(c).ram_budget, ta_cache_budget_rule(mem, 0, 0));
     cr_assert_eq(ta_cache_budget_rule(0, 0, 0), ta_cache_budget_rule(mem, 0, 0));
     cr_log_info("this machine: %zu MiB of memory (cgroup limit %zu MiB): a %zu MiB budget",
@@ -1064,7 +1070,7 @@ Test(cache, keep_alive_evicts_entries_left_unused)
 {
     ta_cache_config_t cfg = {.size = sizeof cfg, .ram_budget = 64 * MiB, .keep_alive_ms = 500};
     ta_cache_t *c;
-    cr_assert_eq(ta_cache_create(&cfg, &c), 0, "%s", ta_cache_last_error());
+    cr_assert_eq(ta_cache_create(&cfg, &c), 0, "%s", cache_error());
     cr_assert_eq(put(c, "idle", MiB, 1), 0);
     cr_assert_eq(put(c, "used", MiB, 2), 0);
     ta_entry_t *held;
@@ -1100,7 +1106,7 @@ Test(cache, a_keep_alive_timer_that_cannot_start_fails_the_create)
     _ta_os_fail_nth_thread(1);
     cr_assert_eq(ta_cache_create(&cfg, &c), EAGAIN);
     _ta_os_fail_nth_thread(0);
-    cr_assert(strstr(ta_cache_last_error(), "keep-alive"), "%s", ta_cache_last_error());
+    cr_assert(strstr(cache_error(), "keep-alive"), "%s", cache_error());
 }
 
 /* ---- loads straight to the device ------------------------------------------- */
@@ -1129,8 +1135,7 @@ Test(cache, loads_straight_to_the_device_make_no_host_copy)
     ta_cuda_stats_t before = {.size = sizeof before};
     ta_cuda_stats_get(&before);
     ta_entry_t *e;
-    cr_assert_eq(ta_cache_load_safetensors_to_device(c, "m", path, &e), 0, "%s",
-                 ta_cache_last_error());
+    cr_assert_eq(ta_cache_load_safetensors_to_device(c, "m", path, &e), 0, "%s", cache_error());
     ta_cache_stats_t s = cstats(c);
     cr_assert_eq(s.vram_used, data);
     cr_assert_eq(s.ram_used, 0);
@@ -1148,7 +1153,7 @@ Test(cache, loads_straight_to_the_device_make_no_host_copy)
     cr_assert_eq(after.h2d_bytes - before.h2d_bytes, data);
     cr_assert_eq(after.direct_copies, before.direct_copies, "all through the staging buffers");
     /* back to the host: every byte is the file's */
-    cr_assert_eq(ta_entry_to_host(e), 0, "%s", ta_cache_last_error());
+    cr_assert_eq(ta_entry_to_host(e), 0, "%s", cache_error());
     expect_file_bytes(e);
     ta_entry_unlock(e);
     ta_cache_destroy(c);
@@ -1160,8 +1165,7 @@ Test(cache, loads_to_the_device_keep_the_ram_copy_when_asked)
     const char *path = many_file(101);
     ta_cache_t *c = device_cache(true);
     ta_entry_t *e;
-    cr_assert_eq(ta_cache_load_safetensors_to_device(c, "m", path, &e), 0, "%s",
-                 ta_cache_last_error());
+    cr_assert_eq(ta_cache_load_safetensors_to_device(c, "m", path, &e), 0, "%s", cache_error());
     ta_cache_stats_t s = cstats(c);
     cr_assert_eq(s.vram_used, s.ram_used);
     cr_assert_gt(s.ram_used, 0);
@@ -1185,8 +1189,8 @@ Test(cache, a_failed_load_to_the_device_gives_everything_back)
     ta_entry_t *e = NULL;
     int rc = ta_cache_load_safetensors_to_device(c, "m", path, &e);
     _ta_os_set_read_hook(NULL, NULL);
-    cr_assert_eq(rc, EIO, "rc %d (%s)", rc, ta_cache_last_error());
-    cr_assert(strstr(ta_cache_last_error(), "read failed at offset"), "%s", ta_cache_last_error());
+    cr_assert_eq(rc, EIO, "rc %d (%s)", rc, cache_error());
+    cr_assert(strstr(cache_error(), "read failed at offset"), "%s", cache_error());
     cr_assert_null(e);
     ta_cache_stats_t s = cstats(c);
     cr_assert_eq(s.vram_used, 0);
@@ -1197,8 +1201,7 @@ Test(cache, a_failed_load_to_the_device_gives_everything_back)
     cr_assert_eq(ta_cuda_mem_info(&free1, &total), 0);
     cr_assert_eq(free1, free0, "device memory leaked: %zu bytes", free0 - free1);
     /* and the same file loads once the fault is gone */
-    cr_assert_eq(ta_cache_load_safetensors_to_device(c, "m", path, &e), 0, "%s",
-                 ta_cache_last_error());
+    cr_assert_eq(ta_cache_load_safetensors_to_device(c, "m", path, &e), 0, "%s", cache_error());
     ta_entry_unlock(e);
     ta_cache_destroy(c);
 }
@@ -1213,5 +1216,18 @@ Test(cache, loads_to_the_device_fail_cleanly_without_a_gpu)
     cr_assert(rc == TA_ENORUNTIME || rc == TA_ENOTSUP, "rc %d", rc);
     cr_assert_null(e);
     cr_assert_eq(cstats(c).in_cache, 0);
+    ta_cache_destroy(c);
+}
+
+Test(cache, the_last_error_gives_its_code_and_message)
+{
+    ta_cache_t *c = new_cache(MiB, TA_OVERFLOW_REFUSE);
+    ta_entry_t *e;
+    int rc = ta_cache_load_safetensors(c, "x", "/nonexistent/file", &e);
+    cr_assert_eq(rc, ENOENT);
+    const char *message = NULL;
+    cr_assert_eq(ta_cache_last_error(&message), ENOENT);
+    cr_assert(strstr(message, "/nonexistent/file"), "%s", message);
+    cr_assert_eq(ta_cache_last_error(NULL), ENOENT);
     ta_cache_destroy(c);
 }

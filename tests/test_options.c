@@ -13,24 +13,42 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+/* An option's value in force (ta_option_get's convention: code, out value). */
+static long long opt(ta_option_t o)
+{
+    long long v = -1;
+    cr_assert_eq(ta_option_get(o, &v), 0, "option %d", (int)o);
+    return v;
+}
+
+Test(options, get_follows_the_error_convention)
+{
+    long long v = 42;
+    cr_assert_eq(ta_option_get(TA_OPT_COUNT_, &v), EINVAL);
+    cr_assert_eq(v, 42, "untouched on failure");
+    cr_assert_eq(ta_option_get(TA_OPT_THRESHOLD, NULL), EINVAL);
+    cr_assert_eq(ta_option_get(TA_OPT_THRESHOLD, &v), 0);
+    cr_assert_eq(v, 256 * 1024);
+}
+
 Test(options, sizes_with_suffixes)
 {
     setenv("TENSORALLOC_THRESHOLD", "512K", 1);
     setenv("TENSORALLOC_RETAIN_BYTES", "2GiB", 1);
     setenv("TENSORALLOC_RETAIN_MS", "250", 1);
     setenv("TENSORALLOC_THP", "off", 1);
-    cr_assert_eq(ta_option_get(TA_OPT_THRESHOLD), 512 * 1024);
-    cr_assert_eq(ta_option_get(TA_OPT_RETAIN_BYTES), 2LL << 30);
-    cr_assert_eq(ta_option_get(TA_OPT_RETAIN_MS), 250);
-    cr_assert_eq(ta_option_get(TA_OPT_THP), 0);
+    cr_assert_eq(opt(TA_OPT_THRESHOLD), 512 * 1024);
+    cr_assert_eq(opt(TA_OPT_RETAIN_BYTES), 2LL << 30);
+    cr_assert_eq(opt(TA_OPT_RETAIN_MS), 250);
+    cr_assert_eq(opt(TA_OPT_THP), 0);
 }
 
 Test(options, bad_value_warns_once_and_keeps_default, .init = cr_redirect_stderr)
 {
     setenv("TENSORALLOC_THRESHOLD", "lots", 1);
     setenv("TENSORALLOC_RETAIN_MS", "-5", 1);
-    cr_assert_eq(ta_option_get(TA_OPT_THRESHOLD), 256 * 1024);
-    cr_assert_eq(ta_option_get(TA_OPT_RETAIN_MS), 500);
+    cr_assert_eq(opt(TA_OPT_THRESHOLD), 256 * 1024);
+    cr_assert_eq(opt(TA_OPT_RETAIN_MS), 500);
     void *p = ta_malloc(10);
     ta_free(p);
     fflush(stderr);
@@ -44,11 +62,11 @@ Test(options, bad_value_warns_once_and_keeps_default, .init = cr_redirect_stderr
 Test(options, threshold_out_of_range_is_refused)
 {
     setenv("TENSORALLOC_THRESHOLD", "64G", 1);
-    cr_assert_eq(ta_option_get(TA_OPT_THRESHOLD), 256 * 1024);
+    cr_assert_eq(opt(TA_OPT_THRESHOLD), 256 * 1024);
     cr_assert_eq(ta_option_set(TA_OPT_THRESHOLD, 1), EINVAL);
     cr_assert_eq(ta_option_set((ta_option_t)99, 1), EINVAL);
     cr_assert_eq(ta_option_set(TA_OPT_THRESHOLD, 64 * 1024), 0);
-    cr_assert_eq(ta_option_get(TA_OPT_THRESHOLD), 64 * 1024);
+    cr_assert_eq(opt(TA_OPT_THRESHOLD), 64 * 1024);
     cr_assert_str_eq(ta_option_name(TA_OPT_RETAIN_BYTES), "RETAIN_BYTES");
     cr_assert_null(ta_option_name((ta_option_t)99));
 }
@@ -142,7 +160,7 @@ Test(options, stats_at_exit)
 Test(options, bad_value_message_names_the_value_in_force, .init = cr_redirect_stderr)
 {
     setenv("TENSORALLOC_RETAIN_BYTES", "much", 1);
-    long long kept = ta_option_get(TA_OPT_RETAIN_BYTES);
+    long long kept = opt(TA_OPT_RETAIN_BYTES);
     fflush(stderr);
     char want[256];
     snprintf(want, sizeof want,
@@ -170,7 +188,7 @@ Test(options, read_once_environ_exists)
     size_t early_usable = ta_usable_size(early), usable = ta_usable_size(p);
     cr_assert_neq(early_usable, 100 * KiB, "the early block went by the defaults");
     cr_assert_eq(usable, 100 * KiB, "the threshold from the environment is not in force");
-    cr_assert_eq(ta_option_get(TA_OPT_THRESHOLD), 64 * KiB);
+    cr_assert_eq(opt(TA_OPT_THRESHOLD), 64 * KiB);
     ta_free(p);
     ta_free(early);
 }

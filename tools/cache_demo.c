@@ -43,6 +43,14 @@
 
 #define MiB ((size_t)1 << 20)
 
+/* The message of this thread's last failed cache call. */
+static const char *cache_error(void)
+{
+    const char *message;
+    ta_cache_last_error(&message);
+    return message;
+}
+
 static double now_s(void)
 {
     struct timespec ts;
@@ -297,7 +305,7 @@ static int run(const char *dir, const char *mode, size_t budget, int switches, i
             else if ((rc = ta_cache_load_safetensors(c, key, path, &e)) == 0)
                 loads++;
             if (rc) {
-                fprintf(stderr, "%s: %s (%s)\n", key, ta_strerror(rc), ta_cache_last_error());
+                fprintf(stderr, "%s: %s (%s)\n", key, ta_strerror(rc), cache_error());
                 return 1;
             }
             ta_tensor_t t;
@@ -413,7 +421,7 @@ static int load_files(char **files, int nfiles, const load_args_t *a)
                              ? ta_cache_load_safetensors_to_device(c, files[i], files[i], &e)
                              : ta_cache_load_safetensors(c, files[i], files[i], &e);
                 if (rc) {
-                    fprintf(stderr, "%s: %s\n", ta_strerror(rc), ta_cache_last_error());
+                    fprintf(stderr, "%s: %s\n", ta_strerror(rc), cache_error());
                     return 1;
                 }
                 n = ta_entry_ram_bytes(e) + ta_entry_vram_bytes(e);
@@ -439,8 +447,8 @@ static int load_files(char **files, int nfiles, const load_args_t *a)
         }
     ta_cache_destroy(c);
     printf("workload=load\nmode=%s%s\nbytes=%llu\nseconds=%.4f\ngbps=%.3f\n",
-           a->cache ? "cache" : "plain", a->to_device ? "-to-device" : "", (unsigned long long)bytes, seconds,
-           seconds > 0 ? (double)bytes / seconds / 1e9 : 0);
+           a->cache ? "cache" : "plain", a->to_device ? "-to-device" : "",
+           (unsigned long long)bytes, seconds, seconds > 0 ? (double)bytes / seconds / 1e9 : 0);
     printf("steady_gbps=%.3f\n", warm_seconds > 0 ? (double)warm_bytes / warm_seconds / 1e9 : 0);
     return 0;
 }
@@ -456,7 +464,7 @@ static __attribute__((noreturn)) void usage(void)
         "       tensoralloc-cache-demo load FILE... [--mode cache|plain] [--rounds N]\n"
         "                                  [--threads N] [--chunk-mib N]\n"
         "                                  [--page-cache keep|drop|bypass] [--cold] [--to-device]\n"
-            "                                  [--verbose]\n");
+        "                                  [--verbose]\n");
     exit(2);
 }
 
@@ -474,13 +482,12 @@ int main(int argc, char **argv)
     if (argc < 3)
         usage();
     const char *cmd = argv[1], *dir = argv[2];
-    static const struct option opts[] = {{"models", 1, 0, 'm'},     {"scale", 1, 0, 's'},
-                                         {"mode", 1, 0, 'o'},       {"budget-mib", 1, 0, 'b'},
-                                         {"switches", 1, 0, 'w'},   {"verbose", 0, 0, 'v'},
-                                         {"shape", 1, 0, 'S'},      {"rounds", 1, 0, 'r'},
-                                         {"threads", 1, 0, 't'},    {"chunk-mib", 1, 0, 'c'},
-                                         {"page-cache", 1, 0, 'p'}, {"cold", 0, 0, 'C'}, {"to-device", 0, 0, 'D'},
-                                         {"help", 0, 0, 'h'},       {0, 0, 0, 0}};
+    static const struct option opts[] = {
+        {"models", 1, 0, 'm'},     {"scale", 1, 0, 's'},      {"mode", 1, 0, 'o'},
+        {"budget-mib", 1, 0, 'b'}, {"switches", 1, 0, 'w'},   {"verbose", 0, 0, 'v'},
+        {"shape", 1, 0, 'S'},      {"rounds", 1, 0, 'r'},     {"threads", 1, 0, 't'},
+        {"chunk-mib", 1, 0, 'c'},  {"page-cache", 1, 0, 'p'}, {"cold", 0, 0, 'C'},
+        {"to-device", 0, 0, 'D'},  {"help", 0, 0, 'h'},       {0, 0, 0, 0}};
     int models = 6, switches = 20, verbose = 0, c;
     double scale = 0.3;
     size_t budget = (size_t)1536 << 20;

@@ -28,6 +28,14 @@
 
 static PyObject *FormatError, *CacheFullError, *NoDeviceError;
 
+/* The message of this thread's last failed cache call. */
+static const char *cache_error(void)
+{
+    const char *message;
+    ta_cache_last_error(&message);
+    return message;
+}
+
 /* Raises the exception rc calls for, with the cache's message. */
 static PyObject *raise_rc(int rc, const char *message)
 {
@@ -129,7 +137,7 @@ static int Cache_init(CacheObject *self, PyObject *args, PyObject *kw)
     ta_cache_t *c = NULL;
     int rc = ta_cache_create(&cfg, &c);
     if (rc) {
-        raise_rc(rc, ta_cache_last_error());
+        raise_rc(rc, cache_error());
         return -1;
     }
     self->cache = c;
@@ -207,7 +215,7 @@ static PyObject *Cache_load(CacheObject *self, PyObject *args)
         if (rc != EEXIST) /* EEXIST: another thread loaded it meanwhile */
             break;
     }
-    snprintf(why, sizeof why, "%s", rc ? ta_cache_last_error() : "");
+    snprintf(why, sizeof why, "%s", rc ? cache_error() : "");
     Py_END_ALLOW_THREADS if (rc) return raise_rc(rc, why);
     return handle_new(self, e);
 }
@@ -222,7 +230,7 @@ static PyObject *Cache_get(CacheObject *self, PyObject *args)
     Py_BEGIN_ALLOW_THREADS rc = ta_cache_get(self->cache, key, &e);
     Py_END_ALLOW_THREADS if (rc == ENOENT) Py_RETURN_NONE;
     if (rc)
-        return raise_rc(rc, ta_cache_last_error());
+        return raise_rc(rc, cache_error());
     return handle_new(self, e);
 }
 
@@ -234,7 +242,7 @@ static PyObject *Cache_remove(CacheObject *self, PyObject *args)
     int rc;
     char why[512];
     Py_BEGIN_ALLOW_THREADS rc = ta_cache_remove(self->cache, key);
-    snprintf(why, sizeof why, "%s", rc ? ta_cache_last_error() : "");
+    snprintf(why, sizeof why, "%s", rc ? cache_error() : "");
     Py_END_ALLOW_THREADS if (rc == ENOENT)
     {
         PyErr_SetString(PyExc_KeyError, key);
@@ -268,7 +276,7 @@ static PyObject *Cache_keys(CacheObject *self, PyObject *noargs)
     size_t n = 0;
     int rc;
     Py_BEGIN_ALLOW_THREADS rc = ta_cache_keys(self->cache, &keys, &n);
-    Py_END_ALLOW_THREADS if (rc) return raise_rc(rc, ta_cache_last_error());
+    Py_END_ALLOW_THREADS if (rc) return raise_rc(rc, cache_error());
     PyObject *list = PyList_New((Py_ssize_t)n);
     for (size_t i = 0; list && i < n; i++) {
         PyObject *k = PyUnicode_FromString(keys[i]);
@@ -443,7 +451,7 @@ static PyObject *handle_move(HandleObject *self, bool to_device)
     char why[512];
     Py_BEGIN_ALLOW_THREADS rc =
         to_device ? ta_entry_to_device(self->entry) : ta_entry_to_host(self->entry);
-    snprintf(why, sizeof why, "%s", rc ? ta_cache_last_error() : "");
+    snprintf(why, sizeof why, "%s", rc ? cache_error() : "");
     Py_END_ALLOW_THREADS if (rc) return raise_rc(rc, why);
     Py_RETURN_NONE;
 }
