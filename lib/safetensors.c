@@ -12,6 +12,7 @@
 
 #include <cjson/cJSON.h>
 #include <errno.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -72,26 +73,28 @@ static int by_begin(const void *a, const void *b)
     return x->begin < y->begin ? -1 : x->begin > y->begin;
 }
 
-#define FAIL(...)                                                                                  \
-    do {                                                                                           \
-        snprintf(err, errlen, __VA_ARGS__);                                                        \
-        rc = TA_EFORMAT;                                                                           \
-        goto out;                                                                                  \
-    } while (0)
-
-int _ta_st_read_header(int fd, _ta_st_header_t *out, char *err, size_t errlen)
+static int format_error(char *err, size_t errlen, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static int format_error(char *err, size_t errlen, const char *fmt, ...)
 {
-    memset(out, 0, sizeof *out);
-    int rc = 0;
-    char *text = NULL;
-    cJSON *root = NULL;
-    uint64_t size;
-    if ((rc = _ta_os_file_size(fd, &size)) != 0)
-        return rc;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+    return TA_EFORMAT;
+}
+
+#define FAIL(...) return format_error(err, errlen, __VA_ARGS__)
+
+/* The 8-byte length and the JSON text after it (NUL-terminated, *text
+ * malloc'd) of a file of size bytes. */
+static int read_json(int fd, uint64_t size, char **text, uint64_t *len, char *err, size_t errlen)
+{
     unsigned char len8[8];
     if (size < 8)
         FAIL("file is %llu bytes, shorter than the 8-byte header length", (unsigned long long)size);
     size_t got;
+    int rc;
     if ((rc = _ta_os_read_at(fd, len8, 8, 0, &got)) != 0 || got != 8)
         return rc ? rc : EIO;
     uint64_t n = 0;
@@ -104,123 +107,161 @@ int _ta_st_read_header(int fd, _ta_st_header_t *out, char *err, size_t errlen)
         FAIL("header length %llu exceeds the 100 MiB limit", (unsigned long long)n);
     if (n < 2)
         FAIL("header length %llu is too short for a JSON object", (unsigned long long)n);
-    text = malloc((size_t)n + 1);
-    if (!text)
+    char *t = malloc((size_t)n + 1);
+    if (!t)
         return ENOMEM;
     for (size_t done = 0; done < (size_t)n; done += got)
-        if ((rc = _ta_os_read_at(fd, text + done, (size_t)n - done, 8 + done, &got)) != 0 ||
+        if ((rc = _ta_os_read_at(fd, t + done, (size_t)n - done, 8 + done, &got)) != 0 ||
             got == 0) {
-            rc = rc ? rc : EIO; /* shrank since the size was read */
-            goto out;
+            free(t);
+            return rc ? rc : EIO; /* shrank since the size was read */
         }
-    text[n] = '\0';
-    root = cJSON_ParseWithLength(text, (size_t)n);
-    if (root == NULL) {
-        const char *where = cJSON_GetErrorPtr();
-        long at = where && where >= text && where <= text + n ? (long)(where - text) : -1;
-        FAIL("header is not valid JSON (error near byte %ld of %llu)", at, (unsigned long long)n);
+    t[n] = '\0';
+    *text = t;
+    *len = n;
+    return 0;
+}
+
+/* The shape of t from its JSON array; elems: the product. */
+static int read_shape(const cJSON *shape, _ta_st_tensor_t *t, uint64_t *elems, char *err,
+                      size_t errlen)
+{
+    const char *name = t->name;
+    int ndim = cJSON_GetArraySize(shape);
+    if (ndim > TA_MAX_DIMS)
+        FAIL("tensor '%s': %d dimensions, at most %d supported", name, ndim, TA_MAX_DIMS);
+    t->ndim = ndim;
+    *elems = 1;
+    int d = 0;
+    for (const cJSON *e = shape->child; e; e = e->next, d++) {
+        uint64_t v;
+        if (!whole(e, &v))
+            FAIL("tensor '%s': shape[%d] is not a non-negative integer", name, d);
+        t->shape[d] = (int64_t)v;
+        if (v && *elems > UINT64_MAX / v)
+            FAIL("tensor '%s': shape overflows", name);
+        *elems *= v;
     }
+    return 0;
+}
+
+/* One tensor's entry c, appended to out->tensors and checked. */
+static int read_tensor(const cJSON *c, _ta_st_header_t *out, char *err, size_t errlen)
+{
+    const char *name = c->string;
+    for (size_t i = 0; i < out->count; i++)
+        if (strcmp(out->tensors[i].name, name) == 0)
+            FAIL("tensor '%s' appears twice", name);
+    if (!cJSON_IsObject(c))
+        FAIL("tensor '%s': not an object", name);
+    const cJSON *dt = cJSON_GetObjectItemCaseSensitive(c, "dtype");
+    const cJSON *shape = cJSON_GetObjectItemCaseSensitive(c, "shape");
+    const cJSON *offs = cJSON_GetObjectItemCaseSensitive(c, "data_offsets");
+    if (!cJSON_IsString(dt))
+        FAIL("tensor '%s': missing dtype", name);
+    int dtype = _ta_st_dtype_from_name(dt->valuestring);
+    if (dtype < 0)
+        FAIL("tensor '%s': unknown dtype '%s'", name, dt->valuestring);
+    if (!cJSON_IsArray(shape))
+        FAIL("tensor '%s': shape is not an array", name);
+    _ta_st_tensor_t *t = &out->tensors[out->count];
+    if (!(t->name = strdup(name)))
+        return ENOMEM;
+    out->count++;
+    t->dtype = (ta_dtype_t)dtype;
+    uint64_t elems = 0;
+    int rc = read_shape(shape, t, &elems, err, errlen);
+    if (rc)
+        return rc;
+    if (!cJSON_IsArray(offs) || cJSON_GetArraySize(offs) != 2 || !whole(offs->child, &t->begin) ||
+        !whole(offs->child->next, &t->end))
+        FAIL("tensor '%s': data_offsets is not a pair of non-negative integers", name);
+    if (t->begin > t->end || t->end > out->data_len)
+        FAIL("tensor '%s': data_offsets [%llu, %llu] out of range (data section is %llu bytes)",
+             name, (unsigned long long)t->begin, (unsigned long long)t->end,
+             (unsigned long long)out->data_len);
+    uint64_t esize = dtypes[dtype].size;
+    if (elems > UINT64_MAX / esize || elems * esize != t->end - t->begin)
+        FAIL("tensor '%s': shape of %llu %s elements needs %llu bytes but data_offsets span %llu",
+             name, (unsigned long long)elems, dtypes[dtype].name,
+             (unsigned long long)(elems * esize), (unsigned long long)(t->end - t->begin));
+    return 0;
+}
+
+/* No two tensors may share bytes. Checked against the furthest end so far,
+ * not the neighbour: an empty tensor between two overlapping ones must not
+ * hide the overlap (sorted by begin, any overlap shows against the
+ * furthest). */
+static int check_overlaps(const _ta_st_header_t *h, char *err, size_t errlen)
+{
+    if (h->count < 2)
+        return 0;
+    _ta_st_tensor_t *sorted = malloc(h->count * sizeof *sorted);
+    if (!sorted)
+        return ENOMEM;
+    memcpy(sorted, h->tensors, h->count * sizeof *sorted);
+    qsort(sorted, h->count, sizeof *sorted, by_begin);
+    const _ta_st_tensor_t *a = NULL; /* the non-empty tensor reaching furthest */
+    int rc = 0;
+    for (size_t i = 0; i < h->count && rc == 0; i++) {
+        const _ta_st_tensor_t *b = &sorted[i];
+        if (b->end == b->begin)
+            continue; /* empty: overlaps nothing */
+        if (a != NULL && b->begin < a->end)
+            rc =
+                format_error(err, errlen, "tensors '%s' [%llu, %llu) and '%s' [%llu, %llu) overlap",
+                             a->name, (unsigned long long)a->begin, (unsigned long long)a->end,
+                             b->name, (unsigned long long)b->begin, (unsigned long long)b->end);
+        else if (a == NULL || b->end > a->end)
+            a = b;
+    }
+    free(sorted);
+    return rc;
+}
+
+/* The tensors of a parsed header object. */
+static int read_tensors(const cJSON *root, _ta_st_header_t *out, char *err, size_t errlen)
+{
     if (!cJSON_IsObject(root))
         FAIL("header is JSON but not an object");
-    out->data_start = 8 + n;
-    out->data_len = size - 8 - n;
     size_t count = 0;
-    for (cJSON *c = root->child; c; c = c->next)
+    for (const cJSON *c = root->child; c; c = c->next)
         count += strcmp(c->string, "__metadata__") != 0;
-    out->tensors = calloc(count ? count : 1, sizeof *out->tensors);
-    if (!out->tensors) {
-        rc = ENOMEM;
-        goto out;
-    }
-    for (cJSON *c = root->child; c; c = c->next) {
+    if (!(out->tensors = calloc(count ? count : 1, sizeof *out->tensors)))
+        return ENOMEM;
+    for (const cJSON *c = root->child; c; c = c->next) {
+        int rc;
         if (strcmp(c->string, "__metadata__") == 0) {
             if (!cJSON_IsObject(c))
                 FAIL("__metadata__ is not an object");
-            continue;
+        } else if ((rc = read_tensor(c, out, err, errlen)) != 0) {
+            return rc;
         }
-        const char *name = c->string;
-        for (size_t i = 0; i < out->count; i++)
-            if (strcmp(out->tensors[i].name, name) == 0)
-                FAIL("tensor '%s' appears twice", name);
-        if (!cJSON_IsObject(c))
-            FAIL("tensor '%s': not an object", name);
-        const cJSON *dt = cJSON_GetObjectItemCaseSensitive(c, "dtype");
-        const cJSON *shape = cJSON_GetObjectItemCaseSensitive(c, "shape");
-        const cJSON *offs = cJSON_GetObjectItemCaseSensitive(c, "data_offsets");
-        if (!cJSON_IsString(dt))
-            FAIL("tensor '%s': missing dtype", name);
-        int dtype = _ta_st_dtype_from_name(dt->valuestring);
-        if (dtype < 0)
-            FAIL("tensor '%s': unknown dtype '%s'", name, dt->valuestring);
-        if (!cJSON_IsArray(shape))
-            FAIL("tensor '%s': shape is not an array", name);
-        _ta_st_tensor_t *t = &out->tensors[out->count];
-        t->name = strdup(name);
-        if (!t->name) {
-            rc = ENOMEM;
-            goto out;
-        }
-        out->count++;
-        t->dtype = (ta_dtype_t)dtype;
-        int ndim = cJSON_GetArraySize(shape);
-        if (ndim > TA_MAX_DIMS)
-            FAIL("tensor '%s': %d dimensions, at most %d supported", name, ndim, TA_MAX_DIMS);
-        t->ndim = ndim;
-        uint64_t elems = 1;
-        int d = 0;
-        for (const cJSON *e = shape->child; e; e = e->next, d++) {
-            uint64_t v;
-            if (!whole(e, &v))
-                FAIL("tensor '%s': shape[%d] is not a non-negative integer", name, d);
-            t->shape[d] = (int64_t)v;
-            if (v && elems > UINT64_MAX / v)
-                FAIL("tensor '%s': shape overflows", name);
-            elems *= v;
-        }
-        if (!cJSON_IsArray(offs) || cJSON_GetArraySize(offs) != 2 ||
-            !whole(offs->child, &t->begin) || !whole(offs->child->next, &t->end))
-            FAIL("tensor '%s': data_offsets is not a pair of non-negative integers", name);
-        if (t->begin > t->end || t->end > out->data_len)
-            FAIL("tensor '%s': data_offsets [%llu, %llu] out of range (data section is %llu "
-                 "bytes)",
-                 name, (unsigned long long)t->begin, (unsigned long long)t->end,
-                 (unsigned long long)out->data_len);
-        uint64_t esize = dtypes[dtype].size;
-        if (elems > UINT64_MAX / esize || elems * esize != t->end - t->begin)
-            FAIL("tensor '%s': shape of %llu %s elements needs %llu bytes but data_offsets "
-                 "span %llu",
-                 name, (unsigned long long)elems, dtypes[dtype].name,
-                 (unsigned long long)(elems * esize), (unsigned long long)(t->end - t->begin));
     }
-    /* no two tensors may share bytes */
-    if (out->count > 1) {
-        _ta_st_tensor_t *sorted = malloc(out->count * sizeof *sorted);
-        if (!sorted) {
-            rc = ENOMEM;
-            goto out;
-        }
-        memcpy(sorted, out->tensors, out->count * sizeof *sorted);
-        qsort(sorted, out->count, sizeof *sorted, by_begin);
-        /* Against the furthest end so far, not the neighbour: an empty
-         * tensor between two overlapping ones must not hide the overlap
-         * (sorted by begin, so any overlap shows against the furthest). */
-        const _ta_st_tensor_t *a = NULL; /* the non-empty tensor reaching furthest */
-        for (size_t i = 0; i < out->count && rc == 0; i++) {
-            const _ta_st_tensor_t *b = &sorted[i];
-            if (b->end == b->begin)
-                continue; /* empty: overlaps nothing */
-            if (a != NULL && b->begin < a->end) {
-                snprintf(err, errlen, "tensors '%s' [%llu, %llu) and '%s' [%llu, %llu) overlap",
-                         a->name, (unsigned long long)a->begin, (unsigned long long)a->end, b->name,
-                         (unsigned long long)b->begin, (unsigned long long)b->end);
-                rc = TA_EFORMAT;
-            } else if (a == NULL || b->end > a->end) {
-                a = b;
-            }
-        }
-        free(sorted);
+    return check_overlaps(out, err, errlen);
+}
+
+int _ta_st_read_header(int fd, _ta_st_header_t *out, char *err, size_t errlen)
+{
+    memset(out, 0, sizeof *out);
+    uint64_t size = 0, n = 0;
+    char *text = NULL;
+    int rc = _ta_os_file_size(fd, &size);
+    if (rc == 0)
+        rc = read_json(fd, size, &text, &n, err, errlen);
+    if (rc)
+        return rc;
+    cJSON *root = cJSON_ParseWithLength(text, (size_t)n);
+    if (root == NULL) {
+        const char *where = cJSON_GetErrorPtr();
+        long at = where && where >= text && where <= text + n ? (long)(where - text) : -1;
+        rc = format_error(err, errlen, "header is not valid JSON (error near byte %ld of %llu)", at,
+                          (unsigned long long)n);
+    } else {
+        out->data_start = 8 + n;
+        out->data_len = size - 8 - n;
+        rc = read_tensors(root, out, err, errlen);
     }
-out:
     cJSON_Delete(root);
     free(text);
     if (rc)
