@@ -13,8 +13,8 @@
  */
 #define _GNU_SOURCE
 #include "cuda_abi.h"
-#include "staging.h"
 #include "internal.h"
+#include "staging.h"
 #include "tensoralloc_cuda.h"
 
 #include <dlfcn.h>
@@ -485,18 +485,14 @@ void ta_pinned_pool_destroy(ta_pinned_pool_t *pool)
 
 /* Takes n buffers of size bytes at once (all or none, so that two copies
  * never deadlock holding one buffer each). */
-static int pool_take(ta_pinned_pool_t *pool, int n, size_t size, void **out)
+/* Under the pool's mutex: takes the best-fitting free buffers into
+ * taken[0..*have), and reserves the budget for the n - *have still to be
+ * made, dropping free buffers or waiting for releases to get it. */
+static void buffers_claim_locked(ta_pinned_pool_t *pool, int n, size_t size, buffer_t **taken,
+                                 int *have)
 {
-    size_t page = _ta_os_page_size();
-    size = _ta_align_up(size ? size : 1, page);
-    if (size > SIZE_MAX / 4 || size * (size_t)n > pool->budget)
-        return TA_EBUDGET;
-    int have = 0;
-    buffer_t *taken[2] = {0};
-    pthread_mutex_lock(&pool->mutex);
     for (;;) {
-        /* best fits among free buffers */
-        for (; have < n; have++) {
+        for (; *have < n; (*have)++) { /* best fits among free buffers */
             buffer_t *best = NULL;
             for (buffer_t *b = pool->buffers; b; b = b->next)
                 if (!b->in_use && b->size >= size && (!best || b->size < best->size))
@@ -504,12 +500,9 @@ static int pool_take(ta_pinned_pool_t *pool, int n, size_t size, void **out)
             if (!best)
                 break;
             best->in_use = true;
-            taken[have] = best;
+            taken[*have] = best;
         }
-        if (have == n)
-            break;
-        size_t need = size * (size_t)(n - have);
-        if (pool->registered + need <= pool->budget)
+        if (*have == n || pool->registered + size * (size_t)(n - *have) <= pool->budget)
             break;
         /* make room: drop a free buffer, else wait for a release */
         buffer_t **pp = &pool->buffers, *victim = NULL;
@@ -524,61 +517,69 @@ static int pool_take(ta_pinned_pool_t *pool, int n, size_t size, void **out)
             buffer_destroy(victim);
             continue;
         }
-        for (int i = 0; i < have; i++) /* hold nothing while waiting */
+        for (int i = 0; i < *have; i++) /* hold nothing while waiting */
             taken[i]->in_use = false;
-        have = 0;
+        *have = 0;
         pthread_cond_wait(&pool->released, &pool->mutex);
     }
-    size_t need = size * (size_t)(n - have);
-    pool->registered += need; /* reserved while the buffers are made */
-    pthread_mutex_unlock(&pool->mutex);
+    pool->registered += size * (size_t)(n - *have); /* reserved while the buffers are made */
+}
 
-    int rc = 0;
-    for (int i = have; i < n; i++) {
-        buffer_t *b = ta_malloc(sizeof *b);
-        void *p = b ? _ta_alloc_mapped(size, page) : NULL;
-        uintptr_t base;
-        size_t cap;
-        /* Marked pinned like a block pinned in place, so that the large path
-         * never joins it with neighbours in a VMA the driver may split. A
-         * slab block (the map-limit fallback) cannot be a staging buffer. */
-        if (p != NULL && _ta_large_pin_mark(p, true, &base, &cap) != 0) {
-            ta_free(p);
-            p = NULL;
-        }
-        if (p == NULL) {
-            ta_free(b);
-            rc = ENOMEM;
-        } else {
-            prefault(p, size);
-            if ((rc = register_range(p, size)) == 0) {
-                *b = (buffer_t){p, size, true, NULL};
-                taken[i] = b;
-                continue;
-            }
-            ta_free(p);
-            ta_free(b);
-        }
-        /* give back what this call took or reserved */
-        pthread_mutex_lock(&pool->mutex);
-        pool->registered -= size * (size_t)(n - i);
-        for (int j = 0; j < i; j++) {
-            if (j >= have) {
-                taken[j]->next = pool->buffers;
-                pool->buffers = taken[j];
-            }
-            taken[j]->in_use = false;
-        }
-        pthread_cond_broadcast(&pool->released);
-        pthread_mutex_unlock(&pool->mutex);
-        return rc;
+/* A new registered buffer of size bytes, or NULL with *rc set. */
+static buffer_t *buffer_make(size_t size, int *rc)
+{
+    buffer_t *b = ta_malloc(sizeof *b);
+    void *p = b ? _ta_alloc_mapped(size, _ta_os_page_size()) : NULL;
+    uintptr_t base;
+    size_t cap;
+    /* Marked pinned like a block pinned in place, so that the large path
+     * never joins it with neighbours in a VMA the driver may split. */
+    if (p != NULL && _ta_large_pin_mark(p, true, &base, &cap) != 0) {
+        ta_free(p);
+        p = NULL;
     }
+    *rc = ENOMEM;
+    if (p != NULL) {
+        prefault(p, size);
+        if ((*rc = register_range(p, size)) == 0) {
+            *b = (buffer_t){p, size, true, NULL};
+            return b;
+        }
+        ta_free(p);
+    }
+    ta_free(b);
+    return NULL;
+}
+
+/* n buffers of at least size bytes from the pool (all or none: copies take
+ * their two at once, so that two copies never deadlock holding one each). */
+static int buffers_take(ta_pinned_pool_t *pool, int n, size_t size, void **out)
+{
+    size = _ta_align_up(size ? size : 1, _ta_os_page_size());
+    if (size > SIZE_MAX / 4 || size * (size_t)n > pool->budget)
+        return TA_EBUDGET;
+    int have = 0, rc = 0;
+    buffer_t *taken[2] = {0};
     pthread_mutex_lock(&pool->mutex);
-    for (int i = have; i < n; i++) {
+    buffers_claim_locked(pool, n, size, taken, &have);
+    pthread_mutex_unlock(&pool->mutex);
+    int made = have;
+    while (made < n && (taken[made] = buffer_make(size, &rc)) != NULL)
+        made++;
+    pthread_mutex_lock(&pool->mutex);
+    for (int i = have; i < made; i++) { /* new buffers join the pool */
         taken[i]->next = pool->buffers;
         pool->buffers = taken[i];
     }
+    if (made < n) { /* give back what this call took or reserved */
+        pool->registered -= size * (size_t)(n - made);
+        for (int i = 0; i < made; i++)
+            taken[i]->in_use = false;
+        pthread_cond_broadcast(&pool->released);
+    }
     pthread_mutex_unlock(&pool->mutex);
+    if (made < n)
+        return rc;
     for (int i = 0; i < n; i++)
         out[i] = taken[i]->ptr;
     return 0;
@@ -588,7 +589,7 @@ int ta_pinned_acquire(ta_pinned_pool_t *pool, size_t size, void **buf)
 {
     if (pool == NULL || buf == NULL)
         return EINVAL;
-    return pool_take(pool, 1, size, buf);
+    return buffers_take(pool, 1, size, buf);
 }
 
 int ta_pinned_release(ta_pinned_pool_t *pool, void *buf)
@@ -678,7 +679,7 @@ static int staging_open(ta_pinned_pool_t *pool, size_t size, size_t chunk, stagi
         if (e != TA_CU_SUCCESS)
             return cuda_fail(e);
     }
-    return pool_take(pool, 2, chunk, st->buf);
+    return buffers_take(pool, 2, chunk, st->buf);
 }
 
 static void staging_close(ta_pinned_pool_t *pool, staging_t *st)
