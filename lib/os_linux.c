@@ -11,6 +11,7 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <stdatomic.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -124,6 +125,51 @@ long _ta_os_vma_growth(void)
     return atomic_load_explicit(&vma_growth, memory_order_relaxed);
 }
 
+/* ---- one kind of kernel call: its test hooks, counters and VMA bound ------- */
+typedef struct {
+    _Atomic long *countdown; /* a test's "fail the Nth" */
+    atomic_int *every;       /* a test's "fail every one", or NULL */
+    int injected;            /* the error an injected failure gives */
+    _Atomic uint64_t *calls;
+    _Atomic uint64_t *failures; /* NULL: failures are expected, not counted */
+    long vma;                   /* VMAs one call may add */
+} kcall_t;
+
+static const kcall_t call_map = {&fail_map_countdown, &fail_every_map, ENOMEM,
+                                 &count_map,          &count_map_fail, 1};
+static const kcall_t call_unmap = {&fail_unmap_countdown, &fail_every_unmap, ENOMEM,
+                                   &count_unmap,          &count_unmap_fail, 1};
+static const kcall_t call_move = {&fail_remap_countdown, NULL, ENOMEM, &count_remap,
+                                  &count_remap_fail,     3};
+static const kcall_t call_grow_in_place = {&fail_remap_countdown, NULL, ENOMEM,
+                                           &count_remap,          NULL, 0};
+static const kcall_t call_advise = {&fail_advise_countdown, NULL, EAGAIN, &count_madvise,
+                                    &count_advise_fail,     2};
+static const kcall_t call_advise_in_place = {&fail_advise_countdown, NULL, EAGAIN, &count_madvise,
+                                             &count_advise_fail,     0};
+
+/* Whether the call goes to the kernel (counted, its VMAs bounded); false
+ * with the injected error in *rc when a test hook fails it instead. */
+static bool kcall_enter(const kcall_t *k, int *rc)
+{
+    if (hook_fires(k->countdown) || (k->every && every_fires(k->every))) {
+        *rc = k->injected;
+        return false;
+    }
+    counter_bump(k->calls);
+    vma_grow(k->vma);
+    return true;
+}
+
+/* The call's result: a failure counted, the caller's errno restored. */
+static int kcall_leave(const kcall_t *k, int rc, int saved_errno)
+{
+    if (rc && k->failures)
+        counter_bump(k->failures);
+    errno = saved_errno;
+    return rc;
+}
+
 int _ta_os_vma_count(long *out)
 {
     int saved = errno;
@@ -149,36 +195,22 @@ int _ta_os_vma_count(long *out)
 
 static int raw_map(size_t size, void **out)
 {
-    if (hook_fires(&fail_map_countdown) || every_fires(&fail_every_map)) {
-        counter_bump(&count_map_fail);
-        return ENOMEM;
+    int saved = errno, rc;
+    if (kcall_enter(&call_map, &rc)) {
+        void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        rc = p == MAP_FAILED ? errno : 0;
+        if (rc == 0)
+            *out = p;
     }
-    counter_bump(&count_map);
-    vma_grow(1);
-    void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED) {
-        counter_bump(&count_map_fail);
-        return errno;
-    }
-    *out = p;
-    return 0;
+    return kcall_leave(&call_map, rc, saved);
 }
 
 int _ta_os_unmap(void *addr, size_t size)
 {
-    int saved = errno;
-    int rc;
-    if ((hook_fires(&fail_unmap_countdown) || every_fires(&fail_every_unmap))) {
-        rc = ENOMEM;
-    } else {
-        counter_bump(&count_unmap);
-        vma_grow(1);
+    int saved = errno, rc;
+    if (kcall_enter(&call_unmap, &rc))
         rc = munmap(addr, size) == 0 ? 0 : errno;
-    }
-    if (rc)
-        counter_bump(&count_unmap_fail);
-    errno = saved;
-    return rc;
+    return kcall_leave(&call_unmap, rc, saved);
 }
 
 /* Maps size + align - page bytes and cuts both ends off, leaving an
@@ -229,24 +261,15 @@ int _ta_os_map(size_t size, size_t align, void **out)
  * hook, the counters and errno kept. */
 static int remap_moving(void *addr, size_t old_size, size_t new_size, void *to, void **out)
 {
-    int saved = errno;
-    int rc = 0;
-    if (hook_fires(&fail_remap_countdown)) {
-        rc = ENOMEM;
-    } else {
-        counter_bump(&count_remap);
-        vma_grow(3);
+    int saved = errno, rc;
+    if (kcall_enter(&call_move, &rc)) {
         void *p = to ? mremap(addr, old_size, new_size, MREMAP_MAYMOVE | MREMAP_FIXED, to)
                      : mremap(addr, old_size, new_size, MREMAP_MAYMOVE);
-        if (p == MAP_FAILED)
-            rc = errno;
-        else if (out)
+        rc = p == MAP_FAILED ? errno : 0;
+        if (rc == 0 && out)
             *out = p;
     }
-    if (rc != 0)
-        counter_bump(&count_remap_fail);
-    errno = saved;
-    return rc;
+    return kcall_leave(&call_move, rc, saved);
 }
 
 int _ta_os_remap(void *addr, size_t old_size, size_t new_size, void **out)
@@ -261,17 +284,10 @@ int _ta_os_move(void *from, size_t size, void *to)
 
 int _ta_os_remap_in_place(void *addr, size_t old_size, size_t new_size)
 {
-    int saved = errno;
-    int rc = 0;
-    if (hook_fires(&fail_remap_countdown)) {
-        rc = ENOMEM;
-    } else {
-        counter_bump(&count_remap);
-        if (mremap(addr, old_size, new_size, 0) == MAP_FAILED)
-            rc = errno;
-    }
-    errno = saved;
-    return rc;
+    int saved = errno, rc;
+    if (kcall_enter(&call_grow_in_place, &rc))
+        rc = mremap(addr, old_size, new_size, 0) == MAP_FAILED ? errno : 0;
+    return kcall_leave(&call_grow_in_place, rc, saved);
 }
 
 int _ta_os_remap_aligned(void *addr, size_t old_size, size_t new_size, size_t align, void **out)
@@ -287,42 +303,21 @@ int _ta_os_remap_aligned(void *addr, size_t old_size, size_t new_size, size_t al
     void *dest;
     if ((rc = _ta_os_map(new_size, align, &dest)) != 0)
         return rc;
-    int saved = errno;
-    void *p = MAP_FAILED;
-    if (hook_fires(&fail_remap_countdown)) {
-        rc = ENOMEM;
-    } else {
-        counter_bump(&count_remap);
-        vma_grow(3);
-        p = mremap(addr, old_size, new_size, MREMAP_MAYMOVE | MREMAP_FIXED, dest);
-        rc = p == MAP_FAILED ? errno : 0;
-    }
-    errno = saved;
-    if (rc != 0) {
-        counter_bump(&count_remap_fail);
+    if ((rc = remap_moving(addr, old_size, new_size, dest, out)) != 0)
         _ta_os_unmap(dest, new_size);
-    } else {
-        *out = p;
-    }
     return rc;
 }
 
 static int advise(void *addr, size_t size, int advice)
 {
-    int saved = errno;
-    int rc;
-    if (hook_fires(&fail_advise_countdown)) {
-        rc = EAGAIN;
-    } else {
-        counter_bump(&count_madvise);
-        if (advice != MADV_DONTNEED && advice != MADV_POPULATE_WRITE) /* these change no VMA */
-            vma_grow(2);
+    /* DONTNEED and POPULATE_WRITE change no VMA */
+    const kcall_t *k = advice == MADV_DONTNEED || advice == MADV_POPULATE_WRITE
+                           ? &call_advise_in_place
+                           : &call_advise;
+    int saved = errno, rc;
+    if (kcall_enter(k, &rc))
         rc = madvise(addr, size, advice) == 0 ? 0 : errno;
-    }
-    if (rc)
-        counter_bump(&count_advise_fail);
-    errno = saved;
-    return rc;
+    return kcall_leave(k, rc, saved);
 }
 
 int _ta_os_advise_hugepage(void *addr, size_t size)
