@@ -13,6 +13,7 @@
  */
 #define _GNU_SOURCE
 #include "internal.h"
+#include "list.h"
 #include "loader.h"
 #include "safetensors.h"
 #include "staging.h"
@@ -127,13 +128,6 @@ static void cache_log(ta_cache_t *c, ta_log_level_t level, const char *fmt, ...)
     c->cfg.log(c->cfg.log_arg, level, msg);
 }
 
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
 static void log_snapshot_diff(ta_cache_t *c, const ta_memory_snapshot_t *before)
 {
     if (!c->cfg.log || c->cfg.log_level < TA_LOG_DEBUG)
@@ -164,26 +158,12 @@ static ta_entry_t *find(ta_cache_t *c, const char *key)
 
 static void lru_unlink(ta_cache_t *c, ta_entry_t *e)
 {
-    if (e->prev)
-        e->prev->next = e->next;
-    else
-        c->head = e->next;
-    if (e->next)
-        e->next->prev = e->prev;
-    else
-        c->tail = e->prev;
-    e->prev = e->next = NULL;
+    TA_LIST_UNLINK_TAIL(c->head, c->tail, e);
 }
 
 static void lru_push_recent(ta_cache_t *c, ta_entry_t *e)
 {
-    e->prev = c->tail;
-    e->next = NULL;
-    if (c->tail)
-        c->tail->next = e;
-    else
-        c->head = e;
-    c->tail = e;
+    TA_LIST_PUSH_TAIL(c->head, c->tail, e);
 }
 
 static void record_size(ta_cache_t *c, const char *key, uint64_t bytes)
@@ -606,7 +586,7 @@ static int load_entry(ta_cache_t *c, ta_entry_t *e, const char *path, int fd, _t
     _ta_load_report_t rep = {0};
     char why[200] = "";
     int rc = _ta_load_spans(path, fd, spans, n, &opts, &rep, why, sizeof why);
-    double dt = now_s() - t0;
+    double dt = _ta_os_now_s() - t0;
     if (rc) {
         abandon_entry(c, e);
         return fail(rc, "%s: %s", path, why);
@@ -662,7 +642,7 @@ int ta_cache_load_safetensors(ta_cache_t *c, const char *key, const char *path, 
         rc = fail(ENOMEM, "no memory for %zu tensors", h.count);
     else
         rc = insert_reserved(c, key, (size_t)total, true, &e);
-    double t0 = now_s();
+    double t0 = _ta_os_now_s();
     for (size_t i = 0; i < h.count && rc == 0; i++) {
         _ta_st_tensor_t *st = &h.tensors[i];
         size_t n = (size_t)(st->end - st->begin);
@@ -714,7 +694,7 @@ int ta_cache_load_raw(ta_cache_t *c, const char *key, const char *path, ta_dtype
         _ta_os_close(fd);
         return rc;
     }
-    double t0 = now_s();
+    double t0 = _ta_os_now_s();
     void *data = ta_malloc(n ? n : 1);
     rc = data ? entry_append(e, "data", dtype, ndim, shape, n, data)
               : fail(ENOMEM, "no memory for %zu bytes", n);
@@ -1141,7 +1121,7 @@ static int move_to_device(ta_entry_t *e)
     snapshot_if_debug(c, &before);
     if ((rc = reserve_vram(c, e, need)) != 0)
         return rc;
-    double t0 = now_s();
+    double t0 = _ta_os_now_s();
     for (size_t i = 0; i < e->count && rc == 0; i++) {
         tensor_t *t = &e->tensors[i];
         if ((rc = device_tensor(t)) == 0 &&
@@ -1158,7 +1138,7 @@ static int move_to_device(ta_entry_t *e)
     c->st.device_moves++;
     pthread_mutex_unlock(&c->mu);
     cache_log(c, TA_LOG_INFO, "moved '%s' to device %d in %.2f s (%.3f GB)", e->key, c->cfg.device,
-              now_s() - t0, (double)need / 1e9);
+              _ta_os_now_s() - t0, (double)need / 1e9);
     log_snapshot_diff(c, &before);
     return 0;
 }
@@ -1376,7 +1356,7 @@ int ta_cache_load_safetensors_to_device(ta_cache_t *c, const char *key, const ch
         return rc;
     ta_entry_t *e;
     if ((rc = insert_reserved(c, key, 0, true, &e)) == 0) {
-        double t0 = now_s();
+        double t0 = _ta_os_now_s();
         for (size_t i = 0; i < h.count && rc == 0; i++) {
             _ta_st_tensor_t *st = &h.tensors[i];
             rc = entry_append(e, st->name, st->dtype, st->ndim, st->shape,
@@ -1387,13 +1367,13 @@ int ta_cache_load_safetensors_to_device(ta_cache_t *c, const char *key, const ch
         if (rc) {
             abandon_entry(c, e);
         } else {
-            publish(c, e, total, now_s() - t0, &r.rep);
+            publish(c, e, total, _ta_os_now_s() - t0, &r.rep);
             pthread_mutex_lock(&c->mu);
             c->st.device_moves++;
             pthread_mutex_unlock(&c->mu);
             cache_log(c, TA_LOG_INFO,
                       "loaded '%s' from %s to device %d: %zu tensors, %.3f GB in %.3f s", key, path,
-                      c->cfg.device, e->count, (double)total / 1e9, now_s() - t0);
+                      c->cfg.device, e->count, (double)total / 1e9, _ta_os_now_s() - t0);
             *out = e;
         }
     }

@@ -21,7 +21,6 @@
 #include <errno.h>
 #include <pthread.h>
 #include <string.h>
-#include <time.h>
 
 /* ---- the runtime, loaded once --------------------------------------------- */
 
@@ -39,13 +38,6 @@ static int rt_device = -1;
 static TA_TLS int tls_device = -1;
 static TA_TLS int last_code;
 static TA_TLS const char *last_message;
-
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
 
 /* Records a failed CUDA call; "no device" kinds map to TA_ENODEVICE. */
 static int cuda_fail(ta_cuerr_t e)
@@ -314,7 +306,7 @@ static void prefault(void *p, size_t size)
 static int register_range(void *p, size_t n)
 {
     size_t chunk = __atomic_load_n(&register_chunk, __ATOMIC_RELAXED);
-    double t0 = now_s();
+    double t0 = _ta_os_now_s();
     size_t off = 0;
     for (; off < n; off += chunk) {
         size_t len = n - off < chunk ? n - off : chunk;
@@ -330,7 +322,7 @@ static int register_range(void *p, size_t n)
             return rc;
         }
     }
-    double dt = now_s() - t0;
+    double dt = _ta_os_now_s() - t0;
     _ta_lock(&stats_lock);
     cstats.registered_bytes += n;
     if (cstats.registered_bytes > cstats.registered_peak)
@@ -780,11 +772,11 @@ static int copy(ta_pinned_pool_t *pool, void *dst, const void *src, size_t size,
     if (dst == NULL || src == NULL)
         return EINVAL;
     const void *host = to_device ? src : dst;
-    double t0 = now_s();
+    double t0 = _ta_os_now_s();
     if (pinned_covers(host, size)) {
         rc = copy_direct(dst, src, size, to_device ? TA_CU_H2D : TA_CU_D2H);
         if (rc == 0)
-            stats_copied(to_device, size, now_s() - t0, true);
+            stats_copied(to_device, size, _ta_os_now_s() - t0, true);
         return rc;
     }
     if (pool == NULL)
@@ -795,7 +787,7 @@ static int copy(ta_pinned_pool_t *pool, void *dst, const void *src, size_t size,
         rc = to_device ? pump_to_device(&st, dst, src, size) : pump_to_host(&st, dst, src, size);
     staging_close(pool, &st);
     if (rc == 0)
-        stats_copied(to_device, size, now_s() - t0, false);
+        stats_copied(to_device, size, _ta_os_now_s() - t0, false);
     return rc;
 }
 
@@ -827,7 +819,7 @@ int _ta_cuda_upload(ta_pinned_pool_t *pool, const _ta_upload_t *spans, size_t n,
     if (hi == 0)
         return 0;
     staging_t st;
-    double t0 = now_s();
+    double t0 = _ta_os_now_s();
     rc = staging_open(pool, (size_t)(hi - lo), chunk, &st);
     /* Chunk i of the file goes through buffer i%2: read into it (the other's
      * DMA runs meanwhile), then one async copy per span it covers. */
@@ -861,6 +853,6 @@ int _ta_cuda_upload(ta_pinned_pool_t *pool, const _ta_upload_t *spans, size_t n,
     }
     staging_close(pool, &st);
     if (rc == 0)
-        stats_copied(true, (size_t)bytes, now_s() - t0, false);
+        stats_copied(true, (size_t)bytes, _ta_os_now_s() - t0, false);
     return rc;
 }

@@ -3,8 +3,8 @@
  * The CUDA staging API in a build configured with -Dcuda=disabled: every
  * call reports TA_ENOTSUP, so programs link and run the same either way.
  */
-#include "staging.h"
 #include "internal.h"
+#include "staging.h"
 #include "tensoralloc_cuda.h"
 
 #include <errno.h>

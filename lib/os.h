@@ -55,8 +55,9 @@ int _ta_os_vma_count(long *out);
 long _ta_os_vma_growth(void);
 /* Resident set size of this process in bytes (VmRSS), 0 if unknown. */
 size_t _ta_os_rss(void);
-/* Monotonic milliseconds. */
+/* Monotonic milliseconds, and seconds to the nanosecond (timings). */
 uint64_t _ta_os_now_ms(void);
+double _ta_os_now_s(void);
 /* Write to stderr without allocating. */
 void _ta_os_write_stderr(const char *buf, size_t len);
 /* Read an environment variable from environ without allocating. */

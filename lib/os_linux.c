@@ -434,6 +434,13 @@ uint64_t _ta_os_now_ms(void)
     return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
 }
 
+double _ta_os_now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
 void _ta_os_write_stderr(const char *buf, size_t len)
 {
     int saved = errno;

@@ -27,6 +27,7 @@
  */
 #define _GNU_SOURCE
 #include "internal.h"
+#include "list.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -436,24 +437,10 @@ static segment_t *segment_new(heap_t *h)
         seg->page_span[i] = &no_span;
         atomic_init(&seg->spans[i].thread_free, LINK_END);
     }
-    seg->next = h->segments;
-    if (h->segments)
-        h->segments->prev = seg;
-    h->segments = seg;
+    TA_LIST_PUSH(h->segments, seg);
     segmap_set((uintptr_t)seg, true);
     atomic_fetch_add_explicit(&segment_bytes, SEGMENT_SIZE, memory_order_relaxed);
     return seg;
-}
-
-static void segment_unlink(heap_t *h, segment_t *seg)
-{
-    if (seg->prev)
-        seg->prev->next = seg->next;
-    else
-        h->segments = seg->next;
-    if (seg->next)
-        seg->next->prev = seg->prev;
-    seg->next = seg->prev = NULL;
 }
 
 /* Unmaps an empty segment, unless a span descriptor of it still sits on
@@ -469,18 +456,11 @@ static void segment_release(heap_t *h, segment_t *seg)
             return;
     uint64_t dirty = seg->dirty_pages;
     segment_t *prev = seg->prev;
-    segment_unlink(h, seg);
+    TA_LIST_UNLINK(h->segments, seg);
     segmap_set((uintptr_t)seg, false);
     if (_ta_os_unmap(seg, SEGMENT_SIZE) != 0) {
         segmap_set((uintptr_t)seg, true);
-        seg->prev = prev; /* back where it was */
-        seg->next = prev ? prev->next : h->segments;
-        if (seg->next)
-            seg->next->prev = seg;
-        if (prev)
-            prev->next = seg;
-        else
-            h->segments = seg;
+        TA_LIST_INSERT_AFTER(h->segments, prev, seg); /* back where it was */
         return;
     }
     if (h->spare == seg)
@@ -632,23 +612,13 @@ static span_t *span_new(heap_t *h, int c)
 
 static void partial_push(heap_t *h, span_t *s)
 {
-    s->prev = NULL;
-    s->next = h->partial[s->class_idx];
-    if (s->next)
-        s->next->prev = s;
-    h->partial[s->class_idx] = s;
+    TA_LIST_PUSH(h->partial[s->class_idx], s);
     s->state = SPAN_LISTED;
 }
 
 static void partial_unlink(heap_t *h, span_t *s)
 {
-    if (s->prev)
-        s->prev->next = s->next;
-    else
-        h->partial[s->class_idx] = s->next;
-    if (s->next)
-        s->next->prev = s->prev;
-    s->next = s->prev = NULL;
+    TA_LIST_UNLINK(h->partial[s->class_idx], s);
 }
 
 static void heap_purge(heap_t *h);
