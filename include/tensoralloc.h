@@ -3,8 +3,10 @@
  * tensoralloc public API: an arena-free allocator for processes that load,
  * move and drop large tensors. Large requests get a mapping of their own
  * (released to the kernel on free, or kept briefly in a bounded pool for
- * the next large request); small requests go to size-class slabs. Failures return
- * NULL (or an error code) and set errno, as the C library does.
+ * the next large request; near vm.max_map_count they are cut from shared
+ * packs instead); small requests go to size-class slabs. Allocation
+ * failures return NULL and set errno, as the C library does; other calls
+ * follow the convention under "errors" below.
  */
 #ifndef TENSORALLOC_H
 #define TENSORALLOC_H
@@ -56,8 +58,9 @@ TA_API void ta_trim(void);
  *   arena    bytes of slab pages committed by the small path
  *   ordblks  slab spans in use
  *   smblks   0
- *   hblks    live large mappings (pool entries not counted)
- *   hblkhd   bytes of live large mappings
+ *   hblks    live large blocks (pool entries not counted; blocks cut from a
+ *            pack near the map limit share its mapping)
+ *   hblkhd   bytes of the live large blocks' mappings
  *   usmblks  peak bytes mapped for user data (both paths)
  *   fsmblks  0
  *   uordblks small-path bytes in use (block sizes)

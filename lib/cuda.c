@@ -5,7 +5,8 @@
  * double-buffered copies. libcudart is loaded with dlopen on first use and
  * never linked, so the library runs on machines without a GPU.
  *
- * Registration rules (sources in shared notes/cuda.md): page-aligned ranges
+ * Registration rules (sources in docs/cuda.md, "Registration rules, and
+ * why"): page-aligned ranges
  * only; at most 64 GiB per cudaHostRegister call (single registrations of
  * 512 GiB fail), earlier chunks rolled back when one fails; every range is
  * unregistered before its pages are unmapped, pooled or moved (the driver
@@ -262,7 +263,8 @@ static void unregister_range(void *p, size_t n)
  * inside the driver. Faulting the pages first with MADV_POPULATE_WRITE from
  * several threads moves the zeroing onto every core: PyTorch and RMM
  * report an 8 GiB pinned pool set up 4x faster with 16-thread first touch
- * then register than with cudaHostAlloc (../shared/notes/cuda.md). */
+ * then register than with cudaHostAlloc; Mooncake PR #3939 found
+ * registering faulted pages faster (docs/cuda.md). */
 
 #define PREFAULT_SLICE ((size_t)64 << 20) /* below this, one thread */
 #define PREFAULT_THREADS 16
