@@ -59,15 +59,9 @@
 
 #define TA_LIST_UNLINK_TAIL(head, tail, e)                                                         \
     do {                                                                                           \
-        if ((e)->prev)                                                                             \
-            (e)->prev->next = (e)->next;                                                           \
-        else                                                                                       \
-            (head) = (e)->next;                                                                    \
-        if ((e)->next)                                                                             \
-            (e)->next->prev = (e)->prev;                                                           \
-        else                                                                                       \
+        if (!(e)->next)                                                                            \
             (tail) = (e)->prev;                                                                    \
-        (e)->next = (e)->prev = NULL;                                                              \
+        TA_LIST_UNLINK(head, e);                                                                   \
     } while (0)
 
 #endif

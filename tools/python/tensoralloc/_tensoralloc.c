@@ -474,22 +474,16 @@ static PyObject *Handle_get_key(HandleObject *self, void *unused)
     return PyUnicode_FromString(ta_entry_key(self->entry));
 }
 
-static PyObject *Handle_get_count(HandleObject *self, void *unused)
-{
-    (void)unused;
-    return PyLong_FromSize_t(ta_entry_tensor_count(self->entry));
-}
+enum { SIZE_COUNT, SIZE_RAM, SIZE_VRAM };
 
-static PyObject *Handle_get_ram_bytes(HandleObject *self, void *unused)
+/* count, ram_bytes and vram_bytes: which is the getset closure. */
+static PyObject *Handle_get_size(HandleObject *self, void *which)
 {
-    (void)unused;
-    return PyLong_FromSize_t(ta_entry_ram_bytes(self->entry));
-}
-
-static PyObject *Handle_get_vram_bytes(HandleObject *self, void *unused)
-{
-    (void)unused;
-    return PyLong_FromSize_t(ta_entry_vram_bytes(self->entry));
+    switch ((uintptr_t)which) {
+    case SIZE_COUNT: return PyLong_FromSize_t(ta_entry_tensor_count(self->entry));
+    case SIZE_RAM: return PyLong_FromSize_t(ta_entry_ram_bytes(self->entry));
+    default: return PyLong_FromSize_t(ta_entry_vram_bytes(self->entry));
+    }
 }
 
 static PyMethodDef Handle_methods[] = {
@@ -505,9 +499,9 @@ static PyMethodDef Handle_methods[] = {
 
 static PyGetSetDef Handle_getset[] = {
     {"key", (getter)Handle_get_key, NULL, NULL, NULL},
-    {"count", (getter)Handle_get_count, NULL, NULL, NULL},
-    {"ram_bytes", (getter)Handle_get_ram_bytes, NULL, NULL, NULL},
-    {"vram_bytes", (getter)Handle_get_vram_bytes, NULL, NULL, NULL},
+    {"count", (getter)Handle_get_size, NULL, NULL, (void *)(uintptr_t)SIZE_COUNT},
+    {"ram_bytes", (getter)Handle_get_size, NULL, NULL, (void *)(uintptr_t)SIZE_RAM},
+    {"vram_bytes", (getter)Handle_get_size, NULL, NULL, (void *)(uintptr_t)SIZE_VRAM},
     {NULL, NULL, NULL, NULL, NULL}};
 
 static PyTypeObject HandleType = {
