@@ -515,10 +515,6 @@ static void publish(ta_cache_t *c, ta_entry_t *e, uint64_t bytes, double seconds
     c->st.loads++;
     c->st.load_bytes += bytes;
     c->st.load_seconds += seconds;
-    c->st.last_load_bytes = bytes;
-    c->st.last_load_seconds = seconds;
-    c->st.last_load_readers = (uint32_t)rep->threads;
-    c->st.last_load_direct = rep->direct;
     record_size(c, e->key, bytes);
     pthread_cond_broadcast(&c->loaded);
     pthread_mutex_unlock(&c->mu);
@@ -607,6 +603,29 @@ static int open_file(const char *path, int *fd)
     return rc ? fail(rc, "%s: %s", path, strerror(rc)) : 0;
 }
 
+/* Appends the header's tensors to e: with host memory each (large ones a
+ * mapping each) and their reads in spans, or, spans NULL, without any (a
+ * load straight to the device). */
+static int append_header_tensors(ta_entry_t *e, const _ta_st_header_t *h, const char *path,
+                                 _ta_span_t *spans)
+{
+    for (size_t i = 0; i < h->count; i++) {
+        const _ta_st_tensor_t *st = &h->tensors[i];
+        size_t n = (size_t)(st->end - st->begin);
+        void *data = spans ? ta_malloc(n ? n : 1) : NULL;
+        if (spans && !data)
+            return fail(ENOMEM, "%s: no memory for tensor '%s' (%zu bytes)", path, st->name, n);
+        int rc = entry_append(e, st->name, st->dtype, st->ndim, st->shape, n, data);
+        if (rc) {
+            ta_free(data);
+            return rc;
+        }
+        if (spans)
+            spans[i] = (_ta_span_t){data, h->data_start + st->begin, n};
+    }
+    return 0;
+}
+
 /* Opens path and reads its safetensors header; total: the data bytes. */
 static int open_header(const char *path, int *fd, _ta_st_header_t *h, uint64_t *total)
 {
@@ -643,17 +662,8 @@ int ta_cache_load_safetensors(ta_cache_t *c, const char *key, const char *path, 
     else
         rc = insert_reserved(c, key, (size_t)total, true, &e);
     double t0 = _ta_os_now_s();
-    for (size_t i = 0; i < h.count && rc == 0; i++) {
-        _ta_st_tensor_t *st = &h.tensors[i];
-        size_t n = (size_t)(st->end - st->begin);
-        void *data = ta_malloc(n ? n : 1); /* large tensors: a mapping each */
-        if (!data)
-            rc = fail(ENOMEM, "%s: no memory for tensor '%s' (%zu bytes)", path, st->name, n);
-        else if ((rc = entry_append(e, st->name, st->dtype, st->ndim, st->shape, n, data)) != 0)
-            ta_free(data);
-        else
-            spans[i] = (_ta_span_t){data, h.data_start + st->begin, n};
-    }
+    if (rc == 0)
+        rc = append_header_tensors(e, &h, path, spans);
     if (e && rc)
         abandon_entry(c, e);
     else if (e)
@@ -1213,6 +1223,13 @@ int ta_cache_stats_get(ta_cache_t *c, ta_cache_stats_t *out)
     s.in_cache = c->count;
     s.ram_used = c->ram_used;
     s.vram_used = c->vram_used;
+    if (s.loads) { /* the last load is the ring's newest record */
+        const load_record_t *r = &c->recent[(s.loads - 1) % TA_CACHE_RECENT_LOADS];
+        s.last_load_bytes = r->bytes;
+        s.last_load_seconds = r->seconds;
+        s.last_load_readers = (uint32_t)r->readers;
+        s.last_load_direct = r->direct;
+    }
     pthread_mutex_unlock(&c->mu);
     s.size = size;
     s.version = TA_CACHE_STATS_VERSION;
@@ -1285,7 +1302,7 @@ int ta_cache_stats_json(ta_cache_t *c, FILE *f)
 typedef struct {
     const char *path;
     int fd;
-    _ta_load_opts_t opts;
+    _ta_loader_t loader; /* opened once for the whole stream */
     _ta_load_report_t rep;
     bool read_failed;
     char why[200];
@@ -1296,7 +1313,7 @@ static int read_chunk(void *arg, void *buf, uint64_t off, size_t len)
 {
     upload_reader_t *r = arg;
     _ta_span_t span = {buf, off, len};
-    int rc = _ta_load_spans(r->path, r->fd, &span, 1, &r->opts, &r->rep, r->why, sizeof r->why);
+    int rc = _ta_loader_read(&r->loader, &span, 1, &r->rep, r->why, sizeof r->why);
     r->read_failed = rc != 0;
     return rc;
 }
@@ -1318,9 +1335,12 @@ static int stream_to_device(ta_cache_t *c, ta_entry_t *e, upload_reader_t *r,
                                       e->tensors[i].nbytes};
     /* a staging chunk: a few of the loader's chunks, one per reader */
     size_t chunk = (c->cfg.load_chunk ? c->cfg.load_chunk : TA_LOAD_CHUNK) * 4;
+    _ta_load_opts_t opts = load_opts(c);
+    _ta_loader_open(r->path, r->fd, &opts, &r->loader);
     if (rc == 0 && (rc = _ta_cuda_upload(c->pool, spans, e->count, chunk, read_chunk, r)) != 0)
         rc = r->read_failed ? fail(rc, "%s: %s", r->path, r->why)
                             : fail(rc, "%s: upload to the device: %s", r->path, ta_strerror(rc));
+    _ta_loader_close(&r->loader);
     free(spans);
     if (rc)
         drop_device_reservation(c, e);
@@ -1349,7 +1369,7 @@ int ta_cache_load_safetensors_to_device(ta_cache_t *c, const char *key, const ch
         return fail(rc, "no device: %s", ta_strerror(rc));
     if ((rc = pool_ready(c)) != 0)
         return fail(rc, "pinned pool: %s", ta_strerror(rc));
-    upload_reader_t r = {.path = path, .opts = load_opts(c)};
+    upload_reader_t r = {.path = path};
     _ta_st_header_t h;
     uint64_t total;
     if ((rc = open_header(path, &r.fd, &h, &total)) != 0)
@@ -1357,11 +1377,7 @@ int ta_cache_load_safetensors_to_device(ta_cache_t *c, const char *key, const ch
     ta_entry_t *e;
     if ((rc = insert_reserved(c, key, 0, true, &e)) == 0) {
         double t0 = _ta_os_now_s();
-        for (size_t i = 0; i < h.count && rc == 0; i++) {
-            _ta_st_tensor_t *st = &h.tensors[i];
-            rc = entry_append(e, st->name, st->dtype, st->ndim, st->shape,
-                              (size_t)(st->end - st->begin), NULL);
-        }
+        rc = append_header_tensors(e, &h, path, NULL);
         if (rc == 0)
             rc = stream_to_device(c, e, &r, &h, total);
         if (rc) {

@@ -21,6 +21,7 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <pthread.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* ---- the runtime, loaded once --------------------------------------------- */
@@ -805,56 +806,81 @@ int ta_cuda_copy_to_host(ta_pinned_pool_t *pool, void *host_dst, const void *dev
 
 /* ---- uploads: a stream of bytes to device memory ----------------------------- */
 
+static int by_file_offset(const void *a, const void *b)
+{
+    uint64_t x = ((const _ta_upload_t *)a)->off, y = ((const _ta_upload_t *)b)->off;
+    return x < y ? -1 : x > y;
+}
+
+/* Chunk i of the stream goes through buffer i%2: read into it (the other's
+ * DMA runs meanwhile), then one async copy per span it covers, the spans
+ * walked in file order with a cursor (each span is looked at by the chunks
+ * it covers only). */
+static int upload_sorted(staging_t *st, const _ta_upload_t *spans, size_t n, uint64_t lo,
+                         uint64_t hi, _ta_upload_read_fn read, void *arg)
+{
+    size_t first = 0;
+    for (uint64_t a = lo, i = 0; a < hi; a += st->chunk, i++) {
+        int k = (int)(i & 1);
+        size_t len = hi - a < st->chunk ? (size_t)(hi - a) : st->chunk;
+        ta_cuerr_t e;
+        if (i >= 2 && (e = rt.cudaEventSynchronize(st->event[k])) != TA_CU_SUCCESS)
+            return cuda_fail(e);
+        int rc = read(arg, st->buf[k], a, len);
+        if (rc)
+            return rc;
+        while (first < n && spans[first].off + spans[first].len <= a)
+            first++;
+        e = TA_CU_SUCCESS;
+        for (size_t s = first; s < n && spans[s].off < a + len && e == TA_CU_SUCCESS; s++) {
+            uint64_t from = spans[s].off > a ? spans[s].off : a;
+            uint64_t end = spans[s].off + spans[s].len, to = end < a + len ? end : a + len;
+            if (from < to)
+                e = rt.cudaMemcpyAsync((char *)spans[s].dev + (from - spans[s].off),
+                                       (char *)st->buf[k] + (from - a), (size_t)(to - from),
+                                       TA_CU_H2D, st->stream[k]);
+        }
+        if (e == TA_CU_SUCCESS)
+            e = rt.cudaEventRecord(st->event[k], st->stream[k]);
+        if (e != TA_CU_SUCCESS)
+            return cuda_fail(e);
+    }
+    return 0;
+}
+
 int _ta_cuda_upload(ta_pinned_pool_t *pool, const _ta_upload_t *spans, size_t n, size_t chunk,
                     _ta_upload_read_fn read, void *arg)
 {
     int rc = ensure();
     if (rc)
         return rc;
+    _ta_upload_t *sorted = ta_malloc((n ? n : 1) * sizeof *sorted);
+    if (!sorted)
+        return ENOMEM;
+    size_t m = 0;
     uint64_t lo = UINT64_MAX, hi = 0, bytes = 0;
     for (size_t i = 0; i < n; i++)
         if (spans[i].len) {
+            sorted[m++] = spans[i];
             bytes += spans[i].len;
             lo = spans[i].off < lo ? spans[i].off : lo;
             hi = spans[i].off + spans[i].len > hi ? spans[i].off + spans[i].len : hi;
         }
-    if (hi == 0)
-        return 0;
+    qsort(sorted, m, sizeof *sorted, by_file_offset);
     staging_t st;
     double t0 = _ta_os_now_s();
-    rc = staging_open(pool, (size_t)(hi - lo), chunk, &st);
-    /* Chunk i of the file goes through buffer i%2: read into it (the other's
-     * DMA runs meanwhile), then one async copy per span it covers. */
-    for (uint64_t a = lo, i = 0; rc == 0 && a < hi; a += st.chunk, i++) {
-        int k = (int)(i & 1);
-        size_t len = hi - a < st.chunk ? (size_t)(hi - a) : st.chunk;
-        ta_cuerr_t e = TA_CU_SUCCESS;
-        if (i >= 2 && (e = rt.cudaEventSynchronize(st.event[k])) != TA_CU_SUCCESS) {
-            rc = cuda_fail(e);
-            break;
+    if (m && (rc = staging_open(pool, (size_t)(hi - lo), chunk, &st)) == 0)
+        rc = upload_sorted(&st, sorted, m, lo, hi, read, arg);
+    if (m) {
+        for (int k = 0; k < st.streams; k++) {
+            ta_cuerr_t e = rt.cudaStreamSynchronize(st.stream[k]);
+            if (e != TA_CU_SUCCESS && rc == 0)
+                rc = cuda_fail(e);
         }
-        if ((rc = read(arg, st.buf[k], a, len)) != 0)
-            break;
-        for (size_t s = 0; s < n && e == TA_CU_SUCCESS; s++) {
-            uint64_t from = spans[s].off > a ? spans[s].off : a;
-            uint64_t end = spans[s].off + spans[s].len, to = end < a + len ? end : a + len;
-            if (from < to)
-                e = rt.cudaMemcpyAsync((char *)spans[s].dev + (from - spans[s].off),
-                                       (char *)st.buf[k] + (from - a), (size_t)(to - from),
-                                       TA_CU_H2D, st.stream[k]);
-        }
-        if (e == TA_CU_SUCCESS)
-            e = rt.cudaEventRecord(st.event[k], st.stream[k]);
-        if (e != TA_CU_SUCCESS)
-            rc = cuda_fail(e);
+        staging_close(pool, &st);
     }
-    for (int k = 0; k < st.streams; k++) {
-        ta_cuerr_t e = rt.cudaStreamSynchronize(st.stream[k]);
-        if (e != TA_CU_SUCCESS && rc == 0)
-            rc = cuda_fail(e);
-    }
-    staging_close(pool, &st);
-    if (rc == 0)
+    ta_free(sorted);
+    if (rc == 0 && m)
         stats_copied(true, (size_t)bytes, _ta_os_now_s() - t0, false);
     return rc;
 }

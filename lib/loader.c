@@ -248,23 +248,40 @@ static int reader_count(const _ta_load_opts_t *o, bool direct, size_t units)
     return n;
 }
 
-int _ta_load_spans(const char *path, int fd, const _ta_span_t *spans, size_t n,
-                   const _ta_load_opts_t *o, _ta_load_report_t *report, char *why, size_t whylen)
+void _ta_loader_open(const char *path, int fd, const _ta_load_opts_t *o, _ta_loader_t *ld)
 {
-    job_t j = {.fd = fd, .spans = spans, .nspans = n, .why = why, .whylen = whylen};
-    int direct_fd = -1;
-    if (o->page_cache == TA_PAGE_CACHE_BYPASS && _ta_os_open_read(path, 1, &direct_fd) == 0) {
-        j.fd = direct_fd;
-        j.direct = true;
-    }
+    *ld = (_ta_loader_t){.fd = fd, .direct_fd = -1, .opts = *o};
+    if (o->page_cache == TA_PAGE_CACHE_BYPASS && _ta_os_open_read(path, 1, &ld->direct_fd) == 0)
+        ld->direct = true;
+    else
+        _ta_os_fadvise(fd, 0, 0, TA_OS_FADV_SEQUENTIAL); /* a larger readahead window */
+}
+
+void _ta_loader_close(_ta_loader_t *ld)
+{
+    if (ld->opts.page_cache != TA_PAGE_CACHE_KEEP && !ld->direct)
+        _ta_os_fadvise(ld->fd, 0, 0, TA_OS_FADV_DONTNEED);
+    if (ld->direct_fd >= 0)
+        _ta_os_close(ld->direct_fd);
+    ld->direct_fd = -1;
+}
+
+int _ta_loader_read(_ta_loader_t *ld, const _ta_span_t *spans, size_t n, _ta_load_report_t *report,
+                    char *why, size_t whylen)
+{
+    const _ta_load_opts_t *o = &ld->opts;
+    job_t j = {.fd = ld->direct ? ld->direct_fd : ld->fd,
+               .spans = spans,
+               .nspans = n,
+               .direct = ld->direct,
+               .why = why,
+               .whylen = whylen};
     size_t chunk = o->chunk ? o->chunk : j.direct ? DIRECT_CHUNK : TA_LOAD_CHUNK;
     j.chunk = (chunk + DIRECT_ALIGN - 1) & ~(size_t)(DIRECT_ALIGN - 1);
     int rc = j.direct ? order_spans(&j) : cut_pieces(&j);
     if (rc) {
         snprintf(why, whylen, "no memory to plan the reads");
     } else {
-        if (!j.direct)
-            _ta_os_fadvise(fd, 0, 0, TA_OS_FADV_SEQUENTIAL); /* a larger readahead window */
         int readers = reader_count(o, j.direct, j.nunits), started = 0;
         unsigned long ids[TA_LOAD_MAX_THREADS];
         /* A reader that cannot be started is not an error: fewer read. */
@@ -276,13 +293,19 @@ int _ta_load_spans(const char *path, int fd, const _ta_span_t *spans, size_t n,
         rc = atomic_load(&j.rc);
         report->threads = started + 1;
     }
-    if (o->page_cache != TA_PAGE_CACHE_KEEP && !j.direct)
-        _ta_os_fadvise(fd, 0, 0, TA_OS_FADV_DONTNEED);
-    if (direct_fd >= 0)
-        _ta_os_close(direct_fd);
     report->direct = j.direct;
-    report->reads = atomic_load(&j.reads);
+    report->reads += atomic_load(&j.reads);
     free(j.pieces);
     free(j.order);
+    return rc;
+}
+
+int _ta_load_spans(const char *path, int fd, const _ta_span_t *spans, size_t n,
+                   const _ta_load_opts_t *o, _ta_load_report_t *report, char *why, size_t whylen)
+{
+    _ta_loader_t ld;
+    _ta_loader_open(path, fd, o, &ld);
+    int rc = _ta_loader_read(&ld, spans, n, report, why, whylen);
+    _ta_loader_close(&ld);
     return rc;
 }

@@ -34,9 +34,25 @@ typedef struct {
 #define TA_LOAD_MAX_THREADS 8
 #define TA_LOAD_CHUNK ((size_t)4 << 20)
 
-/* Reads every span from fd (opened buffered; path is reopened for O_DIRECT).
- * Returns 0, an errno of a failed read (message in why), or TA_EFORMAT when
- * the file ends before a span does (it shrank). Spans must not overlap. */
+/* A load of one file: opened once (path reopened with O_DIRECT for
+ * TA_PAGE_CACHE_BYPASS, the readahead hint given), read any number of
+ * times, closed once (the page cache dropped for TA_PAGE_CACHE_DROP). */
+typedef struct {
+    int fd, direct_fd;
+    bool direct;
+    _ta_load_opts_t opts;
+} _ta_loader_t;
+
+void _ta_loader_open(const char *path, int fd, const _ta_load_opts_t *opts, _ta_loader_t *ld);
+/* Reads every span (non-overlapping); errors as _ta_load_spans. reads adds
+ * up over calls; threads and direct are the last call's. */
+int _ta_loader_read(_ta_loader_t *ld, const _ta_span_t *spans, size_t n, _ta_load_report_t *report,
+                    char *why, size_t whylen);
+void _ta_loader_close(_ta_loader_t *ld);
+
+/* One open, read and close: reads every span from fd (opened buffered; path is reopened for
+ * O_DIRECT). Returns 0, an errno of a failed read (message in why), or TA_EFORMAT when the file
+ * ends before a span does (it shrank). Spans must not overlap. */
 int _ta_load_spans(const char *path, int fd, const _ta_span_t *spans, size_t n,
                    const _ta_load_opts_t *opts, _ta_load_report_t *report, char *why,
                    size_t whylen);

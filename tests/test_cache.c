@@ -1231,3 +1231,33 @@ Test(cache, the_last_error_gives_its_code_and_message)
     cr_assert_eq(ta_cache_last_error(NULL), ENOENT);
     ta_cache_destroy(c);
 }
+
+/* The header may list tensors in any order: the upload walks them in file
+ * order (here the header's second tensor comes first in the file). */
+Test(cache, loads_to_the_device_take_tensors_in_any_header_order)
+{
+    use_fake_cudart();
+    char path[128];
+    snprintf(path, sizeof path, "%s/rev.safetensors", dir);
+    const char *hdr = "{\"late\":{\"dtype\":\"U8\",\"shape\":[300000],"
+                      "\"data_offsets\":[200000,500000]},"
+                      "\"early\":{\"dtype\":\"U8\",\"shape\":[200000],"
+                      "\"data_offsets\":[0,200000]}}";
+    write_st(path, hdr, 500000);
+    ta_cache_t *c = device_cache(false);
+    ta_entry_t *e;
+    cr_assert_eq(ta_cache_load_safetensors_to_device(c, "r", path, &e), 0, "%s", cache_error());
+    cr_assert_eq(ta_entry_to_host(e), 0, "%s", cache_error());
+    const char *names[] = {"late", "early"};
+    const size_t offs[] = {200000, 0};
+    for (int k = 0; k < 2; k++) {
+        ta_tensor_t t;
+        cr_assert_eq(ta_entry_tensor(e, names[k], &t), 0);
+        const unsigned char *p = t.data;
+        for (size_t x = 0; x < t.nbytes; x++)
+            if (p[x] != (unsigned char)(3 + 7 * (offs[k] + x)))
+                cr_assert_fail("%s byte %zu", names[k], x);
+    }
+    ta_entry_unlock(e);
+    ta_cache_destroy(c);
+}
