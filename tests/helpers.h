@@ -7,13 +7,32 @@
 #include "os.h"
 #include "tensoralloc.h"
 
+#include <signal.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #define MiB ((size_t)1 << 20)
 #define KiB ((size_t)1 << 10)
+
+/* Waits at most seconds for a forked child: a child that hangs is killed
+ * and reported (returns false), so a deadlock fails one test by name
+ * instead of hanging the whole suite past meson's timeout. */
+static inline bool wait_child(pid_t pid, int seconds, int *status)
+{
+    for (int i = 0; i < seconds * 100; i++) {
+        if (waitpid(pid, status, WNOHANG) == pid)
+            return true;
+        usleep(10000);
+    }
+    kill(pid, SIGKILL);
+    waitpid(pid, status, 0);
+    return false;
+}
 
 static inline size_t rss_bytes(void)
 {

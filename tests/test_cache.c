@@ -44,7 +44,7 @@ static void remove_dir(void)
         cr_log_warn("could not remove %s", dir);
 }
 
-TestSuite(cache, .init = make_dir, .fini = remove_dir);
+TestSuite(cache, .init = make_dir, .fini = remove_dir, .timeout = 240); /* a hang fails by name */
 
 static ta_cache_t *new_cache(size_t budget, ta_overflow_t overflow)
 {
