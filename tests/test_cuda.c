@@ -64,6 +64,8 @@ static uint64_t checksum(const unsigned char *p, size_t n)
  * prints its report only at the end, so a suite that meson kills says
  * nothing). */
 TestSuite(cuda, .init = use_fake, .timeout = 120);
+TestSuite(cuda_nodevice, .timeout = 60);
+TestSuite(cuda_real, .timeout = 60);
 
 Test(cuda, pool_buffers_are_registered_once_and_reused)
 {
@@ -290,7 +292,7 @@ static void check_all_fail_with(int code)
     cr_assert_not_null(ta_strerror(code));
 }
 
-Test(cuda_nodevice, every_call_reports_no_device, .timeout = 60)
+Test(cuda_nodevice, every_call_reports_no_device)
 {
     setenv("TENSORALLOC_CUDART", getenv("FAKE_CUDART_PATH"), 1);
     setenv("FAKE_CUDART_DEVICES", "0", 1);
@@ -300,13 +302,13 @@ Test(cuda_nodevice, every_call_reports_no_device, .timeout = 60)
     cr_assert_str_eq(ta_strerror(TA_ENODEVICE), "no CUDA device or driver");
 }
 
-Test(cuda_nodevice, a_missing_runtime_is_reported, .timeout = 60)
+Test(cuda_nodevice, a_missing_runtime_is_reported)
 {
     setenv("TENSORALLOC_CUDART", "/nonexistent/libcudart.so", 1);
     check_all_fail_with(TA_ENORUNTIME);
 }
 
-Test(cuda_real, real_runtime_without_gpu_fails_cleanly, .timeout = 60)
+Test(cuda_real, real_runtime_without_gpu_fails_cleanly)
 {
     const char *real = getenv("REAL_CUDART_PATH");
     if (real == NULL || access(real, R_OK) != 0)
@@ -322,11 +324,11 @@ Test(cuda_real, real_runtime_without_gpu_fails_cleanly, .timeout = 60)
     check_all_fail_with(TA_ENODEVICE);
 }
 
+static atomic_int holder_running;
+
 /* A child forked after the runtime was loaded must not call it (CUDA does
  * not survive fork), must not hang on locks a parent thread held, and can
  * still free blocks the parent pinned. */
-static atomic_int holder_running;
-
 static void *hold_pinned_lock(void *arg)
 {
     atomic_store(&holder_running, 1);
