@@ -113,8 +113,10 @@ TA_API size_t ta_cache_budget_rule(size_t memory, size_t vram_budget, size_t dev
 TA_API void ta_cache_destroy(ta_cache_t *cache);
 
 /* A hit returns the entry locked (ta_entry_unlock when done) and counts a
- * hit; ENOENT counts a miss. A get of an entry another thread is loading
- * waits for the load. */
+ * hit; ENOENT counts a miss. A get of an entry another thread is loading,
+ * or building (ta_cache_create_entry, until its creator unlocks it), waits
+ * for it to be complete; the building thread's own get fails with EDEADLK
+ * instead of waiting for itself. */
 TA_API int ta_cache_get(ta_cache_t *cache, const char *key, ta_entry_t **out);
 TA_API void ta_entry_unlock(ta_entry_t *entry);
 /* Evicts an unlocked entry now (EBUSY if locked, ENOENT if absent). */
@@ -144,13 +146,19 @@ TA_API int ta_cache_load_safetensors_to_device(ta_cache_t *cache, const char *ke
  * dtype and shape. */
 TA_API int ta_cache_load_raw(ta_cache_t *cache, const char *key, const char *path, ta_dtype_t dtype,
                              int ndim, const int64_t *shape, ta_entry_t **out);
-/* Creates an empty entry, locked, to fill with ta_entry_add_tensor. */
+/* Creates an empty entry, locked, to fill with ta_entry_add_tensor. It is
+ * under construction until its creator unlocks it: gets wait for that (the
+ * key exists: contains is true, a second create or load gets EEXIST), so
+ * nobody sees it half built. */
 TA_API int ta_cache_create_entry(ta_cache_t *cache, const char *key, ta_entry_t **out);
-/* Allocates a tensor in a locked entry, charged to the RAM budget (making
- * room first); *data receives its memory (uninitialised). */
+/* Allocates a tensor in an entry under construction, charged to the RAM
+ * budget (making room first); *data receives its memory (uninitialised).
+ * EINVAL once the entry is complete (unlocked by its creator, or loaded):
+ * holders read its tensors without a lock, so they never change. */
 TA_API int ta_entry_add_tensor(ta_entry_t *entry, const char *name, ta_dtype_t dtype, int ndim,
                                const int64_t *shape, void **data);
 
+/* Readers of a locked entry (any number of threads at once). */
 TA_API const char *ta_entry_key(const ta_entry_t *entry);
 TA_API size_t ta_entry_tensor_count(const ta_entry_t *entry);
 /* By index or by name; fills *out (valid while the entry is locked). */

@@ -9,7 +9,11 @@
  * One mutex guards the cache's lists and counters. File reads, copies and
  * frees happen outside it: a load reserves its bytes and inserts a locked
  * "loading" entry, reads, then publishes it; evicted entries are unlinked
- * under the mutex and freed after it is released.
+ * under the mutex and freed after it is released. An entry built by its
+ * caller (ta_cache_create_entry) is "loading" too until the builder unlocks
+ * it, so its tensor array, which grows while it is built, is never read by
+ * another thread before it stops changing: readers of a complete entry need
+ * no lock but the entry's own.
  */
 #define _GNU_SOURCE
 #include "internal.h"
@@ -49,7 +53,9 @@ struct ta_entry {
     size_t ram_bytes;  /* charged: tensor bytes with a host copy */
     size_t vram_bytes; /* charged: tensor bytes on the device */
     int locks;
-    bool loading;
+    bool loading;                 /* not visible to gets yet: a load, or building */
+    bool building;                /* ta_cache_create_entry's: tensors may be added */
+    pthread_t builder;            /* the thread building it (its get would wait on itself) */
     bool moving;                  /* a device move is in flight (moves are serialised) */
     bool drop_host;               /* free the host copy when the last holder unlocks */
     bool drop_device;             /* free the device copy when the last holder unlocks */
@@ -453,14 +459,18 @@ static ta_entry_t *entry_new(ta_cache_t *c, const char *key)
     return e;
 }
 
-/* Inserts a new locked entry with need bytes reserved, making room. */
-static int insert_reserved(ta_cache_t *c, const char *key, size_t need, bool loading,
+/* Inserts a new locked entry with need bytes reserved, making room; it is
+ * loading (gets wait) until published, or with building until its builder
+ * unlocks it. */
+static int insert_reserved(ta_cache_t *c, const char *key, size_t need, bool building,
                            ta_entry_t **out)
 {
     ta_entry_t *e = entry_new(c, key);
     if (!e)
-        return ENOMEM;
-    e->loading = loading;
+        return fail(ENOMEM, "no memory for an entry '%s'", key);
+    e->loading = true;
+    e->building = building;
+    e->builder = pthread_self();
     e->ram_bytes = need;
     int rc;
     victims_t v = {0};
@@ -660,7 +670,7 @@ int ta_cache_load_safetensors(ta_cache_t *c, const char *key, const char *path, 
     if (!spans)
         rc = fail(ENOMEM, "no memory for %zu tensors", h.count);
     else
-        rc = insert_reserved(c, key, (size_t)total, true, &e);
+        rc = insert_reserved(c, key, (size_t)total, false, &e);
     double t0 = _ta_os_now_s();
     if (rc == 0)
         rc = append_header_tensors(e, &h, path, spans);
@@ -700,7 +710,7 @@ int ta_cache_load_raw(ta_cache_t *c, const char *key, const char *path, ta_dtype
     ta_memory_snapshot_t before;
     snapshot_if_debug(c, &before);
     ta_entry_t *e;
-    if ((rc = insert_reserved(c, key, n, true, &e)) != 0) {
+    if ((rc = insert_reserved(c, key, n, false, &e)) != 0) {
         _ta_os_close(fd);
         return rc;
     }
@@ -727,7 +737,7 @@ int ta_cache_create_entry(ta_cache_t *c, const char *key, ta_entry_t **out)
 {
     if (!c || !key || !out)
         return fail(EINVAL, "NULL argument");
-    return insert_reserved(c, key, 0, false, out);
+    return insert_reserved(c, key, 0, true, out);
 }
 
 int ta_entry_add_tensor(ta_entry_t *e, const char *name, ta_dtype_t dtype, int ndim,
@@ -740,6 +750,14 @@ int ta_entry_add_tensor(ta_entry_t *e, const char *name, ta_dtype_t dtype, int n
     if (rc)
         return rc;
     ta_cache_t *c = e->cache;
+    pthread_mutex_lock(&c->mu);
+    bool building = e->building;
+    pthread_mutex_unlock(&c->mu);
+    if (!building) /* its array is read without the mutex by every holder */
+        return fail(EINVAL,
+                    "entry '%s' is complete: tensors are added only while it is built, "
+                    "before its creator unlocks it",
+                    e->key);
     if ((rc = charge_entry(c, e, n, name, true)) != 0)
         return rc;
     void *p = ta_malloc(n ? n : 1);
@@ -763,8 +781,14 @@ int ta_cache_get(ta_cache_t *c, const char *key, ta_entry_t **out)
         return fail(EINVAL, "NULL argument");
     pthread_mutex_lock(&c->mu);
     ta_entry_t *e;
-    while ((e = find(c, key)) && e->loading)
+    while ((e = find(c, key)) && e->loading) {
+        if (e->building && pthread_equal(e->builder, pthread_self())) {
+            pthread_mutex_unlock(&c->mu);
+            return fail(EDEADLK, "entry '%s' is under construction by this thread: unlock it first",
+                        key);
+        }
         pthread_cond_wait(&c->loaded, &c->mu);
+    }
     if (!e) {
         c->st.misses++;
         pthread_mutex_unlock(&c->mu);
@@ -837,6 +861,10 @@ void ta_entry_unlock(ta_entry_t *e)
     if (e->locks > 0)
         e->locks--;
     e->used_ms = _ta_os_now_ms();
+    if (e->building && e->locks == 0) { /* built: gets may have it now */
+        e->building = e->loading = false;
+        pthread_cond_broadcast(&c->loaded);
+    }
     drop_marked_and_unlock(c, e, 0);
 }
 
@@ -1375,7 +1403,7 @@ int ta_cache_load_safetensors_to_device(ta_cache_t *c, const char *key, const ch
     if ((rc = open_header(path, &r.fd, &h, &total)) != 0)
         return rc;
     ta_entry_t *e;
-    if ((rc = insert_reserved(c, key, 0, true, &e)) == 0) {
+    if ((rc = insert_reserved(c, key, 0, false, &e)) == 0) {
         double t0 = _ta_os_now_s();
         rc = append_header_tensors(e, &h, path, NULL);
         if (rc == 0)

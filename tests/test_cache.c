@@ -14,10 +14,12 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 static char dir[64];
@@ -574,6 +576,101 @@ Test(cache, concurrent_gets_loads_and_evictions, .timeout = 120)
     cr_assert_leq(s.ram_used, 3 * MiB);
     cr_assert_gt(s.hits + s.misses, 1000);
     ta_cache_destroy(shared);
+}
+
+/* An entry made with ta_cache_create_entry is under construction until its
+ * creator unlocks it: a get from another thread waits, then sees every
+ * tensor. Before the fix the get returned the empty entry at once and the
+ * getter read e->tensors while the builder's appends reallocated it
+ * (AddressSanitizer: heap-use-after-free in ta_entry_tensor_at). */
+enum { BUILT = 3000 };
+
+typedef struct {
+    ta_cache_t *c;
+    pthread_barrier_t created;
+    int get_rc;
+    size_t seen; /* the tensor count at the get */
+    size_t bad;  /* tensors missing or not filled */
+    long reads;  /* tensor_at calls while the count was short */
+} getter_t;
+
+static void *get_while_built(void *arg)
+{
+    getter_t *g = arg;
+    pthread_barrier_wait(&g->created); /* the entry exists, still empty */
+    ta_entry_t *e;
+    g->get_rc = ta_cache_get(g->c, "built", &e);
+    if (g->get_rc)
+        return NULL;
+    g->seen = ta_entry_tensor_count(e);
+    /* a half-built entry: read it while it grows (for 2 s at most) */
+    time_t until = time(NULL) + 2;
+    while (ta_entry_tensor_count(e) < BUILT && time(NULL) < until) {
+        size_t n = ta_entry_tensor_count(e);
+        for (size_t i = 0; i < n; i++) {
+            ta_tensor_t t;
+            g->reads++;
+            if (ta_entry_tensor_at(e, i, &t) != 0 || t.nbytes != sizeof(uint64_t))
+                g->bad++;
+        }
+    }
+    for (size_t i = 0; i < BUILT; i++) {
+        ta_tensor_t t;
+        if (ta_entry_tensor_at(e, i, &t) != 0 || *(const uint64_t *)t.data != i)
+            g->bad++;
+    }
+    ta_entry_unlock(e);
+    return NULL;
+}
+
+Test(cache, a_get_never_sees_an_entry_under_construction, .timeout = 60)
+{
+    getter_t g = {.c = new_cache(64 * MiB, TA_OVERFLOW_REFUSE)};
+    pthread_barrier_init(&g.created, NULL, 2);
+    ta_entry_t *e;
+    cr_assert_eq(ta_cache_create_entry(g.c, "built", &e), 0, "%s", cache_error());
+    pthread_t tid;
+    cr_assert_eq(pthread_create(&tid, NULL, get_while_built, &g), 0);
+    pthread_barrier_wait(&g.created);
+    usleep(50 * 1000); /* the getter is at its get by now */
+    int add_rc = 0;
+    for (size_t i = 0; i < BUILT && add_rc == 0; i++) {
+        char name[32];
+        snprintf(name, sizeof name, "t%zu", i);
+        int64_t shape[1] = {1};
+        void *data;
+        if ((add_rc = ta_entry_add_tensor(e, name, TA_DTYPE_U64, 1, shape, &data)) == 0)
+            *(uint64_t *)data = i;
+        if (i % 64 == 0)
+            sched_yield(); /* let a reader of a half-built entry in */
+    }
+    bool listed = ta_cache_contains(g.c, "built");
+    ta_entry_t *mine = NULL;
+    int own_get = ta_cache_get(g.c, "built", &mine); /* must not wait for itself */
+    if (own_get == 0)
+        ta_entry_unlock(mine);
+    ta_entry_unlock(e); /* complete: the getter goes on */
+    pthread_join(tid, NULL);
+    pthread_barrier_destroy(&g.created);
+    cr_assert_eq(add_rc, 0, "%s", cache_error());
+    cr_assert_eq(g.get_rc, 0);
+    cr_assert_eq(g.seen, BUILT, "the get saw %zu of %d tensors (%ld reads of a half-built entry)",
+                 g.seen, BUILT, g.reads);
+    cr_assert_eq(g.bad, 0, "%zu tensors missing or unfilled", g.bad);
+    cr_assert(listed, "an entry under construction is in the cache (contains, EEXIST)");
+    cr_assert_eq(own_get, EDEADLK, "the builder's own get: rc %d", own_get);
+    cr_assert(strstr(cache_error(), "under construction"), "%s", cache_error());
+    /* complete: tensors are added while an entry is built, never after */
+    cr_assert_eq(ta_cache_get(g.c, "built", &e), 0);
+    int64_t shape[1] = {1};
+    void *data;
+    cr_assert_eq(ta_entry_add_tensor(e, "late", TA_DTYPE_U8, 1, shape, &data), EINVAL);
+    cr_assert(strstr(cache_error(), "complete"), "%s", cache_error());
+    cr_assert_eq(ta_entry_tensor_count(e), BUILT);
+    ta_entry_unlock(e);
+    ta_cache_stats_t s = cstats(g.c);
+    cr_assert_eq(s.ram_used, BUILT * sizeof(uint64_t));
+    ta_cache_destroy(g.c);
 }
 
 /* ---- device moves, against the CUDA test double ------------------------------ */
