@@ -81,11 +81,17 @@ typedef enum {
     TA_PAGE_CACHE_BYPASS = 2, /* O_DIRECT reads; where refused (tmpfs), as DROP */
 } ta_page_cache_t;
 
+/* The largest load_chunk and keep_alive_ms ta_cache_create accepts. */
+#define TA_CACHE_MAX_LOAD_CHUNK ((size_t)1 << 30)                     /* 1 GiB */
+#define TA_CACHE_MAX_KEEP_ALIVE_MS ((uint64_t)365 * 24 * 3600 * 1000) /* a year */
+
+/* ta_cache_create checks every field and refuses a bad one with EINVAL, the
+ * field named in ta_cache_last_error; nothing is created then. */
 typedef struct {
-    size_t size;               /* sizeof(ta_cache_config_t) */
+    size_t size;               /* sizeof(ta_cache_config_t); less from older callers */
     size_t ram_budget;         /* bytes of host tensor memory; 0: ta_cache_budget_rule's */
     size_t vram_budget;        /* bytes of device tensor memory; 0: no device use */
-    int device;                /* CUDA device ordinal */
+    int device;                /* CUDA device ordinal, 0 or more */
     size_t device_working_mem; /* device bytes to leave free for computation */
     bool keep_ram_copy;        /* keep host copies of entries on the device */
     ta_overflow_t overflow;
@@ -93,10 +99,12 @@ typedef struct {
     void *log_arg;
     ta_log_level_t log_level; /* messages up to this level are passed on */
     /* Loads (fields a caller's smaller config.size leaves out are 0). */
-    int load_threads;           /* reader threads per load; 0: one per core, at most 8 */
-    size_t load_chunk;          /* bytes per read; 0: 4 MiB */
+    int load_threads;  /* reader threads per load, 0 or more; 0: one per core; at most 8 run */
+    size_t load_chunk; /* bytes per read (rounded up to 4 KiB), at most TA_CACHE_MAX_LOAD_CHUNK;
+                          0: 4 MiB */
     ta_page_cache_t page_cache; /* 0: TA_PAGE_CACHE_KEEP */
-    uint64_t keep_alive_ms;     /* evict unlocked entries unused this long (a timer); 0: never */
+    uint64_t keep_alive_ms;     /* evict unlocked entries unused this long (a timer), at most
+                                   TA_CACHE_MAX_KEEP_ALIVE_MS; 0: never */
 } ta_cache_config_t;
 
 typedef struct ta_cache ta_cache_t;

@@ -198,6 +198,12 @@ static void watermark(ta_cache_t *c)
         c->st.high_watermark = c->ram_used;
 }
 
+/* Whether need more bytes on top of used go past budget (without wrapping). */
+static bool over_budget(size_t used, size_t need, size_t budget)
+{
+    return need > budget || used > budget - need;
+}
+
 /* Takes e out of the cache (its memory is freed later by entry_free). */
 static void detach(ta_cache_t *c, ta_entry_t *e)
 {
@@ -255,7 +261,7 @@ static ta_entry_t *lru_victim(ta_cache_t *c, bool on_device)
  * too many victims for one pass; the caller retries). */
 static int make_room_ram(ta_cache_t *c, size_t need, victims_t *v)
 {
-    while (c->ram_used + need > c->cfg.ram_budget) {
+    while (over_budget(c->ram_used, need, c->cfg.ram_budget)) {
         ta_entry_t *victim = lru_victim(c, false);
         if (!victim || v->nwhole == 64)
             return victim ? EAGAIN : TA_ECACHEFULL;
@@ -383,22 +389,54 @@ static void *keeper_main(void *arg)
     return NULL;
 }
 
+/* Every field a caller sets, checked (the budgets and device_working_mem
+ * take any value: the arithmetic on them cannot wrap). */
+static int config_check(const ta_cache_config_t *g)
+{
+    if ((unsigned)g->overflow > TA_OVERFLOW_ADMIT)
+        return fail(EINVAL, "overflow %d is not a ta_overflow_t (0: refuse, 1: admit)",
+                    (int)g->overflow);
+    if (g->device < 0)
+        return fail(EINVAL, "device %d is not a CUDA device ordinal (0 or more)", g->device);
+    if ((unsigned)g->log_level > TA_LOG_DEBUG)
+        return fail(EINVAL, "log_level %d is not a ta_log_level_t (0: errors to 3: debug)",
+                    (int)g->log_level);
+    if (g->load_threads < 0)
+        return fail(EINVAL, "load_threads %d is negative (0: one per core)", g->load_threads);
+    if (g->load_chunk > TA_CACHE_MAX_LOAD_CHUNK) /* rounding it up, and 4 of it, must not wrap */
+        return fail(EINVAL, "load_chunk %zu is over the limit of %zu bytes (0: 4 MiB)",
+                    g->load_chunk, TA_CACHE_MAX_LOAD_CHUNK);
+    if ((unsigned)g->page_cache > TA_PAGE_CACHE_BYPASS)
+        return fail(EINVAL, "page_cache %d is not a ta_page_cache_t (0: keep, 1: drop, 2: bypass)",
+                    (int)g->page_cache);
+    if (g->keep_alive_ms > TA_CACHE_MAX_KEEP_ALIVE_MS) /* the timer's deadlines must not wrap */
+        return fail(EINVAL, "keep_alive_ms %llu is over the limit of %llu (a year; 0: never)",
+                    (unsigned long long)g->keep_alive_ms,
+                    (unsigned long long)TA_CACHE_MAX_KEEP_ALIVE_MS);
+    return 0;
+}
+
 int ta_cache_create(const ta_cache_config_t *config, ta_cache_t **out)
 {
-    if (!config || !out || config->size < offsetof(ta_cache_config_t, log) ||
-        (unsigned)config->overflow > TA_OVERFLOW_ADMIT)
-        return fail(EINVAL, "invalid cache configuration");
+    if (!config || !out)
+        return fail(EINVAL, "NULL argument");
+    /* smaller: an older caller's (the fields it lacks are 0); larger: a newer
+     * caller's, whose fields this library would ignore */
+    if (config->size < offsetof(ta_cache_config_t, log) || config->size > sizeof *config)
+        return fail(EINVAL,
+                    "config size %zu is not sizeof(ta_cache_config_t) (%zu; at least %zu from "
+                    "older callers)",
+                    config->size, sizeof *config, offsetof(ta_cache_config_t, log));
+    ta_cache_config_t cfg = {0};
+    memcpy(&cfg, config, config->size);
+    cfg.size = sizeof cfg;
+    int rc = config_check(&cfg);
+    if (rc)
+        return rc;
     ta_cache_t *c = calloc(1, sizeof *c);
     if (!c)
-        return ENOMEM;
-    memcpy(&c->cfg, config, config->size < sizeof c->cfg ? config->size : sizeof c->cfg);
-    c->cfg.size = sizeof c->cfg;
-    if (c->cfg.load_threads < 0 || (unsigned)c->cfg.page_cache > TA_PAGE_CACHE_BYPASS) {
-        fail(EINVAL, "invalid cache configuration: load_threads %d, page_cache %d",
-             c->cfg.load_threads, (int)c->cfg.page_cache);
-        free(c);
-        return EINVAL;
-    }
+        return fail(ENOMEM, "no memory for a cache");
+    c->cfg = cfg;
     if (c->cfg.ram_budget == 0)
         c->cfg.ram_budget = ta_cache_budget_rule(0, c->cfg.vram_budget, c->cfg.device_working_mem);
     pthread_mutex_init(&c->mu, NULL);
@@ -411,8 +449,7 @@ int ta_cache_create(const ta_cache_config_t *config, ta_cache_t **out)
     c->st.ram_budget = c->cfg.ram_budget;
     c->st.vram_budget = c->cfg.vram_budget;
     if (c->cfg.keep_alive_ms) {
-        int rc = _ta_os_thread_start(keeper_main, c, &c->keeper);
-        if (rc) {
+        if ((rc = _ta_os_thread_start(keeper_main, c, &c->keeper)) != 0) {
             ta_cache_destroy(c);
             return fail(rc, "cannot start the keep-alive timer: %s", strerror(rc));
         }
@@ -546,6 +583,8 @@ static int tensor_bytes(ta_dtype_t dtype, int ndim, const int64_t *shape, size_t
         if (__builtin_mul_overflow(n, (size_t)shape[i], &n))
             return fail(EINVAL, "shape overflows");
     }
+    if (n > PTRDIFF_MAX) /* refused before any eviction: no allocation is this large */
+        return fail(EINVAL, "a tensor of %zu bytes is larger than any allocation can be", n);
     *out = n;
     return 0;
 }
@@ -951,8 +990,11 @@ size_t ta_entry_vram_bytes(const ta_entry_t *e)
 
 int ta_entry_tensor_at(const ta_entry_t *e, size_t index, ta_tensor_t *out)
 {
-    if (!e || !out || index >= e->count)
-        return EINVAL;
+    if (!e || !out)
+        return fail(EINVAL, "NULL argument");
+    if (index >= e->count)
+        return fail(EINVAL, "index %zu is past the %zu tensors of entry '%s'", index, e->count,
+                    e->key);
     const tensor_t *t = &e->tensors[index];
     out->name = t->name;
     out->dtype = t->dtype;
@@ -967,7 +1009,7 @@ int ta_entry_tensor_at(const ta_entry_t *e, size_t index, ta_tensor_t *out)
 int ta_entry_tensor(const ta_entry_t *e, const char *name, ta_tensor_t *out)
 {
     if (!e || !name || !out)
-        return EINVAL;
+        return fail(EINVAL, "NULL argument");
     for (size_t i = 0; i < e->count; i++)
         if (strcmp(e->tensors[i].name, name) == 0)
             return ta_entry_tensor_at(e, i, out);
@@ -988,7 +1030,7 @@ static size_t entry_bytes(const ta_entry_t *e)
  * recently used first; an entry with no host copy goes whole. */
 static int make_room_vram(ta_cache_t *c, size_t need, victims_t *v)
 {
-    while (c->vram_used + need > c->cfg.vram_budget) {
+    while (over_budget(c->vram_used, need, c->cfg.vram_budget)) {
         ta_entry_t *victim = lru_victim(c, true);
         if (!victim)
             return TA_ECACHEFULL;
@@ -1109,7 +1151,7 @@ static int reserve_vram(ta_cache_t *c, ta_entry_t *e, size_t need)
     size_t dev_free, dev_total;
     if ((rc = ta_cuda_mem_info(&dev_free, &dev_total)) != 0)
         rc = fail(rc, "cudaMemGetInfo: %s", ta_strerror(rc));
-    else if (dev_free < need + c->cfg.device_working_mem)
+    else if (dev_free < need || dev_free - need < c->cfg.device_working_mem)
         rc = fail(ENOMEM, "the device has %zu bytes free; '%s' needs %zu plus %zu working",
                   dev_free, e->key, need, c->cfg.device_working_mem);
     if (rc)
@@ -1243,8 +1285,11 @@ static int move_to_host(ta_entry_t *e)
 
 int ta_cache_stats_get(ta_cache_t *c, ta_cache_stats_t *out)
 {
-    if (!c || !out || out->size < offsetof(ta_cache_stats_t, hits))
-        return EINVAL;
+    if (!c || !out)
+        return fail(EINVAL, "NULL argument");
+    if (out->size < offsetof(ta_cache_stats_t, hits))
+        return fail(EINVAL, "stats size %zu is less than %zu: set it to sizeof(ta_cache_stats_t)",
+                    out->size, offsetof(ta_cache_stats_t, hits));
     size_t size = out->size;
     pthread_mutex_lock(&c->mu);
     ta_cache_stats_t s = c->st;
@@ -1283,7 +1328,7 @@ static void json_string(FILE *f, const char *s)
 int ta_cache_stats_json(ta_cache_t *c, FILE *f)
 {
     if (!c || !f)
-        return EINVAL;
+        return fail(EINVAL, "NULL argument");
     ta_cache_stats_t s = {.size = sizeof s};
     ta_cache_stats_get(c, &s);
     fprintf(
@@ -1361,7 +1406,8 @@ static int stream_to_device(ta_cache_t *c, ta_entry_t *e, upload_reader_t *r,
         if ((rc = device_tensor(&e->tensors[i])) == 0)
             spans[i] = (_ta_upload_t){e->tensors[i].dev, h->data_start + h->tensors[i].begin,
                                       e->tensors[i].nbytes};
-    /* a staging chunk: a few of the loader's chunks, one per reader */
+    /* a staging chunk: a few of the loader's chunks, one per reader (load_chunk is at most
+     * TA_CACHE_MAX_LOAD_CHUNK: this cannot wrap) */
     size_t chunk = (c->cfg.load_chunk ? c->cfg.load_chunk : TA_LOAD_CHUNK) * 4;
     _ta_load_opts_t opts = load_opts(c);
     _ta_loader_open(r->path, r->fd, &opts, &r->loader);

@@ -270,6 +270,11 @@ int _ta_loader_read(_ta_loader_t *ld, const _ta_span_t *spans, size_t n, _ta_loa
                     char *why, size_t whylen)
 {
     const _ta_load_opts_t *o = &ld->opts;
+    if (o->chunk > TA_LOAD_CHUNK_MAX) { /* rounded up to DIRECT_ALIGN it would wrap to 0 */
+        snprintf(why, whylen, "a read chunk of %zu bytes is over the limit of %zu", o->chunk,
+                 TA_LOAD_CHUNK_MAX);
+        return EINVAL;
+    }
     job_t j = {.fd = ld->direct ? ld->direct_fd : ld->fd,
                .spans = spans,
                .nspans = n,

@@ -21,7 +21,7 @@ typedef struct {
 
 typedef struct {
     int threads;  /* 0: one per core, at most TA_LOAD_MAX_THREADS */
-    size_t chunk; /* bytes per read; 0: TA_LOAD_CHUNK */
+    size_t chunk; /* bytes per read, rounded up to 4 KiB; 0: TA_LOAD_CHUNK */
     ta_page_cache_t page_cache;
 } _ta_load_opts_t;
 
@@ -33,6 +33,7 @@ typedef struct {
 
 #define TA_LOAD_MAX_THREADS 8
 #define TA_LOAD_CHUNK ((size_t)4 << 20)
+#define TA_LOAD_CHUNK_MAX TA_CACHE_MAX_LOAD_CHUNK /* larger: EINVAL */
 
 /* A load of one file: opened once (path reopened with O_DIRECT for
  * TA_PAGE_CACHE_BYPASS, the readahead hint given), read any number of
@@ -51,8 +52,9 @@ int _ta_loader_read(_ta_loader_t *ld, const _ta_span_t *spans, size_t n, _ta_loa
 void _ta_loader_close(_ta_loader_t *ld);
 
 /* One open, read and close: reads every span from fd (opened buffered; path is reopened for
- * O_DIRECT). Returns 0, an errno of a failed read (message in why), or TA_EFORMAT when the file
- * ends before a span does (it shrank). Spans must not overlap. */
+ * O_DIRECT). Returns 0, an errno of a failed read (message in why), TA_EFORMAT when the file
+ * ends before a span does (it shrank), or EINVAL for a chunk over TA_LOAD_CHUNK_MAX. Spans
+ * must not overlap. */
 int _ta_load_spans(const char *path, int fd, const _ta_span_t *spans, size_t n,
                    const _ta_load_opts_t *opts, _ta_load_report_t *report, char *why,
                    size_t whylen);

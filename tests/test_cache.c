@@ -7,15 +7,18 @@
  */
 #define _GNU_SOURCE
 #include "helpers.h"
+#include "loader.h"
 #include "tensoralloc_cache.h"
 #include "tensoralloc_cuda.h"
 
 #include <criterion/criterion.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/stat.h>
@@ -1204,6 +1207,171 @@ Test(cache, a_keep_alive_timer_that_cannot_start_fails_the_create)
     cr_assert_eq(ta_cache_create(&cfg, &c), EAGAIN);
     _ta_os_fail_nth_thread(0);
     cr_assert(strstr(cache_error(), "keep-alive"), "%s", cache_error());
+}
+
+/* Every option of ta_cache_create is checked: a bad value is refused with
+ * EINVAL and a message naming the field, and nothing is created. Before,
+ * load_chunk = SIZE_MAX was accepted, rounded up to 4 KiB as 0, and the
+ * first load divided by it (SIGFPE); load_chunk * 4 (a staging chunk)
+ * overflowed for anything above SIZE_MAX / 4. */
+static void expect_bad_option(ta_cache_config_t cfg, const char *field)
+{
+    ta_cache_t *c = NULL;
+    int rc = ta_cache_create(&cfg, &c);
+    cr_assert_eq(rc, EINVAL, "%s: rc %d, expected EINVAL", field, rc);
+    cr_assert_null(c, "%s: a cache was made", field);
+    const char *message;
+    cr_assert_eq(ta_cache_last_error(&message), EINVAL);
+    cr_assert(strstr(message, field), "%s: message '%s' does not name it", field, message);
+    if (c)
+        ta_cache_destroy(c);
+}
+
+static void expect_good_option(ta_cache_config_t cfg, const char *field)
+{
+    ta_cache_t *c = NULL;
+    cr_assert_eq(ta_cache_create(&cfg, &c), 0, "%s: %s", field, cache_error());
+    ta_cache_destroy(c);
+}
+
+Test(cache, every_bad_option_is_refused_by_name)
+{
+    const ta_cache_config_t ok = {.size = sizeof ok, .ram_budget = MiB};
+    ta_cache_t *c = NULL;
+    cr_assert_eq(ta_cache_create(NULL, &c), EINVAL);
+    cr_assert_eq(ta_cache_create(&ok, NULL), EINVAL);
+    ta_cache_config_t cfg = ok;
+    const size_t chunks[] = {SIZE_MAX, SIZE_MAX - 4095, SIZE_MAX / 4 + 1,
+                             TA_CACHE_MAX_LOAD_CHUNK + 1};
+    for (size_t i = 0; i < sizeof chunks / sizeof *chunks; i++) {
+        cfg.load_chunk = chunks[i];
+        expect_bad_option(cfg, "load_chunk");
+    }
+    cfg = ok;
+    cfg.size = 0;
+    expect_bad_option(cfg, "size");
+    cfg.size = offsetof(ta_cache_config_t, log) - 1;
+    expect_bad_option(cfg, "size");
+    cfg.size = sizeof cfg + 8; /* a newer caller's fields would be ignored */
+    expect_bad_option(cfg, "size");
+    cfg = ok;
+    cfg.overflow = (ta_overflow_t)2;
+    expect_bad_option(cfg, "overflow");
+    cfg = ok;
+    cfg.device = -1;
+    expect_bad_option(cfg, "device");
+    cfg = ok;
+    cfg.log_level = (ta_log_level_t)(TA_LOG_DEBUG + 1);
+    expect_bad_option(cfg, "log_level");
+    cfg.log_level = (ta_log_level_t)-1;
+    expect_bad_option(cfg, "log_level");
+    cfg = ok;
+    cfg.load_threads = -1;
+    expect_bad_option(cfg, "load_threads");
+    cfg = ok;
+    cfg.page_cache = (ta_page_cache_t)3;
+    expect_bad_option(cfg, "page_cache");
+    cfg = ok;
+    cfg.keep_alive_ms = UINT64_MAX;
+    expect_bad_option(cfg, "keep_alive_ms");
+    cfg.keep_alive_ms = TA_CACHE_MAX_KEEP_ALIVE_MS + 1;
+    expect_bad_option(cfg, "keep_alive_ms");
+    /* the limits themselves are accepted, and so are the largest budgets */
+    cfg = ok;
+    cfg.load_chunk = TA_CACHE_MAX_LOAD_CHUNK;
+    cfg.keep_alive_ms = TA_CACHE_MAX_KEEP_ALIVE_MS;
+    expect_good_option(cfg, "the largest load_chunk and keep_alive_ms");
+    cfg = ok;
+    cfg.ram_budget = cfg.vram_budget = cfg.device_working_mem = SIZE_MAX;
+    cfg.load_threads = 1000; /* more than TA_LOAD_MAX_THREADS: that many run */
+    expect_good_option(cfg, "the largest budgets");
+}
+
+/* The smallest chunk loads (rounded up to 4 KiB), and the loader itself
+ * refuses a chunk it cannot round (it divided by 0 before). */
+Test(cache, load_chunks_from_one_byte_to_the_limit)
+{
+    const char *path = many_file(23);
+    for (int pc = TA_PAGE_CACHE_KEEP; pc <= TA_PAGE_CACHE_BYPASS; pc += 2) {
+        logged_cache_t *lc = load_cache(2, 1, (ta_page_cache_t)pc);
+        loaded_and_checked(lc, path, "m", "2 readers");
+        ta_cache_destroy(lc->c);
+        free(lc);
+    }
+    int fd = open(path, O_RDONLY);
+    cr_assert_geq(fd, 0);
+    unsigned char byte;
+    _ta_span_t span = {&byte, 0, 1};
+    _ta_load_opts_t opts = {.threads = 1, .chunk = SIZE_MAX};
+    _ta_load_report_t rep = {0};
+    char why[200] = "";
+    cr_assert_eq(_ta_load_spans(path, fd, &span, 1, &opts, &rep, why, sizeof why), EINVAL);
+    cr_assert(strstr(why, "chunk"), "%s", why);
+    close(fd);
+}
+
+/* Sizes that reach the end of size_t are refused by name, not wrapped. */
+Test(cache, sizes_and_counts_past_what_fits_are_refused)
+{
+    ta_cache_t *c = new_cache(MiB, TA_OVERFLOW_ADMIT);
+    cr_assert_eq(put(c, "keep", 512 * KiB, 1), 0);
+    ta_entry_t *e;
+    cr_assert_eq(ta_cache_create_entry(c, "big", &e), 0);
+    void *data = NULL;
+    int64_t huge[1] = {INT64_MAX}; /* 2^64 - 2 bytes of U16: no product overflow */
+    int rc = ta_entry_add_tensor(e, "w", TA_DTYPE_U16, 1, huge, &data);
+    cr_assert_eq(rc, EINVAL, "a tensor of 2^64 - 2 bytes: rc %d (%s)", rc, cache_error());
+    cr_assert(strstr(cache_error(), "bytes"), "%s", cache_error());
+    int64_t two[2] = {INT64_MAX, INT64_MAX};
+    cr_assert_eq(ta_entry_add_tensor(e, "w", TA_DTYPE_U8, 2, two, &data), EINVAL);
+    cr_assert(strstr(cache_error(), "overflows"), "%s", cache_error());
+    int64_t one[1] = {1};
+    cr_assert_eq(ta_entry_add_tensor(e, "w", TA_DTYPE_U8, TA_MAX_DIMS + 1, one, &data), EINVAL);
+    cr_assert(strstr(cache_error(), "dimensions"), "%s", cache_error());
+    cr_assert_eq(ta_entry_add_tensor(e, "w", (ta_dtype_t)99, 1, one, &data), EINVAL);
+    cr_assert(strstr(cache_error(), "dtype"), "%s", cache_error());
+    ta_cache_stats_t s = cstats(c);
+    cr_assert_eq(s.ram_used, 512 * KiB, "charged %" PRIu64, s.ram_used);
+    cr_assert_eq(s.cleared, 0, "an impossible tensor evicted 'keep'");
+    cr_assert_eq(s.over_budget_admits, 0);
+    cr_assert_eq(ta_entry_add_tensor(e, "w", TA_DTYPE_U8, 1, one, &data), 0);
+    ta_entry_unlock(e);
+    /* an index past the tensors, and the stats struct's size, by name */
+    cr_assert_eq(ta_cache_get(c, "big", &e), 0);
+    ta_tensor_t t;
+    cr_assert_eq(ta_entry_tensor_at(e, 1, &t), EINVAL);
+    cr_assert(strstr(cache_error(), "index 1"), "%s", cache_error());
+    cr_assert_eq(ta_entry_tensor(e, NULL, &t), EINVAL);
+    cr_assert(strstr(cache_error(), "NULL"), "%s", cache_error());
+    ta_entry_unlock(e);
+    ta_cache_stats_t small = {.size = 8};
+    cr_assert_eq(ta_cache_stats_get(c, &small), EINVAL);
+    cr_assert(strstr(cache_error(), "size"), "%s", cache_error());
+    ta_cache_destroy(c);
+}
+
+/* device_working_mem takes any value: the check that the device has the
+ * bytes plus the working memory free must not wrap (before, need +
+ * SIZE_MAX wrapped to need - 1 and the move went ahead). */
+Test(cache, a_working_memory_larger_than_the_device_refuses_moves)
+{
+    use_fake_cudart();
+    ta_cache_config_t cfg = {.size = sizeof cfg,
+                             .ram_budget = 16 * MiB,
+                             .vram_budget = 16 * MiB,
+                             .device_working_mem = SIZE_MAX,
+                             .keep_ram_copy = true};
+    ta_cache_t *c;
+    cr_assert_eq(ta_cache_create(&cfg, &c), 0, "%s", cache_error());
+    cr_assert_eq(put(c, "a", MiB, 1), 0);
+    ta_entry_t *e;
+    cr_assert_eq(ta_cache_get(c, "a", &e), 0);
+    int rc = ta_entry_to_device(e);
+    cr_assert_eq(rc, ENOMEM, "rc %d (%s)", rc, cache_error());
+    cr_assert(strstr(cache_error(), "working"), "%s", cache_error());
+    cr_assert_eq(cstats(c).vram_used, 0);
+    ta_entry_unlock(e);
+    ta_cache_destroy(c);
 }
 
 /* ---- loads straight to the device ------------------------------------------- */
