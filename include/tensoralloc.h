@@ -172,6 +172,10 @@ typedef enum {
     TA_OPT_STATS,         /* 0/1: print statistics to stderr at exit */
     TA_OPT_VERBOSE,       /* 0/1: warnings and decisions on stderr */
     TA_OPT_MAX_MAP_COUNT, /* count: override vm.max_map_count (tests) */
+    TA_OPT_PURGE_THREAD,  /* 0 off, 1 on, 2 auto (default): the purge thread that
+                             gives memory back while the program is idle; auto
+                             starts it only in a process that already has threads
+                             of its own (docs/reliability.md) */
     TA_OPT_COUNT_
 } ta_option_t;
 

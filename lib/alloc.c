@@ -19,9 +19,24 @@
 static atomic_int process_state; /* 0 not ready, 2 ready */
 static atomic_bool setup_claimed, atfork_done;
 
-/* Lock order: purge mutex, large lock, heaps lock. */
+/* Fork may be entered again on the same thread: a signal handler that
+ * forks while this thread is inside fork (fork is async-signal-safe, and
+ * glibc serves it in a process that never had a second thread, where it
+ * takes none of its own locks). So a nested prepare takes nothing (this
+ * thread holds whatever the outer one took), and in a single-threaded
+ * process none are taken at all: no other thread can hold them, and this
+ * one may hold one itself if the signal came in the middle of a call.
+ * Lock order: purge pass, purge wake, large lock, tidy lock, heaps lock. */
+static _Thread_local unsigned fork_depth;
+static _Thread_local bool fork_locked;
+
 static void fork_prepare(void)
 {
+    if (fork_depth++ > 0)
+        return;
+    fork_locked = _ta_process_has_threads();
+    if (!fork_locked)
+        return;
     _ta_purge_fork_prepare();
     _ta_large_fork_prepare();
     _ta_small_fork_prepare();
@@ -29,13 +44,20 @@ static void fork_prepare(void)
 
 static void fork_parent(void)
 {
+    if (--fork_depth > 0 || !fork_locked)
+        return;
     _ta_small_fork_parent();
     _ta_large_fork_parent();
     _ta_purge_fork_parent();
 }
 
+/* Every lock is made anew, held or not: the child is one thread, and an
+ * outer fork this child was nested in finds nothing left to unlock. */
 static void fork_child(void)
 {
+    if (fork_depth > 0)
+        fork_depth--;
+    fork_locked = false;
     _ta_small_fork_child();
     _ta_large_fork_child();
     _ta_purge_fork_child();
@@ -51,6 +73,7 @@ static void process_init_slow(void)
      * allocates, so it never re-enters). */
     _ta_options_init();
     if (!atomic_exchange(&setup_claimed, true)) {
+        _ta_purge_init();
         /* pthread_atfork may allocate: it re-enters malloc, which is fine
          * now that the options are read. */
         pthread_atfork(fork_prepare, fork_parent, fork_child);
@@ -99,11 +122,13 @@ static void *alloc_large(size_t size, size_t alignment, bool zero)
             p = _ta_large_alloc_packed(size, alignment);
     }
     large_events(events);
+    _ta_purge_start_wanted();
     return p;
 }
 
 static inline void *alloc_path(size_t size, size_t alignment, bool zero)
 {
+    _ta_purge_start_wanted(); /* never under free: see lib/purge.c */
     if (size < threshold() && alignment <= TA_SMALL_MAX_ALIGN)
         return _ta_small_alloc(size, alignment, zero);
     return alloc_large(size, alignment, zero);
@@ -283,6 +308,7 @@ int ta_posix_memalign(void **out, size_t alignment, size_t size)
 void ta_trim(void)
 {
     process_init();
+    _ta_purge_start_wanted();
     large_events(_ta_large_trim(true));
     _ta_small_trim();
 }

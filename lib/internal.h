@@ -168,8 +168,24 @@ void _ta_small_thread_done(void);
 bool _ta_small_purge_pass(void);
 
 /* ---- the purge thread (purge.c) ----------------------------------------- */
-/* Starts the thread if needed and wakes it: there is work with a deadline. */
+/* Process set-up (the condition variable's clock, the owning process). */
+void _ta_purge_init(void);
+/* There is work with a deadline: wakes the purge thread, or records that
+ * one is wanted. Never starts a thread (it runs under free, which glibc
+ * calls with its own locks held). */
 void _ta_purge_wake(void);
+/* Starts the purge thread if a wake asked for one and it may run: called
+ * on allocation paths only, outside every lock of ours. */
+extern atomic_bool _ta_purge_wanted;
+void _ta_purge_start_slow(void);
+static inline void _ta_purge_start_wanted(void)
+{
+    if (TA_UNLIKELY(atomic_load_explicit(&_ta_purge_wanted, memory_order_relaxed)))
+        _ta_purge_start_slow();
+}
+bool _ta_purge_thread_running(void);
+/* glibc's view: has the process ever had a second thread. */
+bool _ta_process_has_threads(void);
 void _ta_purge_fork_prepare(void);
 void _ta_purge_fork_parent(void);
 void _ta_purge_fork_child(void);

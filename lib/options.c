@@ -13,7 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef enum { KIND_SIZE, KIND_MS, KIND_BOOL, KIND_COUNT, KIND_THP } option_kind_t;
+typedef enum { KIND_SIZE, KIND_MS, KIND_BOOL, KIND_COUNT, KIND_TRISTATE /* off, on, auto */ } option_kind_t;
 
 typedef struct {
     const char *name; /* after TENSORALLOC_ */
@@ -27,10 +27,11 @@ static const option_desc_t option_table[TA_OPT_COUNT_] = {
     [TA_OPT_THRESHOLD] = {"THRESHOLD", 256 << 10, 16 << 10, 1 << 20, KIND_SIZE},
     [TA_OPT_RETAIN_BYTES] = {"RETAIN_BYTES", 1LL << 30, 0, 1LL << 50, KIND_SIZE},
     [TA_OPT_RETAIN_MS] = {"RETAIN_MS", 500, 0, 3600 * 1000, KIND_MS},
-    [TA_OPT_THP] = {"THP", 2, 0, 2, KIND_THP},
+    [TA_OPT_THP] = {"THP", 2, 0, 2, KIND_TRISTATE},
     [TA_OPT_STATS] = {"STATS", 0, 0, 1, KIND_BOOL},
     [TA_OPT_VERBOSE] = {"VERBOSE", 0, 0, 1, KIND_BOOL},
     [TA_OPT_MAX_MAP_COUNT] = {"MAX_MAP_COUNT", 0, 0, 1LL << 31, KIND_COUNT},
+    [TA_OPT_PURGE_THREAD] = {"PURGE_THREAD", 2, 0, 2, KIND_TRISTATE},
 };
 
 long long _ta_options[TA_OPT_COUNT_];
@@ -39,7 +40,7 @@ static atomic_int options_state; /* 0 = not read, 1 = reading, 2 = ready */
 /* Parses "123", "64K", "2MiB", "1g"; returns false on anything else. */
 static bool parse_value(const char *s, option_kind_t kind, long long *out)
 {
-    if (kind == KIND_THP) { /* off, on, or auto */
+    if (kind == KIND_TRISTATE) { /* off, on, or auto */
         if (strcasecmp(s, "auto") == 0 || strcmp(s, "2") == 0)
             return (*out = 2), true;
         kind = KIND_BOOL;
@@ -144,7 +145,7 @@ void _ta_options_init(void)
                         var, text,
                         option_table[i].kind == KIND_SIZE   ? "a size such as 512K or 2M"
                         : option_table[i].kind == KIND_BOOL ? "0 or 1"
-                        : option_table[i].kind == KIND_THP  ? "off, on or auto"
+                        : option_table[i].kind == KIND_TRISTATE  ? "off, on or auto"
                                                             : "a number",
                         option_table[i].min, option_table[i].max, _ta_options[i]);
         }

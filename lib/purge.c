@@ -1,11 +1,25 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * The purge thread: gives memory back on time even when the program stops
- * calling the allocator. It unmaps pool entries past RETAIN_MS and drains
- * the heaps of exited threads that other threads keep freeing into, and
- * gives back blocks freed into live heaps whose owners stay idle. It is
- * started on the first need (outside any lock), sleeps while there is
- * nothing to do, blocks every signal, and is recreated after fork.
+ * calling the allocator. It unmaps pool entries past RETAIN_MS, drains the
+ * heaps of exited threads that other threads keep freeing into, and gives
+ * back blocks freed into live heaps whose owners stay idle.
+ *
+ * Its life follows three rules (docs/reliability.md, "What may happen
+ * under malloc and free"):
+ * - free never starts it. glibc calls free while it holds locks that
+ *   pthread_create takes (its stack-cache lock, when a thread exits), so a
+ *   wake only records the need; the next allocation outside free starts
+ *   the thread (_ta_purge_start_wanted).
+ * - It is never what makes a process multi-threaded (option PURGE_THREAD,
+ *   auto): glibc serves fork from a signal handler, and skips its own fork
+ *   locking, only in a process that never had a second thread, and Python
+ *   warns on fork in a threaded one. A single-threaded process ages its
+ *   pool on allocator calls only.
+ * - It never keeps a process alive: when nothing with a deadline is left it
+ *   lingers briefly and then exits, so a process whose last own thread
+ *   ends (pthread_exit from main, a forked child's thread returning) ends
+ *   too, at most a pass and a linger later.
  */
 #define _GNU_SOURCE
 #include "internal.h"
@@ -13,51 +27,149 @@
 #include <pthread.h>
 #include <signal.h>
 #include <time.h>
+#include <unistd.h>
+#if defined(__has_include)
+#if __has_include(<sys/single_threaded.h>)
+#include <sys/single_threaded.h>
+#define HAVE_SINGLE_THREADED 1
+#endif
+#endif
+
+/* How long an idle purge thread waits for more work before it exits. */
+#define PURGE_LINGER_MS 200
+/* At vm.max_map_count the thread's stack cannot be mapped: then the pool
+ * ages on allocator calls only, and creation is tried again a second
+ * later, not on every allocation. */
+#define PURGE_RETRY_CREATE_MS 1000
 
 static pthread_mutex_t purge_mutex = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t purge_cond = PTHREAD_COND_INITIALIZER;
-static atomic_int purge_started;
+static pthread_cond_t purge_cond; /* on CLOCK_MONOTONIC: made by _ta_purge_init */
+/* Held over each pass: fork takes it, so a child never inherits a pass
+ * cut in half (a heap's trim flag set, a taken list, victims in flight). */
+static pthread_mutex_t pass_mutex = PTHREAD_MUTEX_INITIALIZER;
+static bool purge_running; /* guarded by purge_mutex: a thread exists and looks at pending */
+static bool purge_pending; /* guarded by purge_mutex: a wake since the last pass */
+static pid_t purge_pid;    /* guarded by purge_mutex: the process the state belongs to */
+atomic_bool _ta_purge_wanted; /* work waits for a thread: the next allocation starts one */
 static _Atomic uint64_t purge_failed_ms; /* when pthread_create last failed */
-static bool purge_pending;               /* guarded by purge_mutex: a wake since the last pass */
+
+static void purge_cond_init(void)
+{
+    pthread_condattr_t attr;
+    pthread_condattr_init(&attr);
+    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+    pthread_cond_init(&purge_cond, &attr);
+    pthread_condattr_destroy(&attr);
+}
+
+/* Process set-up, before any allocation can wake the thread. */
+void _ta_purge_init(void)
+{
+    purge_cond_init();
+    __atomic_store_n(&purge_pid, getpid(), __ATOMIC_RELAXED);
+}
+
+bool _ta_process_has_threads(void)
+{
+#ifdef HAVE_SINGLE_THREADED
+    return __libc_single_threaded == 0;
+#else
+    return true;
+#endif
+}
+
+/* Passes until nothing with a deadline is left. */
+static void purge_work(void)
+{
+    for (;;) {
+        long long ms = _ta_opt(TA_OPT_RETAIN_MS) / 4;
+        ms = ms < 5 ? 5 : ms > 250 ? 250 : ms;
+        struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+        nanosleep(&ts, NULL);
+        pthread_mutex_lock(&pass_mutex);
+        bool more = _ta_small_purge_pass();
+        more |= _ta_large_expire();
+        pthread_mutex_unlock(&pass_mutex);
+        if (!more)
+            return;
+    }
+}
 
 static void *purge_main(void *arg)
 {
     (void)arg;
+    pthread_mutex_lock(&purge_mutex);
     for (;;) {
-        pthread_mutex_lock(&purge_mutex);
-        while (!purge_pending)
-            pthread_cond_wait(&purge_cond, &purge_mutex);
+        if (!purge_pending) {
+            struct timespec until;
+            clock_gettime(CLOCK_MONOTONIC, &until);
+            until.tv_nsec += PURGE_LINGER_MS * 1000000L;
+            until.tv_sec += until.tv_nsec / 1000000000L;
+            until.tv_nsec %= 1000000000L;
+            while (!purge_pending &&
+                   pthread_cond_timedwait(&purge_cond, &purge_mutex, &until) == 0)
+                ;
+            if (!purge_pending) {
+                purge_running = false; /* the next wake asks for a new thread */
+                pthread_mutex_unlock(&purge_mutex);
+                return NULL;
+            }
+        }
         purge_pending = false;
         pthread_mutex_unlock(&purge_mutex);
-
-        /* Work until nothing with a deadline is left, then wait again. */
-        for (;;) {
-            long long ms = _ta_opt(TA_OPT_RETAIN_MS) / 4;
-            ms = ms < 5 ? 5 : ms > 250 ? 250 : ms;
-            struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
-            nanosleep(&ts, NULL);
-            bool more = _ta_small_purge_pass();
-            more |= _ta_large_expire();
-            if (!more)
-                break;
-        }
+        purge_work();
+        pthread_mutex_lock(&purge_mutex);
     }
-    return NULL;
 }
 
-/* At vm.max_map_count the thread's stack cannot be mapped: then the pool
- * ages on allocator calls only, and creation is tried again a second
- * later, not on every wake. */
-#define PURGE_RETRY_CREATE_MS 1000
-
-static void purge_start(void)
+/* A child made by _Fork (no fork handlers) of a process whose purge thread
+ * ran: that thread is not in the child, and glibc's condition variable
+ * still counts it as a waiter. Called with nothing held. */
+static void purge_forget_parent(void)
 {
+    pid_t owner = __atomic_load_n(&purge_pid, __ATOMIC_RELAXED);
+    pid_t self = getpid();
+    if (owner == self || owner == 0) /* 0: set-up has not finished */
+        return;
+    _ta_purge_fork_child();
+    __atomic_store_n(&purge_pid, self, __ATOMIC_RELAXED);
+}
+
+void _ta_purge_wake(void)
+{
+    purge_forget_parent();
+    pthread_mutex_lock(&purge_mutex);
+    purge_pending = true;
+    if (purge_running)
+        pthread_cond_signal(&purge_cond);
+    else
+        atomic_store_explicit(&_ta_purge_wanted, true, memory_order_relaxed);
+    pthread_mutex_unlock(&purge_mutex);
+}
+
+static bool purge_may_start(void)
+{
+    long long mode = _ta_opt(TA_OPT_PURGE_THREAD);
+    if (mode == 0 || (mode == 2 && !_ta_process_has_threads()))
+        return false;
     uint64_t failed = atomic_load_explicit(&purge_failed_ms, memory_order_relaxed);
-    if (failed != 0 && _ta_os_now_ms() - failed < PURGE_RETRY_CREATE_MS)
+    return failed == 0 || _ta_os_now_ms() - failed >= PURGE_RETRY_CREATE_MS;
+}
+
+void _ta_purge_start_slow(void)
+{
+    if (!purge_may_start())
         return;
-    int expected = 0;
-    if (!atomic_compare_exchange_strong(&purge_started, &expected, 1))
+    purge_forget_parent();
+    pthread_mutex_lock(&purge_mutex);
+    bool start = !purge_running && purge_pending;
+    if (start)
+        purge_running = true;
+    atomic_store_explicit(&_ta_purge_wanted, false, memory_order_relaxed);
+    pthread_mutex_unlock(&purge_mutex);
+    if (!start)
         return;
+
     sigset_t all, old;
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old); /* the thread inherits "all blocked" */
@@ -66,48 +178,53 @@ static void purge_start(void)
     pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
     pthread_attr_setstacksize(&attr, 128 << 10);
     pthread_t tid;
-    if (pthread_create(&tid, &attr, purge_main, NULL) != 0) {
-        uint64_t now = _ta_os_now_ms();
-        atomic_store(&purge_failed_ms, now ? now : 1);
-        atomic_store(&purge_started, 0);
-        _ta_log(false, "tensoralloc: no purge thread; the pool ages on allocator calls only\n");
-    }
+    int rc = pthread_create(&tid, &attr, purge_main, NULL);
     pthread_attr_destroy(&attr);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
-}
-
-void _ta_purge_wake(void)
-{
-    if (atomic_load_explicit(&purge_started, memory_order_relaxed) == 0) {
-        purge_start();
-        if (atomic_load_explicit(&purge_started, memory_order_relaxed) == 0)
-            return; /* no thread to wake */
+    if (rc != 0) {
+        uint64_t now = _ta_os_now_ms();
+        atomic_store(&purge_failed_ms, now ? now : 1);
+        pthread_mutex_lock(&purge_mutex);
+        purge_running = false;
+        atomic_store_explicit(&_ta_purge_wanted, true, memory_order_relaxed);
+        pthread_mutex_unlock(&purge_mutex);
+        _ta_log(false, "tensoralloc: no purge thread; the pool ages on allocator calls only\n");
     }
-    pthread_mutex_lock(&purge_mutex);
-    purge_pending = true;
-    pthread_cond_signal(&purge_cond);
-    pthread_mutex_unlock(&purge_mutex);
 }
 
+bool _ta_purge_thread_running(void)
+{
+    pthread_mutex_lock(&purge_mutex);
+    bool running = purge_running;
+    pthread_mutex_unlock(&purge_mutex);
+    return running;
+}
+
+/* Fork holds the pass lock (a pass finishes first) and the wake lock. */
 void _ta_purge_fork_prepare(void)
 {
+    pthread_mutex_lock(&pass_mutex);
     pthread_mutex_lock(&purge_mutex);
 }
 
 void _ta_purge_fork_parent(void)
 {
     pthread_mutex_unlock(&purge_mutex);
+    pthread_mutex_unlock(&pass_mutex);
 }
 
-/* The child has no purge thread; the next need starts one. The mutex and
+/* The child has no purge thread; the next need starts one. The locks and
  * the condition variable are made anew rather than unlocked: glibc's
  * condition variable keeps the parent's waiter (the purge thread) in its
  * state, and a signal in the child would wait for that waiter forever. */
 void _ta_purge_fork_child(void)
 {
+    pthread_mutex_init(&pass_mutex, NULL);
     pthread_mutex_init(&purge_mutex, NULL);
-    pthread_cond_init(&purge_cond, NULL);
-    atomic_store(&purge_started, 0);
-    atomic_store(&purge_failed_ms, 0);
+    purge_cond_init();
+    purge_running = false;
     purge_pending = false;
+    __atomic_store_n(&purge_pid, getpid(), __ATOMIC_RELAXED);
+    atomic_store(&_ta_purge_wanted, false);
+    atomic_store(&purge_failed_ms, 0);
 }
