@@ -424,6 +424,79 @@ Test(cache, malformed_safetensors_are_refused_and_change_nothing)
              "\"w\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[1,2]}}",
              2);
     expect_refused(p, "appears twice");
+
+    /* the first name, in header order, that an earlier tensor has */
+    snprintf(p, sizeof p, "%s/dup-order", dir);
+    write_st(p,
+             "{\"a\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1]},"
+             "\"b\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[1,2]},"
+             "\"b\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[2,3]},"
+             "\"a\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[3,4]}}",
+             4);
+    expect_refused(p, "tensor 'b' appears twice");
+}
+
+/* A header of n empty tensors "t0" .. "t<n-1>", and when dup >= 0 one more
+ * named "t<dup>" at the end. */
+static void write_names(const char *path, int n, int dup)
+{
+    size_t cap = (size_t)(n + 1) * 64 + 16, len = 0;
+    char *hdr = malloc(cap);
+    cr_assert_not_null(hdr);
+    hdr[len++] = '{';
+    for (int i = 0; i <= n; i++) {
+        if (i == n && dup < 0)
+            break;
+        len += (size_t)snprintf(hdr + len, cap - len,
+                                "%s\"t%d\":{\"dtype\":\"U8\",\"shape\":[0],\"data_offsets\":[0,0]}",
+                                i ? "," : "", i < n ? i : dup);
+    }
+    hdr[len++] = '}';
+    hdr[len] = '\0';
+    write_st(path, hdr, 0);
+    free(hdr);
+}
+
+/* A million names; a tenth of them under valgrind (its tenfold deadline is
+ * meson's, not Criterion's), still far past what pairwise checks finish. */
+static int million(void)
+{
+    return under_valgrind() ? 100000 : 1000000;
+}
+
+/* Names are checked for duplicates by sorting, not pairwise: a million
+ * tensors (a 55 MB header, inside the 100 MiB cap) load in seconds (about
+ * 9 here, 24 under AddressSanitizer, most of it cJSON's parse). Before,
+ * each name was compared with every earlier one: 20,000 names took about a
+ * second and a million would take about 40 minutes (the deadline fails it). */
+Test(cache, a_million_names_are_checked_for_duplicates_quickly, .timeout = 90)
+{
+    char path[128];
+    snprintf(path, sizeof path, "%s/names.safetensors", dir);
+    const int n = million();
+    write_names(path, n, -1);
+    ta_cache_t *c = new_cache(64 * MiB, TA_OVERFLOW_REFUSE);
+    ta_entry_t *e;
+    cr_assert_eq(ta_cache_load_safetensors(c, "names", path, &e), 0, "%s", cache_error());
+    cr_assert_eq(ta_entry_tensor_count(e), (size_t)n);
+    ta_tensor_t t;
+    char last[16];
+    snprintf(last, sizeof last, "t%d", n - 1);
+    cr_assert_eq(ta_entry_tensor(e, last, &t), 0);
+    cr_assert_eq(t.nbytes, 0);
+    ta_entry_unlock(e);
+    ta_cache_destroy(c);
+}
+
+/* ... and a duplicate among them is still refused, by name. */
+Test(cache, a_duplicate_among_a_million_names_is_refused, .timeout = 90)
+{
+    char path[128], want[64];
+    snprintf(path, sizeof path, "%s/dup-names.safetensors", dir);
+    const int n = million();
+    write_names(path, n, n / 2);
+    snprintf(want, sizeof want, "tensor 't%d' appears twice", n / 2);
+    expect_refused(path, want);
 }
 
 Test(cache, committed_fixtures)
