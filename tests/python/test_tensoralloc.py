@@ -8,6 +8,7 @@ suite reports a skip (exit 77).
 """
 import gc
 import glob
+import importlib.util
 import logging
 import os
 import shutil
@@ -17,8 +18,10 @@ import tempfile
 import threading
 import time
 import unittest
+import weakref
 
 import tensoralloc as ta
+from tensoralloc import _tensoralloc as _c
 
 try:
     import numpy as np
@@ -44,6 +47,46 @@ def model(seed, n=8, size=64 * 1024):
             for i in range(n)}
 
 
+# A cache with a Python log callback, a keep-alive timer that is evicting
+# (a log call each) and, with "loaders", daemon threads loading, when the
+# interpreter exits. The callback is slow and its globals are not the main
+# module's, so nothing refers back to the cache and finalisation frees it.
+# An atexit handler registered first (so run last) holds the GIL in C, so
+# the timer is waiting for the GIL -- its mutex held -- as finalisation
+# starts: a thread that takes the GIL then is ended where it stands. argv:
+# a file, "timer" or "loaders".
+EXIT_WITH_LOGGING = """
+import atexit
+atexit.register(sum, range(2 * 10**7))
+import os, sys, threading
+import numpy as np
+import tensoralloc as ta
+
+path, mode = sys.argv[1], sys.argv[2]
+ta.save_safetensors(path, {"w": np.ones(1024, dtype=np.float32)})
+ns = {}
+exec("import time\\n"
+     "seen = []\\n"
+     "def log(level, message):\\n"
+     "    seen.append(message)\\n"
+     "    t = time.perf_counter()\\n"
+     "    while time.perf_counter() - t < 0.0003:\\n"
+     "        pass\\n", ns)
+cache = ta.ModelCache("64M", log=ns["log"], keep_alive=0.05, load_threads=1)
+held = [cache.load(f"m{i}", path) for i in range(300)]
+del held  # unlocked together: the timer evicts them in one batch
+if mode == "loaders":
+    def load(k):
+        while True:
+            cache.load(f"t{k}", path).close()
+    for k in range(2):
+        threading.Thread(target=load, args=(k,), daemon=True).start()
+while not any("unused" in m for m in ns["seen"][-5:]):
+    pass
+print("exiting with", len(ns["seen"]), "messages", flush=True)
+"""
+
+
 class Base(unittest.TestCase):
     def setUp(self):
         self.dir = tempfile.mkdtemp(prefix="ta-py-")
@@ -56,6 +99,24 @@ class Base(unittest.TestCase):
         path = os.path.join(self.dir, name + ".safetensors")
         ta.save_safetensors(path, tensors, **kw)
         return path
+
+    def child(self, code, *args, env=None, timeout=120):
+        """Runs code in a fresh interpreter (a crash or a hang there is this
+        test's failure, not the runner's): its CompletedProcess, or a
+        failure naming the timeout."""
+        try:
+            return subprocess.run([sys.executable, "-c", code, *args], capture_output=True,
+                                  text=True, timeout=timeout, env=dict(os.environ, **(env or {})))
+        except subprocess.TimeoutExpired as e:
+            out = b"".join(x for x in (e.stdout, e.stderr) if x).decode(errors="replace")
+        self.fail(f"the child hung (killed after {timeout} s); its output: {out!r}")
+
+    def assertChildOk(self, r, what):
+        """r exited 0 and wrote no fatal error."""
+        self.assertEqual(r.returncode, 0, f"{what}: exit status {r.returncode} "
+                         f"({'killed by signal ' + str(-r.returncode) if r.returncode < 0 else ''})"
+                         f"\n{r.stdout}{r.stderr}")
+        self.assertNotIn("Fatal Python error", r.stderr, what)
 
 
 class Contract(Base):
@@ -509,6 +570,55 @@ class Device(Base):
         r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
         self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
         self.assertIn("ok", r.stdout)
+
+
+class Shutdown(Base):
+    def test_log_callback_at_exit_with_a_timer_and_loaders(self):
+        path = os.path.join(self.dir, "m.safetensors")
+        for mode in ("timer", "timer", "loaders", "loaders"):
+            r = self.child(EXIT_WITH_LOGGING, path, mode, timeout=60)
+            print(f"\n    exit with {mode}: exit {r.returncode}: {r.stdout.strip()}",
+                  file=sys.stderr)
+            self.assertChildOk(r, f"interpreter exit with a logging cache ({mode})")
+
+    def test_a_cache_in_a_cycle_with_its_log_callback_is_collected(self):
+        class Owner:
+            def __init__(self):
+                self.cache = ta.ModelCache("16M", log=self.log)
+
+            def log(self, level, message):
+                pass
+
+        o = Owner()
+        o.cache.load("m", self.file("m", model(1))).close()
+        gone = weakref.ref(o.cache)
+        del o
+        gc.collect()
+        self.assertIsNone(gone(), "the cache <-> callback cycle was not collected")
+
+    def test_module_state_and_heap_types(self):
+        heap = 1 << 9  # Py_TPFLAGS_HEAPTYPE
+        for t in (_c.Cache, _c.Handle, _c.Buffer):
+            self.assertTrue(t.__flags__ & heap, t)
+        for t in (_c.Handle, _c.Buffer):
+            with self.assertRaises(TypeError):
+                t()
+        # multi-phase init: a second module object has its own types and
+        # exceptions, and works
+        spec = importlib.util.find_spec("tensoralloc._tensoralloc")
+        again = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(again)
+        self.assertIsNot(again.Cache, _c.Cache)
+        self.assertIsNot(again.FormatError, ta.FormatError)
+        c = again.Cache(16 * MiB)
+        with self.assertRaises(again.FormatError):
+            c.load("bad", sorted(glob.glob(os.path.join(DATA, "bad-*.safetensors")))[0])
+        h = c.load("m", self.file("m", model(1)))
+        self.assertIsInstance(h, again.Handle)
+        self.assertIsInstance(h.buffer(0), again.Buffer)
+        del h
+        c.close()
+        self.assertEqual(c.handles, 0)
 
 
 if __name__ == "__main__":

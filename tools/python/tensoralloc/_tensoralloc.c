@@ -4,16 +4,21 @@
  * (tools/python/tensoralloc/__init__.py builds the documented API on it).
  *
  * Why an extension and not ctypes: a view must keep its entry locked until
- * the view is garbage-collected. Here a view is a _Buffer (the buffer
- * protocol over one tensor's memory) holding a reference to the _Handle
- * that owns one lock of the entry; numpy and torch keep the _Buffer alive
+ * the view is garbage-collected. Here a view is a Buffer (the buffer
+ * protocol over one tensor's memory) holding a reference to the Handle
+ * that owns one lock of the entry; numpy and torch keep the Buffer alive
  * as their base, so the lock goes exactly when the last view does. ctypes
  * offers no object whose lifetime a numpy array extends that way.
  *
  * The GIL is released around every call into the cache: loads and moves run
  * while other Python threads do, and no call waits on the cache's mutex
  * while holding the GIL (the log callback takes the GIL with that mutex
- * held, so the other order would deadlock).
+ * held, so the other order would deadlock). The log callback
+ * never waits for the GIL once the interpreter is exiting: an atexit
+ * handler closes a gate, after which messages are dropped.
+ *
+ * Multi-phase initialisation (PEP 489) with heap types and module state:
+ * the types and exceptions live in the module's state, not in globals.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -22,11 +27,62 @@
 #include "tensoralloc_cache.h"
 
 #include <errno.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
-static PyObject *FormatError, *CacheFullError, *NoDeviceError;
+#if PY_VERSION_HEX < 0x030A0000
+#error "the tensoralloc extension needs Python 3.10 or later (heap types from module specs)"
+#endif
+
+/* _Py_IsFinalizing became the public Py_IsFinalizing in 3.13 (the private
+ * name is gone there). */
+#if PY_VERSION_HEX >= 0x030D0000
+#define interpreter_finalizing() Py_IsFinalizing()
+#else
+#define interpreter_finalizing() _Py_IsFinalizing()
+#endif
+
+/* A function for a PyType_Slot (void *): through an integer, which ISO C
+ * allows where a direct cast to an object pointer is not. */
+#define SLOT_FN(f) ((void *)(uintptr_t)(f))
+
+/* The log gate: closed at interpreter exit (atexit), after which no log
+ * callback enters Python; calls counts the callbacks past it, which the exit
+ * handler waits for. Read without the GIL, by threads the cache started, so
+ * it is reference-counted: the module holds it and so does every Cache, and
+ * it outlives whichever goes last. */
+typedef struct {
+    atomic_int closed, calls, refs;
+} log_gate_t;
+
+static log_gate_t *log_gate_ref(log_gate_t *g)
+{
+    if (g)
+        atomic_fetch_add(&g->refs, 1);
+    return g;
+}
+
+static void log_gate_unref(log_gate_t *g)
+{
+    if (g && atomic_fetch_sub(&g->refs, 1) == 1)
+        free(g);
+}
+
+typedef struct {
+    PyTypeObject *cache_type, *handle_type, *buffer_type;
+    PyObject *format_error, *cache_full_error, *no_device_error;
+    log_gate_t *log_gate;
+} module_state;
+
+static module_state *state_of(PyObject *o)
+{
+    return PyType_GetModuleState(Py_TYPE(o));
+}
 
 /* The message of this thread's last failed cache call. */
 static const char *cache_error(void)
@@ -37,17 +93,17 @@ static const char *cache_error(void)
 }
 
 /* Raises the exception rc calls for, with the cache's message. */
-static PyObject *raise_rc(int rc, const char *message)
+static PyObject *raise_rc(module_state *st, int rc, const char *message)
 {
     char text[512];
     snprintf(text, sizeof text, "%s", message && *message ? message : ta_strerror(rc));
     switch (rc) {
-    case TA_EFORMAT: PyErr_SetString(FormatError, text); break;
+    case TA_EFORMAT: PyErr_SetString(st->format_error, text); break;
     case TA_ECACHEFULL:
-    case TA_EBUDGET: PyErr_SetString(CacheFullError, text); break;
+    case TA_EBUDGET: PyErr_SetString(st->cache_full_error, text); break;
     case TA_ENODEVICE:
     case TA_ENORUNTIME:
-    case TA_ENOTSUP: PyErr_SetString(NoDeviceError, text); break;
+    case TA_ENOTSUP: PyErr_SetString(st->no_device_error, text); break;
     case ENOMEM: PyErr_SetString(PyExc_MemoryError, text); break;
     case EINVAL: PyErr_SetString(PyExc_ValueError, text); break;
     default:
@@ -64,30 +120,41 @@ static PyObject *raise_rc(int rc, const char *message)
     return NULL;
 }
 
-/* ---- _Cache ---------------------------------------------------------------- */
+/* ---- Cache ---------------------------------------------------------------- */
 
 typedef struct {
     PyObject_HEAD ta_cache_t *cache;
-    PyObject *log; /* callable(level: str, message: str) or NULL */
-    Py_ssize_t handles;
+    module_state *st;
+    log_gate_t *log_gate; /* the module's, for the callback (no GIL there) */
+    PyObject *log;        /* callable(level: str, message: str) or NULL */
+    Py_ssize_t handles;   /* live handles: each holds one lock of an entry */
     int closed;
 } CacheObject;
 
 static void log_to_python(void *arg, ta_log_level_t level, const char *message)
 {
     static const char *const names[] = {"error", "warning", "info", "debug"};
-    if (_Py_IsFinalizing())
-        return;
-    PyGILState_STATE g = PyGILState_Ensure();
     CacheObject *self = arg;
-    if (self->log) {
-        PyObject *r = PyObject_CallFunction(self->log, "ss", names[level], message);
-        if (r)
-            Py_DECREF(r);
-        else
-            PyErr_WriteUnraisable(self->log);
+    log_gate_t *gate = self->log_gate;
+    /* Counted before the gate is read, and the exit handler closes the gate
+     * before it reads the count (both sequentially consistent): either this
+     * call sees the gate closed, or the handler waits for it. */
+    atomic_fetch_add(&gate->calls, 1);
+    if (!atomic_load(&gate->closed) && !interpreter_finalizing()) {
+        PyGILState_STATE g = PyGILState_Ensure();
+        PyObject *log = self->log;
+        if (log) {
+            Py_INCREF(log); /* the callback may drop the cache's reference */
+            PyObject *r = PyObject_CallFunction(log, "ss", names[level], message);
+            if (r)
+                Py_DECREF(r);
+            else
+                PyErr_WriteUnraisable(log);
+            Py_DECREF(log);
+        }
+        PyGILState_Release(g);
     }
-    PyGILState_Release(g);
+    atomic_fetch_sub(&gate->calls, 1);
 }
 
 static void cache_destroy(CacheObject *self)
@@ -95,9 +162,27 @@ static void cache_destroy(CacheObject *self)
     ta_cache_t *c = self->cache;
     self->cache = NULL;
     if (c) {
-        Py_BEGIN_ALLOW_THREADS ta_cache_destroy(c);
-        Py_END_ALLOW_THREADS
+        PyThreadState *ts = PyEval_SaveThread();
+        ta_cache_destroy(c);
+        PyEval_RestoreThread(ts);
     }
+}
+
+/* The C cache, or NULL with ValueError once closed. */
+static ta_cache_t *cache_enter(CacheObject *self)
+{
+    if (self->closed || !self->cache) {
+        PyErr_SetString(PyExc_ValueError, "the cache is closed");
+        return NULL;
+    }
+    return self->cache;
+}
+
+/* Frees the C cache when it is closed and no handle is left. */
+static void cache_free_if_unused(CacheObject *self)
+{
+    if (self->closed && self->handles == 0)
+        cache_destroy(self);
 }
 
 static int Cache_init(CacheObject *self, PyObject *args, PyObject *kw)
@@ -110,7 +195,7 @@ static int Cache_init(CacheObject *self, PyObject *args, PyObject *kw)
     if (!PyArg_ParseTupleAndKeywords(args, kw, "K|KipiOiiK", names, &ram, &vram, &device, &keep,
                                      &overflow, &log, &threads, &page_cache, &keep_alive))
         return -1;
-    if (self->cache) {
+    if (self->cache || self->closed) {
         PyErr_SetString(PyExc_RuntimeError, "already initialised");
         return -1;
     }
@@ -130,54 +215,62 @@ static int Cache_init(CacheObject *self, PyObject *args, PyObject *kw)
                              .load_threads = threads,
                              .page_cache = (ta_page_cache_t)page_cache,
                              .keep_alive_ms = keep_alive};
-    if (log != Py_None) {
-        Py_INCREF(log);
-        self->log = log;
-    }
+    self->st = state_of((PyObject *)self);
+    if (!self->log_gate)
+        self->log_gate = log_gate_ref(self->st->log_gate);
+    Py_XSETREF(self->log, log != Py_None ? Py_NewRef(log) : NULL);
     ta_cache_t *c = NULL;
     int rc = ta_cache_create(&cfg, &c);
     if (rc) {
-        raise_rc(rc, cache_error());
+        raise_rc(self->st, rc, cache_error());
         return -1;
     }
     self->cache = c;
     return 0;
 }
 
-static void Cache_dealloc(CacheObject *self)
+static int Cache_traverse(CacheObject *self, visitproc visit, void *arg)
 {
-    cache_destroy(self);
-    Py_CLEAR(self->log);
-    Py_TYPE(self)->tp_free((PyObject *)self);
-}
-
-static int open_or_raise(CacheObject *self)
-{
-    if (!self->cache || self->closed) {
-        PyErr_SetString(PyExc_ValueError, "the cache is closed");
-        return -1;
-    }
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->log);
     return 0;
 }
 
-/* ---- _Handle: one lock of an entry -------------------------------------------- */
+static int Cache_clear(CacheObject *self)
+{
+    Py_CLEAR(self->log);
+    return 0;
+}
+
+static void Cache_dealloc(CacheObject *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    cache_destroy(self); /* no call is in flight: each holds a reference */
+    log_gate_unref(self->log_gate);
+    Py_CLEAR(self->log);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+/* ---- Handle: one lock of an entry -------------------------------------------- */
 
 typedef struct {
     PyObject_HEAD CacheObject *owner;
     ta_entry_t *entry;
 } HandleObject;
 
-static PyTypeObject HandleType;
-
+/* A handle for e, locked by the caller; unlocks e when it fails. */
 static PyObject *handle_new(CacheObject *owner, ta_entry_t *e)
 {
-    HandleObject *h = PyObject_New(HandleObject, &HandleType);
+    HandleObject *h = PyObject_New(HandleObject, owner->st->handle_type);
     if (!h) {
-        Py_BEGIN_ALLOW_THREADS ta_entry_unlock(e);
-        Py_END_ALLOW_THREADS return NULL;
+        PyThreadState *ts = PyEval_SaveThread();
+        ta_entry_unlock(e);
+        PyEval_RestoreThread(ts);
+        return NULL;
     }
-    Py_INCREF(owner);
-    h->owner = owner;
+    h->owner = (CacheObject *)Py_NewRef(owner);
     h->entry = e;
     owner->handles++;
     return (PyObject *)h;
@@ -185,66 +278,85 @@ static PyObject *handle_new(CacheObject *owner, ta_entry_t *e)
 
 static void Handle_dealloc(HandleObject *self)
 {
+    PyTypeObject *tp = Py_TYPE(self);
+    CacheObject *owner = self->owner;
     ta_entry_t *e = self->entry;
-    Py_BEGIN_ALLOW_THREADS ta_entry_unlock(e);
-    Py_END_ALLOW_THREADS CacheObject *owner = self->owner;
-    if (--owner->handles == 0 && owner->closed)
-        cache_destroy(owner); /* close() waited for the last view */
+    PyThreadState *ts = PyEval_SaveThread();
+    ta_entry_unlock(e);
+    PyEval_RestoreThread(ts);
+    owner->handles--;
+    cache_free_if_unused(owner); /* close() waited for the last view */
     Py_DECREF(owner);
     PyObject_Free(self);
+    Py_DECREF(tp);
 }
 
-/* ---- _Cache methods ---------------------------------------------------------------- */
+/* ---- Cache methods ---------------------------------------------------------------- */
 
 static PyObject *Cache_load(CacheObject *self, PyObject *args)
 {
     const char *key, *path;
     int to_device = 0;
-    if (!PyArg_ParseTuple(args, "ss|p", &key, &path, &to_device) || open_or_raise(self))
+    if (!PyArg_ParseTuple(args, "ss|p", &key, &path, &to_device))
+        return NULL;
+    ta_cache_t *c = cache_enter(self);
+    if (!c)
         return NULL;
     ta_entry_t *e = NULL;
     int rc;
     char why[512];
-    Py_BEGIN_ALLOW_THREADS for (;;)
-    {
-        rc = ta_cache_get(self->cache, key, &e);
+    PyThreadState *ts = PyEval_SaveThread();
+    for (;;) {
+        rc = ta_cache_get(c, key, &e);
         if (rc != ENOENT)
             break;
-        rc = to_device ? ta_cache_load_safetensors_to_device(self->cache, key, path, &e)
-                       : ta_cache_load_safetensors(self->cache, key, path, &e);
+        rc = to_device ? ta_cache_load_safetensors_to_device(c, key, path, &e)
+                       : ta_cache_load_safetensors(c, key, path, &e);
         if (rc != EEXIST) /* EEXIST: another thread loaded it meanwhile */
             break;
     }
     snprintf(why, sizeof why, "%s", rc ? cache_error() : "");
-    Py_END_ALLOW_THREADS if (rc) return raise_rc(rc, why);
-    return handle_new(self, e);
+    PyEval_RestoreThread(ts);
+    PyObject *out = rc ? raise_rc(self->st, rc, why) : handle_new(self, e);
+    return out;
 }
 
 static PyObject *Cache_get(CacheObject *self, PyObject *args)
 {
     const char *key;
-    if (!PyArg_ParseTuple(args, "s", &key) || open_or_raise(self))
+    if (!PyArg_ParseTuple(args, "s", &key))
+        return NULL;
+    ta_cache_t *c = cache_enter(self);
+    if (!c)
         return NULL;
     ta_entry_t *e = NULL;
     int rc;
-    Py_BEGIN_ALLOW_THREADS rc = ta_cache_get(self->cache, key, &e);
-    Py_END_ALLOW_THREADS if (rc == ENOENT) Py_RETURN_NONE;
-    if (rc)
-        return raise_rc(rc, cache_error());
-    return handle_new(self, e);
+    char why[512];
+    PyThreadState *ts = PyEval_SaveThread();
+    rc = ta_cache_get(c, key, &e);
+    snprintf(why, sizeof why, "%s", rc ? cache_error() : "");
+    PyEval_RestoreThread(ts);
+    PyObject *out = rc == ENOENT ? Py_NewRef(Py_None)
+                    : rc         ? raise_rc(self->st, rc, why)
+                                 : handle_new(self, e);
+    return out;
 }
 
 static PyObject *Cache_remove(CacheObject *self, PyObject *args)
 {
     const char *key;
-    if (!PyArg_ParseTuple(args, "s", &key) || open_or_raise(self))
+    if (!PyArg_ParseTuple(args, "s", &key))
+        return NULL;
+    ta_cache_t *c = cache_enter(self);
+    if (!c)
         return NULL;
     int rc;
     char why[512];
-    Py_BEGIN_ALLOW_THREADS rc = ta_cache_remove(self->cache, key);
+    PyThreadState *ts = PyEval_SaveThread();
+    rc = ta_cache_remove(c, key);
     snprintf(why, sizeof why, "%s", rc ? cache_error() : "");
-    Py_END_ALLOW_THREADS if (rc == ENOENT)
-    {
+    PyEval_RestoreThread(ts);
+    if (rc == ENOENT) {
         PyErr_SetString(PyExc_KeyError, key);
         return NULL;
     }
@@ -253,30 +365,39 @@ static PyObject *Cache_remove(CacheObject *self, PyObject *args)
         return NULL;
     }
     if (rc)
-        return raise_rc(rc, why);
+        return raise_rc(self->st, rc, why);
     Py_RETURN_NONE;
 }
 
 static PyObject *Cache_contains(CacheObject *self, PyObject *args)
 {
     const char *key;
-    if (!PyArg_ParseTuple(args, "s", &key) || open_or_raise(self))
+    if (!PyArg_ParseTuple(args, "s", &key))
         return NULL;
-    bool found;
-    Py_BEGIN_ALLOW_THREADS found = ta_cache_contains(self->cache, key);
-    Py_END_ALLOW_THREADS return PyBool_FromLong(found);
+    ta_cache_t *c = cache_enter(self);
+    if (!c)
+        return NULL;
+    PyThreadState *ts = PyEval_SaveThread();
+    bool found = ta_cache_contains(c, key);
+    PyEval_RestoreThread(ts);
+    return PyBool_FromLong(found);
 }
 
 static PyObject *Cache_keys(CacheObject *self, PyObject *noargs)
 {
     (void)noargs;
-    if (open_or_raise(self))
+    ta_cache_t *c = cache_enter(self);
+    if (!c)
         return NULL;
     char **keys = NULL;
     size_t n = 0;
-    int rc;
-    Py_BEGIN_ALLOW_THREADS rc = ta_cache_keys(self->cache, &keys, &n);
-    Py_END_ALLOW_THREADS if (rc) return raise_rc(rc, cache_error());
+    char why[512];
+    PyThreadState *ts = PyEval_SaveThread();
+    int rc = ta_cache_keys(c, &keys, &n);
+    snprintf(why, sizeof why, "%s", rc ? cache_error() : "");
+    PyEval_RestoreThread(ts);
+    if (rc)
+        return raise_rc(self->st, rc, why);
     PyObject *list = PyList_New((Py_ssize_t)n);
     for (size_t i = 0; list && i < n; i++) {
         PyObject *k = PyUnicode_FromString(keys[i]);
@@ -293,18 +414,21 @@ static PyObject *Cache_keys(CacheObject *self, PyObject *noargs)
 static PyObject *Cache_stats_json(CacheObject *self, PyObject *noargs)
 {
     (void)noargs;
-    if (open_or_raise(self))
+    ta_cache_t *c = cache_enter(self);
+    if (!c)
         return NULL;
     char *text = NULL;
     size_t len = 0;
     int rc = ENOMEM;
-    Py_BEGIN_ALLOW_THREADS FILE *f = open_memstream(&text, &len);
+    PyThreadState *ts = PyEval_SaveThread();
+    FILE *f = open_memstream(&text, &len);
     if (f) {
-        rc = ta_cache_stats_json(self->cache, f);
+        rc = ta_cache_stats_json(c, f);
         fclose(f);
     }
-    Py_END_ALLOW_THREADS PyObject *out =
-        rc == 0 ? PyUnicode_FromStringAndSize(text, (Py_ssize_t)len) : raise_rc(rc, NULL);
+    PyEval_RestoreThread(ts);
+    PyObject *out =
+        rc == 0 ? PyUnicode_FromStringAndSize(text, (Py_ssize_t)len) : raise_rc(self->st, rc, NULL);
     free(text);
     return out;
 }
@@ -313,8 +437,7 @@ static PyObject *Cache_close(CacheObject *self, PyObject *noargs)
 {
     (void)noargs;
     self->closed = 1;
-    if (self->handles == 0)
-        cache_destroy(self);
+    cache_free_if_unused(self); /* else the last handle to go frees it */
     Py_RETURN_NONE;
 }
 
@@ -342,23 +465,29 @@ static PyMethodDef Cache_methods[] = {
      "close: no calls after it; the memory goes when the last handle does"},
     {NULL, NULL, 0, NULL}};
 
-static PyGetSetDef Cache_getset[] = {{"closed", (getter)Cache_get_closed, NULL, NULL, NULL},
-                                     {"handles", (getter)Cache_get_handles, NULL, NULL, NULL},
-                                     {NULL, NULL, NULL, NULL, NULL}};
+static PyGetSetDef Cache_getset[] = {
+    {"closed", (getter)Cache_get_closed, NULL, NULL, NULL},
+    {"handles", (getter)Cache_get_handles, NULL, "live handles", NULL},
+    {NULL, NULL, NULL, NULL, NULL}};
 
-static PyTypeObject CacheType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "tensoralloc._tensoralloc.Cache",
-    .tp_basicsize = sizeof(CacheObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_new = PyType_GenericNew,
-    .tp_init = (initproc)Cache_init,
-    .tp_dealloc = (destructor)Cache_dealloc,
-    .tp_methods = Cache_methods,
-    .tp_getset = Cache_getset,
-    .tp_doc = "Cache(ram_budget, vram_budget=0, device=0, keep_ram_copy=True, overflow=0, "
-              "log=None, load_threads=0, page_cache=0, keep_alive_ms=0): a ta_cache_t"};
+static PyType_Slot cache_slots[] = {
+    {Py_tp_new, SLOT_FN(PyType_GenericNew)},
+    {Py_tp_init, SLOT_FN(Cache_init)},
+    {Py_tp_dealloc, SLOT_FN(Cache_dealloc)},
+    {Py_tp_traverse, SLOT_FN(Cache_traverse)},
+    {Py_tp_clear, SLOT_FN(Cache_clear)},
+    {Py_tp_methods, Cache_methods},
+    {Py_tp_getset, Cache_getset},
+    {Py_tp_doc, "Cache(ram_budget, vram_budget=0, device=0, keep_ram_copy=True, overflow=0, "
+                "log=None, load_threads=0, page_cache=0, keep_alive_ms=0): a ta_cache_t"},
+    {0, NULL}};
 
-/* ---- _Buffer: one tensor's memory, for numpy and torch ------------------------------ */
+static PyType_Spec cache_spec = {.name = "tensoralloc._tensoralloc.Cache",
+                                 .basicsize = sizeof(CacheObject),
+                                 .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+                                 .slots = cache_slots};
+
+/* ---- Buffer: one tensor's memory, for numpy and torch ------------------------------ */
 
 typedef struct {
     PyObject_HEAD HandleObject *handle;
@@ -373,21 +502,24 @@ static int Buffer_getbuffer(BufferObject *self, Py_buffer *view, int flags)
 
 static void Buffer_dealloc(BufferObject *self)
 {
+    PyTypeObject *tp = Py_TYPE(self);
     Py_XDECREF(self->handle);
     PyObject_Free(self);
+    Py_DECREF(tp);
 }
 
-static PyBufferProcs Buffer_as_buffer = {.bf_getbuffer = (getbufferproc)Buffer_getbuffer};
+static PyType_Slot buffer_slots[] = {
+    {Py_tp_dealloc, SLOT_FN(Buffer_dealloc)},
+    {Py_bf_getbuffer, SLOT_FN(Buffer_getbuffer)},
+    {Py_tp_doc, "a tensor's host memory; keeps its entry locked while it lives"},
+    {0, NULL}};
 
-static PyTypeObject BufferType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "tensoralloc._tensoralloc.Buffer",
-    .tp_basicsize = sizeof(BufferObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_dealloc = (destructor)Buffer_dealloc,
-    .tp_as_buffer = &Buffer_as_buffer,
-    .tp_doc = "a tensor's host memory; keeps its entry locked while it lives"};
+static PyType_Spec buffer_spec = {.name = "tensoralloc._tensoralloc.Buffer",
+                                  .basicsize = sizeof(BufferObject),
+                                  .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+                                  .slots = buffer_slots};
 
-/* ---- _Handle methods ------------------------------------------------------------------ */
+/* ---- Handle methods ------------------------------------------------------------------ */
 
 static int handle_tensor(HandleObject *self, PyObject *args, ta_tensor_t *t)
 {
@@ -425,11 +557,10 @@ static PyObject *Handle_buffer(HandleObject *self, PyObject *args)
                      "tensor '%s' is on the device only: to_host() first for a host view", t.name);
         return NULL;
     }
-    BufferObject *b = PyObject_New(BufferObject, &BufferType);
+    BufferObject *b = PyObject_New(BufferObject, state_of((PyObject *)self)->buffer_type);
     if (!b)
         return NULL;
-    Py_INCREF(self);
-    b->handle = self;
+    b->handle = (HandleObject *)Py_NewRef(self);
     b->data = t.data;
     b->len = (Py_ssize_t)t.nbytes;
     return (PyObject *)b;
@@ -445,14 +576,18 @@ static PyObject *Handle_device_pointer(HandleObject *self, PyObject *args)
 
 static PyObject *handle_move(HandleObject *self, bool to_device)
 {
-    if (open_or_raise(self->owner))
+    CacheObject *owner = self->owner;
+    ta_cache_t *c = cache_enter(owner);
+    if (!c)
         return NULL;
     int rc;
     char why[512];
-    Py_BEGIN_ALLOW_THREADS rc =
-        to_device ? ta_entry_to_device(self->entry) : ta_entry_to_host(self->entry);
+    PyThreadState *ts = PyEval_SaveThread();
+    rc = to_device ? ta_entry_to_device(self->entry) : ta_entry_to_host(self->entry);
     snprintf(why, sizeof why, "%s", rc ? cache_error() : "");
-    Py_END_ALLOW_THREADS if (rc) return raise_rc(rc, why);
+    PyEval_RestoreThread(ts);
+    if (rc)
+        return raise_rc(owner->st, rc, why);
     Py_RETURN_NONE;
 }
 
@@ -504,14 +639,17 @@ static PyGetSetDef Handle_getset[] = {
     {"vram_bytes", (getter)Handle_get_size, NULL, NULL, (void *)(uintptr_t)SIZE_VRAM},
     {NULL, NULL, NULL, NULL, NULL}};
 
-static PyTypeObject HandleType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "tensoralloc._tensoralloc.Handle",
-    .tp_basicsize = sizeof(HandleObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_dealloc = (destructor)Handle_dealloc,
-    .tp_methods = Handle_methods,
-    .tp_getset = Handle_getset,
-    .tp_doc = "one lock of a cache entry, released when the handle is collected"};
+static PyType_Slot handle_slots[] = {
+    {Py_tp_dealloc, SLOT_FN(Handle_dealloc)},
+    {Py_tp_methods, Handle_methods},
+    {Py_tp_getset, Handle_getset},
+    {Py_tp_doc, "one lock of a cache entry, released when the handle is collected"},
+    {0, NULL}};
+
+static PyType_Spec handle_spec = {.name = "tensoralloc._tensoralloc.Handle",
+                                  .basicsize = sizeof(HandleObject),
+                                  .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+                                  .slots = handle_slots};
 
 /* ---- module functions ------------------------------------------------------------------ */
 
@@ -530,11 +668,11 @@ static PyObject *mod_mallinfo2(PyObject *m, PyObject *noargs)
 /* ta_stats_t as a dict, its names from the library's own field table. */
 static PyObject *mod_stats(PyObject *m, PyObject *noargs)
 {
-    (void)m, (void)noargs;
+    (void)noargs;
     ta_stats_t st = {.size = sizeof st};
     int rc = ta_stats_get(&st);
     if (rc)
-        return raise_rc(rc, NULL);
+        return raise_rc(PyModule_GetState(m), rc, NULL);
     PyObject *d = Py_BuildValue("{sI}", "version", st.version);
     const char *name;
     uint64_t value;
@@ -550,18 +688,21 @@ static PyObject *mod_stats(PyObject *m, PyObject *noargs)
 static PyObject *mod_trim(PyObject *m, PyObject *noargs)
 {
     (void)m, (void)noargs;
-    Py_BEGIN_ALLOW_THREADS ta_trim();
-    Py_END_ALLOW_THREADS Py_RETURN_NONE;
+    PyThreadState *ts = PyEval_SaveThread();
+    ta_trim();
+    PyEval_RestoreThread(ts);
+    Py_RETURN_NONE;
 }
 
 static PyObject *mod_snapshot(PyObject *m, PyObject *noargs)
 {
     (void)m, (void)noargs;
     ta_memory_snapshot_t s;
-    Py_BEGIN_ALLOW_THREADS ta_memory_snapshot(&s);
-    Py_END_ALLOW_THREADS return Py_BuildValue("(KKKKKKK)", s.rss, s.mapped, s.small_used,
-                                              s.small_free, s.total_allocated, s.total_used,
-                                              s.vram);
+    PyThreadState *ts = PyEval_SaveThread();
+    ta_memory_snapshot(&s);
+    PyEval_RestoreThread(ts);
+    return Py_BuildValue("(KKKKKKK)", s.rss, s.mapped, s.small_used, s.small_free,
+                         s.total_allocated, s.total_used, s.vram);
 }
 
 static int snapshot_arg(PyObject *t, ta_memory_snapshot_t *s)
@@ -594,6 +735,25 @@ static PyObject *mod_budget_rule(PyObject *m, PyObject *args)
     return PyLong_FromSize_t(ta_cache_budget_rule((size_t)memory, (size_t)vram, (size_t)working));
 }
 
+/* Registered with atexit, so it runs before the interpreter starts to
+ * finalise: from then on a log callback (the keep-alive timer's, or one
+ * from a daemon thread's load) must not wait for the GIL -- a thread that
+ * takes it during finalisation is ended where it stands, the cache's mutex
+ * held, and the cache's destruction would wait on that mutex for ever.
+ * Closes the gate, then lets the callbacks already past it finish. */
+static PyObject *mod_close_log_gate(PyObject *m, PyObject *noargs)
+{
+    (void)noargs;
+    log_gate_t *gate = ((module_state *)PyModule_GetState(m))->log_gate;
+    atomic_store(&gate->closed, 1);
+    while (atomic_load(&gate->calls) > 0) {
+        PyThreadState *ts = PyEval_SaveThread();
+        usleep(1000);
+        PyEval_RestoreThread(ts);
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef module_methods[] = {
     {"mallinfo2", mod_mallinfo2, METH_NOARGS, "ta_mallinfo2 as a dict"},
     {"stats", mod_stats, METH_NOARGS, "ta_stats_get as a dict (names from ta_stats_field)"},
@@ -601,11 +761,11 @@ static PyMethodDef module_methods[] = {
     {"snapshot", mod_snapshot, METH_NOARGS, "ta_memory_snapshot as a tuple"},
     {"snapshot_diff", mod_snapshot_diff, METH_VARARGS, "ta_memory_snapshot_diff of two tuples"},
     {"budget_rule", mod_budget_rule, METH_VARARGS, "ta_cache_budget_rule(memory, vram, working)"},
+    {"_close_log_gate", mod_close_log_gate, METH_NOARGS,
+     "at exit (atexit): log messages are dropped from now on"},
     {NULL, NULL, 0, NULL}};
 
-static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, .m_name = "_tensoralloc",
-                                        .m_doc = "tensoralloc's model cache and statistics",
-                                        .m_size = -1, .m_methods = module_methods};
+/* ---- the module: multi-phase initialisation ---------------------------------------------- */
 
 static int add_exception(PyObject *m, PyObject **slot, const char *name, PyObject *base,
                          const char *doc)
@@ -614,27 +774,108 @@ static int add_exception(PyObject *m, PyObject **slot, const char *name, PyObjec
     return *slot ? PyModule_AddObjectRef(m, strrchr(name, '.') + 1, *slot) : -1;
 }
 
+static int add_type(PyObject *m, PyTypeObject **slot, PyType_Spec *spec)
+{
+    *slot = (PyTypeObject *)PyType_FromModuleAndSpec(m, spec, NULL);
+    return *slot ? PyModule_AddType(m, *slot) : -1;
+}
+
+static int register_exit_handler(PyObject *m)
+{
+    PyObject *atexit = PyImport_ImportModule("atexit");
+    if (!atexit)
+        return -1;
+    PyObject *gate = PyObject_GetAttrString(m, "_close_log_gate");
+    PyObject *r = gate ? PyObject_CallMethod(atexit, "register", "O", gate) : NULL;
+    Py_XDECREF(r);
+    Py_XDECREF(gate);
+    Py_DECREF(atexit);
+    return r ? 0 : -1;
+}
+
+static int module_exec(PyObject *m)
+{
+    module_state *st = PyModule_GetState(m);
+    st->log_gate = calloc(1, sizeof *st->log_gate);
+    if (!st->log_gate) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    atomic_init(&st->log_gate->refs, 1);
+    if (add_type(m, &st->cache_type, &cache_spec) < 0 ||
+        add_type(m, &st->handle_type, &handle_spec) < 0 ||
+        add_type(m, &st->buffer_type, &buffer_spec) < 0 ||
+        add_exception(m, &st->format_error, "tensoralloc.FormatError", PyExc_ValueError,
+                      "a malformed file; the message is the loader's") < 0 ||
+        add_exception(m, &st->cache_full_error, "tensoralloc.CacheFullError", PyExc_MemoryError,
+                      "the budget cannot be met") < 0 ||
+        add_exception(m, &st->no_device_error, "tensoralloc.NoDeviceError", PyExc_RuntimeError,
+                      "no GPU, or no CUDA runtime") < 0 ||
+        PyModule_AddStringConstant(m, "library_version", ta_version()) < 0)
+        return -1;
+    return register_exit_handler(m);
+}
+
+static int module_traverse(PyObject *m, visitproc visit, void *arg)
+{
+    module_state *st = PyModule_GetState(m);
+    if (!st)
+        return 0;
+    Py_VISIT(st->cache_type);
+    Py_VISIT(st->handle_type);
+    Py_VISIT(st->buffer_type);
+    Py_VISIT(st->format_error);
+    Py_VISIT(st->cache_full_error);
+    Py_VISIT(st->no_device_error);
+    return 0;
+}
+
+static int module_clear(PyObject *m)
+{
+    module_state *st = PyModule_GetState(m);
+    if (!st)
+        return 0;
+    Py_CLEAR(st->cache_type);
+    Py_CLEAR(st->handle_type);
+    Py_CLEAR(st->buffer_type);
+    Py_CLEAR(st->format_error);
+    Py_CLEAR(st->cache_full_error);
+    Py_CLEAR(st->no_device_error);
+    return 0;
+}
+
+static void module_free(void *m)
+{
+    module_clear(m);
+    module_state *st = PyModule_GetState(m);
+    if (st) {
+        log_gate_unref(st->log_gate);
+        st->log_gate = NULL;
+    }
+}
+
+/* One interpreter only where Python asks (3.12 and later): the log callback
+ * takes the GIL with PyGILState_Ensure, which knows the main interpreter
+ * alone. */
+static PyModuleDef_Slot module_slots[] = {
+    {Py_mod_exec, SLOT_FN(module_exec)},
+#ifdef Py_mod_multiple_interpreters
+    {Py_mod_multiple_interpreters, Py_MOD_MULTIPLE_INTERPRETERS_NOT_SUPPORTED},
+#endif
+    {0, NULL}};
+
+static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT,
+                                        .m_name = "_tensoralloc",
+                                        .m_doc = "tensoralloc's model cache and statistics",
+                                        .m_size = sizeof(module_state),
+                                        .m_methods = module_methods,
+                                        .m_slots = module_slots,
+                                        .m_traverse = module_traverse,
+                                        .m_clear = module_clear,
+                                        .m_free = module_free};
+
 PyMODINIT_FUNC PyInit__tensoralloc(void);
 PyMODINIT_FUNC PyInit__tensoralloc(void)
 {
-    if (PyType_Ready(&CacheType) < 0 || PyType_Ready(&HandleType) < 0 ||
-        PyType_Ready(&BufferType) < 0)
-        return NULL;
-    PyObject *m = PyModule_Create(&module_def);
-    if (!m)
-        return NULL;
-    if (PyModule_AddObjectRef(m, "Cache", (PyObject *)&CacheType) < 0 ||
-        PyModule_AddObjectRef(m, "Handle", (PyObject *)&HandleType) < 0 ||
-        PyModule_AddObjectRef(m, "Buffer", (PyObject *)&BufferType) < 0 ||
-        add_exception(m, &FormatError, "tensoralloc.FormatError", PyExc_ValueError,
-                      "a malformed file; the message is the loader's") < 0 ||
-        add_exception(m, &CacheFullError, "tensoralloc.CacheFullError", PyExc_MemoryError,
-                      "the budget cannot be met") < 0 ||
-        add_exception(m, &NoDeviceError, "tensoralloc.NoDeviceError", PyExc_RuntimeError,
-                      "no GPU, or no CUDA runtime") < 0 ||
-        PyModule_AddStringConstant(m, "library_version", ta_version()) < 0) {
-        Py_DECREF(m);
-        return NULL;
-    }
-    return m;
+    return PyModuleDef_Init(&module_def);
 }
