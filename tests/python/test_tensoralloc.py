@@ -47,6 +47,75 @@ def model(seed, n=8, size=64 * 1024):
             for i in range(n)}
 
 
+# Threads load, get, remove and read the keys and statistics of a cache in
+# a loop while the main thread closes it, round after round. The C cache
+# must outlive every call in flight; the calls that come after close() raise
+# ValueError. argv: a folder, the number of rounds.
+CLOSE_DURING_CALLS = """
+import os, random, sys, threading, time
+import numpy as np
+import tensoralloc as ta
+
+folder, rounds = sys.argv[1], int(sys.argv[2])
+paths = []
+for i in range(4):
+    paths.append(os.path.join(folder, f"m{i}.safetensors"))
+    ta.save_safetensors(paths[-1], {f"w{j}": np.full(16384, i + j, dtype=np.float32)
+                                    for j in range(8)})
+errors, refused = [], [0]
+for rnd in range(rounds):
+    c = ta.ModelCache("2M", load_threads=1)  # 2 of the 4 fit: loads keep evicting
+    go = threading.Barrier(5)
+
+    def work(k):
+        go.wait()
+        try:
+            while True:
+                k += 1
+                i, op = k % 4, k % 6
+                if op < 2:
+                    try:
+                        with c.load(f"m{i}", paths[i]) as e:
+                            if e.numpy(f"w{i % 8}")[7] != i + i % 8:
+                                errors.append(f"m{i}: wrong data")
+                    except ta.CacheFullError:
+                        pass
+                elif op == 2:
+                    e = c.get(f"m{i}")
+                    if e is not None:
+                        e.close()
+                elif op == 3:
+                    c.keys()
+                    f"m{i}" in c
+                elif op == 4:
+                    try:
+                        c.remove(f"m{i}")
+                    except (KeyError, RuntimeError):
+                        pass
+                else:
+                    c.stats()
+        except ValueError as ex:
+            if "closed" in str(ex):
+                refused[0] += 1
+            else:
+                errors.append(repr(ex))
+        except Exception as ex:  # noqa: BLE001 -- reported below
+            errors.append(repr(ex))
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    go.wait()
+    time.sleep(random.random() * 0.004)
+    c.close()
+    for t in threads:
+        t.join()
+    if c._cache.handles or c._cache.calls:
+        errors.append(f"round {rnd}: {c._cache.handles} handles, {c._cache.calls} calls left")
+print(f"{rounds} rounds, {refused[0]} calls refused after close, errors: {errors[:5]}")
+sys.exit(1 if errors else 0)
+"""
+
 # A cache with a Python log callback, a keep-alive timer that is evicting
 # (a log call each) and, with "loaders", daemon threads loading, when the
 # interpreter exits. The callback is slow and its globals are not the main
@@ -528,6 +597,17 @@ class Threads(Base):
         # (110% with it: the load takes the other core).
         self.assertGreater(share, 0.35, f"the spinner ran at {share:.0%} of its rate "
                                        f"during a {took:.3f} s load")
+
+
+    def test_close_while_other_threads_are_inside_calls(self):
+        # MALLOC_PERTURB_ fills freed memory, so that a call that runs on in
+        # a freed cache crashes rather than reads what was left there.
+        r = self.child(CLOSE_DURING_CALLS, self.dir, "150", env={"MALLOC_PERTURB_": "165"},
+                       timeout=240)
+        print(f"\n    close during calls: exit {r.returncode}: {r.stdout.strip()}",
+              file=sys.stderr)
+        self.assertChildOk(r, "threads inside calls while another closes the cache")
+        self.assertIn("errors: []", r.stdout)
 
 
 class Device(Base):

@@ -124,8 +124,10 @@ class ModelCache:
         return s
 
     def close(self):
-        """No calls after this. Memory under live views stays valid: the
-        cache is freed when the last entry and view are gone."""
+        """No calls after this (they raise ValueError). Calls that other
+        threads have in flight finish, and memory under live views stays
+        valid: the cache is freed when the last call, entry and view are
+        gone."""
         self._cache.close()
 
     @property

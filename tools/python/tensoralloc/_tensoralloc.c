@@ -13,9 +13,11 @@
  * The GIL is released around every call into the cache: loads and moves run
  * while other Python threads do, and no call waits on the cache's mutex
  * while holding the GIL (the log callback takes the GIL with that mutex
- * held, so the other order would deadlock). The log callback
- * never waits for the GIL once the interpreter is exiting: an atexit
- * handler closes a gate, after which messages are dropped.
+ * held, so the other order would deadlock). Two consequences are kept
+ * here: a call in flight keeps the C cache alive past close() (it is freed
+ * by the last call or handle to go), and the log callback never waits for
+ * the GIL once the interpreter is exiting (an atexit handler closes a gate,
+ * after which messages are dropped).
  *
  * Multi-phase initialisation (PEP 489) with heap types and module state:
  * the types and exceptions live in the module's state, not in globals.
@@ -128,6 +130,7 @@ typedef struct {
     log_gate_t *log_gate; /* the module's, for the callback (no GIL there) */
     PyObject *log;        /* callable(level: str, message: str) or NULL */
     Py_ssize_t handles;   /* live handles: each holds one lock of an entry */
+    Py_ssize_t calls;     /* calls inside the C cache now, the GIL released */
     int closed;
 } CacheObject;
 
@@ -168,21 +171,30 @@ static void cache_destroy(CacheObject *self)
     }
 }
 
-/* The C cache, or NULL with ValueError once closed. */
+/* A call into the C cache begins: counted, so that close() leaves the cache
+ * to the last call in flight (or handle) to free. Under the GIL; NULL with
+ * ValueError once closed. */
 static ta_cache_t *cache_enter(CacheObject *self)
 {
     if (self->closed || !self->cache) {
         PyErr_SetString(PyExc_ValueError, "the cache is closed");
         return NULL;
     }
+    self->calls++;
     return self->cache;
 }
 
-/* Frees the C cache when it is closed and no handle is left. */
+/* Frees the C cache when it is closed and nothing uses it any more. */
 static void cache_free_if_unused(CacheObject *self)
 {
-    if (self->closed && self->handles == 0)
+    if (self->closed && self->calls == 0 && self->handles == 0)
         cache_destroy(self);
+}
+
+static void cache_leave(CacheObject *self)
+{
+    self->calls--;
+    cache_free_if_unused(self);
 }
 
 static int Cache_init(CacheObject *self, PyObject *args, PyObject *kw)
@@ -318,6 +330,7 @@ static PyObject *Cache_load(CacheObject *self, PyObject *args)
     snprintf(why, sizeof why, "%s", rc ? cache_error() : "");
     PyEval_RestoreThread(ts);
     PyObject *out = rc ? raise_rc(self->st, rc, why) : handle_new(self, e);
+    cache_leave(self); /* after the handle: a locked entry keeps the cache */
     return out;
 }
 
@@ -339,6 +352,7 @@ static PyObject *Cache_get(CacheObject *self, PyObject *args)
     PyObject *out = rc == ENOENT ? Py_NewRef(Py_None)
                     : rc         ? raise_rc(self->st, rc, why)
                                  : handle_new(self, e);
+    cache_leave(self);
     return out;
 }
 
@@ -356,6 +370,7 @@ static PyObject *Cache_remove(CacheObject *self, PyObject *args)
     rc = ta_cache_remove(c, key);
     snprintf(why, sizeof why, "%s", rc ? cache_error() : "");
     PyEval_RestoreThread(ts);
+    cache_leave(self);
     if (rc == ENOENT) {
         PyErr_SetString(PyExc_KeyError, key);
         return NULL;
@@ -380,6 +395,7 @@ static PyObject *Cache_contains(CacheObject *self, PyObject *args)
     PyThreadState *ts = PyEval_SaveThread();
     bool found = ta_cache_contains(c, key);
     PyEval_RestoreThread(ts);
+    cache_leave(self);
     return PyBool_FromLong(found);
 }
 
@@ -396,6 +412,7 @@ static PyObject *Cache_keys(CacheObject *self, PyObject *noargs)
     int rc = ta_cache_keys(c, &keys, &n);
     snprintf(why, sizeof why, "%s", rc ? cache_error() : "");
     PyEval_RestoreThread(ts);
+    cache_leave(self);
     if (rc)
         return raise_rc(self->st, rc, why);
     PyObject *list = PyList_New((Py_ssize_t)n);
@@ -427,6 +444,7 @@ static PyObject *Cache_stats_json(CacheObject *self, PyObject *noargs)
         fclose(f);
     }
     PyEval_RestoreThread(ts);
+    cache_leave(self);
     PyObject *out =
         rc == 0 ? PyUnicode_FromStringAndSize(text, (Py_ssize_t)len) : raise_rc(self->st, rc, NULL);
     free(text);
@@ -437,7 +455,7 @@ static PyObject *Cache_close(CacheObject *self, PyObject *noargs)
 {
     (void)noargs;
     self->closed = 1;
-    cache_free_if_unused(self); /* else the last handle to go frees it */
+    cache_free_if_unused(self); /* else the last call or handle to go frees it */
     Py_RETURN_NONE;
 }
 
@@ -447,10 +465,15 @@ static PyObject *Cache_get_closed(CacheObject *self, void *unused)
     return PyBool_FromLong(self->closed);
 }
 
-static PyObject *Cache_get_handles(CacheObject *self, void *unused)
+enum { COUNT_HANDLES, COUNT_CALLS };
+
+/* handles and calls: which is the getset closure. */
+static PyObject *Cache_get_count(CacheObject *self, void *which)
 {
-    (void)unused;
-    return PyLong_FromSsize_t(self->handles);
+    switch ((uintptr_t)which) {
+    case COUNT_HANDLES: return PyLong_FromSsize_t(self->handles);
+    default: return PyLong_FromSsize_t(self->calls);
+    }
 }
 
 static PyMethodDef Cache_methods[] = {
@@ -462,12 +485,14 @@ static PyMethodDef Cache_methods[] = {
     {"keys", (PyCFunction)Cache_keys, METH_NOARGS, "keys, least recently used first"},
     {"stats_json", (PyCFunction)Cache_stats_json, METH_NOARGS, "ta_cache_stats_json as text"},
     {"close", (PyCFunction)Cache_close, METH_NOARGS,
-     "close: no calls after it; the memory goes when the last handle does"},
+     "close: no calls after it; the memory goes when the last call in flight and the last "
+     "handle do"},
     {NULL, NULL, 0, NULL}};
 
 static PyGetSetDef Cache_getset[] = {
     {"closed", (getter)Cache_get_closed, NULL, NULL, NULL},
-    {"handles", (getter)Cache_get_handles, NULL, "live handles", NULL},
+    {"handles", (getter)Cache_get_count, NULL, "live handles", (void *)(uintptr_t)COUNT_HANDLES},
+    {"calls", (getter)Cache_get_count, NULL, "calls in flight", (void *)(uintptr_t)COUNT_CALLS},
     {NULL, NULL, NULL, NULL, NULL}};
 
 static PyType_Slot cache_slots[] = {
@@ -586,6 +611,7 @@ static PyObject *handle_move(HandleObject *self, bool to_device)
     rc = to_device ? ta_entry_to_device(self->entry) : ta_entry_to_host(self->entry);
     snprintf(why, sizeof why, "%s", rc ? cache_error() : "");
     PyEval_RestoreThread(ts);
+    cache_leave(owner);
     if (rc)
         return raise_rc(owner->st, rc, why);
     Py_RETURN_NONE;
