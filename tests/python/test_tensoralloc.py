@@ -116,6 +116,59 @@ print(f"{rounds} rounds, {refused[0]} calls refused after close, errors: {errors
 sys.exit(1 if errors else 0)
 """
 
+# A view taken before to_device() of a cache without keep_ram_copy, read
+# after the move and after another load that takes the memory a freed copy
+# would have gone back to. argv: a folder.
+VIEW_THROUGH_TO_DEVICE = """
+import gc, os, sys
+import numpy as np
+import tensoralloc as ta
+
+folder = sys.argv[1]
+p, q = os.path.join(folder, "w.safetensors"), os.path.join(folder, "x.safetensors")
+w = np.arange(300000, dtype=np.float32)
+ta.save_safetensors(p, {"w": w})
+ta.save_safetensors(q, {"x": np.full(300000, -1.0, dtype=np.float32)})
+c = ta.ModelCache("16M", vram_budget="16M", keep_ram_copy=False)
+e = c.load("d", p)
+view = e.numpy("w")
+e.to_device()
+assert c.stats()["vram_used"] == w.nbytes
+print("the view after to_device:", flush=True, end=" ")
+same = np.array_equal(view, w)  # a copy unmapped at once: SIGSEGV
+print("intact" if same else "STALE", end="; ")
+c.load("x", q).close()  # takes the memory a freed copy went back to
+same = same and np.array_equal(view, w)
+print("after another load:", "intact" if same else "STALE")
+assert same
+s = c.stats()
+assert s["ram_used"] == 2 * w.nbytes, s  # the copy under the view, and x
+try:
+    e.numpy("w")
+    sys.exit("a new host view of an entry on the device")
+except ValueError as ex:
+    assert "to_host" in str(ex), ex
+e.close()
+assert c.stats()["ram_used"] == 2 * w.nbytes  # the view still holds the entry
+del view
+gc.collect()
+s = c.stats()
+assert (s["ram_used"], s["vram_used"], s["hits"]) == (w.nbytes, w.nbytes, 0), s
+# back and forth with a view: to_host keeps the copy the view reads
+with c.get("d") as e:
+    assert c.stats()["hits"] == 1
+    e.to_host()
+    view = e.numpy("w")
+    e.to_device()
+    e.to_host()
+    assert np.array_equal(view, w) and np.array_equal(e.numpy("w"), w)
+    assert view.ctypes.data == e.numpy("w").ctypes.data  # the same copy, kept
+del view
+gc.collect()
+assert c.stats()["hits"] == 1, c.stats()["hits"]  # the moves' own gets are not hits
+print("ok")
+"""
+
 # A cache with a Python log callback, a keep-alive timer that is evicting
 # (a log call each) and, with "loaders", daemon threads loading, when the
 # interpreter exits. The callback is slow and its globals are not the main
@@ -650,6 +703,34 @@ class Device(Base):
         r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
         self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
         self.assertIn("ok", r.stdout)
+
+    def test_views_keep_the_host_copy_through_to_device(self):
+        fake = os.environ.get("FAKE_CUDART_PATH")
+        if not fake:
+            self.skipTest("no CUDA test double in this build (-Dcuda=disabled)")
+        # RETAIN_BYTES=0: a freed copy is unmapped at once (a read faults);
+        # the default: it goes to the pool, and the next load reuses it.
+        for retain in ("0", None):
+            env = {"TENSORALLOC_CUDART": fake}
+            if retain is not None:
+                env["TENSORALLOC_RETAIN_BYTES"] = retain
+            r = self.child(VIEW_THROUGH_TO_DEVICE, self.dir, env=env, timeout=120)
+            print(f"\n    RETAIN_BYTES={retain or 'default'}: exit {r.returncode}: "
+                  f"{r.stdout.strip()} {r.stderr.strip()[-300:]}", file=sys.stderr)
+            self.assertChildOk(r, f"a view through to_device (RETAIN_BYTES={retain})")
+            self.assertIn("ok", r.stdout)
+
+    def test_views_are_counted_and_take_no_lock_of_their_own(self):
+        # a view holds its handle (and so its lock); only a move under views
+        # takes a second lock
+        c = ta.ModelCache("16M")
+        with c.load("m", self.file("m", model(1))) as e:
+            view = e.numpy("layer0.weight")
+            self.assertEqual(e._h.views, 1)
+        del view
+        gc.collect()
+        self.assertEqual(c._cache.hold_hits, 0)
+        self.assertEqual(c._cache.handles, 0)
 
 
 class Shutdown(Base):

@@ -121,6 +121,9 @@ class ModelCache:
         """InvokeAI's CacheStats fields and the cache's own, as a dict."""
         s = json.loads(self._cache.stats_json())
         s["ram_budget"] = s["cache_size"]
+        # a move under live views takes a second lock through a get, which
+        # the C cache counts as a hit: not one of the caller's
+        s["hits"] -= self._cache.hold_hits
         return s
 
     def close(self):
@@ -207,6 +210,10 @@ class Entry:
         return {name: view(name) for name in self.names()}
 
     def to_device(self):
+        """Move to the GPU. Without keep_ram_copy the host copy goes, but
+        not from under live views: it stays (and counts against the RAM
+        budget) until they and the entry are gone; new views need
+        to_host()."""
         self._handle().to_device()
 
     def to_host(self):

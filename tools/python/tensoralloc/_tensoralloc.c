@@ -13,11 +13,13 @@
  * The GIL is released around every call into the cache: loads and moves run
  * while other Python threads do, and no call waits on the cache's mutex
  * while holding the GIL (the log callback takes the GIL with that mutex
- * held, so the other order would deadlock). Two consequences are kept
+ * held, so the other order would deadlock). Three consequences are kept
  * here: a call in flight keeps the C cache alive past close() (it is freed
- * by the last call or handle to go), and the log callback never waits for
- * the GIL once the interpreter is exiting (an atexit handler closes a gate,
- * after which messages are dropped).
+ * by the last call or handle to go); a move to the device that gives up the
+ * host copy runs under a second lock while views of the mover exist, so the
+ * C cache keeps that copy until the views are gone; and the log callback
+ * never waits for the GIL once the interpreter is exiting (an atexit
+ * handler closes a gate, after which messages are dropped).
  *
  * Multi-phase initialisation (PEP 489) with heap types and module state:
  * the types and exceptions live in the module's state, not in globals.
@@ -131,7 +133,9 @@ typedef struct {
     PyObject *log;        /* callable(level: str, message: str) or NULL */
     Py_ssize_t handles;   /* live handles: each holds one lock of an entry */
     Py_ssize_t calls;     /* calls inside the C cache now, the GIL released */
+    Py_ssize_t hold_hits; /* hits counted for the second locks of moves */
     int closed;
+    int keep_ram_copy;
 } CacheObject;
 
 static void log_to_python(void *arg, ta_log_level_t level, const char *message)
@@ -230,6 +234,7 @@ static int Cache_init(CacheObject *self, PyObject *args, PyObject *kw)
     self->st = state_of((PyObject *)self);
     if (!self->log_gate)
         self->log_gate = log_gate_ref(self->st->log_gate);
+    self->keep_ram_copy = keep;
     Py_XSETREF(self->log, log != Py_None ? Py_NewRef(log) : NULL);
     ta_cache_t *c = NULL;
     int rc = ta_cache_create(&cfg, &c);
@@ -270,6 +275,9 @@ static void Cache_dealloc(CacheObject *self)
 typedef struct {
     PyObject_HEAD CacheObject *owner;
     ta_entry_t *entry;
+    Py_ssize_t views; /* live Buffers over this handle's host pointers */
+    int moving;       /* moves through this handle in flight */
+    bool host_kept;   /* moved to the device; the host copy kept only for the views */
 } HandleObject;
 
 /* A handle for e, locked by the caller; unlocks e when it fails. */
@@ -284,6 +292,9 @@ static PyObject *handle_new(CacheObject *owner, ta_entry_t *e)
     }
     h->owner = (CacheObject *)Py_NewRef(owner);
     h->entry = e;
+    h->views = 0;
+    h->moving = 0;
+    h->host_kept = false;
     owner->handles++;
     return (PyObject *)h;
 }
@@ -465,14 +476,15 @@ static PyObject *Cache_get_closed(CacheObject *self, void *unused)
     return PyBool_FromLong(self->closed);
 }
 
-enum { COUNT_HANDLES, COUNT_CALLS };
+enum { COUNT_HANDLES, COUNT_CALLS, COUNT_HOLD_HITS };
 
-/* handles and calls: which is the getset closure. */
+/* handles, calls and hold_hits: which is the getset closure. */
 static PyObject *Cache_get_count(CacheObject *self, void *which)
 {
     switch ((uintptr_t)which) {
     case COUNT_HANDLES: return PyLong_FromSsize_t(self->handles);
-    default: return PyLong_FromSsize_t(self->calls);
+    case COUNT_CALLS: return PyLong_FromSsize_t(self->calls);
+    default: return PyLong_FromSsize_t(self->hold_hits);
     }
 }
 
@@ -493,6 +505,9 @@ static PyGetSetDef Cache_getset[] = {
     {"closed", (getter)Cache_get_closed, NULL, NULL, NULL},
     {"handles", (getter)Cache_get_count, NULL, "live handles", (void *)(uintptr_t)COUNT_HANDLES},
     {"calls", (getter)Cache_get_count, NULL, "calls in flight", (void *)(uintptr_t)COUNT_CALLS},
+    {"hold_hits", (getter)Cache_get_count, NULL,
+     "hits the cache counted for the extension's own second locks (moves under views)",
+     (void *)(uintptr_t)COUNT_HOLD_HITS},
     {NULL, NULL, NULL, NULL, NULL}};
 
 static PyType_Slot cache_slots[] = {
@@ -528,7 +543,11 @@ static int Buffer_getbuffer(BufferObject *self, Py_buffer *view, int flags)
 static void Buffer_dealloc(BufferObject *self)
 {
     PyTypeObject *tp = Py_TYPE(self);
-    Py_XDECREF(self->handle);
+    HandleObject *h = self->handle;
+    if (h) {
+        h->views--;
+        Py_DECREF(h);
+    }
     PyObject_Free(self);
     Py_DECREF(tp);
 }
@@ -577,7 +596,12 @@ static PyObject *Handle_buffer(HandleObject *self, PyObject *args)
     ta_tensor_t t;
     if (handle_tensor(self, args, &t))
         return NULL;
-    if (!t.data) {
+    if (self->moving) { /* the pointer may be given up by the move in flight */
+        PyErr_Format(PyExc_ValueError,
+                     "tensor '%s' is being moved: take views before or after the move", t.name);
+        return NULL;
+    }
+    if (!t.data || self->host_kept) {
         PyErr_Format(PyExc_ValueError,
                      "tensor '%s' is on the device only: to_host() first for a host view", t.name);
         return NULL;
@@ -588,6 +612,7 @@ static PyObject *Handle_buffer(HandleObject *self, PyObject *args)
     b->handle = (HandleObject *)Py_NewRef(self);
     b->data = t.data;
     b->len = (Py_ssize_t)t.nbytes;
+    self->views++;
     return (PyObject *)b;
 }
 
@@ -605,12 +630,37 @@ static PyObject *handle_move(HandleObject *self, bool to_device)
     ta_cache_t *c = cache_enter(owner);
     if (!c)
         return NULL;
-    int rc;
-    char why[512];
+    /* A move to the device without keep_ram_copy gives the host copy up, and
+     * the C cache frees it at once when the mover is the entry's only holder
+     * -- under this handle's views. With views, the move runs under a second
+     * lock: the cache then keeps the copy (charged) for the other holder,
+     * and it goes when the last lock does, this handle's, which every view
+     * holds. */
+    bool hold = to_device && !owner->keep_ram_copy && self->views > 0;
+    ta_entry_t *e = self->entry, *second = NULL;
+    int rc = 0;
+    char why[512] = "";
+    self->moving++;
     PyThreadState *ts = PyEval_SaveThread();
-    rc = to_device ? ta_entry_to_device(self->entry) : ta_entry_to_host(self->entry);
-    snprintf(why, sizeof why, "%s", rc ? cache_error() : "");
+    if (hold && (rc = ta_cache_get(c, ta_entry_key(e), &second)) == 0 && second != e) {
+        ta_entry_unlock(second); /* cannot be: e is locked, so its key is e's */
+        second = NULL;
+        rc = EAGAIN;
+    }
+    if (rc == 0)
+        rc = to_device ? ta_entry_to_device(e) : ta_entry_to_host(e);
+    if (rc)
+        snprintf(why, sizeof why, "%s", cache_error());
+    if (second)
+        ta_entry_unlock(second);
     PyEval_RestoreThread(ts);
+    self->moving--;
+    if (second)
+        owner->hold_hits++;
+    if (rc == 0 && hold)
+        self->host_kept = true;
+    else if (rc == 0 && !to_device)
+        self->host_kept = false;
     cache_leave(owner);
     if (rc)
         return raise_rc(owner->st, rc, why);
@@ -635,15 +685,16 @@ static PyObject *Handle_get_key(HandleObject *self, void *unused)
     return PyUnicode_FromString(ta_entry_key(self->entry));
 }
 
-enum { SIZE_COUNT, SIZE_RAM, SIZE_VRAM };
+enum { SIZE_COUNT, SIZE_RAM, SIZE_VRAM, SIZE_VIEWS };
 
-/* count, ram_bytes and vram_bytes: which is the getset closure. */
+/* count, ram_bytes, vram_bytes and views: which is the getset closure. */
 static PyObject *Handle_get_size(HandleObject *self, void *which)
 {
     switch ((uintptr_t)which) {
     case SIZE_COUNT: return PyLong_FromSize_t(ta_entry_tensor_count(self->entry));
     case SIZE_RAM: return PyLong_FromSize_t(ta_entry_ram_bytes(self->entry));
-    default: return PyLong_FromSize_t(ta_entry_vram_bytes(self->entry));
+    case SIZE_VRAM: return PyLong_FromSize_t(ta_entry_vram_bytes(self->entry));
+    default: return PyLong_FromSsize_t(self->views);
     }
 }
 
@@ -654,7 +705,8 @@ static PyMethodDef Handle_methods[] = {
      "buffer(i) -> Buffer over tensor i's host memory"},
     {"device_pointer", (PyCFunction)Handle_device_pointer, METH_VARARGS,
      "device_pointer(i) -> int (0: not on the device)"},
-    {"to_device", (PyCFunction)Handle_to_device, METH_NOARGS, "ta_entry_to_device"},
+    {"to_device", (PyCFunction)Handle_to_device, METH_NOARGS,
+     "ta_entry_to_device; a host copy under live views stays until they go"},
     {"to_host", (PyCFunction)Handle_to_host, METH_NOARGS, "ta_entry_to_host"},
     {NULL, NULL, 0, NULL}};
 
@@ -663,6 +715,7 @@ static PyGetSetDef Handle_getset[] = {
     {"count", (getter)Handle_get_size, NULL, NULL, (void *)(uintptr_t)SIZE_COUNT},
     {"ram_bytes", (getter)Handle_get_size, NULL, NULL, (void *)(uintptr_t)SIZE_RAM},
     {"vram_bytes", (getter)Handle_get_size, NULL, NULL, (void *)(uintptr_t)SIZE_VRAM},
+    {"views", (getter)Handle_get_size, NULL, "live Buffers", (void *)(uintptr_t)SIZE_VIEWS},
     {NULL, NULL, NULL, NULL, NULL}};
 
 static PyType_Slot handle_slots[] = {
