@@ -66,22 +66,28 @@ static void job_fail(job_t *j, int rc, const char *fmt, ...)
     }
 }
 
-/* Reads len bytes at off into dst; fewer only at the end of the file. */
+/* Reads len bytes at off into dst; fewer only at the end of the file.
+ * Direct reads (dst, off and len aligned) stay aligned: one that comes back
+ * short goes on from the start of the block it ended in, not from where it
+ * ended, since the legacy direct-I/O path and NFS refuse an unaligned read
+ * with EINVAL. A direct read ends inside a block only at the end of the
+ * file, so that block is read again once; a read that brings nothing past
+ * what is done is the end of the file. */
 static int read_span(job_t *j, void *dst, size_t len, uint64_t off, size_t *got)
 {
     size_t done = 0;
     while (done < len) {
-        size_t n;
+        size_t from = j->direct ? done & ~(size_t)(DIRECT_ALIGN - 1) : done, n;
         atomic_fetch_add_explicit(&j->reads, 1, memory_order_relaxed);
-        int rc = _ta_os_read_at(j->fd, (char *)dst + done, len - done, off + done, &n);
+        int rc = _ta_os_read_at(j->fd, (char *)dst + from, len - from, off + from, &n);
         if (rc) {
-            job_fail(j, rc, "read failed at offset %llu: %s", (unsigned long long)(off + done),
+            job_fail(j, rc, "read failed at offset %llu: %s", (unsigned long long)(off + from),
                      strerror(rc));
             return rc;
         }
-        if (n == 0)
+        if (from + n <= done)
             break;
-        done += n;
+        done = from + n;
     }
     *got = done;
     return 0;
@@ -127,7 +133,7 @@ static void direct_unit(job_t *j, size_t u, unsigned char *buf)
     size_t i = first_after(j, a);
     if (i == j->nspans || j->spans[j->order[i]].off >= a + want)
         return; /* a gap between spans */
-    size_t got;
+    size_t got; /* a, len and buf (a page-aligned mapping) aligned, as read_span needs */
     size_t len = (size_t)((want + DIRECT_ALIGN - 1) & ~(DIRECT_ALIGN - 1));
     if (read_span(j, buf, len, a, &got) != 0)
         return;
