@@ -122,13 +122,12 @@ static void *alloc_large(size_t size, size_t alignment, bool zero)
             p = _ta_large_alloc_packed(size, alignment);
     }
     large_events(events);
-    _ta_purge_start_wanted();
     return p;
 }
 
 static inline void *alloc_path(size_t size, size_t alignment, bool zero)
 {
-    _ta_purge_start_wanted(); /* never under free: see lib/purge.c */
+    _ta_purge_ensure(); /* never under free: see lib/purge.c */
     if (size < threshold() && alignment <= TA_SMALL_MAX_ALIGN)
         return _ta_small_alloc(size, alignment, zero);
     return alloc_large(size, alignment, zero);
@@ -308,7 +307,7 @@ int ta_posix_memalign(void **out, size_t alignment, size_t size)
 void ta_trim(void)
 {
     process_init();
-    _ta_purge_start_wanted();
+    _ta_purge_ensure();
     large_events(_ta_large_trim(true));
     _ta_small_trim();
 }

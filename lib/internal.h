@@ -170,20 +170,23 @@ bool _ta_small_purge_pass(void);
 /* ---- the purge thread (purge.c) ----------------------------------------- */
 /* Process set-up (the condition variable's clock, the owning process). */
 void _ta_purge_init(void);
-/* There is work with a deadline: wakes the purge thread, or records that
- * one is wanted. Never starts a thread (it runs under free, which glibc
- * calls with its own locks held). */
+/* There is work with a deadline: wakes the purge thread if it runs.
+ * Never starts a thread (it runs under free, which glibc calls with its
+ * own locks held). */
 void _ta_purge_wake(void);
-/* Starts the purge thread if a wake asked for one and it may run: called
- * on allocation paths only, outside every lock of ours. */
-extern atomic_bool _ta_purge_wanted;
-void _ta_purge_start_slow(void);
-static inline void _ta_purge_start_wanted(void)
-{
-    if (TA_UNLIKELY(atomic_load_explicit(&_ta_purge_wanted, memory_order_relaxed)))
-        _ta_purge_start_slow();
-}
+/* A thread is ending (its heap's key destructor): the purge thread looks
+ * whether it is the last one left. */
+void _ta_purge_thread_exiting(void);
+/* Starts the purge thread where it may run and does not: called on
+ * allocation paths only, outside every lock of ours. */
 bool _ta_purge_thread_running(void);
+bool _ta_purge_may_start(void);
+void _ta_purge_start(void);
+static inline void _ta_purge_ensure(void)
+{
+    if (TA_UNLIKELY(!_ta_purge_thread_running()) && _ta_purge_may_start())
+        _ta_purge_start();
+}
 /* glibc's view: has the process ever had a second thread. */
 bool _ta_process_has_threads(void);
 void _ta_purge_fork_prepare(void);

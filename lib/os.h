@@ -55,6 +55,9 @@ int _ta_os_vma_count(long *out);
 long _ta_os_vma_growth(void);
 /* Resident set size of this process in bytes (VmRSS), 0 if unknown. */
 size_t _ta_os_rss(void);
+/* 1 when the calling thread is the process's only live thread (an
+ * ended leader, a zombie until the group ends, does not count). */
+int _ta_os_only_thread_left(void); /* 1 or 0 */
 /* Monotonic milliseconds, and seconds to the nanosecond (timings). */
 uint64_t _ta_os_now_ms(void);
 double _ta_os_now_s(void);

@@ -427,6 +427,29 @@ size_t _ta_os_rss(void)
     return line ? (size_t)parse_long(line + 6) * 1024 : 0;
 }
 
+/* /proc/self/stat describes the thread-group leader: its state (Z once
+ * it has ended while other threads live on) and the group's thread count,
+ * the ended leader included. */
+int _ta_os_only_thread_left(void)
+{
+    char buf[1024];
+    if (read_small_file("/proc/self/stat", buf, sizeof buf) <= 0)
+        return 0;
+    const char *p = strrchr(buf, ')'); /* the name may hold spaces and ')' */
+    if (p == NULL || p[1] != ' ')
+        return 0;
+    char state = p[2];
+    p += 2;
+    for (int field = 3; field < 20; field++) { /* on to field 20, num_threads */
+        p = strchr(p, ' ');
+        if (p == NULL)
+            return 0;
+        p++;
+    }
+    long threads = parse_long(p);
+    return threads - (state == 'Z') <= 1;
+}
+
 uint64_t _ta_os_now_ms(void)
 {
     struct timespec ts;

@@ -7,19 +7,21 @@
  *
  * Its life follows three rules (docs/reliability.md, "What may happen
  * under malloc and free"):
- * - free never starts it. glibc calls free while it holds locks that
- *   pthread_create takes (its stack-cache lock, when a thread exits), so a
- *   wake only records the need; the next allocation outside free starts
- *   the thread (_ta_purge_start_wanted).
+ * - free never starts it: glibc calls free holding locks pthread_create
+ *   takes (its stack-cache lock, when a thread exits). It is started on an
+ *   allocation path, outside every lock of ours, and then stays, asleep on
+ *   a condition variable while nothing has a deadline, so that a later
+ *   free only has to wake it.
  * - It is never what makes a process multi-threaded (option PURGE_THREAD,
  *   auto): glibc serves fork from a signal handler, and skips its own fork
  *   locking, only in a process that never had a second thread, and Python
  *   warns on fork in a threaded one. A single-threaded process ages its
  *   pool on allocator calls only.
- * - It never keeps a process alive: when nothing with a deadline is left it
- *   lingers briefly and then exits, so a process whose last own thread
- *   ends (pthread_exit from main, a forked child's thread returning) ends
- *   too, at most a pass and a linger later.
+ * - It never keeps a process alive: glibc ends a process when its last
+ *   thread ends, and this one counts. Each thread's exit (its heap's key
+ *   destructor) makes it look, a few times over the next seconds, whether
+ *   it is the only thread left; if so it finishes what has a deadline and
+ *   ends, and the process with it.
  */
 #define _GNU_SOURCE
 #include "internal.h"
@@ -35,8 +37,11 @@
 #endif
 #endif
 
-/* How long an idle purge thread waits for more work before it exits. */
-#define PURGE_LINGER_MS 200
+/* After a thread's exit, when to look whether the purge thread is the
+ * only one left (ms after the previous look): the exiting thread needs a
+ * moment to be gone. */
+static const int exit_check_ms[] = {0, 10, 50, 200, 1000, 3000};
+#define EXIT_CHECKS ((int)(sizeof exit_check_ms / sizeof exit_check_ms[0]))
 /* At vm.max_map_count the thread's stack cannot be mapped: then the pool
  * ages on allocator calls only, and creation is tried again a second
  * later, not on every allocation. */
@@ -47,10 +52,10 @@ static pthread_cond_t purge_cond; /* on CLOCK_MONOTONIC: made by _ta_purge_init 
 /* Held over each pass: fork takes it, so a child never inherits a pass
  * cut in half (a heap's trim flag set, a taken list, victims in flight). */
 static pthread_mutex_t pass_mutex = PTHREAD_MUTEX_INITIALIZER;
-static bool purge_running; /* guarded by purge_mutex: a thread exists and looks at pending */
+static atomic_bool purge_running; /* written under purge_mutex: the thread exists */
 static bool purge_pending; /* guarded by purge_mutex: a wake since the last pass */
+static int exit_checks;    /* guarded by purge_mutex: looks left after a thread's exit */
 static pid_t purge_pid;    /* guarded by purge_mutex: the process the state belongs to */
-atomic_bool _ta_purge_wanted; /* work waits for a thread: the next allocation starts one */
 static _Atomic uint64_t purge_failed_ms; /* when pthread_create last failed */
 
 static void purge_cond_init(void)
@@ -95,30 +100,44 @@ static void purge_work(void)
     }
 }
 
+static void wait_ms(int ms)
+{
+    struct timespec until;
+    clock_gettime(CLOCK_MONOTONIC, &until);
+    until.tv_nsec += ms * 1000000L;
+    until.tv_sec += until.tv_nsec / 1000000000L;
+    until.tv_nsec %= 1000000000L;
+    while (!purge_pending && pthread_cond_timedwait(&purge_cond, &purge_mutex, &until) == 0)
+        ;
+}
+
 static void *purge_main(void *arg)
 {
     (void)arg;
     pthread_mutex_lock(&purge_mutex);
     for (;;) {
-        if (!purge_pending) {
-            struct timespec until;
-            clock_gettime(CLOCK_MONOTONIC, &until);
-            until.tv_nsec += PURGE_LINGER_MS * 1000000L;
-            until.tv_sec += until.tv_nsec / 1000000000L;
-            until.tv_nsec %= 1000000000L;
-            while (!purge_pending &&
-                   pthread_cond_timedwait(&purge_cond, &purge_mutex, &until) == 0)
-                ;
-            if (!purge_pending) {
-                purge_running = false; /* the next wake asks for a new thread */
+        if (purge_pending) {
+            purge_pending = false;
+            pthread_mutex_unlock(&purge_mutex);
+            purge_work();
+            pthread_mutex_lock(&purge_mutex);
+        } else if (exit_checks > 0) {
+            int delay = exit_check_ms[EXIT_CHECKS - exit_checks--];
+            if (delay > 0)
+                wait_ms(delay);
+            if (purge_pending)
+                continue; /* work first; the looks go on after it */
+            pthread_mutex_unlock(&purge_mutex);
+            bool alone = _ta_os_only_thread_left();
+            pthread_mutex_lock(&purge_mutex);
+            if (alone && !purge_pending) {
+                atomic_store(&purge_running, false);
                 pthread_mutex_unlock(&purge_mutex);
-                return NULL;
+                return NULL; /* glibc ends the process as this thread ends */
             }
+        } else {
+            pthread_cond_wait(&purge_cond, &purge_mutex);
         }
-        purge_pending = false;
-        pthread_mutex_unlock(&purge_mutex);
-        purge_work();
-        pthread_mutex_lock(&purge_mutex);
     }
 }
 
@@ -140,14 +159,22 @@ void _ta_purge_wake(void)
     purge_forget_parent();
     pthread_mutex_lock(&purge_mutex);
     purge_pending = true;
-    if (purge_running)
-        pthread_cond_signal(&purge_cond);
-    else
-        atomic_store_explicit(&_ta_purge_wanted, true, memory_order_relaxed);
+    pthread_cond_signal(&purge_cond);
     pthread_mutex_unlock(&purge_mutex);
 }
 
-static bool purge_may_start(void)
+void _ta_purge_thread_exiting(void)
+{
+    if (!atomic_load_explicit(&purge_running, memory_order_relaxed))
+        return;
+    purge_forget_parent();
+    pthread_mutex_lock(&purge_mutex);
+    exit_checks = EXIT_CHECKS;
+    pthread_cond_signal(&purge_cond);
+    pthread_mutex_unlock(&purge_mutex);
+}
+
+bool _ta_purge_may_start(void)
 {
     long long mode = _ta_opt(TA_OPT_PURGE_THREAD);
     if (mode == 0 || (mode == 2 && !_ta_process_has_threads()))
@@ -156,16 +183,14 @@ static bool purge_may_start(void)
     return failed == 0 || _ta_os_now_ms() - failed >= PURGE_RETRY_CREATE_MS;
 }
 
-void _ta_purge_start_slow(void)
+void _ta_purge_start(void)
 {
-    if (!purge_may_start())
-        return;
     purge_forget_parent();
     pthread_mutex_lock(&purge_mutex);
-    bool start = !purge_running && purge_pending;
+    bool start = !atomic_load(&purge_running);
     if (start)
-        purge_running = true;
-    atomic_store_explicit(&_ta_purge_wanted, false, memory_order_relaxed);
+        atomic_store(&purge_running, true);
+    exit_checks = 0;
     pthread_mutex_unlock(&purge_mutex);
     if (!start)
         return;
@@ -184,20 +209,14 @@ void _ta_purge_start_slow(void)
     if (rc != 0) {
         uint64_t now = _ta_os_now_ms();
         atomic_store(&purge_failed_ms, now ? now : 1);
-        pthread_mutex_lock(&purge_mutex);
-        purge_running = false;
-        atomic_store_explicit(&_ta_purge_wanted, true, memory_order_relaxed);
-        pthread_mutex_unlock(&purge_mutex);
+        atomic_store(&purge_running, false);
         _ta_log(false, "tensoralloc: no purge thread; the pool ages on allocator calls only\n");
     }
 }
 
 bool _ta_purge_thread_running(void)
 {
-    pthread_mutex_lock(&purge_mutex);
-    bool running = purge_running;
-    pthread_mutex_unlock(&purge_mutex);
-    return running;
+    return atomic_load(&purge_running);
 }
 
 /* Fork holds the pass lock (a pass finishes first) and the wake lock. */
@@ -222,9 +241,9 @@ void _ta_purge_fork_child(void)
     pthread_mutex_init(&pass_mutex, NULL);
     pthread_mutex_init(&purge_mutex, NULL);
     purge_cond_init();
-    purge_running = false;
+    atomic_store(&purge_running, false);
     purge_pending = false;
+    exit_checks = 0;
     __atomic_store_n(&purge_pid, getpid(), __ATOMIC_RELAXED);
-    atomic_store(&_ta_purge_wanted, false);
     atomic_store(&purge_failed_ms, 0);
 }

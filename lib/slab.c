@@ -1276,6 +1276,7 @@ static void thread_exit_cb(void *arg)
         return;
     tls_heap = &empty_heap;
     heap_abandon(h);
+    _ta_purge_thread_exiting(); /* perhaps the last thread but the purge thread */
 }
 
 void _ta_small_thread_done(void)
