@@ -123,9 +123,12 @@ static size_t pool_limit_locked(void)
 /* Each mapping made by map or moved by mremap gets a new origin; the
  * blocks and pool ranges cut from it keep it. Nothing is done to part of
  * a range, so a range of one origin lies in one VMA, which mremap can move
- * or grow (it refuses a range spanning two VMAs). Pool ranges join whatever
- * their origins (pool.c): a range that joined two gets origin 0, as does a
- * block that was pinned (the driver may split its VMA). */
+ * or grow. That holds only while the program leaves its blocks whole: one
+ * it mprotected, madvised or mlocked in part lies in several VMAs, and a
+ * move of it fails (before 6.17, after unmapping the destination: the OS
+ * layer maps the hole again or reports it lost, see _ta_os_move). Pool
+ * ranges join only equal nonzero origins (pool.c); a pinned block gets
+ * origin 0 (the driver may split its VMA), unless it is a pack's piece. */
 static uint64_t last_origin;
 
 static uint64_t new_origin_locked(void)
@@ -255,8 +258,10 @@ int _ta_large_pin_mark(const void *p, bool pin, uintptr_t *base, size_t *capacit
     else {
         r->pinned = pin;
         /* The driver may change the pages' VMA: never join this block
-         * with its neighbours again. */
-        r->origin = 0;
+         * with its neighbours again. A piece of a pack keeps its pack's
+         * number: it goes back to that pack (packs never move or grow). */
+        if (!r->packed)
+            r->origin = 0;
         *base = r->addr;
         *capacity = r->capacity;
     }
@@ -609,9 +614,22 @@ static void *assemble_unlock(size_t size, size_t cap, size_t align, bool zero, t
             release_mapping(pieces[i].addr, pieces[i].size, events);
         return NULL;
     }
-    for (size_t i = 0; i < n && n > 1; i++)
-        if (_ta_os_move((void *)pieces[i].addr, pieces[i].size, (char *)p + offset[i]) != 0)
+    for (size_t i = 0; i < n && n > 1; i++) {
+        void *to = (char *)p + offset[i];
+        int rc = _ta_os_move((void *)pieces[i].addr, pieces[i].size, to);
+        if (rc == TA_OS_DEST_LOST) { /* another mapping sits in the block: give it up */
+            for (size_t j = i; j < n; j++)
+                release_mapping(pieces[j].addr, pieces[j].size, events);
+            size_t after = offset[i] + pieces[i].size;
+            if (offset[i] > 0)
+                release_mapping((uintptr_t)p, offset[i], events);
+            if (after < cap)
+                release_mapping((uintptr_t)p + after, cap - after, events);
+            return NULL;
+        }
+        if (rc != 0)
             release_mapping(pieces[i].addr, pieces[i].size, events); /* that part stays fresh */
+    }
     /* advised as a grown block is: growth inherits its VMA's advice */
     name_and_advise(p, cap, n == 1 ? cap - moved : 0);
     for (size_t i = 0; i < n && zero; i++) /* the rest is fresh: zero already */

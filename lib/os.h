@@ -23,12 +23,20 @@ int _ta_os_remap(void *addr, size_t old_size, size_t new_size, void **out);
  * free, else moving to
  * a destination aligned to align (moving between 2 MiB-aligned addresses
  * lets the kernel move huge-page entries whole instead of splitting them).
- * On failure the old mapping is untouched. */
+ * On failure the old mapping is untouched (and TA_OS_DEST_LOST as for
+ * _ta_os_move, with nothing of ours left to unmap). */
 int _ta_os_remap_aligned(void *addr, size_t old_size, size_t new_size, size_t align, void **out);
 /* Move size bytes of mapped pages from `from` to `to`, replacing what was
  * mapped there (mremap MREMAP_FIXED: page tables move, nothing is copied
- * or zeroed; from must lie in one VMA on kernels before 6.17). */
+ * or zeroed). On failure `from` is untouched and `to` is as it was, its
+ * pages perhaps fresh: kernels before 6.17 unmap the destination before
+ * they refuse a source that spans several VMAs (a block the program
+ * mprotected, madvised or mlocked in part), and the hole is mapped again
+ * at once (MAP_FIXED_NOREPLACE). TA_OS_DEST_LOST when another thread mapped
+ * into the hole first: [to, to + size) is no longer ours, never touch or
+ * unmap it. */
 int _ta_os_move(void *from, size_t size, void *to);
+#define TA_OS_DEST_LOST EADDRNOTAVAIL
 /* Resize without moving; ENOMEM if the range above is taken. */
 int _ta_os_remap_in_place(void *addr, size_t old_size, size_t new_size);
 int _ta_os_advise_hugepage(void *addr, size_t size);
@@ -119,6 +127,13 @@ void _ta_os_set_read_hook(ta_os_read_hook_t hook, void *arg);
 /* While on, O_DIRECT opens fail with EINVAL, as on a filesystem without
  * direct I/O. */
 void _ta_os_refuse_direct(int on);
+/* Emulates kernels before 6.17 (1): a move whose source spans several
+ * VMAs unmaps its destination, then fails with EFAULT; 2 also maps one
+ * page into that hole at once, as another thread could, and reports it
+ * through _ta_os_emulated_intruder (NULL if none yet). 0 is the kernel's
+ * own behaviour. */
+void _ta_os_emulate_old_mremap(int mode);
+void *_ta_os_emulated_intruder(void);
 /* Make the Nth thread start from now fail (EAGAIN); 0 disarms. */
 void _ta_os_fail_nth_thread(long n);
 

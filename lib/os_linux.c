@@ -9,6 +9,8 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <stdint.h>
+#include <stdlib.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
@@ -17,6 +19,7 @@
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
+#include <sys/utsname.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -257,17 +260,136 @@ int _ta_os_map(size_t size, size_t align, void **out)
     return rc;
 }
 
+/* ---- moves onto a fixed destination ------------------------------------------
+ * mremap(MREMAP_FIXED) unmaps the destination first and checks the source
+ * after, on kernels before 6.17: a source that spans several VMAs fails
+ * with EFAULT and leaves a hole where the destination was, which another
+ * thread's mmap can take. 6.17 checks first (and moves several VMAs). */
+static atomic_int emulate_old_mremap;
+static void *_Atomic emulated_intruder;
+
+void _ta_os_emulate_old_mremap(int mode)
+{
+    atomic_store(&emulate_old_mremap, mode);
+    atomic_store(&emulated_intruder, NULL);
+}
+
+void *_ta_os_emulated_intruder(void)
+{
+    return atomic_load(&emulated_intruder);
+}
+
+static int kernel_before(int major, int minor)
+{
+    static atomic_int cached; /* 0 unknown, 1 before, 2 not before */
+    int c = atomic_load_explicit(&cached, memory_order_relaxed);
+    if (c == 0) {
+        struct utsname u;
+        int maj = 0, min = 0;
+        if (uname(&u) == 0)
+            sscanf(u.release, "%d.%d", &maj, &min);
+        c = maj < major || (maj == major && min < minor) ? 1 : 2;
+        atomic_store_explicit(&cached, c, memory_order_relaxed);
+    }
+    return c == 1;
+}
+
+/* Whether [addr, addr + size) lies in one VMA (/proc/self/maps; tests). */
+static int one_vma(const void *addr, size_t size)
+{
+    int fd = open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 1;
+    char buf[8192];
+    size_t have = 0;
+    int found = 1;
+    for (;;) {
+        ssize_t n = read(fd, buf + have, sizeof buf - 1 - have);
+        if (n <= 0)
+            break;
+        have += (size_t)n;
+        buf[have] = 0;
+        char *line = buf, *nl;
+        while ((nl = strchr(line, '\n')) != NULL) {
+            unsigned long lo, hi;
+            if (sscanf(line, "%lx-%lx", &lo, &hi) == 2 && lo <= (uintptr_t)addr &&
+                (uintptr_t)addr < hi) {
+                found = (uintptr_t)addr + size <= hi;
+                close(fd);
+                return found;
+            }
+            line = nl + 1;
+        }
+        have = (size_t)(buf + have - line);
+        memmove(buf, line, have);
+    }
+    close(fd);
+    return found;
+}
+
+/* Whether any page of [addr, addr + size) is unmapped (mincore: ENOMEM). */
+static int has_hole(void *addr, size_t size)
+{
+    unsigned char vec[4096];
+    size_t page = _ta_os_page_size(), step = sizeof vec * page;
+    for (size_t off = 0; off < size; off += step) {
+        size_t len = size - off < step ? size - off : step;
+        if (mincore((char *)addr + off, len, vec) != 0 && errno == ENOMEM)
+            return 1;
+    }
+    return 0;
+}
+
+/* After a failed move: the destination as the caller left it, or
+ * TA_OS_DEST_LOST (see os.h). */
+static int move_failed(void *to, size_t size, int rc)
+{
+    int old_order = kernel_before(6, 17) || atomic_load(&emulate_old_mremap) != 0;
+    if (!has_hole(to, size))
+        return old_order ? TA_OS_DEST_LOST : rc; /* old order: someone filled it all */
+    void *q = mmap(to, size, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+    if (q == to)
+        return rc;
+    if (q != MAP_FAILED) /* before 4.17 the flag was a hint */
+        munmap(q, size);
+    return TA_OS_DEST_LOST;
+}
+
+/* The emulated old order: the destination goes, then the source is refused. */
+static int move_emulated(void *from, size_t size, void *to)
+{
+    if (one_vma(from, size))
+        return -1;
+    munmap(to, size);
+    if (atomic_load(&emulate_old_mremap) == 2) {
+        size_t page = _ta_os_page_size();
+        void *q = mmap((char *)to + size / 2 / page * page, page, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+        if (q != MAP_FAILED) {
+            memset(q, 0x5a, page);
+            atomic_store(&emulated_intruder, q);
+        }
+    }
+    return EFAULT;
+}
+
 /* A moving mremap (MAYMOVE, and FIXED to `to` when it is set), with the fault
  * hook, the counters and errno kept. */
 static int remap_moving(void *addr, size_t old_size, size_t new_size, void *to, void **out)
 {
     int saved = errno, rc;
     if (kcall_enter(&call_move, &rc)) {
-        void *p = to ? mremap(addr, old_size, new_size, MREMAP_MAYMOVE | MREMAP_FIXED, to)
-                     : mremap(addr, old_size, new_size, MREMAP_MAYMOVE);
-        rc = p == MAP_FAILED ? errno : 0;
-        if (rc == 0 && out)
-            *out = p;
+        if (to == NULL || atomic_load_explicit(&emulate_old_mremap, memory_order_relaxed) == 0 ||
+            (rc = move_emulated(addr, old_size, to)) < 0) {
+            void *p = to ? mremap(addr, old_size, new_size, MREMAP_MAYMOVE | MREMAP_FIXED, to)
+                         : mremap(addr, old_size, new_size, MREMAP_MAYMOVE);
+            rc = p == MAP_FAILED ? errno : 0;
+            if (rc == 0 && out)
+                *out = p;
+        }
+        if (rc != 0 && to != NULL)
+            rc = move_failed(to, new_size, rc);
     }
     return kcall_leave(&call_move, rc, saved);
 }
@@ -303,7 +425,7 @@ int _ta_os_remap_aligned(void *addr, size_t old_size, size_t new_size, size_t al
     void *dest;
     if ((rc = _ta_os_map(new_size, align, &dest)) != 0)
         return rc;
-    if ((rc = remap_moving(addr, old_size, new_size, dest, out)) != 0)
+    if ((rc = remap_moving(addr, old_size, new_size, dest, out)) != 0 && rc != TA_OS_DEST_LOST)
         _ta_os_unmap(dest, new_size);
     return rc;
 }

@@ -589,3 +589,128 @@ Test(large, pool_stays_within_a_quarter_above_the_live_peak)
     cr_log_info("peak %zu MiB, largest pool %zu MiB", peak / MiB, worst_pool / MiB);
     cr_assert_gt(worst_pool, 0, "the pool kept nothing: the test shows no bound");
 }
+
+/* A piece of a pack (what blocks are cut from at vm.max_map_count) that
+ * was pinned for CUDA goes back to its own pack when freed, and the pack
+ * is unmapped once empty. Before: pinning set the piece's origin to 0 and
+ * its free wrote packs[-1] (UBSan: index out of bounds) and left the pack
+ * mapped for good. */
+Test(large, a_pinned_piece_of_a_pack_goes_back_to_its_pack)
+{
+    void *p = _ta_large_alloc_packed(300 * KiB, 0);
+    cr_assert_not_null(p);
+    memset(p, 3, 300 * KiB);
+    uintptr_t base;
+    size_t capacity;
+    cr_assert_eq(_ta_large_pin_mark(p, true, &base, &capacity), 0);
+    cr_assert_eq(base, (uintptr_t)p);
+    ta_free(p);
+    unsigned char vec;
+    errno = 0;
+    int rc = mincore((void *)((uintptr_t)p & ~(uintptr_t)4095), 4096, &vec);
+    cr_assert(rc != 0 && errno == ENOMEM, "the empty pack is still mapped");
+}
+
+/* Blocks the program split into several VMAs (madvise on part of each),
+ * freed into the pool, then put together into one larger block by moving
+ * them: under the order of kernels before 6.17 (emulated by the OS layer:
+ * the destination is unmapped, then the move fails), the block must come
+ * out whole. Before: it had a hole where each move failed (SIGSEGV on the
+ * first write). */
+static void *split_blocks_then_assemble(size_t *out_size)
+{
+    ta_trim();
+    enum { N = 4 };
+    void *b[N];
+    for (int i = 0; i < N; i++) {
+        b[i] = ta_malloc(6 * MiB);
+        cr_assert_not_null(b[i]);
+        memset(b[i], 1, 6 * MiB);
+        cr_assert_eq(madvise((char *)b[i] + 2 * MiB, 2 * MiB, MADV_NOHUGEPAGE), 0);
+        cr_assert_eq(madvise((char *)b[i] + 3 * MiB, MiB, MADV_DONTDUMP), 0);
+    }
+    for (int i = 0; i < N; i++)
+        ta_free(b[i]);
+    *out_size = 20 * MiB; /* no pooled range fits; the largest is under half */
+    return ta_malloc(*out_size);
+}
+
+static bool mapped_whole(void *p, size_t size)
+{
+    unsigned char vec[64];
+    for (size_t off = 0; off < size; off += 64 * 4096)
+        if (mincore((char *)p + off, size - off < 64 * 4096 ? size - off : 64 * 4096, vec) != 0)
+            return false;
+    return true;
+}
+
+Test(large, split_blocks_are_reused_whole_under_the_old_mremap_order)
+{
+    _ta_os_counters_t before, after;
+    _ta_os_counters(&before);
+    _ta_os_emulate_old_mremap(1);
+    size_t size;
+    char *p = split_blocks_then_assemble(&size);
+    _ta_os_emulate_old_mremap(0);
+    _ta_os_counters(&after);
+    cr_assert_not_null(p);
+    cr_assert_gt(after.remap_failures, before.remap_failures, "no move was refused");
+    cr_assert(mapped_whole(p, size), "the block has a hole");
+    memset(p, 2, size);
+    ta_free(p);
+    ta_trim();
+    cr_assert_eq(stats_now().large_live_count, 0);
+}
+
+/* The same, with another mapping placed in the hole before the allocator
+ * can fill it again (as another thread's mmap could): the block is given
+ * up, the request is served from a fresh mapping, and the other mapping is
+ * never unmapped or handed out. */
+Test(large, a_mapping_placed_in_the_hole_is_never_touched)
+{
+    _ta_os_emulate_old_mremap(2);
+    size_t size;
+    char *p = split_blocks_then_assemble(&size);
+    unsigned char *intruder = _ta_os_emulated_intruder();
+    _ta_os_emulate_old_mremap(0);
+    cr_assert_not_null(p);
+    cr_assert_not_null(intruder, "no move was refused");
+    cr_assert((unsigned char *)p + size <= intruder || intruder + 4096 <= (unsigned char *)p,
+              "the block overlaps the other mapping");
+    memset(p, 2, size);
+    ta_free(p);
+    ta_trim();
+    cr_assert(mapped_whole(intruder, 4096), "the other mapping was unmapped");
+    for (int i = 0; i < 4096; i++)
+        cr_assert_eq(intruder[i], 0x5a);
+    munmap(intruder, 4096);
+}
+
+/* realloc of a block the program split: growth moves it onto an aligned
+ * destination, which the old order unmaps; the contents survive, through
+ * a copy when the move is refused. */
+Test(large, realloc_of_a_split_block_under_the_old_mremap_order)
+{
+    unsigned char *p = ta_malloc(6 * MiB);
+    cr_assert_not_null(p);
+    for (size_t i = 0; i < 6 * MiB; i++)
+        p[i] = (unsigned char)(i * 7);
+    cr_assert_eq(madvise(p + 2 * MiB, 2 * MiB, MADV_NOHUGEPAGE), 0);
+    void *block = ta_malloc(MiB); /* keeps the range above p taken: growth must move */
+    _ta_os_emulate_old_mremap(2);
+    unsigned char *q = ta_realloc(p, 64 * MiB);
+    unsigned char *intruder = _ta_os_emulated_intruder();
+    _ta_os_emulate_old_mremap(0);
+    cr_assert_not_null(q);
+    for (size_t i = 0; i < 6 * MiB; i++)
+        cr_assert_eq(q[i], (unsigned char)(i * 7), "byte %zu", i);
+    memset(q, 1, 64 * MiB);
+    ta_free(q);
+    ta_free(block);
+    ta_trim();
+    if (intruder != NULL) {
+        cr_assert(mapped_whole(intruder, 4096), "the other mapping was unmapped");
+        cr_assert_eq(intruder[0], 0x5a);
+        munmap(intruder, 4096);
+    }
+}
