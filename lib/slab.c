@@ -277,6 +277,8 @@ static pthread_key_t heap_key;
 _Static_assert(CLASS_COUNT == 60, "empty_heap's initialiser");
 static heap_t empty_heap = {.current = {NO_SPAN_20, NO_SPAN_20, NO_SPAN_20}};
 static TA_TLS heap_t *tls_heap = &empty_heap;
+/* This thread's heap key destructor has run: the thread is ending. */
+static TA_TLS bool tls_exiting;
 
 static _Atomic int64_t small_live, small_peak;
 static _Atomic uint64_t committed_bytes, segment_bytes, span_count, heap_count;
@@ -1023,7 +1025,37 @@ static void *alloc_slow(heap_t *h, int c)
 
 /* Every small request but malloc's fast path: alignment, zeroing, sizes
  * over 1 KiB, a thread without a heap yet, a current span used up. */
+static void heap_abandon(heap_t *h);
+static void *small_alloc(size_t size, size_t alignment, bool zero);
+
+/* An allocation by another key destructor after this thread's heap was
+ * given up: glibc runs destructors in at most four rounds, and a heap
+ * adopted in the last one would be owned by no thread and never given up.
+ * So a thread that is ending adopts a heap for the one block and gives it
+ * up again at once. */
+__attribute__((noinline, cold)) static void *alloc_while_exiting(size_t size, size_t alignment,
+                                                               bool zero)
+{
+    tls_exiting = false;
+    void *p = small_alloc(size, alignment, zero);
+    heap_t *h = tls_heap;
+    if (h != &empty_heap) {
+        tls_heap = &empty_heap;
+        pthread_setspecific(heap_key, NULL);
+        heap_abandon(h);
+    }
+    tls_exiting = true;
+    return p;
+}
+
 void *_ta_small_alloc(size_t size, size_t alignment, bool zero)
+{
+    if (TA_UNLIKELY(tls_exiting))
+        return alloc_while_exiting(size, alignment, zero);
+    return small_alloc(size, alignment, zero);
+}
+
+static void *small_alloc(size_t size, size_t alignment, bool zero)
 {
     if (TA_UNLIKELY(alignment > TA_SMALL_MAX_ALIGN)) {
         errno = EINVAL;
@@ -1081,7 +1113,9 @@ static bool heap_notify(heap_t *h, span_t *s)
         s->next_notified = top;
     } while (!atomic_compare_exchange_weak_explicit(&h->remote_spans, &top, s, memory_order_seq_cst,
                                                     memory_order_relaxed));
-    if (top == NULL && atomic_load_explicit(&h->abandoned, memory_order_relaxed))
+    /* seq_cst, paired with heap_abandon: either this sees the heap
+     * abandoned, or its owner sees this span after giving the heap up. */
+    if (top == NULL && atomic_load_explicit(&h->abandoned, memory_order_seq_cst))
         return true;
     /* Pairs with the purge thread's last look before it sleeps (seq_cst on
      * both sides): either it sees this span or this sees it asleep. */
@@ -1262,11 +1296,15 @@ bool _ta_small_purge_pass(void)
 static void heap_abandon(heap_t *h)
 {
     heap_tidy(h, true);
-    atomic_store_explicit(&h->abandoned, true, memory_order_relaxed);
+    atomic_store_explicit(&h->abandoned, true, memory_order_seq_cst);
     _ta_lock(&heaps_lock);
     h->next_abandoned = abandoned;
     abandoned = h;
     _ta_unlock(&heaps_lock);
+    /* A free that came in after the tidy but read the heap as still owned
+     * woke no one (heap_notify): the purge thread must drain it now. */
+    if (atomic_load_explicit(&h->remote_spans, memory_order_seq_cst) != NULL)
+        _ta_purge_wake();
 }
 
 static void thread_exit_cb(void *arg)
@@ -1275,6 +1313,7 @@ static void thread_exit_cb(void *arg)
     if (h == NULL)
         return;
     tls_heap = &empty_heap;
+    tls_exiting = true;
     heap_abandon(h);
     _ta_purge_thread_exiting(); /* perhaps the last thread but the purge thread */
 }

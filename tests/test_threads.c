@@ -4,6 +4,7 @@
 
 #include <criterion/criterion.h>
 #include <inttypes.h>
+#include <limits.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
@@ -521,4 +522,89 @@ Test(threads, trim_reaches_heaps_the_purge_thread_is_tidying, .timeout = 120)
         cr_assert_lt(live, base + 16 * KiB, "round %d: %" PRIu64 " bytes still live after trim",
                      round, live - base);
     }
+}
+
+/* Another library's key destructor that allocates in every round glibc
+ * runs, the last included (it sets its key again in the first three).
+ * A heap adopted in the last round used to stay owned by a thread that
+ * no longer exists: never given up, never adopted, one lost per thread. */
+static pthread_key_t late_key;
+
+static void late_destructor(void *arg)
+{
+    uintptr_t round = (uintptr_t)arg;
+    void *p = ta_malloc(96);
+    cr_assert_not_null(p);
+    memset(p, 1, 96);
+    ta_free(p);
+    ta_free(ta_malloc(200)); /* a block left in the heap's current span */
+    if (round < PTHREAD_DESTRUCTOR_ITERATIONS)
+        pthread_setspecific(late_key, (void *)(round + 1));
+}
+
+static void *thread_with_late_destructor(void *arg)
+{
+    ta_free(ta_malloc(64));
+    pthread_setspecific(late_key, (void *)1);
+    return arg;
+}
+
+Test(threads, allocations_in_the_last_destructor_round_lose_no_heap)
+{
+    ta_free(ta_malloc(64)); /* the allocator's own key first */
+    cr_assert_eq(pthread_key_create(&late_key, late_destructor), 0);
+    uint64_t before = stats_now().heaps;
+    for (int i = 0; i < 40; i++) {
+        pthread_t t;
+        cr_assert_eq(pthread_create(&t, NULL, thread_with_late_destructor, NULL), 0);
+        cr_assert_eq(pthread_join(t, NULL), 0);
+    }
+    uint64_t after = stats_now().heaps;
+    cr_assert_leq(after, before + 2, "%" PRIu64 " heaps after 40 threads (%" PRIu64 " before)",
+                  after, before);
+}
+
+/* Frees from another thread that race their owner's exit: a free that
+ * read the heap as still owned woke no one, and the owner gave the heap up
+ * after its last tidy; the blocks waited for an unrelated wake. They are
+ * drained without any further allocator call. */
+enum { OWNER_RACE_BLOCKS = 512 };
+static void *exit_race_blocks[OWNER_RACE_BLOCKS];
+static atomic_int race_go;
+
+static void *owner_then_exit(void *arg)
+{
+    for (int i = 0; i < OWNER_RACE_BLOCKS; i++)
+        exit_race_blocks[i] = ta_malloc(48 + (size_t)(i % 8) * 16);
+    atomic_store(&race_go, 1);
+    return arg; /* exits while the other thread frees */
+}
+
+static void *free_them(void *arg)
+{
+    while (!atomic_load(&race_go))
+        ;
+    for (int i = 0; i < OWNER_RACE_BLOCKS; i++)
+        ta_free(exit_race_blocks[i]);
+    return arg;
+}
+
+Test(threads, frees_racing_their_owners_exit_are_drained, .timeout = 120)
+{
+    ta_option_set(TA_OPT_RETAIN_MS, 50);
+    for (int round = 0; round < 300; round++) {
+        atomic_store(&race_go, 0);
+        pthread_t a, b;
+        cr_assert_eq(pthread_create(&b, NULL, free_them, NULL), 0);
+        cr_assert_eq(pthread_create(&a, NULL, owner_then_exit, NULL), 0);
+        pthread_join(a, NULL);
+        pthread_join(b, NULL);
+    }
+    uint64_t live = 0;
+    for (int i = 0; i < 60; i++) { /* no allocator call: up to 3 s */
+        usleep(50000);
+        if ((live = stats_now().small_live_bytes) < 64 * KiB)
+            break;
+    }
+    cr_assert_lt(live, 64 * KiB, "%" PRIu64 " bytes freed into ended threads' heaps wait", live);
 }
