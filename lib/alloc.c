@@ -89,6 +89,15 @@ static inline void process_init(void)
         process_init_slow();
 }
 
+/* The set-up runs here, before the program's own constructors, unless an
+ * allocation came first: pthread_atfork allocates under glibc's fork-
+ * handler lock, so the process's first allocation must not be one made
+ * inside pthread_atfork (docs/reliability.md). */
+__attribute__((constructor)) static void process_start(void)
+{
+    process_init();
+}
+
 __attribute__((destructor)) static void process_done(void)
 {
     if (_ta_opt(TA_OPT_STATS))
