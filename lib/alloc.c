@@ -89,15 +89,6 @@ static inline void process_init(void)
         process_init_slow();
 }
 
-/* The set-up runs here, before the program's own constructors, unless an
- * allocation came first: pthread_atfork allocates under glibc's fork-
- * handler lock, so the process's first allocation must not be one made
- * inside pthread_atfork (docs/reliability.md). */
-__attribute__((constructor)) static void process_start(void)
-{
-    process_init();
-}
-
 __attribute__((destructor)) static void process_done(void)
 {
     if (_ta_opt(TA_OPT_STATS))
@@ -168,11 +159,34 @@ __attribute__((noinline, cold)) static void *alloc_retry(size_t size, size_t ali
     return p;
 }
 
+/* The most a request may ask for, its alignment's padding included. No
+ * object may be larger than PTRDIFF_MAX (glibc's rule: pointer differences
+ * inside it must not overflow), and on x86-64 and arm64 no mapping can be
+ * larger than 2^48 bytes: the kernel hands out addresses above 2^47
+ * (x86-64) or 2^48 (arm64) only at a caller's hint, even with 5-level
+ * tables or 52-bit addresses, which the slab segment map assumes too. */
+#if defined(__x86_64__) || defined(__aarch64__)
+#define MAX_REQUEST ((size_t)1 << 48)
+#else
+#define MAX_REQUEST ((size_t)PTRDIFF_MAX)
+#endif
+
+/* Whether a request could ever succeed: checked before any system call, so
+ * that a program probing impossible sizes (glibc's tst-malloc-too-large
+ * tries every power-of-two alignment up to 2^63 with sizes from 2^50 to
+ * SIZE_MAX) gets ENOMEM at once instead of failing mmaps, and so that
+ * size + alignment cannot wrap further down the path. */
+static inline bool request_possible(size_t size, size_t alignment)
+{
+    size_t padded;
+    return !__builtin_add_overflow(size, alignment, &padded) && padded <= MAX_REQUEST;
+}
+
 /* alignment: a power of two; 0 or <= TA_MIN_ALIGN means natural. */
 static inline void *alloc_aligned(size_t size, size_t alignment, bool zero)
 {
     process_init();
-    if (TA_UNLIKELY(alignment > ((size_t)1 << 40))) {
+    if (TA_UNLIKELY(!request_possible(size, alignment) || alignment > ((size_t)1 << 40))) {
         errno = ENOMEM;
         return NULL;
     }
@@ -270,7 +284,7 @@ void *ta_realloc(void *ptr, size_t size)
     } else {
         if (!_ta_large_lookup(ptr, &old_usable))
             _ta_fatal("realloc", ptr, "invalid pointer");
-        if (size >= threshold()) {
+        if (size >= threshold() && request_possible(size, 0)) {
             void *moved = _ta_large_realloc(ptr, size); /* mremap: nothing copied */
             if (moved != NULL)
                 return moved;
