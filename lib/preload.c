@@ -75,12 +75,18 @@ EXPORT void *reallocarray(void *ptr, size_t count, size_t size)
     return ta_realloc(ptr, total);
 }
 
-/* glibc's memalign rounds a non-power-of-two alignment up. */
+/* ---- the memalign family, with glibc's argument rules ---------------------
+ * glibc (malloc/malloc.c, _mid_memalign): an alignment up to MALLOC_ALIGNMENT
+ * is malloc; one above SIZE_MAX / 2 + 1 (no power of two) is EINVAL; any
+ * other is rounded up to a power of two. A size that cannot be had with
+ * that alignment is ENOMEM, found by arithmetic before any system call
+ * (ta_aligned_alloc, lib/alloc.c). */
+
 EXPORT void *memalign(size_t alignment, size_t size)
 {
     if (alignment <= TA_MIN_ALIGN)
         return ta_malloc(size);
-    if (alignment > ((size_t)1 << 62)) {
+    if (alignment > SIZE_MAX / 2 + 1) {
         errno = EINVAL;
         return NULL;
     }

@@ -132,6 +132,63 @@ Test(api, posix_memalign_contract)
     }
 }
 
+/* Requests no mapping can satisfy, probed the way glibc's
+ * tst-malloc-too-large does: every power-of-two alignment up to 2^63 with
+ * sizes near SIZE_MAX, just past PTRDIFF_MAX and from 2^48 up. Each fails
+ * with ENOMEM, found by arithmetic: no mmap or mremap is tried. */
+Test(api, impossible_requests_fail_without_a_system_call)
+{
+    unsigned char *small = ta_malloc(50), *large = ta_malloc(3 * MiB);
+    pattern_fill(small, 50, 1);
+    pattern_fill(large, 3 * MiB, 2);
+    size_t sizes[] = {SIZE_MAX,
+                      SIZE_MAX - 4096,
+                      (size_t)PTRDIFF_MAX + 1,
+                      PTRDIFF_MAX,
+                      ((size_t)3 << 50) | (((size_t)1 << 50) - 1),
+                      (size_t)1 << 50,
+                      ((size_t)1 << 48) + 1};
+    ta_stats_t before = {.size = sizeof before}, after = {.size = sizeof after};
+    cr_assert_eq(ta_stats_get(&before), 0);
+    for (size_t i = 0; i < sizeof sizes / sizeof *sizes; i++) {
+        size_t n = sizes[i];
+        errno = 0;
+        cr_assert_null(ta_malloc(n));
+        cr_assert_eq(errno, ENOMEM, "malloc(%zx)", n);
+        errno = 0;
+        cr_assert_null(ta_calloc(1, n));
+        cr_assert_eq(errno, ENOMEM, "calloc(1, %zx)", n);
+        errno = 0;
+        cr_assert_null(ta_realloc(small, n));
+        cr_assert_eq(errno, ENOMEM, "realloc(small, %zx)", n);
+        errno = 0;
+        cr_assert_null(ta_realloc(large, n));
+        cr_assert_eq(errno, ENOMEM, "realloc(large, %zx)", n);
+        for (size_t a = 1; a != 0; a <<= 1) {
+            errno = 0;
+            cr_assert_null(ta_aligned_alloc(a, n));
+            cr_assert_eq(errno, ENOMEM, "aligned_alloc(%zx, %zx)", a, n);
+            void *p = NULL;
+            if (a >= sizeof(void *))
+                cr_assert_eq(ta_posix_memalign(&p, a, n), ENOMEM, "posix_memalign(%zx, %zx)", a, n);
+            cr_assert_null(p);
+        }
+    }
+    /* a small size with an alignment that cannot be had */
+    errno = 0;
+    cr_assert_null(ta_aligned_alloc((size_t)1 << 63, 1));
+    cr_assert_eq(errno, ENOMEM);
+    cr_assert_eq(ta_stats_get(&after), 0);
+    cr_assert_eq(after.os_map_calls, before.os_map_calls, "%llu mmap calls for impossible sizes",
+                 (unsigned long long)(after.os_map_calls - before.os_map_calls));
+    cr_assert_eq(after.os_remap_calls, before.os_remap_calls, "%llu mremap calls",
+                 (unsigned long long)(after.os_remap_calls - before.os_remap_calls));
+    cr_assert(pattern_ok(small, 50, 1), "a failed realloc keeps the block");
+    cr_assert(pattern_ok(large, 3 * MiB, 2), "a failed realloc keeps the block");
+    ta_free(small);
+    ta_free(large);
+}
+
 Test(api, realloc_null_and_zero)
 {
     void *p = ta_realloc(NULL, 100);
