@@ -82,6 +82,11 @@ EXPORT void *reallocarray(void *ptr, size_t count, size_t size)
  * that alignment is ENOMEM, found by arithmetic before any system call
  * (ta_aligned_alloc, lib/alloc.c). */
 
+static bool power_of_two(size_t a)
+{
+    return a != 0 && (a & (a - 1)) == 0;
+}
+
 EXPORT void *memalign(size_t alignment, size_t size)
 {
     if (alignment <= TA_MIN_ALIGN)
@@ -96,9 +101,20 @@ EXPORT void *memalign(size_t alignment, size_t size)
     return ta_aligned_alloc(a, size);
 }
 
+/* Returns EINVAL for an alignment that is not a power-of-two multiple of
+ * sizeof(void *), ENOMEM (errno ENOMEM too, as glibc leaves it) when the
+ * block cannot be had; *out is written only on success. */
 EXPORT int posix_memalign(void **out, size_t alignment, size_t size)
 {
-    return ta_posix_memalign(out, alignment, size);
+    if (!power_of_two(alignment) || alignment % sizeof(void *) != 0)
+        return EINVAL;
+    void *p = ta_aligned_alloc(alignment, size);
+    if (p == NULL) {
+        errno = ENOMEM;
+        return ENOMEM;
+    }
+    *out = p;
+    return 0;
 }
 
 EXPORT void *aligned_alloc(size_t alignment, size_t size)

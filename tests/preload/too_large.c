@@ -63,7 +63,7 @@ static void too_large(size_t n)
             int rc = posix_memalign(&out, a, n);
             int e = errno;
             calls++;
-            if (rc != ENOMEM || out != NULL) {
+            if (rc != ENOMEM || e != ENOMEM || out != NULL) {
                 if (wrong++ < 10)
                     printf("posix_memalign(%#zx, %#zx): returns %d, errno %d\n", a, n, rc, e);
                 if (rc == 0)
