@@ -160,14 +160,22 @@ EXPORT void free_aligned_sized(void *ptr, size_t alignment, size_t size)
     ta_free(ptr);
 }
 
-/* ---- glibc's internal names, used by some programs and by ld.so --------- */
+/* ---- glibc's internal names, used by some programs and by ld.so ----------
+ * Every __libc_* name glibc exports for an allocation function replaced
+ * here (the preload-symbols test reads them from the running libc.so.6),
+ * so that no caller reaches glibc's own allocator, idle under this one:
+ * a block from one freed by the other ends the process. __libc_malloc and
+ * __libc_free are in lib/alloc.c, with malloc and free. */
 
-/* __libc_malloc and __libc_free: in lib/alloc.c, with malloc and free. */
 void *__libc_calloc(size_t count, size_t size) ALIAS(calloc);
 void *__libc_realloc(void *ptr, size_t size) ALIAS(realloc);
+void *__libc_reallocarray(void *ptr, size_t count, size_t size) ALIAS(reallocarray);
 void *__libc_memalign(size_t alignment, size_t size) ALIAS(memalign);
+void *__libc_aligned_alloc(size_t alignment, size_t size) ALIAS(aligned_alloc); /* 2.38 */
 void *__libc_valloc(size_t size) ALIAS(valloc);
 void *__libc_pvalloc(size_t size) ALIAS(pvalloc);
+struct mallinfo __libc_mallinfo(void) ALIAS(mallinfo);
+int __libc_mallopt(int param, int value) ALIAS(mallopt);
 void __libc_cfree(void *ptr) ALIAS(cfree);
 int __posix_memalign(void **out, size_t alignment, size_t size) ALIAS(posix_memalign);
 
