@@ -14,11 +14,12 @@
 #include "internal.h"
 
 #include <errno.h>
+#include <gnu/libc-version.h>
 #include <malloc.h>
+#include <stdint.h>
 #include <stdio.h>
-#include <string.h>
-
 #include <stdlib.h>
+#include <string.h>
 
 /* Aliases need not repeat every attribute glibc's headers put on malloc. */
 #if defined(__GNUC__) && !defined(__clang__)
@@ -75,6 +76,37 @@ EXPORT void *reallocarray(void *ptr, size_t count, size_t size)
     return ta_realloc(ptr, total);
 }
 
+/* ---- the glibc version the process runs on ------------------------------
+ * Where glibc releases differ (aligned_alloc's alignment check, mallopt's
+ * threshold bound), this library does what the running glibc would.
+ * gnu_get_libc_version returns a constant string: reading it allocates
+ * nothing, so the first allocation may ask. */
+
+static int glibc_version_read(void)
+{
+    const char *v = gnu_get_libc_version();
+    int major = 0, minor = 0;
+    while (*v >= '0' && *v <= '9')
+        major = major * 10 + (*v++ - '0');
+    if (*v == '.')
+        v++;
+    while (*v >= '0' && *v <= '9')
+        minor = minor * 10 + (*v++ - '0');
+    return major * 1000 + minor;
+}
+
+/* major * 1000 + minor: 2036 for glibc 2.36. */
+static int glibc_version(void)
+{
+    static atomic_int cached; /* 0: not read yet; every reader finds the same */
+    int v = atomic_load_explicit(&cached, memory_order_relaxed);
+    if (TA_UNLIKELY(v == 0)) {
+        v = glibc_version_read();
+        atomic_store_explicit(&cached, v, memory_order_relaxed);
+    }
+    return v;
+}
+
 /* ---- the memalign family, with glibc's argument rules ---------------------
  * glibc (malloc/malloc.c, _mid_memalign): an alignment up to MALLOC_ALIGNMENT
  * is malloc; one above SIZE_MAX / 2 + 1 (no power of two) is EINVAL; any
@@ -117,9 +149,15 @@ EXPORT int posix_memalign(void **out, size_t alignment, size_t size)
     return 0;
 }
 
+/* glibc before 2.38: memalign under another name (alignment 0 or 24 gives
+ * a block). From 2.38 (C17's wording): EINVAL unless a power of two. */
 EXPORT void *aligned_alloc(size_t alignment, size_t size)
 {
-    return ta_aligned_alloc(alignment, size);
+    if (glibc_version() >= 2038 && !power_of_two(alignment)) {
+        errno = EINVAL;
+        return NULL;
+    }
+    return memalign(alignment, size);
 }
 
 EXPORT void *valloc(size_t size)
