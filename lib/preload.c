@@ -278,14 +278,8 @@ EXPORT void malloc_stats(void)
 /* glibc's XML shape (malloc/malloc.c, __malloc_info), our figures. */
 EXPORT int malloc_info(int options, FILE *fp)
 {
-    if (options != 0) {
-        errno = EINVAL;
-        return -1;
-    }
-    if (fp == NULL) {
-        errno = EINVAL;
-        return -1;
-    }
+    if (options != 0 || fp == NULL)
+        return EINVAL; /* glibc returns it (for options; a NULL fp crashes there) */
     ta_stats_t st = {.size = sizeof st};
     ta_stats_get(&st);
     fprintf(fp,
@@ -317,28 +311,37 @@ EXPORT int malloc_info(int options, FILE *fp)
     return 0;
 }
 
-/* mallopt: the parameters that have a meaning here change the options;
- * the arena and fast-bin knobs have nothing to act on and are accepted.
- * Values from <malloc.h>. Returns 1 on success, 0 on error, as glibc. */
+/* mallopt: glibc's answers (malloc/malloc.c, __libc_mallopt), and the
+ * parameters that mean something here change the options. glibc reads the
+ * int value as a size_t (so -1 is "as large as can be") and returns 1 for
+ * every parameter, known or not, except an M_MXFAST above MAX_FAST_SIZE
+ * (80 * sizeof(size_t) / 4) and, before 2.35, an M_MMAP_THRESHOLD above
+ * HEAP_MAX_SIZE / 2 (the 2.35 huge-page series dropped that bound; 2.36
+ * accepts any value). M_TRIM_THRESHOLD -1, "never trim", keeps the most
+ * the pool may (RETAIN_BYTES at its bound). */
+#define MAX_FAST_SIZE (80 * sizeof(size_t) / 4)
+#define OLD_GLIBC_MMAP_THRESHOLD_MAX (4 * ((size_t)1 << 20) * sizeof(long)) /* 32 MiB */
+#define RETAIN_BYTES_MAX ((size_t)1 << 50) /* the option's bound (options.c) */
 EXPORT int mallopt(int param, int value)
 {
+    size_t v = (size_t)(long)value;
     switch (param) {
-    case M_MMAP_THRESHOLD: /* large path threshold, within its bounds */
-        if (value < 0)
+    case M_MXFAST: return v <= MAX_FAST_SIZE; /* no fast bins here: accepted, no effect */
+    case M_MMAP_THRESHOLD:                    /* the large path's threshold, within its bounds */
+        if (v > OLD_GLIBC_MMAP_THRESHOLD_MAX && glibc_version() < 2035)
             return 0;
-        return ta_option_set(TA_OPT_THRESHOLD, value < (16 << 10)  ? (16 << 10)
-                                               : value > (1 << 20) ? (1 << 20)
-                                                                   : value) == 0;
+        ta_option_set(TA_OPT_THRESHOLD, v < (16 << 10)  ? (16 << 10)
+                                        : v > (1 << 20) ? (1 << 20)
+                                                        : (long long)v);
+        return 1;
     case M_TRIM_THRESHOLD: /* free memory kept before it goes back: the pool */
-        return value >= 0 && ta_option_set(TA_OPT_RETAIN_BYTES, value) == 0;
-    case M_MMAP_MAX:  /* mmap is how large blocks exist: accepted, no effect */
-    case M_ARENA_MAX: /* no arenas */
-    case M_ARENA_TEST:
-    case M_TOP_PAD:
-    case M_MXFAST:
-    case M_PERTURB:
-    case M_CHECK_ACTION: return 1;
-    default: return 0;
+        ta_option_set(TA_OPT_RETAIN_BYTES,
+                      (long long)(v > RETAIN_BYTES_MAX ? RETAIN_BYTES_MAX : v));
+        return 1;
+    default: /* M_MMAP_MAX, M_TOP_PAD, M_PERTURB, M_CHECK_ACTION, the arena knobs:
+                nothing to act on (large blocks are mappings by design, there
+                are no arenas); anything else: glibc's 1 */
+        return 1;
     }
 }
 
