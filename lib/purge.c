@@ -48,7 +48,7 @@ static const int exit_check_ms[] = {0, 10, 50, 200, 1000, 3000};
 #define PURGE_RETRY_CREATE_MS 1000
 
 static pthread_mutex_t purge_mutex = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t purge_cond; /* on CLOCK_MONOTONIC: made by _ta_purge_init */
+static pthread_cond_t purge_cond = PTHREAD_COND_INITIALIZER;
 /* Held over each pass: fork takes it, so a child never inherits a pass
  * cut in half (a heap's trim flag set, a taken list, victims in flight). */
 static pthread_mutex_t pass_mutex = PTHREAD_MUTEX_INITIALIZER;
@@ -58,19 +58,9 @@ static int exit_checks;    /* guarded by purge_mutex: looks left after a thread'
 static pid_t purge_pid;    /* guarded by purge_mutex: the process the state belongs to */
 static _Atomic uint64_t purge_failed_ms; /* when pthread_create last failed */
 
-static void purge_cond_init(void)
-{
-    pthread_condattr_t attr;
-    pthread_condattr_init(&attr);
-    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
-    pthread_cond_init(&purge_cond, &attr);
-    pthread_condattr_destroy(&attr);
-}
-
 /* Process set-up, before any allocation can wake the thread. */
 void _ta_purge_init(void)
 {
-    purge_cond_init();
     __atomic_store_n(&purge_pid, getpid(), __ATOMIC_RELAXED);
 }
 
@@ -103,7 +93,8 @@ static void purge_work(void)
 static void wait_ms(int ms)
 {
     struct timespec until;
-    clock_gettime(CLOCK_MONOTONIC, &until);
+    clock_gettime(CLOCK_REALTIME, &until); /* the condition variable's clock; a jump only
+                                              moves one look */
     until.tv_nsec += ms * 1000000L;
     until.tv_sec += until.tv_nsec / 1000000000L;
     until.tv_nsec %= 1000000000L;
@@ -240,7 +231,7 @@ void _ta_purge_fork_child(void)
 {
     pthread_mutex_init(&pass_mutex, NULL);
     pthread_mutex_init(&purge_mutex, NULL);
-    purge_cond_init();
+    pthread_cond_init(&purge_cond, NULL);
     atomic_store(&purge_running, false);
     purge_pending = false;
     exit_checks = 0;
