@@ -526,7 +526,10 @@ static size_t natural_alignment(size_t cap)
  * ENOMEM for a size no mapping can have (room left for huge-page slack). */
 static bool block_shape(size_t size, size_t alignment, size_t *cap, size_t *align)
 {
-    if (size > SIZE_MAX - 2 * TA_HUGE_PAGE) {
+    /* No object exceeds PTRDIFF_MAX (glibc's rule), and the pool's size
+     * bins are not made for sizes past it: every entry point is covered
+     * here, _ta_alloc_mapped (CUDA staging) included. */
+    if (size > PTRDIFF_MAX || alignment > ((size_t)1 << 40)) {
         errno = ENOMEM;
         return false;
     }

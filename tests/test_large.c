@@ -714,3 +714,24 @@ Test(large, realloc_of_a_split_block_under_the_old_mremap_order)
         munmap(intruder, 4096);
     }
 }
+
+/* Sizes past PTRDIFF_MAX reach the large path only through
+ * _ta_alloc_mapped (the front door refuses them): refused at once with
+ * ENOMEM, with ranges in the pool (the pool's size bins are not made for
+ * them: a take of 2^63 bytes looped for ever in its hash). */
+Test(large, impossible_sizes_are_refused_before_the_pool, .timeout = 20)
+{
+    void *keep[6];
+    for (int i = 0; i < 6; i++)
+        keep[i] = ta_malloc((size_t)(i + 1) * 3 * MiB);
+    for (int i = 0; i < 6; i += 2)
+        ta_free(keep[i]);
+    size_t sizes[] = {(size_t)PTRDIFF_MAX + 1, (size_t)1 << 63, SIZE_MAX - 4096, SIZE_MAX};
+    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) {
+        errno = 0;
+        cr_assert_null(_ta_alloc_mapped(sizes[i], 0), "size %zu", sizes[i]);
+        cr_assert_eq(errno, ENOMEM);
+    }
+    for (int i = 1; i < 6; i += 2)
+        ta_free(keep[i]);
+}
