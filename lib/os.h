@@ -134,6 +134,9 @@ void _ta_os_refuse_direct(int on);
  * own behaviour. */
 void _ta_os_emulate_old_mremap(int mode);
 void *_ta_os_emulated_intruder(void);
+/* Called before every unmap, in the unmapping thread (tests: to hold a
+ * thread in the middle of its work); NULL removes it. */
+void _ta_os_set_unmap_hook(void (*hook)(void *addr, size_t size));
 /* Make the Nth thread start from now fail (EAGAIN); 0 disarms. */
 void _ta_os_fail_nth_thread(long n);
 

@@ -208,9 +208,19 @@ static int raw_map(size_t size, void **out)
     return kcall_leave(&call_map, rc, saved);
 }
 
+static void (*_Atomic unmap_hook)(void *addr, size_t size);
+
+void _ta_os_set_unmap_hook(void (*hook)(void *addr, size_t size))
+{
+    atomic_store(&unmap_hook, hook);
+}
+
 int _ta_os_unmap(void *addr, size_t size)
 {
     int saved = errno, rc;
+    void (*hook)(void *, size_t) = atomic_load_explicit(&unmap_hook, memory_order_relaxed);
+    if (hook)
+        hook(addr, size);
     if (kcall_enter(&call_unmap, &rc))
         rc = munmap(addr, size) == 0 ? 0 : errno;
     return kcall_leave(&call_unmap, rc, saved);
