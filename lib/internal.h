@@ -166,6 +166,9 @@ void _ta_small_thread_done(void);
  * remote lists that live heaps left undrained for RETAIN_MS. True while
  * any of that waits. */
 bool _ta_small_purge_pass(void);
+/* Tests: called as a heap is given up, after its last tidy (0) and after
+ * it is marked abandoned (1), in the thread giving it up. */
+extern void (*_Atomic _ta_small_abandon_hook)(int stage);
 
 /* ---- the purge thread (purge.c) ----------------------------------------- */
 /* Process set-up (the condition variable's clock, the owning process). */

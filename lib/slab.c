@@ -1293,10 +1293,17 @@ bool _ta_small_purge_pass(void)
     return more;
 }
 
+void (*_Atomic _ta_small_abandon_hook)(int stage);
+
 static void heap_abandon(heap_t *h)
 {
     heap_tidy(h, true);
+    void (*hook)(int) = atomic_load_explicit(&_ta_small_abandon_hook, memory_order_relaxed);
+    if (hook)
+        hook(0);
     atomic_store_explicit(&h->abandoned, true, memory_order_seq_cst);
+    if (hook)
+        hook(1);
     _ta_lock(&heaps_lock);
     h->next_abandoned = abandoned;
     abandoned = h;

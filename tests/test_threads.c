@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 /* Suite "threads": cross-thread frees with pattern checks, thread exit. */
 #include "helpers.h"
+#include "internal.h"
 
 #include <criterion/criterion.h>
 #include <inttypes.h>
@@ -607,4 +608,66 @@ Test(threads, frees_racing_their_owners_exit_are_drained, .timeout = 120)
             break;
     }
     cr_assert_lt(live, 64 * KiB, "%" PRIu64 " bytes freed into ended threads' heaps wait", live);
+}
+
+/* The same race made certain with the slab's abandon hook: the other
+ * thread frees the owner's block after the owner's last tidy, while the
+ * heap still reads as owned; then, between marking the heap abandoned and
+ * putting it on the abandoned list, the owner stops for 600 ms, long
+ * enough for the purge thread to finish its passes (it skips abandoned
+ * heaps and has not seen this one listed). Before: the block waited for an
+ * unrelated wake; now the owner looks again once the heap is listed. */
+static void *_Atomic abandon_block;
+static atomic_int freer_go, freer_done;
+static _Atomic(void *) abandon_owner_id;
+
+static void abandon_hook(int stage)
+{
+    if (atomic_load(&abandon_owner_id) != (void *)pthread_self())
+        return;
+    if (stage == 0) {
+        atomic_store(&freer_go, 1);
+        while (!atomic_load(&freer_done))
+            usleep(1000);
+    } else {
+        usleep(600000);
+    }
+}
+
+static void *owner_allocates_then_exits(void *arg)
+{
+    atomic_store(&abandon_owner_id, (void *)pthread_self());
+    atomic_store(&abandon_block, ta_malloc(100 * KiB / 2));
+    return arg;
+}
+
+static void *freer_waits_then_frees(void *arg)
+{
+    while (!atomic_load(&freer_go))
+        usleep(1000);
+    ta_free(atomic_load(&abandon_block));
+    atomic_store(&freer_done, 1);
+    return arg;
+}
+
+Test(threads, a_free_between_the_owners_last_tidy_and_its_abandon_is_drained, .timeout = 60)
+{
+    ta_option_set(TA_OPT_RETAIN_MS, 100);
+    ta_free(ta_malloc(64));
+    uint64_t live_before = stats_now().small_live_bytes;
+    atomic_store(&_ta_small_abandon_hook, abandon_hook);
+    pthread_t owner, freer;
+    cr_assert_eq(pthread_create(&freer, NULL, freer_waits_then_frees, NULL), 0);
+    cr_assert_eq(pthread_create(&owner, NULL, owner_allocates_then_exits, NULL), 0);
+    pthread_join(owner, NULL);
+    pthread_join(freer, NULL);
+    atomic_store(&_ta_small_abandon_hook, NULL);
+    uint64_t live = 0;
+    for (int i = 0; i < 60; i++) { /* no allocator call: up to 3 s */
+        usleep(50000);
+        if ((live = stats_now().small_live_bytes) <= live_before)
+            break;
+    }
+    cr_assert_leq(live, live_before, "%" PRIu64 " bytes live, %" PRIu64 " before: the block waits",
+                  live, live_before);
 }
