@@ -84,6 +84,21 @@ static inline int under_valgrind(void)
     return pre && strstr(pre, "vgpreload") != NULL;
 }
 
+/* Whether RSS says what the allocator holds: not under valgrind, nor under
+ * AddressSanitizer, whose shadow pages for the memory a test writes count
+ * too (1 GiB written: 128 MiB of shadow after it is all given back). */
+static inline int rss_meaningful(void)
+{
+#if defined(__SANITIZE_ADDRESS__)
+    return 0;
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+    return 0;
+#endif
+#endif
+    return !under_valgrind();
+}
+
 /* The kernel's mappings of this process (lines of /proc/self/maps). */
 static inline long maps_lines(void)
 {

@@ -418,18 +418,18 @@ Test(large, pool_expires_without_allocator_calls)
     cr_assert_eq(stats_now().pool_bytes, 64 * MiB);
     /* no allocator call from here on: the purge thread must do it (the
      * entry leaves the pool just before its munmap, so wait for both) */
-    bool rss_meaningful = !under_valgrind(); /* valgrind's own memory blurs RSS */
+    bool check_rss = rss_meaningful();
     for (int i = 0;
-         i < 100 && (stats_now().pool_bytes || (rss_meaningful && rss_bytes() >= start + 16 * MiB));
+         i < 100 && (stats_now().pool_bytes || (check_rss && rss_bytes() >= start + 16 * MiB));
          i++)
         usleep(20000);
     ta_stats_t st = stats_now();
     cr_assert_eq(st.pool_bytes, 0, "pooled mapping still there after 2 s");
     cr_assert_geq(st.pool_expired, 1);
-    if (rss_meaningful)
+    if (check_rss)
         cr_assert_lt(rss_bytes(), start + 16 * MiB, "unmapped memory still resident after 2 s");
     else
-        cr_log_info("under valgrind: RSS bounds not checked");
+        cr_log_info("under valgrind or ASan: RSS bounds not checked");
 }
 
 /* Retention by activity: while large requests keep coming (a model loading
@@ -473,7 +473,7 @@ Test(large, realloc_uses_mremap_and_copies_nothing)
     unsigned char *q = ta_realloc(p, 2 * n);
     cr_assert_not_null(q);
     /* A copy would fault in another 256 MiB; mremap moves page tables. */
-    if (!under_valgrind()) /* valgrind's own memory blurs RSS */
+    if (rss_meaningful()) /* valgrind's and ASan's own memory blur RSS */
         cr_assert_lt(rss_bytes(), rss_before + 32 * MiB, "realloc grew RSS: it copied");
     cr_assert_gt(stats_now().os_remap_calls, remaps);
     cr_assert_eq((uintptr_t)q % (2 * MiB), 0);
@@ -497,17 +497,17 @@ Test(large, one_gib_freed_and_trimmed_goes_back)
         cr_assert_not_null(blocks[i]);
         memset(blocks[i], i, 16 * MiB);
     }
-    bool rss_meaningful = !under_valgrind(); /* valgrind's own memory blurs RSS */
-    if (rss_meaningful)
+    bool check_rss = rss_meaningful();
+    if (check_rss)
         cr_assert_gt(rss_bytes(), start + 900 * MiB);
     for (int i = 0; i < N; i++)
         ta_free(blocks[i]);
     ta_trim();
     size_t end = rss_bytes();
-    if (rss_meaningful)
+    if (check_rss)
         cr_assert_lt(end, start + 16 * MiB, "RSS %zu MiB above start", (end - start) >> 20);
     else
-        cr_log_info("under valgrind: RSS bounds not checked; stats instead");
+        cr_log_info("under valgrind or ASan: RSS bounds not checked; stats instead");
     cr_assert_eq(stats_now().pool_bytes, 0);
     cr_assert_eq(stats_now().large_live_count, 0);
 }

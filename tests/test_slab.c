@@ -91,11 +91,11 @@ Test(slab, a_million_small_objects_freed_lower_rss)
         cr_assert_not_null(p[i]);
         *(int *)p[i] = i;
     }
-    bool rss_meaningful = !under_valgrind(); /* valgrind's own memory blurs RSS */
-    if (rss_meaningful)
+    bool check_rss = rss_meaningful();
+    if (check_rss)
         cr_assert_gt(rss_bytes(), start + 50 * MiB);
     else
-        cr_log_info("under valgrind: RSS bounds not checked");
+        cr_log_info("under valgrind or ASan: RSS bounds not checked");
     ta_stats_t st = stats_now();
     cr_assert_geq(st.small_live_bytes, (size_t)N * 16);
     for (int i = 0; i < N; i++) {
@@ -104,7 +104,7 @@ Test(slab, a_million_small_objects_freed_lower_rss)
     }
     ta_trim();
     size_t end = rss_bytes();
-    if (rss_meaningful)
+    if (check_rss)
         cr_assert_lt(end, start + 16 * MiB, "RSS %zu MiB above start", (end - start) >> 20);
     ta_free(p);
 }

@@ -191,7 +191,7 @@ Test(threads, pattern_stress_with_handoffs, .timeout = 120)
     cr_assert_eq(st.large_live_count, 0);
     cr_assert_lt(st.small_live_bytes, 256 * KiB, "small live %llu after all frees",
                  (unsigned long long)st.small_live_bytes);
-    if (!under_valgrind())
+    if (rss_meaningful())
         cr_assert_lt(rss_bytes(), start + 16 * MiB);
 }
 
@@ -336,7 +336,7 @@ static void assert_given_back(size_t rss_before, ta_stats_t st)
     size_t after = rss_bytes();
     cr_assert_geq(st.small_remote_released_bytes, 90 * MiB, "%" PRIu64 " bytes given back",
                   st.small_remote_released_bytes);
-    if (!under_valgrind())
+    if (rss_meaningful())
         cr_assert_lt(after + 80 * MiB, rss_before, "RSS %zu MiB before, %zu after",
                      rss_before >> 20, after >> 20);
 }
