@@ -19,7 +19,6 @@
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
-#include <sys/utsname.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -289,21 +288,6 @@ void *_ta_os_emulated_intruder(void)
     return atomic_load(&emulated_intruder);
 }
 
-static int kernel_before(int major, int minor)
-{
-    static atomic_int cached; /* 0 unknown, 1 before, 2 not before */
-    int c = atomic_load_explicit(&cached, memory_order_relaxed);
-    if (c == 0) {
-        struct utsname u;
-        int maj = 0, min = 0;
-        if (uname(&u) == 0)
-            sscanf(u.release, "%d.%d", &maj, &min);
-        c = maj < major || (maj == major && min < minor) ? 1 : 2;
-        atomic_store_explicit(&cached, c, memory_order_relaxed);
-    }
-    return c == 1;
-}
-
 /* Whether [addr, addr + size) lies in one VMA (/proc/self/maps; tests). */
 static int one_vma(const void *addr, size_t size)
 {
@@ -351,12 +335,15 @@ static int has_hole(void *addr, size_t size)
 }
 
 /* After a failed move: the destination as the caller left it, or
- * TA_OS_DEST_LOST (see os.h). */
+ * TA_OS_DEST_LOST (see os.h). A destination without a hole is taken as
+ * ours: kernels before 6.17 also refuse some moves before they unmap it
+ * (the map-count check, bad arguments). What this cannot tell apart is
+ * another thread's mapping that filled the whole hole in the moment
+ * between: docs/reliability.md. */
 static int move_failed(void *to, size_t size, int rc)
 {
-    int old_order = kernel_before(6, 17) || atomic_load(&emulate_old_mremap) != 0;
     if (!has_hole(to, size))
-        return old_order ? TA_OS_DEST_LOST : rc; /* old order: someone filled it all */
+        return rc;
     void *q = mmap(to, size, PROT_READ | PROT_WRITE,
                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
     if (q == to)

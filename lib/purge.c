@@ -18,10 +18,11 @@
  *   warns on fork in a threaded one. A single-threaded process ages its
  *   pool on allocator calls only.
  * - It never keeps a process alive: glibc ends a process when its last
- *   thread ends, and this one counts. Each thread's exit (its heap's key
- *   destructor) makes it look, a few times over the next seconds, whether
- *   it is the only thread left; if so it finishes what has a deadline and
- *   ends, and the process with it.
+ *   thread ends, and this one counts. The exit of a thread that had a heap
+ *   (its key destructor) makes it look, a few times over the next seconds,
+ *   whether it is the only thread left, and while idle it looks every 1 to
+ *   8 s (a thread that never allocated leaves no sign); alone, it lets the
+ *   signals it blocked through and ends, and the process with it.
  */
 #define _GNU_SOURCE
 #include "internal.h"
@@ -42,6 +43,11 @@
  * moment to be gone. */
 static const int exit_check_ms[] = {0, 10, 50, 200, 1000, 3000};
 #define EXIT_CHECKS ((int)(sizeof exit_check_ms / sizeof exit_check_ms[0]))
+/* While idle, the same look every 1 s, then less often, to 8 s at most:
+ * the bound on how long a process whose last own thread never allocated
+ * outlives it. */
+#define IDLE_LOOK_MIN_MS 1000
+#define IDLE_LOOK_MAX_MS 8000
 /* At vm.max_map_count the thread's stack cannot be mapped: then the pool
  * ages on allocator calls only, and creation is tried again a second
  * later, not on every allocation. */
@@ -102,9 +108,32 @@ static void wait_ms(int ms)
         ;
 }
 
+/* Alone: signals the process got while only this thread (which blocks
+ * them all) was left are delivered as they would have been to the last
+ * thread, then the thread ends, and glibc ends the process. */
+static void *purge_end(void)
+{
+    atomic_store(&purge_running, false);
+    pthread_mutex_unlock(&purge_mutex);
+    sigset_t none;
+    sigemptyset(&none);
+    pthread_sigmask(SIG_SETMASK, &none, NULL);
+    return NULL;
+}
+
+/* Whether this is the only thread left (looked at without purge_mutex). */
+static bool alone_now(void)
+{
+    pthread_mutex_unlock(&purge_mutex);
+    bool alone = _ta_os_only_thread_left();
+    pthread_mutex_lock(&purge_mutex);
+    return alone && !purge_pending;
+}
+
 static void *purge_main(void *arg)
 {
     (void)arg;
+    int idle_ms = IDLE_LOOK_MIN_MS;
     pthread_mutex_lock(&purge_mutex);
     for (;;) {
         if (purge_pending) {
@@ -112,22 +141,23 @@ static void *purge_main(void *arg)
             pthread_mutex_unlock(&purge_mutex);
             purge_work();
             pthread_mutex_lock(&purge_mutex);
+            idle_ms = IDLE_LOOK_MIN_MS;
         } else if (exit_checks > 0) {
             int delay = exit_check_ms[EXIT_CHECKS - exit_checks--];
             if (delay > 0)
                 wait_ms(delay);
-            if (purge_pending)
-                continue; /* work first; the looks go on after it */
-            pthread_mutex_unlock(&purge_mutex);
-            bool alone = _ta_os_only_thread_left();
-            pthread_mutex_lock(&purge_mutex);
-            if (alone && !purge_pending) {
-                atomic_store(&purge_running, false);
-                pthread_mutex_unlock(&purge_mutex);
-                return NULL; /* glibc ends the process as this thread ends */
-            }
+            if (!purge_pending && alone_now())
+                return purge_end();
+            idle_ms = IDLE_LOOK_MIN_MS;
         } else {
-            pthread_cond_wait(&purge_cond, &purge_mutex);
+            /* A thread that never allocated ends without a key destructor
+             * to tell: look now and then while idle as well. */
+            wait_ms(idle_ms);
+            if (!purge_pending && exit_checks == 0) {
+                if (alone_now())
+                    return purge_end();
+                idle_ms = idle_ms * 2 > IDLE_LOOK_MAX_MS ? IDLE_LOOK_MAX_MS : idle_ms * 2;
+            }
         }
     }
 }

@@ -22,6 +22,8 @@
  *    starts and joins a thread, then its thread returns: it ends.
  * 6. _Fork (no fork handlers) in a process whose purge thread waits: the
  *    child allocates, frees and wakes without hanging.
+ * 7. main ends with pthread_exit and the last thread left never allocated
+ *    (no key destructor of ours runs when it ends): the process ends.
  */
 #define _GNU_SOURCE
 #include "tensoralloc.h"
@@ -295,6 +297,25 @@ static int fork_from_thread(void)
     return rc == NULL ? 0 : 1;
 }
 
+/* ---- 7 ----------------------------------------------------------------- */
+
+static void *sleeps_without_allocating(void *arg)
+{
+    sleep_ms(6000); /* past the looks that main's exit sets off (4.3 s) */
+    return arg;
+}
+
+/* The last thread never allocated: no key destructor tells the purge
+ * thread of its end. */
+static int last_thread_never_allocated(void)
+{
+    pthread_t t;
+    if (!purge_thread_running() ||
+        pthread_create(&t, NULL, sleeps_without_allocating, NULL) != 0)
+        return 2;
+    pthread_exit(NULL);
+}
+
 /* ---- 6 ----------------------------------------------------------------- */
 
 static int underscore_fork(void)
@@ -334,9 +355,9 @@ int main(void)
     struct {
         const char *name;
         bool ok;
-    } r[6];
+    } r[7];
     int n = 0;
-    printf("1..6\n");
+    printf("1..7\n");
 #define CASE(label, expr)                                                                          \
     do {                                                                                           \
         r[n].name = label;                                                                         \
@@ -355,6 +376,8 @@ int main(void)
          in_child(fork_from_thread, 20, "fork from a thread"));
     CASE("_Fork child of a process whose purge thread waits",
          in_child(underscore_fork, 20, "_Fork"));
+    CASE("the process ends when its last thread never allocated",
+         in_child(last_thread_never_allocated, 20, "last thread never allocated"));
     int failed = 0;
     for (int i = 0; i < n; i++)
         failed += !r[i].ok;
