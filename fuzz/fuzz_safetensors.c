@@ -7,7 +7,7 @@
  * consistent; a refused file must leave it unchanged.
  */
 #define _GNU_SOURCE
-#include "safetensors.h"
+#include "cache/safetensors.h"
 #include "tensoralloc_cache.h"
 
 #include <stdio.h>

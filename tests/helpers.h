@@ -4,7 +4,7 @@
 #ifndef TA_TEST_HELPERS_H
 #define TA_TEST_HELPERS_H
 
-#include "os.h"
+#include "os/os.h"
 #include "tensoralloc.h"
 
 #include <signal.h>

@@ -7,7 +7,7 @@
  */
 #define _GNU_SOURCE
 #include "helpers.h"
-#include "loader.h"
+#include "cache/loader.h"
 #include "tensoralloc_cache.h"
 #include "tensoralloc_cuda.h"
 

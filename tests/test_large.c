@@ -3,7 +3,7 @@
  * huge-page advice, and memory really going back to the kernel. */
 #define _GNU_SOURCE
 #include "helpers.h"
-#include "internal.h"
+#include "core/internal.h"
 
 #include <criterion/criterion.h>
 #include <errno.h>

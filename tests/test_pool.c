@@ -6,7 +6,7 @@
 #include <criterion/logging.h>
 #include <stdlib.h>
 
-#include "../lib/pool.h"
+#include "../lib/core/pool.h"
 
 #define PAGE ((size_t)4096)
 #define HUGE ((size_t)2 << 20)

@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 /* Suite "threads": cross-thread frees with pattern checks, thread exit. */
 #include "helpers.h"
-#include "internal.h"
+#include "core/internal.h"
 
 #include <criterion/criterion.h>
 #include <inttypes.h>

@@ -15,7 +15,7 @@
  * mapped with mmap, so a traced replay shows the replayed calls only.
  */
 #define _GNU_SOURCE
-#include "trace_format.h"
+#include "trace/trace_format.h"
 
 #include <errno.h>
 #include <fcntl.h>

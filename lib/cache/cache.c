@@ -16,11 +16,11 @@
  * no lock but the entry's own.
  */
 #define _GNU_SOURCE
-#include "internal.h"
-#include "list.h"
+#include "core/internal.h"
+#include "base/list.h"
 #include "loader.h"
 #include "safetensors.h"
-#include "staging.h"
+#include "cuda/staging.h"
 #include "tensoralloc_cache.h"
 
 #include <errno.h>

@@ -3,15 +3,22 @@
  * The log and the fatal path: messages to stderr without allocating (safe
  * inside malloc), and the abort on corrupt metadata or a bad pointer.
  */
-#include "internal.h"
+#include "base.h"
 
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 
+static atomic_bool verbose;
+
+void _ta_log_set_verbose(bool on)
+{
+    atomic_store_explicit(&verbose, on, memory_order_relaxed);
+}
+
 void _ta_log(bool force, const char *fmt, ...)
 {
-    if (!force && !_ta_opt(TA_OPT_VERBOSE))
+    if (!force && !atomic_load_explicit(&verbose, memory_order_relaxed))
         return;
     char buf[512];
     va_list ap;

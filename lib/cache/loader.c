@@ -18,7 +18,7 @@
  * cache is never filled, as llama.cpp's direct-I/O loads do.
  */
 #include "loader.h"
-#include "os.h"
+#include "os/os.h"
 
 #include <errno.h>
 #include <stdarg.h>

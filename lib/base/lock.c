@@ -3,7 +3,7 @@
  * The lock's slow path: spin a little, then yield. No allocation, no
  * futex: a fork child resets a lock by storing 0.
  */
-#include "internal.h"
+#include "base.h"
 
 #include <sched.h>
 

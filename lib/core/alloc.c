@@ -89,12 +89,6 @@ static inline void process_init(void)
         process_init_slow();
 }
 
-__attribute__((destructor)) static void process_done(void)
-{
-    if (_ta_opt(TA_OPT_STATS))
-        ta_stats_print(stderr, TA_STATS_TEXT);
-}
-
 static inline size_t threshold(void)
 {
     return (size_t)_ta_opt(TA_OPT_THRESHOLD);

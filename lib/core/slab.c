@@ -27,7 +27,7 @@
  */
 #define _GNU_SOURCE
 #include "internal.h"
-#include "list.h"
+#include "base/list.h"
 
 #include <errno.h>
 #include <pthread.h>

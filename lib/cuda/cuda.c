@@ -14,7 +14,7 @@
  */
 #define _GNU_SOURCE
 #include "cuda_abi.h"
-#include "internal.h"
+#include "core/internal.h"
 #include "staging.h"
 #include "tensoralloc_cuda.h"
 

@@ -11,7 +11,7 @@
  * not load libstdc++.
  */
 #define _GNU_SOURCE
-#include "internal.h"
+#include "core/internal.h"
 
 #include <errno.h>
 #include <gnu/libc-version.h>

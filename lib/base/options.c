@@ -5,7 +5,7 @@
  * inside the first malloc) and can be changed through ta_option_set.
  */
 #define _GNU_SOURCE
-#include "internal.h"
+#include "base.h"
 
 #include <errno.h>
 #include <sched.h>
@@ -126,6 +126,8 @@ void _ta_options_init(void)
     _ta_options[TA_OPT_RETAIN_BYTES] = retain_bytes_default();
     /* VERBOSE first, so that warnings about the others can be shown. */
     for (int pass = 0; pass < 2; pass++) {
+        if (pass == 1)
+            _ta_log_set_verbose(_ta_options[TA_OPT_VERBOSE] != 0);
         for (int i = 0; i < TA_OPT_COUNT_; i++) {
             if ((i == TA_OPT_VERBOSE) != (pass == 0))
                 continue;
@@ -177,6 +179,8 @@ int ta_option_set(ta_option_t option, long long value)
         value > option_table[option].max)
         return EINVAL;
     __atomic_store_n(&_ta_options[option], value, __ATOMIC_RELAXED);
+    if (option == TA_OPT_VERBOSE)
+        _ta_log_set_verbose(value != 0);
     return 0;
 }
 

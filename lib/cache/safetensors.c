@@ -8,7 +8,7 @@
  */
 #define _GNU_SOURCE
 #include "safetensors.h"
-#include "os.h"
+#include "os/os.h"
 
 #include <cjson/cJSON.h>
 #include <errno.h>
