@@ -79,6 +79,7 @@ typedef enum {
     TA_PAGE_CACHE_KEEP = 0,   /* buffered reads; the file stays cached (fastest to load again) */
     TA_PAGE_CACHE_DROP = 1,   /* buffered reads, then POSIX_FADV_DONTNEED of the file */
     TA_PAGE_CACHE_BYPASS = 2, /* O_DIRECT reads; where refused (tmpfs), as DROP */
+    TA_PAGE_CACHE_COUNT_      /* how many modes there are; not a mode */
 } ta_page_cache_t;
 
 /* The largest load_chunk and keep_alive_ms ta_cache_create accepts. */

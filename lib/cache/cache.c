@@ -1,10 +1,12 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * The model cache: entries of tensors keyed by name, a RAM and a VRAM
- * budget, LRU eviction of unlocked entries, loads from raw and safetensors
- * files straight into per-tensor memory (each large tensor its own
- * tensoralloc mapping), device moves through the staging module, and the
- * statistics and memory-snapshot diffs that InvokeAI's cache logged.
+ * The model cache's RAM side: entries of tensors keyed by name, a RAM and a
+ * VRAM budget, LRU eviction of unlocked entries, loads from raw and
+ * safetensors files straight into per-tensor memory (each large tensor its
+ * own tensoralloc mapping), the keep-alive timer, and the statistics and
+ * memory-snapshot diffs that InvokeAI's cache logged. Device moves and
+ * loads straight to the device are cache_device.c's; this file knows no
+ * CUDA and calls that side only to free device memory (cache_internal.h).
  *
  * One mutex guards the cache's lists and counters. File reads, copies and
  * frees happen outside it: a load reserves its bytes and inserts a locked
@@ -16,12 +18,8 @@
  * no lock but the entry's own.
  */
 #define _GNU_SOURCE
-#include "core/internal.h"
 #include "base/list.h"
-#include "loader.h"
-#include "safetensors.h"
-#include "cuda/staging.h"
-#include "tensoralloc_cache.h"
+#include "cache_internal.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -33,66 +31,6 @@
 #include <time.h>
 #include <unistd.h>
 
-#define PINNED_BUDGET ((size_t)256 << 20)
-
-typedef struct {
-    char *name;
-    ta_dtype_t dtype;
-    int ndim;
-    int64_t shape[TA_MAX_DIMS];
-    size_t nbytes;
-    void *data;
-    void *dev;
-} tensor_t;
-
-struct ta_entry {
-    ta_cache_t *cache;
-    char *key;
-    tensor_t *tensors;
-    size_t count, cap;
-    size_t ram_bytes;  /* charged: tensor bytes with a host copy */
-    size_t vram_bytes; /* charged: tensor bytes on the device */
-    int locks;
-    bool loading;                 /* not visible to gets yet: a load, or building */
-    bool building;                /* ta_cache_create_entry's: tensors may be added */
-    pthread_t builder;            /* the thread building it (its get would wait on itself) */
-    bool moving;                  /* a device move is in flight (moves are serialised) */
-    bool drop_host;               /* free the host copy when the last holder unlocks */
-    bool drop_device;             /* free the device copy when the last holder unlocks */
-    uint64_t used_ms;             /* last loaded, got or unlocked (keep_alive_ms) */
-    struct ta_entry *prev, *next; /* LRU order: head least recently used */
-};
-
-typedef struct {
-    char *key;
-    uint64_t bytes;
-} size_record_t;
-
-typedef struct {
-    char key[64]; /* cut to fit */
-    uint64_t bytes;
-    double seconds;
-    int readers;
-    bool direct;
-} load_record_t;
-
-struct ta_cache {
-    ta_cache_config_t cfg;
-    pthread_mutex_t mu;
-    pthread_cond_t loaded;
-    ta_entry_t *head, *tail;
-    size_t count;
-    size_t ram_used, vram_used;
-    ta_cache_stats_t st;
-    size_record_t *sizes;
-    size_t nsizes;
-    load_record_t recent[TA_CACHE_RECENT_LOADS]; /* a ring: loads % N is the next */
-    ta_pinned_pool_t *pool;
-    pthread_cond_t wake_keeper; /* the keep-alive timer's */
-    unsigned long keeper;
-    bool has_keeper, stopping;
-};
-
 static TA_TLS char last_error[256];
 static TA_TLS int last_code;
 
@@ -103,14 +41,12 @@ int ta_cache_last_error(const char **message)
     return last_code;
 }
 
-/* The message of this thread's last failure, for the cache's own use. */
-static const char *last_message(void)
+const char *_ta_cache_last_message(void)
 {
     return last_error;
 }
 
-static int fail(int rc, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static int fail(int rc, const char *fmt, ...)
+int _ta_cache_fail(int rc, const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
@@ -120,9 +56,7 @@ static int fail(int rc, const char *fmt, ...)
     return rc;
 }
 
-static void cache_log(ta_cache_t *c, ta_log_level_t level, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static void cache_log(ta_cache_t *c, ta_log_level_t level, const char *fmt, ...)
+void _ta_cache_log(ta_cache_t *c, ta_log_level_t level, const char *fmt, ...)
 {
     if (!c->cfg.log || level > c->cfg.log_level)
         return;
@@ -134,7 +68,7 @@ static void cache_log(ta_cache_t *c, ta_log_level_t level, const char *fmt, ...)
     c->cfg.log(c->cfg.log_arg, level, msg);
 }
 
-static void log_snapshot_diff(ta_cache_t *c, const ta_memory_snapshot_t *before)
+void _ta_cache_log_snapshot_diff(ta_cache_t *c, const ta_memory_snapshot_t *before)
 {
     if (!c->cfg.log || c->cfg.log_level < TA_LOG_DEBUG)
         return;
@@ -143,10 +77,10 @@ static void log_snapshot_diff(ta_cache_t *c, const ta_memory_snapshot_t *before)
     char buf[1024];
     ta_memory_snapshot_diff(before, &after, buf, sizeof buf);
     for (char *line = strtok(buf, "\n"); line; line = strtok(NULL, "\n"))
-        cache_log(c, TA_LOG_DEBUG, "%s", line);
+        _ta_cache_log(c, TA_LOG_DEBUG, "%s", line);
 }
 
-static void snapshot_if_debug(ta_cache_t *c, ta_memory_snapshot_t *s)
+void _ta_cache_snapshot_if_debug(ta_cache_t *c, ta_memory_snapshot_t *s)
 {
     if (c->cfg.log && c->cfg.log_level >= TA_LOG_DEBUG)
         ta_memory_snapshot(s);
@@ -219,8 +153,7 @@ static void entry_free(ta_entry_t *e)
         return;
     for (size_t i = 0; i < e->count; i++) {
         ta_free(e->tensors[i].data);
-        if (e->tensors[i].dev)
-            ta_cuda_device_free(e->tensors[i].dev);
+        _ta_cache_device_free(e->tensors[i].dev); /* up to the device side */
         free(e->tensors[i].name);
     }
     free(e->tensors);
@@ -228,20 +161,13 @@ static void entry_free(ta_entry_t *e)
     free(e);
 }
 
-typedef struct {
-    ta_entry_t *whole[64]; /* entries evicted */
-    size_t nwhole;
-    void **device[64]; /* device copies dropped: NULL-terminated pointer lists */
-    size_t ndevice;
-} victims_t;
-
-static void victims_free(victims_t *v)
+void _ta_cache_victims_free(victims_t *v)
 {
     for (size_t i = 0; i < v->nwhole; i++)
         entry_free(v->whole[i]);
     for (size_t i = 0; i < v->ndevice; i++) {
         for (void **d = v->device[i]; *d; d++)
-            ta_cuda_device_free(*d);
+            _ta_cache_device_free(*d); /* up to the device side */
         free(v->device[i]);
     }
 }
@@ -268,8 +194,39 @@ static int make_room_ram(ta_cache_t *c, size_t need, victims_t *v)
         detach(c, victim);
         v->whole[v->nwhole++] = victim;
         c->st.cleared++;
-        cache_log(c, TA_LOG_DEBUG, "evicted '%s' (%zu bytes) to make room", victim->key,
-                  victim->ram_bytes);
+        _ta_cache_log(c, TA_LOG_DEBUG, "evicted '%s' (%zu bytes) to make room", victim->key,
+                      victim->ram_bytes);
+    }
+    return 0;
+}
+
+/* Makes need VRAM bytes fit: device copies of unlocked entries go, least
+ * recently used first; an entry with no host copy goes whole. */
+int _ta_cache_make_room_vram(ta_cache_t *c, size_t need, victims_t *v)
+{
+    while (over_budget(c->vram_used, need, c->cfg.vram_budget)) {
+        ta_entry_t *victim = lru_victim(c, true);
+        if (!victim)
+            return TA_ECACHEFULL;
+        if (v->nwhole == 64 || v->ndevice == 64)
+            return EAGAIN;
+        void **devs = victim->ram_bytes ? calloc(victim->count + 1, sizeof *devs) : NULL;
+        if (victim->ram_bytes == 0 || devs == NULL) { /* no host copy: it goes whole */
+            free(devs);
+            detach(c, victim);
+            v->whole[v->nwhole++] = victim;
+            c->st.cleared++;
+        } else { /* unlocked, so nobody else touches its tensors now */
+            size_t k = 0;
+            for (size_t i = 0; i < victim->count; i++)
+                if (victim->tensors[i].dev) {
+                    devs[k++] = victim->tensors[i].dev;
+                    victim->tensors[i].dev = NULL;
+                }
+            c->vram_used -= victim->vram_bytes;
+            victim->vram_bytes = 0;
+            v->device[v->ndevice++] = devs;
+        }
     }
     return 0;
 }
@@ -280,16 +237,17 @@ static int make_room_ram(ta_cache_t *c, size_t need, victims_t *v)
 static int reserve_ram(ta_cache_t *c, size_t need, victims_t *v, const char *what)
 {
     if (need > c->cfg.ram_budget && c->cfg.overflow == TA_OVERFLOW_REFUSE)
-        return fail(TA_EBUDGET, "%s needs %zu bytes, more than the RAM budget of %zu", what, need,
-                    c->cfg.ram_budget);
+        return _ta_cache_fail(TA_EBUDGET, "%s needs %zu bytes, more than the RAM budget of %zu",
+                              what, need, c->cfg.ram_budget);
     int rc = make_room_ram(c, need, v);
     if (rc == TA_ECACHEFULL) {
         if (c->cfg.overflow == TA_OVERFLOW_REFUSE)
-            return fail(rc, "%s needs %zu bytes: %zu of %zu in use and the rest is locked", what,
-                        need, c->ram_used, c->cfg.ram_budget);
+            return _ta_cache_fail(rc,
+                                  "%s needs %zu bytes: %zu of %zu in use and the rest is locked",
+                                  what, need, c->ram_used, c->cfg.ram_budget);
         c->st.over_budget_admits++;
-        cache_log(c, TA_LOG_WARN, "%s admitted over the RAM budget: %zu + %zu > %zu", what,
-                  c->ram_used, need, c->cfg.ram_budget);
+        _ta_cache_log(c, TA_LOG_WARN, "%s admitted over the RAM budget: %zu + %zu > %zu", what,
+                      c->ram_used, need, c->cfg.ram_budget);
         rc = 0;
     }
     if (rc == 0) {
@@ -302,7 +260,7 @@ static int reserve_ram(ta_cache_t *c, size_t need, victims_t *v, const char *wha
 /* Charges need more RAM bytes to a locked entry, evicting others as
  * needed (victims are freed outside the mutex; a pass that collected too
  * many to hold goes again). */
-static int charge_entry(ta_cache_t *c, ta_entry_t *e, size_t need, const char *what, bool record)
+int _ta_cache_charge_entry(ta_cache_t *c, ta_entry_t *e, size_t need, const char *what, bool record)
 {
     int rc;
     victims_t v;
@@ -310,14 +268,14 @@ static int charge_entry(ta_cache_t *c, ta_entry_t *e, size_t need, const char *w
         v = (victims_t){0};
         pthread_mutex_lock(&c->mu);
         if (e->locks <= 0)
-            rc = fail(EINVAL, "entry '%s' is not locked", e->key);
+            rc = _ta_cache_fail(EINVAL, "entry '%s' is not locked", e->key);
         else if ((rc = reserve_ram(c, need, &v, what)) == 0) {
             e->ram_bytes += need;
             if (record)
                 record_size(c, e->key, e->ram_bytes);
         }
         pthread_mutex_unlock(&c->mu);
-        victims_free(&v);
+        _ta_cache_victims_free(&v);
     } while (rc == EAGAIN);
     return rc;
 }
@@ -362,15 +320,15 @@ static void *keeper_main(void *arg)
                 detach(c, e);
                 v.whole[v.nwhole++] = e;
                 c->st.expired++;
-                cache_log(c, TA_LOG_INFO, "'%s' unused for %llu ms: evicted", e->key,
-                          (unsigned long long)(now - e->used_ms));
+                _ta_cache_log(c, TA_LOG_INFO, "'%s' unused for %llu ms: evicted", e->key,
+                              (unsigned long long)(now - e->used_ms));
             } else if (e->used_ms + keep < next) {
                 next = e->used_ms + keep;
             }
         }
         if (v.nwhole) {
             pthread_mutex_unlock(&c->mu);
-            victims_free(&v);
+            _ta_cache_victims_free(&v);
             pthread_mutex_lock(&c->mu);
             continue;
         }
@@ -394,39 +352,44 @@ static void *keeper_main(void *arg)
 static int config_check(const ta_cache_config_t *g)
 {
     if ((unsigned)g->overflow > TA_OVERFLOW_ADMIT)
-        return fail(EINVAL, "overflow %d is not a ta_overflow_t (0: refuse, 1: admit)",
-                    (int)g->overflow);
+        return _ta_cache_fail(EINVAL, "overflow %d is not a ta_overflow_t (0: refuse, 1: admit)",
+                              (int)g->overflow);
     if (g->device < 0)
-        return fail(EINVAL, "device %d is not a CUDA device ordinal (0 or more)", g->device);
+        return _ta_cache_fail(EINVAL, "device %d is not a CUDA device ordinal (0 or more)",
+                              g->device);
     if ((unsigned)g->log_level > TA_LOG_DEBUG)
-        return fail(EINVAL, "log_level %d is not a ta_log_level_t (0: errors to 3: debug)",
-                    (int)g->log_level);
+        return _ta_cache_fail(EINVAL,
+                              "log_level %d is not a ta_log_level_t (0: errors to 3: debug)",
+                              (int)g->log_level);
     if (g->load_threads < 0)
-        return fail(EINVAL, "load_threads %d is negative (0: one per core)", g->load_threads);
+        return _ta_cache_fail(EINVAL, "load_threads %d is negative (0: one per core)",
+                              g->load_threads);
     if (g->load_chunk > TA_CACHE_MAX_LOAD_CHUNK) /* rounding it up, and 4 of it, must not wrap */
-        return fail(EINVAL, "load_chunk %zu is over the limit of %zu bytes (0: 4 MiB)",
-                    g->load_chunk, TA_CACHE_MAX_LOAD_CHUNK);
-    if ((unsigned)g->page_cache > TA_PAGE_CACHE_BYPASS)
-        return fail(EINVAL, "page_cache %d is not a ta_page_cache_t (0: keep, 1: drop, 2: bypass)",
-                    (int)g->page_cache);
+        return _ta_cache_fail(EINVAL, "load_chunk %zu is over the limit of %zu bytes (0: 4 MiB)",
+                              g->load_chunk, TA_CACHE_MAX_LOAD_CHUNK);
+    if ((unsigned)g->page_cache >= TA_PAGE_CACHE_COUNT_)
+        return _ta_cache_fail(
+            EINVAL, "page_cache %d is not a ta_page_cache_t (0: keep, 1: drop, 2: bypass)",
+            (int)g->page_cache);
     if (g->keep_alive_ms > TA_CACHE_MAX_KEEP_ALIVE_MS) /* the timer's deadlines must not wrap */
-        return fail(EINVAL, "keep_alive_ms %llu is over the limit of %llu (a year; 0: never)",
-                    (unsigned long long)g->keep_alive_ms,
-                    (unsigned long long)TA_CACHE_MAX_KEEP_ALIVE_MS);
+        return _ta_cache_fail(
+            EINVAL, "keep_alive_ms %llu is over the limit of %llu (a year; 0: never)",
+            (unsigned long long)g->keep_alive_ms, (unsigned long long)TA_CACHE_MAX_KEEP_ALIVE_MS);
     return 0;
 }
 
 int ta_cache_create(const ta_cache_config_t *config, ta_cache_t **out)
 {
     if (!config || !out)
-        return fail(EINVAL, "NULL argument");
+        return _ta_cache_fail(EINVAL, "NULL argument");
     /* smaller: an older caller's (the fields it lacks are 0); larger: a newer
      * caller's, whose fields this library would ignore */
     if (config->size < offsetof(ta_cache_config_t, log) || config->size > sizeof *config)
-        return fail(EINVAL,
-                    "config size %zu is not sizeof(ta_cache_config_t) (%zu; at least %zu from "
-                    "older callers)",
-                    config->size, sizeof *config, offsetof(ta_cache_config_t, log));
+        return _ta_cache_fail(
+            EINVAL,
+            "config size %zu is not sizeof(ta_cache_config_t) (%zu; at least %zu from "
+            "older callers)",
+            config->size, sizeof *config, offsetof(ta_cache_config_t, log));
     ta_cache_config_t cfg = {0};
     memcpy(&cfg, config, config->size);
     cfg.size = sizeof cfg;
@@ -435,7 +398,7 @@ int ta_cache_create(const ta_cache_config_t *config, ta_cache_t **out)
         return rc;
     ta_cache_t *c = calloc(1, sizeof *c);
     if (!c)
-        return fail(ENOMEM, "no memory for a cache");
+        return _ta_cache_fail(ENOMEM, "no memory for a cache");
     c->cfg = cfg;
     if (c->cfg.ram_budget == 0)
         c->cfg.ram_budget = ta_cache_budget_rule(0, c->cfg.vram_budget, c->cfg.device_working_mem);
@@ -451,7 +414,7 @@ int ta_cache_create(const ta_cache_config_t *config, ta_cache_t **out)
     if (c->cfg.keep_alive_ms) {
         if ((rc = _ta_os_thread_start(keeper_main, c, &c->keeper)) != 0) {
             ta_cache_destroy(c);
-            return fail(rc, "cannot start the keep-alive timer: %s", strerror(rc));
+            return _ta_cache_fail(rc, "cannot start the keep-alive timer: %s", strerror(rc));
         }
         c->has_keeper = true;
     }
@@ -477,7 +440,7 @@ void ta_cache_destroy(ta_cache_t *c)
     for (size_t i = 0; i < c->nsizes; i++)
         free(c->sizes[i].key);
     free(c->sizes);
-    ta_pinned_pool_destroy(c->pool);
+    _ta_cache_device_close(c); /* up to the device side */
     pthread_mutex_destroy(&c->mu);
     pthread_cond_destroy(&c->loaded);
     pthread_cond_destroy(&c->wake_keeper);
@@ -499,12 +462,12 @@ static ta_entry_t *entry_new(ta_cache_t *c, const char *key)
 /* Inserts a new locked entry with need bytes reserved, making room; it is
  * loading (gets wait) until published, or with building until its builder
  * unlocks it. */
-static int insert_reserved(ta_cache_t *c, const char *key, size_t need, bool building,
-                           ta_entry_t **out)
+int _ta_cache_insert_reserved(ta_cache_t *c, const char *key, size_t need, bool building,
+                              ta_entry_t **out)
 {
     ta_entry_t *e = entry_new(c, key);
     if (!e)
-        return fail(ENOMEM, "no memory for an entry '%s'", key);
+        return _ta_cache_fail(ENOMEM, "no memory for an entry '%s'", key);
     e->loading = true;
     e->building = building;
     e->builder = pthread_self();
@@ -514,7 +477,7 @@ static int insert_reserved(ta_cache_t *c, const char *key, size_t need, bool bui
     for (;;) {
         pthread_mutex_lock(&c->mu);
         if (find(c, key)) {
-            rc = fail(EEXIST, "an entry '%s' already exists", key);
+            rc = _ta_cache_fail(EEXIST, "an entry '%s' already exists", key);
         } else {
             rc = reserve_ram(c, need, &v, key);
             if (rc == 0) {
@@ -523,7 +486,7 @@ static int insert_reserved(ta_cache_t *c, const char *key, size_t need, bool bui
             }
         }
         pthread_mutex_unlock(&c->mu);
-        victims_free(&v);
+        _ta_cache_victims_free(&v);
         if (rc != EAGAIN)
             break;
         v.nwhole = v.ndevice = 0;
@@ -537,7 +500,7 @@ static int insert_reserved(ta_cache_t *c, const char *key, size_t need, bool bui
 }
 
 /* Removes an entry whose load failed; its reservation goes back. */
-static void abandon_entry(ta_cache_t *c, ta_entry_t *e)
+void _ta_cache_abandon_entry(ta_cache_t *c, ta_entry_t *e)
 {
     pthread_mutex_lock(&c->mu);
     detach(c, e);
@@ -547,8 +510,8 @@ static void abandon_entry(ta_cache_t *c, ta_entry_t *e)
     entry_free(e);
 }
 
-static void publish(ta_cache_t *c, ta_entry_t *e, uint64_t bytes, double seconds,
-                    const _ta_load_report_t *rep)
+void _ta_cache_publish(ta_cache_t *c, ta_entry_t *e, uint64_t bytes, double seconds,
+                       const _ta_load_report_t *rep)
 {
     pthread_mutex_lock(&c->mu);
     e->loading = false;
@@ -573,18 +536,19 @@ static int tensor_bytes(ta_dtype_t dtype, int ndim, const int64_t *shape, size_t
 {
     size_t es = ta_dtype_size(dtype);
     if (es == 0)
-        return fail(EINVAL, "unknown dtype %d", (int)dtype);
+        return _ta_cache_fail(EINVAL, "unknown dtype %d", (int)dtype);
     if (ndim < 0 || ndim > TA_MAX_DIMS || (ndim > 0 && !shape))
-        return fail(EINVAL, "bad number of dimensions %d", ndim);
+        return _ta_cache_fail(EINVAL, "bad number of dimensions %d", ndim);
     size_t n = es;
     for (int i = 0; i < ndim; i++) {
         if (shape[i] < 0)
-            return fail(EINVAL, "negative dimension %lld", (long long)shape[i]);
+            return _ta_cache_fail(EINVAL, "negative dimension %lld", (long long)shape[i]);
         if (__builtin_mul_overflow(n, (size_t)shape[i], &n))
-            return fail(EINVAL, "shape overflows");
+            return _ta_cache_fail(EINVAL, "shape overflows");
     }
     if (n > PTRDIFF_MAX) /* refused before any eviction: no allocation is this large */
-        return fail(EINVAL, "a tensor of %zu bytes is larger than any allocation can be", n);
+        return _ta_cache_fail(EINVAL, "a tensor of %zu bytes is larger than any allocation can be",
+                              n);
     *out = n;
     return 0;
 }
@@ -616,7 +580,7 @@ static int entry_append(ta_entry_t *e, const char *name, ta_dtype_t dtype, int n
 
 /* ---- loading ------------------------------------------------------------------------ */
 
-static _ta_load_opts_t load_opts(const ta_cache_t *c)
+_ta_load_opts_t _ta_cache_load_opts(const ta_cache_t *c)
 {
     return (_ta_load_opts_t){.threads = c->cfg.load_threads,
                              .chunk = c->cfg.load_chunk,
@@ -627,21 +591,21 @@ static _ta_load_opts_t load_opts(const ta_cache_t *c)
 static int load_entry(ta_cache_t *c, ta_entry_t *e, const char *path, int fd, _ta_span_t *spans,
                       size_t n, uint64_t total, double t0)
 {
-    _ta_load_opts_t opts = load_opts(c);
+    _ta_load_opts_t opts = _ta_cache_load_opts(c);
     _ta_load_report_t rep = {0};
     char why[200] = "";
     int rc = _ta_load_spans(path, fd, spans, n, &opts, &rep, why, sizeof why);
     double dt = _ta_os_now_s() - t0;
     if (rc) {
-        abandon_entry(c, e);
-        return fail(rc, "%s: %s", path, why);
+        _ta_cache_abandon_entry(c, e);
+        return _ta_cache_fail(rc, "%s: %s", path, why);
     }
-    publish(c, e, total, dt, &rep);
-    cache_log(c, TA_LOG_INFO,
-              "loaded '%s' from %s: %zu tensors, %.3f GB in %.3f s (%.2f GB/s, %d reader%s%s)",
-              e->key, path, e->count, (double)total / 1e9, dt,
-              dt > 0 ? (double)total / dt / 1e9 : 0, rep.threads, rep.threads == 1 ? "" : "s",
-              rep.direct ? ", O_DIRECT" : "");
+    _ta_cache_publish(c, e, total, dt, &rep);
+    _ta_cache_log(c, TA_LOG_INFO,
+                  "loaded '%s' from %s: %zu tensors, %.3f GB in %.3f s (%.2f GB/s, %d reader%s%s)",
+                  e->key, path, e->count, (double)total / 1e9, dt,
+                  dt > 0 ? (double)total / dt / 1e9 : 0, rep.threads, rep.threads == 1 ? "" : "s",
+                  rep.direct ? ", O_DIRECT" : "");
     return 0;
 }
 
@@ -649,21 +613,22 @@ static int load_entry(ta_cache_t *c, ta_entry_t *e, const char *path, int fd, _t
 static int open_file(const char *path, int *fd)
 {
     int rc = _ta_os_open_read(path, 0, fd);
-    return rc ? fail(rc, "%s: %s", path, strerror(rc)) : 0;
+    return rc ? _ta_cache_fail(rc, "%s: %s", path, strerror(rc)) : 0;
 }
 
 /* Appends the header's tensors to e: with host memory each (large ones a
  * mapping each) and their reads in spans, or, spans NULL, without any (a
  * load straight to the device). */
-static int append_header_tensors(ta_entry_t *e, const _ta_st_header_t *h, const char *path,
-                                 _ta_span_t *spans)
+int _ta_cache_append_header_tensors(ta_entry_t *e, const _ta_st_header_t *h, const char *path,
+                                    _ta_span_t *spans)
 {
     for (size_t i = 0; i < h->count; i++) {
         const _ta_st_tensor_t *st = &h->tensors[i];
         size_t n = (size_t)(st->end - st->begin);
         void *data = spans ? ta_malloc(n ? n : 1) : NULL;
         if (spans && !data)
-            return fail(ENOMEM, "%s: no memory for tensor '%s' (%zu bytes)", path, st->name, n);
+            return _ta_cache_fail(ENOMEM, "%s: no memory for tensor '%s' (%zu bytes)", path,
+                                  st->name, n);
         int rc = entry_append(e, st->name, st->dtype, st->ndim, st->shape, n, data);
         if (rc) {
             ta_free(data);
@@ -676,7 +641,7 @@ static int append_header_tensors(ta_entry_t *e, const _ta_st_header_t *h, const 
 }
 
 /* Opens path and reads its safetensors header; total: the data bytes. */
-static int open_header(const char *path, int *fd, _ta_st_header_t *h, uint64_t *total)
+int _ta_cache_open_header(const char *path, int *fd, _ta_st_header_t *h, uint64_t *total)
 {
     int rc;
     if ((rc = open_file(path, fd)) != 0)
@@ -684,8 +649,8 @@ static int open_header(const char *path, int *fd, _ta_st_header_t *h, uint64_t *
     char why[200] = "";
     if ((rc = _ta_st_read_header(*fd, h, why, sizeof why)) != 0) {
         _ta_os_close(*fd);
-        return rc == TA_EFORMAT ? fail(rc, "%s: %s", path, why)
-                                : fail(rc, "%s: %s", path, strerror(rc));
+        return rc == TA_EFORMAT ? _ta_cache_fail(rc, "%s: %s", path, why)
+                                : _ta_cache_fail(rc, "%s: %s", path, strerror(rc));
     }
     *total = 0;
     for (size_t i = 0; i < h->count; i++)
@@ -696,25 +661,25 @@ static int open_header(const char *path, int *fd, _ta_st_header_t *h, uint64_t *
 int ta_cache_load_safetensors(ta_cache_t *c, const char *key, const char *path, ta_entry_t **out)
 {
     if (!c || !key || !path || !out)
-        return fail(EINVAL, "NULL argument");
+        return _ta_cache_fail(EINVAL, "NULL argument");
     int fd, rc;
     _ta_st_header_t h;
     uint64_t total;
-    if ((rc = open_header(path, &fd, &h, &total)) != 0)
+    if ((rc = _ta_cache_open_header(path, &fd, &h, &total)) != 0)
         return rc;
     ta_memory_snapshot_t before;
-    snapshot_if_debug(c, &before);
+    _ta_cache_snapshot_if_debug(c, &before);
     ta_entry_t *e = NULL;
     _ta_span_t *spans = malloc((h.count ? h.count : 1) * sizeof *spans);
     if (!spans)
-        rc = fail(ENOMEM, "no memory for %zu tensors", h.count);
+        rc = _ta_cache_fail(ENOMEM, "no memory for %zu tensors", h.count);
     else
-        rc = insert_reserved(c, key, (size_t)total, false, &e);
+        rc = _ta_cache_insert_reserved(c, key, (size_t)total, false, &e);
     double t0 = _ta_os_now_s();
     if (rc == 0)
-        rc = append_header_tensors(e, &h, path, spans);
+        rc = _ta_cache_append_header_tensors(e, &h, path, spans);
     if (e && rc)
-        abandon_entry(c, e);
+        _ta_cache_abandon_entry(c, e);
     else if (e)
         rc = load_entry(c, e, path, fd, spans, h.count, total, t0);
     free(spans);
@@ -722,7 +687,7 @@ int ta_cache_load_safetensors(ta_cache_t *c, const char *key, const char *path, 
     _ta_st_free(&h);
     if (rc)
         return rc;
-    log_snapshot_diff(c, &before);
+    _ta_cache_log_snapshot_diff(c, &before);
     *out = e;
     return 0;
 }
@@ -731,7 +696,7 @@ int ta_cache_load_raw(ta_cache_t *c, const char *key, const char *path, ta_dtype
                       const int64_t *shape, ta_entry_t **out)
 {
     if (!c || !key || !path || !out)
-        return fail(EINVAL, "NULL argument");
+        return _ta_cache_fail(EINVAL, "NULL argument");
     size_t n;
     int rc = tensor_bytes(dtype, ndim, shape, &n);
     if (rc)
@@ -742,24 +707,24 @@ int ta_cache_load_raw(ta_cache_t *c, const char *key, const char *path, ta_dtype
     uint64_t size = 0;
     if ((rc = _ta_os_file_size(fd, &size)) != 0 || size != n) {
         _ta_os_close(fd);
-        return rc ? fail(rc, "%s: %s", path, strerror(rc))
-                  : fail(TA_EFORMAT, "%s: file is %llu bytes, the shape needs %zu", path,
-                         (unsigned long long)size, n);
+        return rc ? _ta_cache_fail(rc, "%s: %s", path, strerror(rc))
+                  : _ta_cache_fail(TA_EFORMAT, "%s: file is %llu bytes, the shape needs %zu", path,
+                                   (unsigned long long)size, n);
     }
     ta_memory_snapshot_t before;
-    snapshot_if_debug(c, &before);
+    _ta_cache_snapshot_if_debug(c, &before);
     ta_entry_t *e;
-    if ((rc = insert_reserved(c, key, n, false, &e)) != 0) {
+    if ((rc = _ta_cache_insert_reserved(c, key, n, false, &e)) != 0) {
         _ta_os_close(fd);
         return rc;
     }
     double t0 = _ta_os_now_s();
     void *data = ta_malloc(n ? n : 1);
     rc = data ? entry_append(e, "data", dtype, ndim, shape, n, data)
-              : fail(ENOMEM, "no memory for %zu bytes", n);
+              : _ta_cache_fail(ENOMEM, "no memory for %zu bytes", n);
     if (rc) {
         ta_free(data);
-        abandon_entry(c, e);
+        _ta_cache_abandon_entry(c, e);
     } else {
         _ta_span_t span = {data, 0, n};
         rc = load_entry(c, e, path, fd, &span, 1, n, t0);
@@ -767,7 +732,7 @@ int ta_cache_load_raw(ta_cache_t *c, const char *key, const char *path, ta_dtype
     _ta_os_close(fd);
     if (rc)
         return rc;
-    log_snapshot_diff(c, &before);
+    _ta_cache_log_snapshot_diff(c, &before);
     *out = e;
     return 0;
 }
@@ -775,15 +740,15 @@ int ta_cache_load_raw(ta_cache_t *c, const char *key, const char *path, ta_dtype
 int ta_cache_create_entry(ta_cache_t *c, const char *key, ta_entry_t **out)
 {
     if (!c || !key || !out)
-        return fail(EINVAL, "NULL argument");
-    return insert_reserved(c, key, 0, true, out);
+        return _ta_cache_fail(EINVAL, "NULL argument");
+    return _ta_cache_insert_reserved(c, key, 0, true, out);
 }
 
 int ta_entry_add_tensor(ta_entry_t *e, const char *name, ta_dtype_t dtype, int ndim,
                         const int64_t *shape, void **data)
 {
     if (!e || !name || !data)
-        return fail(EINVAL, "NULL argument");
+        return _ta_cache_fail(EINVAL, "NULL argument");
     size_t n;
     int rc = tensor_bytes(dtype, ndim, shape, &n);
     if (rc)
@@ -793,11 +758,11 @@ int ta_entry_add_tensor(ta_entry_t *e, const char *name, ta_dtype_t dtype, int n
     bool building = e->building;
     pthread_mutex_unlock(&c->mu);
     if (!building) /* its array is read without the mutex by every holder */
-        return fail(EINVAL,
-                    "entry '%s' is complete: tensors are added only while it is built, "
-                    "before its creator unlocks it",
-                    e->key);
-    if ((rc = charge_entry(c, e, n, name, true)) != 0)
+        return _ta_cache_fail(EINVAL,
+                              "entry '%s' is complete: tensors are added only while it is built, "
+                              "before its creator unlocks it",
+                              e->key);
+    if ((rc = _ta_cache_charge_entry(c, e, n, name, true)) != 0)
         return rc;
     void *p = ta_malloc(n ? n : 1);
     if (!p || (rc = entry_append(e, name, dtype, ndim, shape, n, p)) != 0) {
@@ -806,7 +771,7 @@ int ta_entry_add_tensor(ta_entry_t *e, const char *name, ta_dtype_t dtype, int n
         e->ram_bytes -= n;
         c->ram_used -= n;
         pthread_mutex_unlock(&c->mu);
-        return fail(ENOMEM, "no memory for tensor '%s' (%zu bytes)", name, n);
+        return _ta_cache_fail(ENOMEM, "no memory for tensor '%s' (%zu bytes)", name, n);
     }
     *data = p;
     return 0;
@@ -817,21 +782,21 @@ int ta_entry_add_tensor(ta_entry_t *e, const char *name, ta_dtype_t dtype, int n
 int ta_cache_get(ta_cache_t *c, const char *key, ta_entry_t **out)
 {
     if (!c || !key || !out)
-        return fail(EINVAL, "NULL argument");
+        return _ta_cache_fail(EINVAL, "NULL argument");
     pthread_mutex_lock(&c->mu);
     ta_entry_t *e;
     while ((e = find(c, key)) && e->loading) {
         if (e->building && pthread_equal(e->builder, pthread_self())) {
             pthread_mutex_unlock(&c->mu);
-            return fail(EDEADLK, "entry '%s' is under construction by this thread: unlock it first",
-                        key);
+            return _ta_cache_fail(
+                EDEADLK, "entry '%s' is under construction by this thread: unlock it first", key);
         }
         pthread_cond_wait(&c->loaded, &c->mu);
     }
     if (!e) {
         c->st.misses++;
         pthread_mutex_unlock(&c->mu);
-        return fail(ENOENT, "no entry '%s'", key);
+        return _ta_cache_fail(ENOENT, "no entry '%s'", key);
     }
     c->st.hits++;
     e->locks++;
@@ -869,7 +834,7 @@ static void drop_copies_locked(ta_cache_t *c, ta_entry_t *e, void **host, void *
 
 /* Called with c->mu held, releases it: frees the copies marked drop_* if
  * at most holders hold e, outside the mutex. */
-static void drop_marked_and_unlock(ta_cache_t *c, ta_entry_t *e, int holders)
+void _ta_cache_drop_marked_and_unlock(ta_cache_t *c, ta_entry_t *e, int holders)
 {
     void **host = NULL, **dev = NULL;
     size_t n = 0;
@@ -884,8 +849,7 @@ static void drop_marked_and_unlock(ta_cache_t *c, ta_entry_t *e, int holders)
     pthread_mutex_unlock(&c->mu);
     for (size_t i = 0; i < n; i++) {
         ta_free(host[i]);
-        if (dev[i])
-            ta_cuda_device_free(dev[i]);
+        _ta_cache_device_free(dev[i]); /* up to the device side */
     }
     free(host);
     free(dev);
@@ -904,20 +868,20 @@ void ta_entry_unlock(ta_entry_t *e)
         e->building = e->loading = false;
         pthread_cond_broadcast(&c->loaded);
     }
-    drop_marked_and_unlock(c, e, 0);
+    _ta_cache_drop_marked_and_unlock(c, e, 0);
 }
 
 int ta_cache_remove(ta_cache_t *c, const char *key)
 {
     if (!c || !key)
-        return fail(EINVAL, "NULL argument");
+        return _ta_cache_fail(EINVAL, "NULL argument");
     pthread_mutex_lock(&c->mu);
     ta_entry_t *e = find(c, key);
     int rc = 0;
     if (!e)
-        rc = fail(ENOENT, "no entry '%s'", key);
+        rc = _ta_cache_fail(ENOENT, "no entry '%s'", key);
     else if (e->locks > 0 || e->loading)
-        rc = fail(EBUSY, "entry '%s' is locked", key);
+        rc = _ta_cache_fail(EBUSY, "entry '%s' is locked", key);
     else
         detach(c, e);
     pthread_mutex_unlock(&c->mu);
@@ -939,7 +903,7 @@ bool ta_cache_contains(ta_cache_t *c, const char *key)
 int ta_cache_keys(ta_cache_t *c, char ***keys, size_t *count)
 {
     if (!c || !keys || !count)
-        return fail(EINVAL, "NULL argument");
+        return _ta_cache_fail(EINVAL, "NULL argument");
     pthread_mutex_lock(&c->mu);
     size_t n = 0, bytes = 0;
     for (ta_entry_t *e = c->head; e; e = e->next, n++)
@@ -957,7 +921,7 @@ int ta_cache_keys(ta_cache_t *c, char ***keys, size_t *count)
     }
     pthread_mutex_unlock(&c->mu);
     if (!out)
-        return fail(ENOMEM, "no memory for %zu keys", n);
+        return _ta_cache_fail(ENOMEM, "no memory for %zu keys", n);
     *keys = out;
     *count = n;
     return 0;
@@ -991,10 +955,10 @@ size_t ta_entry_vram_bytes(const ta_entry_t *e)
 int ta_entry_tensor_at(const ta_entry_t *e, size_t index, ta_tensor_t *out)
 {
     if (!e || !out)
-        return fail(EINVAL, "NULL argument");
+        return _ta_cache_fail(EINVAL, "NULL argument");
     if (index >= e->count)
-        return fail(EINVAL, "index %zu is past the %zu tensors of entry '%s'", index, e->count,
-                    e->key);
+        return _ta_cache_fail(EINVAL, "index %zu is past the %zu tensors of entry '%s'", index,
+                              e->count, e->key);
     const tensor_t *t = &e->tensors[index];
     out->name = t->name;
     out->dtype = t->dtype;
@@ -1009,276 +973,11 @@ int ta_entry_tensor_at(const ta_entry_t *e, size_t index, ta_tensor_t *out)
 int ta_entry_tensor(const ta_entry_t *e, const char *name, ta_tensor_t *out)
 {
     if (!e || !name || !out)
-        return fail(EINVAL, "NULL argument");
+        return _ta_cache_fail(EINVAL, "NULL argument");
     for (size_t i = 0; i < e->count; i++)
         if (strcmp(e->tensors[i].name, name) == 0)
             return ta_entry_tensor_at(e, i, out);
-    return fail(ENOENT, "entry '%s' has no tensor '%s'", e->key, name);
-}
-
-/* ---- device moves ----------------------------------------------------------------------- */
-
-static size_t entry_bytes(const ta_entry_t *e)
-{
-    size_t n = 0;
-    for (size_t i = 0; i < e->count; i++)
-        n += e->tensors[i].nbytes;
-    return n;
-}
-
-/* Makes need VRAM bytes fit: device copies of unlocked entries go, least
- * recently used first; an entry with no host copy goes whole. */
-static int make_room_vram(ta_cache_t *c, size_t need, victims_t *v)
-{
-    while (over_budget(c->vram_used, need, c->cfg.vram_budget)) {
-        ta_entry_t *victim = lru_victim(c, true);
-        if (!victim)
-            return TA_ECACHEFULL;
-        if (v->nwhole == 64 || v->ndevice == 64)
-            return EAGAIN;
-        void **devs = victim->ram_bytes ? calloc(victim->count + 1, sizeof *devs) : NULL;
-        if (victim->ram_bytes == 0 || devs == NULL) { /* no host copy: it goes whole */
-            free(devs);
-            detach(c, victim);
-            v->whole[v->nwhole++] = victim;
-            c->st.cleared++;
-        } else { /* unlocked, so nobody else touches its tensors now */
-            size_t k = 0;
-            for (size_t i = 0; i < victim->count; i++)
-                if (victim->tensors[i].dev) {
-                    devs[k++] = victim->tensors[i].dev;
-                    victim->tensors[i].dev = NULL;
-                }
-            c->vram_used -= victim->vram_bytes;
-            victim->vram_bytes = 0;
-            v->device[v->ndevice++] = devs;
-        }
-    }
-    return 0;
-}
-
-static int pool_ready(ta_cache_t *c)
-{
-    int rc = 0;
-    pthread_mutex_lock(&c->mu);
-    if (!c->pool)
-        rc = ta_pinned_pool_create(PINNED_BUDGET, &c->pool);
-    pthread_mutex_unlock(&c->mu);
-    return rc;
-}
-
-/* Moves of one entry run one at a time: a second mover waits for the
- * first, then finds the entry where the first left it. */
-static void move_begin(ta_cache_t *c, ta_entry_t *e)
-{
-    pthread_mutex_lock(&c->mu);
-    while (e->moving)
-        pthread_cond_wait(&c->loaded, &c->mu);
-    e->moving = true;
-    pthread_mutex_unlock(&c->mu);
-}
-
-static int move_end(ta_cache_t *c, ta_entry_t *e, int rc)
-{
-    pthread_mutex_lock(&c->mu);
-    e->moving = false;
-    pthread_cond_broadcast(&c->loaded);
-    pthread_mutex_unlock(&c->mu);
-    return rc;
-}
-
-/* Frees the copy a move leaves behind (host is true for the host copy) if
- * the mover is the only holder; otherwise the other holders may be reading
- * it, and it goes when the last of them unlocks (still charged till then). */
-static void release_old_copy(ta_cache_t *c, ta_entry_t *e, bool host)
-{
-    pthread_mutex_lock(&c->mu);
-    if (host)
-        e->drop_host = true;
-    else
-        e->drop_device = true;
-    drop_marked_and_unlock(c, e, 1);
-}
-
-static int move_to_device(ta_entry_t *e);
-
-int ta_entry_to_device(ta_entry_t *e)
-{
-    if (!e || e->locks <= 0)
-        return fail(EINVAL, "the entry must be locked");
-    ta_cache_t *c = e->cache;
-    int rc = ta_cuda_init(c->cfg.device);
-    if (rc)
-        return fail(rc, "no device: %s", ta_strerror(rc));
-    move_begin(c, e);
-    return move_end(c, e, move_to_device(e));
-}
-
-static void drop_device_reservation(ta_cache_t *c, ta_entry_t *e);
-
-/* Charges need VRAM bytes to e, evicting device copies of unlocked
- * entries, and checks the device itself has room for them. */
-static int reserve_vram(ta_cache_t *c, ta_entry_t *e, size_t need)
-{
-    int rc;
-    victims_t v;
-    do {
-        v = (victims_t){0};
-        pthread_mutex_lock(&c->mu);
-        if (need > c->cfg.vram_budget && c->cfg.overflow == TA_OVERFLOW_REFUSE) {
-            rc = fail(TA_EBUDGET, "'%s' needs %zu bytes, more than the VRAM budget %zu", e->key,
-                      need, c->cfg.vram_budget);
-        } else {
-            rc = make_room_vram(c, need, &v);
-            if (rc == TA_ECACHEFULL && c->cfg.overflow == TA_OVERFLOW_ADMIT) {
-                c->st.over_budget_admits++;
-                cache_log(c, TA_LOG_WARN, "'%s' admitted over the VRAM budget", e->key);
-                rc = 0;
-            } else if (rc == TA_ECACHEFULL) {
-                rc = fail(rc, "'%s' needs %zu VRAM bytes; the rest is locked", e->key, need);
-            }
-        }
-        if (rc == 0) {
-            c->vram_used += need;
-            e->vram_bytes = need;
-        }
-        pthread_mutex_unlock(&c->mu);
-        victims_free(&v);
-    } while (rc == EAGAIN);
-    if (rc)
-        return rc;
-    /* after the evictions: is there room on the device itself? */
-    size_t dev_free, dev_total;
-    if ((rc = ta_cuda_mem_info(&dev_free, &dev_total)) != 0)
-        rc = fail(rc, "cudaMemGetInfo: %s", ta_strerror(rc));
-    else if (dev_free < need || dev_free - need < c->cfg.device_working_mem)
-        rc = fail(ENOMEM, "the device has %zu bytes free; '%s' needs %zu plus %zu working",
-                  dev_free, e->key, need, c->cfg.device_working_mem);
-    if (rc)
-        drop_device_reservation(c, e);
-    return rc;
-}
-
-/* Device memory for t (t->dev NULL on failure). */
-static int device_tensor(tensor_t *t)
-{
-    int rc = ta_cuda_device_alloc(t->nbytes ? t->nbytes : 1, &t->dev);
-    if (rc) {
-        t->dev = NULL;
-        rc = fail(rc, "device allocation of '%s': %s", t->name, ta_strerror(rc));
-    }
-    return rc;
-}
-
-/* Frees e's device copies and gives its VRAM charge back. */
-static void drop_device_reservation(ta_cache_t *c, ta_entry_t *e)
-{
-    for (size_t i = 0; i < e->count; i++)
-        if (e->tensors[i].dev) {
-            ta_cuda_device_free(e->tensors[i].dev);
-            e->tensors[i].dev = NULL;
-        }
-    pthread_mutex_lock(&c->mu);
-    c->vram_used -= e->vram_bytes;
-    e->vram_bytes = 0;
-    pthread_mutex_unlock(&c->mu);
-}
-
-static int move_to_device(ta_entry_t *e)
-{
-    ta_cache_t *c = e->cache;
-    int rc;
-    if (e->vram_bytes > 0) { /* already there (perhaps moved by another holder) */
-        pthread_mutex_lock(&c->mu);
-        e->drop_device = false; /* wanted on the device after all */
-        pthread_mutex_unlock(&c->mu);
-        return 0;
-    }
-    if ((rc = pool_ready(c)) != 0)
-        return fail(rc, "pinned pool: %s", ta_strerror(rc));
-    size_t need = entry_bytes(e);
-    ta_memory_snapshot_t before;
-    snapshot_if_debug(c, &before);
-    if ((rc = reserve_vram(c, e, need)) != 0)
-        return rc;
-    double t0 = _ta_os_now_s();
-    for (size_t i = 0; i < e->count && rc == 0; i++) {
-        tensor_t *t = &e->tensors[i];
-        if ((rc = device_tensor(t)) == 0 &&
-            (rc = ta_cuda_copy_to_device(c->pool, t->dev, t->data, t->nbytes)) != 0)
-            rc = fail(rc, "copy of '%s' to the device: %s", t->name, ta_strerror(rc));
-    }
-    if (rc) { /* undo: the entry stays on the host */
-        drop_device_reservation(c, e);
-        return rc;
-    }
-    if (!c->cfg.keep_ram_copy)
-        release_old_copy(c, e, true);
-    pthread_mutex_lock(&c->mu);
-    c->st.device_moves++;
-    pthread_mutex_unlock(&c->mu);
-    cache_log(c, TA_LOG_INFO, "moved '%s' to device %d in %.2f s (%.3f GB)", e->key, c->cfg.device,
-              _ta_os_now_s() - t0, (double)need / 1e9);
-    log_snapshot_diff(c, &before);
-    return 0;
-}
-
-static int move_to_host(ta_entry_t *e);
-
-int ta_entry_to_host(ta_entry_t *e)
-{
-    if (!e || e->locks <= 0)
-        return fail(EINVAL, "the entry must be locked");
-    move_begin(e->cache, e);
-    return move_end(e->cache, e, move_to_host(e));
-}
-
-static int move_to_host(ta_entry_t *e)
-{
-    ta_cache_t *c = e->cache;
-    if (e->vram_bytes == 0)
-        return 0;
-    if (e->ram_bytes) { /* the host copy was kept for other holders: keep it now */
-        pthread_mutex_lock(&c->mu);
-        e->drop_host = false;
-        pthread_mutex_unlock(&c->mu);
-    }
-    int rc = pool_ready(c);
-    if (rc)
-        return fail(rc, "pinned pool: %s", ta_strerror(rc));
-    ta_memory_snapshot_t before;
-    snapshot_if_debug(c, &before);
-    size_t need = e->ram_bytes ? 0 : entry_bytes(e);
-    if (need) {
-        if ((rc = charge_entry(c, e, need, e->key, false)) != 0)
-            return rc;
-        for (size_t i = 0; i < e->count && rc == 0; i++) {
-            tensor_t *t = &e->tensors[i];
-            t->data = ta_malloc(t->nbytes ? t->nbytes : 1);
-            if (!t->data)
-                rc = fail(ENOMEM, "no memory for '%s'", t->name);
-            else if ((rc = ta_cuda_copy_to_host(c->pool, t->data, t->dev, t->nbytes)) != 0)
-                rc = fail(rc, "copy of '%s' to the host: %s", t->name, ta_strerror(rc));
-        }
-        if (rc) {
-            for (size_t i = 0; i < e->count; i++) {
-                ta_free(e->tensors[i].data);
-                e->tensors[i].data = NULL;
-            }
-            pthread_mutex_lock(&c->mu);
-            c->ram_used -= need;
-            e->ram_bytes = 0;
-            pthread_mutex_unlock(&c->mu);
-            return rc;
-        }
-    }
-    release_old_copy(c, e, false);
-    pthread_mutex_lock(&c->mu);
-    c->st.device_moves++;
-    pthread_mutex_unlock(&c->mu);
-    cache_log(c, TA_LOG_INFO, "moved '%s' to the host", e->key);
-    log_snapshot_diff(c, &before);
-    return 0;
+    return _ta_cache_fail(ENOENT, "entry '%s' has no tensor '%s'", e->key, name);
 }
 
 /* ---- statistics ------------------------------------------------------------------------------ */
@@ -1286,10 +985,11 @@ static int move_to_host(ta_entry_t *e)
 int ta_cache_stats_get(ta_cache_t *c, ta_cache_stats_t *out)
 {
     if (!c || !out)
-        return fail(EINVAL, "NULL argument");
+        return _ta_cache_fail(EINVAL, "NULL argument");
     if (out->size < offsetof(ta_cache_stats_t, hits))
-        return fail(EINVAL, "stats size %zu is less than %zu: set it to sizeof(ta_cache_stats_t)",
-                    out->size, offsetof(ta_cache_stats_t, hits));
+        return _ta_cache_fail(EINVAL,
+                              "stats size %zu is less than %zu: set it to sizeof(ta_cache_stats_t)",
+                              out->size, offsetof(ta_cache_stats_t, hits));
     size_t size = out->size;
     pthread_mutex_lock(&c->mu);
     ta_cache_stats_t s = c->st;
@@ -1328,7 +1028,7 @@ static void json_string(FILE *f, const char *s)
 int ta_cache_stats_json(ta_cache_t *c, FILE *f)
 {
     if (!c || !f)
-        return fail(EINVAL, "NULL argument");
+        return _ta_cache_fail(EINVAL, "NULL argument");
     ta_cache_stats_t s = {.size = sizeof s};
     ta_cache_stats_get(c, &s);
     fprintf(
@@ -1368,106 +1068,4 @@ int ta_cache_stats_json(ta_cache_t *c, FILE *f)
     pthread_mutex_unlock(&c->mu);
     fputs("]}\n", f);
     return ferror(f) ? EIO : 0;
-}
-
-/* ---- loads straight to the device ------------------------------------------ */
-
-typedef struct {
-    const char *path;
-    int fd;
-    _ta_loader_t loader; /* opened once for the whole stream */
-    _ta_load_report_t rep;
-    bool read_failed;
-    char why[200];
-} upload_reader_t;
-
-/* One staging chunk of the file, read by the loader's readers. */
-static int read_chunk(void *arg, void *buf, uint64_t off, size_t len)
-{
-    upload_reader_t *r = arg;
-    _ta_span_t span = {buf, off, len};
-    int rc = _ta_loader_read(&r->loader, &span, 1, &r->rep, r->why, sizeof r->why);
-    r->read_failed = rc != 0;
-    return rc;
-}
-
-/* The entry's tensors on the device, streamed from the file (e loading,
- * its tensors appended without host memory). */
-static int stream_to_device(ta_cache_t *c, ta_entry_t *e, upload_reader_t *r,
-                            const _ta_st_header_t *h, uint64_t total)
-{
-    int rc = reserve_vram(c, e, (size_t)total);
-    if (rc)
-        return rc;
-    _ta_upload_t *spans = malloc((e->count ? e->count : 1) * sizeof *spans);
-    if (!spans)
-        rc = fail(ENOMEM, "no memory for %zu tensors", e->count);
-    for (size_t i = 0; i < e->count && rc == 0; i++)
-        if ((rc = device_tensor(&e->tensors[i])) == 0)
-            spans[i] = (_ta_upload_t){e->tensors[i].dev, h->data_start + h->tensors[i].begin,
-                                      e->tensors[i].nbytes};
-    /* a staging chunk: a few of the loader's chunks, one per reader (load_chunk is at most
-     * TA_CACHE_MAX_LOAD_CHUNK: this cannot wrap) */
-    size_t chunk = (c->cfg.load_chunk ? c->cfg.load_chunk : TA_LOAD_CHUNK) * 4;
-    _ta_load_opts_t opts = load_opts(c);
-    _ta_loader_open(r->path, r->fd, &opts, &r->loader);
-    if (rc == 0 && (rc = _ta_cuda_upload(c->pool, spans, e->count, chunk, read_chunk, r)) != 0)
-        rc = r->read_failed ? fail(rc, "%s: %s", r->path, r->why)
-                            : fail(rc, "%s: upload to the device: %s", r->path, ta_strerror(rc));
-    _ta_loader_close(&r->loader);
-    free(spans);
-    if (rc)
-        drop_device_reservation(c, e);
-    return rc;
-}
-
-int ta_cache_load_safetensors_to_device(ta_cache_t *c, const char *key, const char *path,
-                                        ta_entry_t **out)
-{
-    if (!c || !key || !path || !out)
-        return fail(EINVAL, "NULL argument");
-    if (c->cfg.keep_ram_copy) { /* the host copy stays: load it, then move it */
-        int rc = ta_cache_load_safetensors(c, key, path, out);
-        if (rc == 0 && (rc = ta_entry_to_device(*out)) != 0) {
-            char why[256];
-            snprintf(why, sizeof why, "%s", last_message());
-            ta_entry_unlock(*out);
-            ta_cache_remove(c, key);
-            *out = NULL;
-            return fail(rc, "%s", why);
-        }
-        return rc;
-    }
-    int rc = ta_cuda_init(c->cfg.device);
-    if (rc)
-        return fail(rc, "no device: %s", ta_strerror(rc));
-    if ((rc = pool_ready(c)) != 0)
-        return fail(rc, "pinned pool: %s", ta_strerror(rc));
-    upload_reader_t r = {.path = path};
-    _ta_st_header_t h;
-    uint64_t total;
-    if ((rc = open_header(path, &r.fd, &h, &total)) != 0)
-        return rc;
-    ta_entry_t *e;
-    if ((rc = insert_reserved(c, key, 0, false, &e)) == 0) {
-        double t0 = _ta_os_now_s();
-        rc = append_header_tensors(e, &h, path, NULL);
-        if (rc == 0)
-            rc = stream_to_device(c, e, &r, &h, total);
-        if (rc) {
-            abandon_entry(c, e);
-        } else {
-            publish(c, e, total, _ta_os_now_s() - t0, &r.rep);
-            pthread_mutex_lock(&c->mu);
-            c->st.device_moves++;
-            pthread_mutex_unlock(&c->mu);
-            cache_log(c, TA_LOG_INFO,
-                      "loaded '%s' from %s to device %d: %zu tensors, %.3f GB in %.3f s", key, path,
-                      c->cfg.device, e->count, (double)total / 1e9, _ta_os_now_s() - t0);
-            *out = e;
-        }
-    }
-    _ta_os_close(r.fd);
-    _ta_st_free(&h);
-    return rc;
 }
