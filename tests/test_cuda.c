@@ -6,7 +6,7 @@
  */
 #define _GNU_SOURCE
 #include "helpers.h"
-#include "core/internal.h" /* _ta_large_pin_mark */
+#include "core/core.h" /* _ta_large_pin_mark */
 #include "tensoralloc_cuda.h"
 
 #include <criterion/criterion.h>

@@ -3,7 +3,8 @@
  * huge-page advice, and memory really going back to the kernel. */
 #define _GNU_SOURCE
 #include "helpers.h"
-#include "core/internal.h"
+#include "core/large.h"
+#include "core/slab.h"
 
 #include <criterion/criterion.h>
 #include <errno.h>

@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 /* Suite "slab": size classes, block reuse, and small frees lowering RSS. */
 #include "helpers.h"
-#include "core/internal.h" /* _ta_small_selfcheck */
+#include "core/slab.h" /* _ta_small_selfcheck */
 
 #include <criterion/criterion.h>
 #include <pthread.h>

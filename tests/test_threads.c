@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: MIT */
 /* Suite "threads": cross-thread frees with pattern checks, thread exit. */
 #include "helpers.h"
-#include "core/internal.h"
+#include "core/large.h"
+#include "core/slab.h"
 
 #include <criterion/criterion.h>
 #include <inttypes.h>

@@ -1,13 +1,15 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * The front door: the ta_* allocation API. It checks arguments, picks the
- * path by size (the large path at or above the threshold, slabs below) and
+ * The front door: the ta_* allocation API, malloc's fast path inline. It
+ * checks arguments, picks the path by size (the large path at or above the threshold, slabs below) and
  * finds a block's path on free by asking the slab segment map, then the
  * large table. Process set-up (options, fork handlers, the exit report)
  * lives here too.
  */
 #define _GNU_SOURCE
-#include "internal.h"
+#include "large.h"
+#include "purge.h"
+#include "slab.h"
 #include "tensoralloc_cache.h"
 #include "tensoralloc_cuda.h"
 
@@ -188,19 +190,26 @@ static inline void *alloc_aligned(size_t size, size_t alignment, bool zero)
     return TA_LIKELY(p != NULL) ? p : alloc_retry(size, alignment, zero);
 }
 
-/* What malloc's fast path (slab.c) cannot serve at once: a thread's first
- * allocation, a span used up, larger sizes. Out of line, so that ta_malloc
- * is a size test and a jump. */
-__attribute__((noinline)) void *_ta_malloc_general(size_t size)
+/* What malloc's fast path cannot serve at once: a thread's first
+ * allocation, a span used up, larger sizes. Out of line, so that the fast
+ * path stays a few loads and a pop. */
+__attribute__((noinline)) static void *malloc_general(size_t size)
 {
     return alloc_aligned(size, 0, false);
 }
 
+/* The fast path, inline here as mimalloc's sits in its alloc.c: the
+ * current span of the size's class has a free block (the layout is
+ * slab.h's). Anything else (no heap yet: its spans' lists are empty; the
+ * span used up) goes down to the general path, never back up. */
 void *ta_malloc(size_t size)
 {
-    if (TA_LIKELY(size <= TA_SMALL_FAST_MAX))
-        return _ta_small_malloc(size);
-    return _ta_malloc_general(size);
+    if (TA_LIKELY(size <= TA_SMALL_FAST_MAX)) {
+        span_t *s = _ta_thread_heap->current[_ta_small_class[(size + 15) >> 4]];
+        if (TA_LIKELY(s->free != LINK_END))
+            return _ta_span_pop(s);
+    }
+    return malloc_general(size);
 }
 
 #ifdef TA_PRELOAD

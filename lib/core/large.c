@@ -17,7 +17,7 @@
  * then done after it is released.
  */
 #define _GNU_SOURCE
-#include "internal.h"
+#include "large.h"
 #include "pool.h"
 
 #include <errno.h>
@@ -354,18 +354,6 @@ typedef struct parked_s {
 static parked_t *parked_list;
 static size_t parked_count, parked_bytes;
 
-/* The large path's share of _ta_live_mappings, kept here and nowhere else:
- * every live block, pool range and parked range may be a VMA of its own.
- * Synced under the lock after every change to those three. */
-static long counted_ranges;
-
-static void count_sync_locked(void)
-{
-    long now = (long)(large_stats.live_count + pool.count + parked_count);
-    atomic_fetch_add_explicit(&_ta_live_mappings, now - counted_ranges, memory_order_relaxed);
-    counted_ranges = now;
-}
-
 static bool parked_timed_left_locked(void)
 {
     for (parked_t *q = parked_list; q; q = q->next)
@@ -388,7 +376,6 @@ static void park_range(uintptr_t addr, size_t size, uint32_t tries)
     parked_list = q;
     __atomic_store_n(&parked_count, parked_count + 1, __ATOMIC_RELAXED);
     parked_bytes += size;
-    count_sync_locked();
     _ta_unlock(&large_lock);
 }
 
@@ -411,7 +398,6 @@ static void parked_retry(bool force)
             pp = &q->next;
         }
     }
-    count_sync_locked();
     _ta_unlock(&large_lock);
     while (due) {
         parked_t *q = due;
@@ -565,7 +551,6 @@ static void block_enter_locked(uintptr_t p, size_t cap, size_t size, uint64_t or
         large_stats.pool_hits++;
     else
         large_stats.pool_misses++;
-    count_sync_locked();
 }
 
 #define MAX_PIECES 16 /* ranges moved into one block (each a syscall and a VMA) */
@@ -603,7 +588,6 @@ static void *assemble_unlock(size_t size, size_t cap, size_t align, bool zero, t
             _ta_pool_put(&pool, pieces[--n]);
         moved = first.size;
     }
-    count_sync_locked();
     _ta_unlock(&large_lock);
 
     void *p;
@@ -687,7 +671,6 @@ static bool evict_all_due(uint64_t max_age, bool all, unsigned *events)
         n = pool_evict_locked(all ? UINT64_MAX : before_ms(now, max_age),
                               all ? 0 : pool_limit_locked(), victims);
         left = pool.count > 0;
-        count_sync_locked();
         _ta_unlock(&large_lock);
         unmap_all(victims, n, events);
     } while (n == EVICT_BATCH);
@@ -852,7 +835,6 @@ bool _ta_large_free(void *p, unsigned *events)
     large_stats.live_count--;
     mapped_add_locked(-(int64_t)gone.capacity);
     if (gone.packed) {
-        count_sync_locked();
         pack_free_unlock(gone);
         return true;
     }
@@ -867,7 +849,6 @@ bool _ta_large_free(void *p, unsigned *events)
     } else {
         victims[n++] = (unmap_t){gone.addr, gone.capacity};
     }
-    count_sync_locked();
     _ta_unlock(&large_lock);
     unmap_all(victims, n, events);
     if (n == EVICT_BATCH)
@@ -972,6 +953,8 @@ void _ta_large_stats(ta_stats_t *st)
     st->maxmap_fallbacks = large_stats.fallbacks;
     st->parked_count = parked_count;
     st->parked_bytes = parked_bytes;
+    /* Every live block, pool range and parked range may be a VMA of its own. */
+    st->mappings += large_stats.live_count + pool.count + parked_count;
     _ta_unlock(&large_lock);
     st->map_limit = (uint64_t)map_limit();
 }

@@ -25,7 +25,9 @@
  *   signals it blocked through and ends, and the process with it.
  */
 #define _GNU_SOURCE
-#include "internal.h"
+#include "purge.h"
+#include "large.h"
+#include "slab.h"
 
 #include <pthread.h>
 #include <signal.h>
@@ -68,6 +70,7 @@ static _Atomic uint64_t purge_failed_ms; /* when pthread_create last failed */
 void _ta_purge_init(void)
 {
     __atomic_store_n(&purge_pid, getpid(), __ATOMIC_RELAXED);
+    _ta_small_set_purge_hooks(_ta_purge_wake, _ta_purge_thread_exiting);
 }
 
 bool _ta_process_has_threads(void)

@@ -26,7 +26,7 @@
  * heaps are never destroyed.
  */
 #define _GNU_SOURCE
-#include "internal.h"
+#include "slab.h"
 #include "base/list.h"
 
 #include <errno.h>
@@ -47,15 +47,9 @@
 #define PURGE_LIMIT ((size_t)8 << 20) /* free pages a heap may keep */
 #define STATS_BATCH 65536             /* live-byte deltas flushed beyond this */
 
-/* Link values: below 4096 a block index (the next on a list). */
-#define LINK_END 0xFFFFu       /* the end of a list */
-#define LINK_ALLOC 0xFFFEu     /* handed out to the program */
-#define LINK_TAIL 0xFFFDu      /* past the last block: no block starts here */
-#define TF_NOTIFIED (1u << 16) /* in thread_free: the span is on remote_spans */
 
 /* ---- size classes: 16-byte steps to 128, then four per doubling -------- */
 
-#define CLASS_COUNT 60
 
 typedef struct {
     uint32_t block_size;
@@ -64,23 +58,30 @@ typedef struct {
 } class_info_t;
 
 static class_info_t classes[CLASS_COUNT];
-/* The class by (size + 15) / 16, up to 1 KiB: a constant, because malloc's
- * fast path reads it before the thread has a heap, so before any thread
- * may have run classes_init (filled at run time, that was a data race
- * ThreadSanitizer caught). CLASS_AT(n) is class_of_computed(n) as a
- * constant expression; the slab suite checks the two agree. */
-#define CLASS_LG(m)                                                                                \
-    ((m) >= 512 ? 9 : (m) >= 256 ? 8 : 7) /* 2^lg <= m < 2^(lg+1), 128 <= m < 1024 */
-#define CLASS_AT(n)                                                                                \
-    ((n) <= 128 ? ((n) ? ((n)-1) >> 4 : 0)                                                         \
-                : 8 + (CLASS_LG((n)-1) - 7) * 4 + ((((n)-1) >> (CLASS_LG((n)-1) - 2)) & 3))
+/* The two directions of the one rule, each written once, and checked
+ * against each other by the slab suite (_ta_small_selfcheck): the class of
+ * a size n (lg is floor(log2(n - 1)), needed only above 128) and the block
+ * size of a class c. */
+#define CLASS_OF(n, lg)                                                                            \
+    ((n) <= 128 ? ((n) ? ((n)-1) >> 4 : 0) : 8 + ((lg)-7) * 4 + ((((n)-1) >> ((lg)-2)) & 3))
+#define CLASS_SIZE(c)                                                                              \
+    ((c) < 8 ? 16 * ((size_t)(c) + 1) : ((size_t)128 << (((c)-8) / 4)) * (5 + ((c)-8) % 4) / 4)
+
+/* The class by (size + 15) / 16, up to TA_SMALL_FAST_MAX: a constant,
+ * because malloc's fast path reads it before the thread has a heap, so
+ * before any thread may have run classes_init (filled at run time, that
+ * was a data race ThreadSanitizer caught). Its lg is a constant
+ * expression for 128 <= m < 1024. */
+#define CLASS_LG_FAST(m) ((m) >= 512 ? 9 : (m) >= 256 ? 8 : 7)
+#define CLASS_FAST(n) CLASS_OF(n, CLASS_LG_FAST((n)-1))
 #define CLASS_ROW(i)                                                                               \
-    CLASS_AT((i)*16), CLASS_AT((i)*16 + 16), CLASS_AT((i)*16 + 32), CLASS_AT((i)*16 + 48),         \
-        CLASS_AT((i)*16 + 64), CLASS_AT((i)*16 + 80), CLASS_AT((i)*16 + 96),                       \
-        CLASS_AT((i)*16 + 112)
-static const uint8_t small_class[1024 / 16 + 1] = {CLASS_ROW(0),  CLASS_ROW(8),  CLASS_ROW(16),
-                                                   CLASS_ROW(24), CLASS_ROW(32), CLASS_ROW(40),
-                                                   CLASS_ROW(48), CLASS_ROW(56), CLASS_AT(1024)};
+    CLASS_FAST((i)*16), CLASS_FAST((i)*16 + 16), CLASS_FAST((i)*16 + 32),                          \
+        CLASS_FAST((i)*16 + 48), CLASS_FAST((i)*16 + 64), CLASS_FAST((i)*16 + 80),                 \
+        CLASS_FAST((i)*16 + 96), CLASS_FAST((i)*16 + 112)
+_Static_assert(TA_SMALL_FAST_MAX == 1024, "the rows below and CLASS_LG_FAST cover 1 KiB");
+const uint8_t _ta_small_class[TA_SMALL_FAST_MAX / 16 + 1] = {
+    CLASS_ROW(0),  CLASS_ROW(8),  CLASS_ROW(16), CLASS_ROW(24),         CLASS_ROW(32),
+    CLASS_ROW(40), CLASS_ROW(48), CLASS_ROW(56), CLASS_FAST(TA_SMALL_FAST_MAX)};
 
 /* ceil(2^42 / bs): for every offset below 2^20 (a span is at most 1 MiB)
  * and bs <= 2^20, (off * recip) >> 42 == off / bs, since the rounding
@@ -93,24 +94,13 @@ static inline uint64_t block_recip(uint32_t bs)
 
 static inline int class_of_computed(size_t size)
 {
-    if (size <= 128)
-        return size ? (int)((size - 1) >> 4) : 0;
-    int lg = 63 - __builtin_clzll((unsigned long long)(size - 1)); /* 2^lg < size <= 2^(lg+1) */
-    int quarter = (int)(((size - 1) >> (lg - 2)) & 3); /* which quarter of the doubling */
-    return 8 + (lg - 7) * 4 + quarter;
+    return (int)CLASS_OF(size, 63 - __builtin_clzll((unsigned long long)(size - 1)));
 }
 
 static void classes_init(void)
 {
     for (int c = 0; c < CLASS_COUNT; c++) {
-        size_t bs;
-        if (c < 8) {
-            bs = 16 * (size_t)(c + 1);
-        } else {
-            int step = c - 8; /* 160 192 224 256 | 320 ... */
-            size_t base = (size_t)128 << (step / 4);
-            bs = base + (base / 4) * (size_t)(step % 4 + 1);
-        }
+        size_t bs = CLASS_SIZE(c);
         size_t k = 1;
         for (; k < SPAN_MAX_PAGES; k++) {
             size_t span = k * SLAB_PAGE_SIZE;
@@ -126,8 +116,8 @@ static void classes_init(void)
 
 static inline int class_of(size_t size)
 {
-    if (TA_LIKELY(size <= 1024))
-        return small_class[(size + 15) >> 4];
+    if (TA_LIKELY(size <= TA_SMALL_FAST_MAX))
+        return _ta_small_class[(size + 15) >> 4];
     return class_of_computed(size);
 }
 
@@ -145,15 +135,23 @@ bool _ta_small_selfcheck(void)
             if (((off * recip) >> 42) != off / bs)
                 return false;
     }
-    for (size_t size = 0; size <= 1024; size++)
+    for (size_t size = 0; size <= TA_SMALL_FAST_MAX; size++)
         if (class_of(size) != class_of_computed(size) || classes[class_of(size)].block_size < size)
             return false;
+    /* CLASS_OF and CLASS_SIZE are inverses: a class's size is its own
+     * largest request, one byte more is the next class's. */
+    for (int c = 0; c < CLASS_COUNT; c++) {
+        size_t bs = CLASS_SIZE(c);
+        if (class_of_computed(bs) != c || (c + 1 < CLASS_COUNT && class_of_computed(bs + 1) != c + 1))
+            return false;
+    }
+    if (CLASS_SIZE(CLASS_COUNT - 1) != TA_SMALL_MAX)
+        return false;
     return true;
 }
 
 /* ---- metadata: spans, segments, heaps ------------------------------------ */
 
-struct heap_s;
 
 enum { SPAN_FREE, SPAN_CURRENT, SPAN_LISTED, SPAN_FULL };
 
@@ -162,32 +160,6 @@ enum { SPAN_FREE, SPAN_CURRENT, SPAN_LISTED, SPAN_FULL };
  * a span: (int32_t)(used - 1) <= 0. */
 #define USED_FULL INT32_MIN
 
-/* Three cache lines, by who writes them: a thread freeing into a span
- * reads its geometry while the owner writes its list heads on every
- * allocation, and sharing one line made a producer/consumer pair 3x slower
- * whenever the two ran on different cores. */
-typedef struct span_s {
-    /* Geometry: written when the span is made, then read by every free. */
-    char *start;     /* its first block */
-    uint16_t *links; /* per block: a list link or LINK_* (in the segment's metadata) */
-    uint64_t recip;  /* ceil(2^42 / block_size): block index without a division */
-    uint32_t block_size;
-    uint16_t capacity;
-    uint8_t class_idx;
-    uint8_t pages;
-    uint16_t link_unit, link_units; /* where its link array lies in the link area */
-    /* The owner's. */
-    _Alignas(64) uint16_t free; /* the owner allocates from this list */
-    uint16_t local_free;        /* the owner's frees since the last refill */
-    int32_t used;               /* blocks out: handed out, or freed by others and not yet taken */
-    uint8_t state;              /* SPAN_* */
-    uint16_t held;         /* blocks a trimmer gave the pages of back, for the owner (trim_busy) */
-    uint32_t used_flushed; /* used when last added to the statistics */
-    struct span_s *next, *prev; /* the heap's list of partial spans of this class */
-    /* Other threads'. */
-    _Alignas(64) _Atomic uint32_t thread_free; /* their frees: a list head | TF_NOTIFIED */
-    struct span_s *next_notified;              /* the link on the heap's remote_spans */
-} span_t;
 
 /* The segment's first META_PAGES: this header, then the link area, cut
  * into 256-byte units; a span's link array is a run of units (2 bytes a
@@ -223,28 +195,6 @@ _Static_assert((SEGMENT_PAGES - META_PAGES) * (SLAB_PAGE_SIZE / 16 * 2 + LINK_UN
  * empty), so that neither fast path tests for NULL. */
 static span_t no_span = {.free = LINK_END, .local_free = LINK_END, .thread_free = LINK_END};
 
-typedef struct heap_s {
-    span_t *current[CLASS_COUNT]; /* first: the malloc fast path reads it */
-    span_t *partial[CLASS_COUNT];
-    segment_t *segments;
-    segment_t *spare;               /* one empty segment kept to avoid map/unmap churn */
-    _Atomic(span_t *) remote_spans; /* spans other threads freed into (NOTIFIED ones) */
-    struct heap_s *next_all;
-    struct heap_s *next_abandoned;
-    size_t dirty_bytes;
-    uint64_t dirty_since_ms; /* when dirty_bytes last left zero */
-    bool registered;         /* on all_heaps */
-    bool sweeping;           /* segments stay while the owner walks them */
-    atomic_bool abandoned;   /* no thread owns it: it sits on the abandoned list */
-    int64_t live_delta;      /* not yet flushed to small_live */
-    /* Trimming by other threads (malloc_trim, the purge thread). */
-    atomic_bool trim_busy;     /* a trimmer or the owner's sweep holds the held blocks */
-    atomic_bool trimmed;       /* a trimmer left work for the owner's next sweep */
-    _Atomic uint64_t collects; /* the owner's looks at remote_spans, for idleness */
-    uint64_t watch_collects;   /* the purge thread's view: collects when last seen */
-    uint64_t watch_since_ms;   /* since when remote_spans has waited, untaken */
-    span_t *watch_head;        /* remote_spans after the purge thread's last trim */
-} heap_t;
 
 static _Atomic int64_t dirty_total; /* sum of the heaps' dirty_bytes, for statistics */
 
@@ -276,14 +226,37 @@ static pthread_key_t heap_key;
 #define NO_SPAN_20 NO_SPAN_4, NO_SPAN_4, NO_SPAN_4, NO_SPAN_4, NO_SPAN_4
 _Static_assert(CLASS_COUNT == 60, "empty_heap's initialiser");
 static heap_t empty_heap = {.current = {NO_SPAN_20, NO_SPAN_20, NO_SPAN_20}};
-static TA_TLS heap_t *tls_heap = &empty_heap;
+TA_TLS heap_t *_ta_thread_heap = &empty_heap;
 /* This thread's heap key destructor has run: the thread is ending. */
 static TA_TLS bool tls_exiting;
 
 static _Atomic int64_t small_live, small_peak;
 static _Atomic uint64_t committed_bytes, segment_bytes, span_count, heap_count;
 static _Atomic uint64_t remote_released_bytes;
+static _Atomic uint64_t mapping_count; /* segments and heap chunks, for statistics */
 static atomic_bool purge_watching; /* the purge thread watches the live heaps' lists */
+
+/* The purge thread (lib/core/purge.c, above this file) installs these at
+ * process set-up: a free that leaves work for it wakes it, and a thread's
+ * end lets it look whether it is the last one left. The slabs never call
+ * up by name. */
+static struct {
+    void (*_Atomic wake)(void);
+    void (*_Atomic thread_exiting)(void);
+} purge_hooks;
+
+static inline void purge_hook(void (*_Atomic *hook)(void))
+{
+    void (*fn)(void) = atomic_load_explicit(hook, memory_order_acquire);
+    if (fn)
+        fn();
+}
+
+void _ta_small_set_purge_hooks(void (*wake)(void), void (*thread_exiting)(void))
+{
+    atomic_store_explicit(&purge_hooks.wake, wake, memory_order_release);
+    atomic_store_explicit(&purge_hooks.thread_exiting, thread_exiting, memory_order_release);
+}
 
 /* One bit per 4 MiB of a 48-bit address space marks slab segments, so that
  * free() can tell a slab block from a large block without touching either
@@ -394,7 +367,7 @@ static heap_t *heap_acquire(void)
         if (mem != NULL)
             _ta_os_unmap(mem, bytes); /* another thread's chunk served */
         else
-            atomic_fetch_add_explicit(&_ta_live_mappings, 1, memory_order_relaxed);
+            atomic_fetch_add_explicit(&mapping_count, 1, memory_order_relaxed);
     }
     if (!h->registered) { /* new: fresh zero memory */
         for (int c = 0; c < CLASS_COUNT; c++)
@@ -406,14 +379,14 @@ static heap_t *heap_acquire(void)
         _ta_unlock(&heaps_lock);
         atomic_fetch_add_explicit(&heap_count, 1, memory_order_relaxed);
     }
-    tls_heap = h;
+    _ta_thread_heap = h;
     pthread_setspecific(heap_key, h);
     return h;
 }
 
 static inline heap_t *heap_get(void)
 {
-    heap_t *h = tls_heap;
+    heap_t *h = _ta_thread_heap;
     return TA_LIKELY(h != &empty_heap) ? h : heap_acquire();
 }
 
@@ -429,7 +402,7 @@ static segment_t *segment_new(heap_t *h)
     void *mem;
     if (_ta_os_map(SEGMENT_SIZE, SEGMENT_SIZE, &mem) != 0)
         return NULL;
-    atomic_fetch_add_explicit(&_ta_live_mappings, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&mapping_count, 1, memory_order_relaxed);
     _ta_os_name(mem, SEGMENT_SIZE, "tensoralloc-slab");
     segment_t *seg = mem;
     seg->magic = SEGMENT_MAGIC;
@@ -469,7 +442,7 @@ static void segment_release(heap_t *h, segment_t *seg)
         h->spare = NULL;
     dirty_add(h, -(int64_t)__builtin_popcountll(dirty) * (int64_t)SLAB_PAGE_SIZE);
     atomic_fetch_sub_explicit(&segment_bytes, SEGMENT_SIZE, memory_order_relaxed);
-    atomic_fetch_sub_explicit(&_ta_live_mappings, 1, memory_order_relaxed);
+    atomic_fetch_sub_explicit(&mapping_count, 1, memory_order_relaxed);
 }
 
 /* Keeps one empty segment as the spare and gives the other empty ones
@@ -695,15 +668,6 @@ static void heap_purge(heap_t *h)
 
 /* ---- blocks ------------------------------------------------------------------------ */
 
-/* Pops the head of s's free list (not empty). */
-static inline void *span_pop(span_t *s)
-{
-    uint32_t b = s->free;
-    s->free = s->links[b];
-    s->links[b] = LINK_ALLOC;
-    s->used++;
-    return s->start + (size_t)b * s->block_size;
-}
 
 /* An empty single-page span stays listed while its class has no other
  * partial span: a class that cycles through one span at a time (a
@@ -998,7 +962,7 @@ static void *alloc_slow(heap_t *h, int c)
     span_t *s = h->current[c];
     if (s != &no_span) {
         if (span_refill(h, s))
-            return span_pop(s);
+            return _ta_span_pop(s);
         /* Full: it leaves the class's slot, on no list; a free into it
          * lists it again (span_after_free). */
         s->state = SPAN_FULL;
@@ -1011,7 +975,7 @@ static void *alloc_slow(heap_t *h, int c)
         s->state = SPAN_CURRENT;
         h->current[c] = s;
         if (span_refill(h, s))
-            return span_pop(s);
+            return _ta_span_pop(s);
         s->state = SPAN_FULL; /* cannot happen: a listed span has a free block */
         s->used |= USED_FULL;
         h->current[c] = &no_span;
@@ -1020,7 +984,7 @@ static void *alloc_slow(heap_t *h, int c)
         return NULL;
     s->state = SPAN_CURRENT;
     h->current[c] = s;
-    return span_pop(s);
+    return _ta_span_pop(s);
 }
 
 /* Every small request but malloc's fast path: alignment, zeroing, sizes
@@ -1038,9 +1002,9 @@ __attribute__((noinline, cold)) static void *alloc_while_exiting(size_t size, si
 {
     tls_exiting = false;
     void *p = small_alloc(size, alignment, zero);
-    heap_t *h = tls_heap;
+    heap_t *h = _ta_thread_heap;
     if (h != &empty_heap) {
-        tls_heap = &empty_heap;
+        _ta_thread_heap = &empty_heap;
         pthread_setspecific(heap_key, NULL);
         heap_abandon(h);
     }
@@ -1081,7 +1045,7 @@ static void *small_alloc(size_t size, size_t alignment, bool zero)
     span_t *s = h->current[c];
     void *p;
     if (TA_LIKELY(s->free != LINK_END))
-        p = span_pop(s);
+        p = _ta_span_pop(s);
     else if ((p = alloc_slow(h, c)) == NULL) {
         errno = ENOMEM;
         return NULL;
@@ -1091,16 +1055,6 @@ static void *small_alloc(size_t size, size_t alignment, bool zero)
     return p;
 }
 
-/* malloc's fast path (size <= TA_SMALL_FAST_MAX): the current span of
- * the size's class has a free block. Anything else (no heap yet, the span
- * used up: no_span has none) continues in alloc.c's general path. */
-void *_ta_small_malloc(size_t size)
-{
-    span_t *s = tls_heap->current[small_class[(size + 15) >> 4]];
-    if (TA_LIKELY(s->free != LINK_END))
-        return span_pop(s);
-    return _ta_malloc_general(size);
-}
 
 /* The spans other threads free into are pushed onto the owner's
  * remote_spans by the first free that finds them not NOTIFIED. Returns
@@ -1139,7 +1093,7 @@ __attribute__((noinline)) static void free_remote(segment_t *seg, span_t *s, uin
     } while (!atomic_compare_exchange_weak_explicit(&s->thread_free, &old, b | TF_NOTIFIED,
                                                     memory_order_acq_rel, memory_order_relaxed));
     if (!(old & TF_NOTIFIED) && heap_notify(seg->heap, s))
-        _ta_purge_wake();
+        purge_hook(&purge_hooks.wake);
 }
 
 void _ta_small_free(void *p)
@@ -1147,7 +1101,7 @@ void _ta_small_free(void *p)
     const char *call = "free";
     uint32_t b;
     span_t *s = block_locate(p, call, &b);
-    heap_t *h = tls_heap;
+    heap_t *h = _ta_thread_heap;
     if (TA_LIKELY(segment_of(p)->heap == h)) {
         uint16_t *link = &s->links[b];
         if (TA_UNLIKELY(*link != LINK_ALLOC))
@@ -1242,10 +1196,10 @@ static heap_t *heaps_first(void)
 void _ta_small_trim(void)
 {
     for (heap_t *h = heaps_first(); h; h = h->next_all)
-        if (h != tls_heap && !atomic_load_explicit(&h->abandoned, memory_order_relaxed))
+        if (h != _ta_thread_heap && !atomic_load_explicit(&h->abandoned, memory_order_relaxed))
             heap_trim_remote(h);
-    if (tls_heap != &empty_heap)
-        heap_tidy(tls_heap, true);
+    if (_ta_thread_heap != &empty_heap)
+        heap_tidy(_ta_thread_heap, true);
     tidy_abandoned(true);
 }
 
@@ -1311,7 +1265,7 @@ static void heap_abandon(heap_t *h)
     /* A free that came in after the tidy but read the heap as still owned
      * woke no one (heap_notify): the purge thread must drain it now. */
     if (atomic_load_explicit(&h->remote_spans, memory_order_seq_cst) != NULL)
-        _ta_purge_wake();
+        purge_hook(&purge_hooks.wake);
 }
 
 static void thread_exit_cb(void *arg)
@@ -1319,17 +1273,17 @@ static void thread_exit_cb(void *arg)
     heap_t *h = arg;
     if (h == NULL)
         return;
-    tls_heap = &empty_heap;
+    _ta_thread_heap = &empty_heap;
     tls_exiting = true;
     heap_abandon(h);
-    _ta_purge_thread_exiting(); /* perhaps the last thread but the purge thread */
+    purge_hook(&purge_hooks.thread_exiting); /* perhaps the last thread but the purge thread */
 }
 
 void _ta_small_thread_done(void)
 {
-    heap_t *h = tls_heap;
+    heap_t *h = _ta_thread_heap;
     if (h != &empty_heap) {
-        tls_heap = &empty_heap;
+        _ta_thread_heap = &empty_heap;
         pthread_setspecific(heap_key, NULL);
         heap_abandon(h);
     }
@@ -1371,8 +1325,8 @@ static void heap_flush_stats(heap_t *h)
 
 void _ta_small_stats(ta_stats_t *st)
 {
-    if (tls_heap != &empty_heap)
-        heap_flush_stats(tls_heap);
+    if (_ta_thread_heap != &empty_heap)
+        heap_flush_stats(_ta_thread_heap);
     int64_t live = atomic_load_explicit(&small_live, memory_order_relaxed);
     st->small_live_bytes = live > 0 ? (uint64_t)live : 0;
     st->small_peak_bytes = (uint64_t)atomic_load_explicit(&small_peak, memory_order_relaxed);
@@ -1384,4 +1338,5 @@ void _ta_small_stats(ta_stats_t *st)
     st->small_dirty_bytes = dirty > 0 ? (uint64_t)dirty : 0;
     st->small_remote_released_bytes =
         atomic_load_explicit(&remote_released_bytes, memory_order_relaxed);
+    st->mappings += atomic_load_explicit(&mapping_count, memory_order_relaxed);
 }

@@ -6,14 +6,11 @@
  * struct, both printers and ta_stats_field's name table.
  */
 #define _GNU_SOURCE
-#include "internal.h"
+#include "large.h"
+#include "slab.h"
 
 #include <errno.h>
 #include <string.h>
-
-/* Written by both paths (large.c, slab.c), read by the map-count guard and
- * reported here. */
-atomic_long _ta_live_mappings;
 
 static const struct {
     const char *name, *description;
@@ -56,7 +53,6 @@ static void stats_collect(ta_stats_t *st)
     st->os_map_failures = os.map_failures;
     st->os_unmap_failures = os.unmap_failures;
     st->os_advise_failures = os.advise_failures;
-    st->mappings = (uint64_t)atomic_load_explicit(&_ta_live_mappings, memory_order_relaxed);
     st->opt_threshold = (uint64_t)_ta_opt(TA_OPT_THRESHOLD);
     st->opt_retain_bytes = (uint64_t)_ta_opt(TA_OPT_RETAIN_BYTES);
     st->opt_retain_ms = (uint64_t)_ta_opt(TA_OPT_RETAIN_MS);

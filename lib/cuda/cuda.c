@@ -14,7 +14,7 @@
  */
 #define _GNU_SOURCE
 #include "cuda_abi.h"
-#include "core/internal.h"
+#include "core/core.h"
 #include "staging.h"
 #include "tensoralloc_cuda.h"
 

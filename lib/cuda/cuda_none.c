@@ -3,7 +3,7 @@
  * The CUDA staging API in a build configured with -Dcuda=disabled: every
  * call reports TA_ENOTSUP, so programs link and run the same either way.
  */
-#include "core/internal.h"
+#include "core/core.h"
 #include "staging.h"
 #include "tensoralloc_cuda.h"
 

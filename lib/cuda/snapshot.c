@@ -6,7 +6,7 @@
  * above both, so that the allocator core never links the CUDA module.
  */
 #define _GNU_SOURCE
-#include "core/internal.h"
+#include "core/core.h"
 #include "staging.h"
 
 #include <malloc.h>

@@ -11,7 +11,7 @@
  * not load libstdc++.
  */
 #define _GNU_SOURCE
-#include "core/internal.h"
+#include "core/core.h"
 
 #include <errno.h>
 #include <gnu/libc-version.h>
