@@ -11,6 +11,7 @@ import glob
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -368,6 +369,79 @@ class Contract(Base):
         c.remove("a")
         ta.trim()
         self.assertLess(ta.mallinfo2()["hblkhd"], 16 * MiB)
+
+
+class Tables(Base):
+    """The library's tables reach Python once, from C (the extension's
+    DTYPE_SIZES, PAGE_CACHE_MODES, OVERFLOW_MODES), and agree with it."""
+
+    def test_dtype_sizes_are_the_librarys(self):
+        sizes = _c.DTYPE_SIZES
+        self.assertEqual(sorted(sizes), sorted(ta.NUMPY_DTYPES))
+        self.assertEqual(sorted(sizes), sorted(ta.TORCH_DTYPES))
+        for dtype, size in sizes.items():  # numpy's stand-ins for BF16 and F8 are as wide
+            self.assertEqual(np.dtype(ta.NUMPY_DTYPES[dtype]).itemsize, size, dtype)
+            if torch is not None:
+                tdtype = next(getattr(torch, n) for n in ta.TORCH_DTYPES[dtype]
+                              if hasattr(torch, n))
+                self.assertEqual(torch.empty(0, dtype=tdtype).element_size(), size, dtype)
+        # the loader's shape check uses the same table: every dtype's tensor
+        # holds shape x size bytes
+        cases = every_dtype()
+        path = self.file("all", {k: v[0] for k, v in cases.items()},
+                         dtypes={k: v[1] for k, v in cases.items() if v[1]})
+        c = ta.ModelCache("16M")
+        with c.load("all", path) as e:
+            seen = set()
+            for i in range(len(e)):
+                name, dtype, shape, nbytes, _, _ = e._h.info(i)
+                self.assertEqual(nbytes, int(np.prod(shape, dtype=np.int64)) * sizes[dtype], name)
+                seen.add(dtype)
+        self.assertEqual(seen, set(sizes), "every dtype was written and read")
+        c.close()
+        with self.assertRaises(TypeError):
+            sizes["F32"] = 8  # read-only
+
+    def test_modes_are_the_c_enums(self):
+        for arg, modes in (("page_cache", _c.PAGE_CACHE_MODES), ("overflow", _c.OVERFLOW_MODES)):
+            self.assertEqual(sorted(modes.values()), list(range(len(modes))), arg)
+            for name in modes:  # every name is accepted ...
+                ta.ModelCache("1M", **{arg: name}).close()
+            # ... and no other, the message naming exactly them
+            with self.assertRaises(ValueError) as cm:
+                ta.ModelCache("1M", **{arg: "never"})
+            listed = re.findall(r"'(\w+)'", str(cm.exception).rsplit(", not", 1)[0])
+            self.assertEqual(listed, list(modes), arg)
+            # the C cache refuses the value past the last: the enum has no more
+            with self.assertRaises(ValueError, msg=arg):
+                _c.Cache(MiB, **{arg: len(modes)})
+            with self.assertRaises(TypeError):
+                modes["x"] = 9  # read-only
+        self.assertEqual(_c.PAGE_CACHE_MODES["keep"], 0)  # the default of ta_cache_config_t
+        self.assertEqual(_c.OVERFLOW_MODES["refuse"], 0)
+
+    def test_one_build_for_every_python_from_3_11(self):
+        # the stable ABI (docs/python.md): 3.10 gets a build of its own
+        suffix = ".abi3.so" if sys.version_info >= (3, 11) else ".cpython-310"
+        self.assertIn(suffix, os.path.basename(_c.__file__))
+
+    def test_the_main_interpreter_only(self):
+        sub = importlib.util.find_spec("_interpreters") or \
+            importlib.util.find_spec("_xxsubinterpreters")
+        if sub is None:
+            self.skipTest("no subinterpreter module in this Python")
+        r = self.child(f"import {sub.name} as s, sys\n"
+                       "i = s.create()\n"
+                       "try:\n"
+                       "    out = s.run_string(i, 'import tensoralloc')\n"
+                       "except Exception as e:\n"
+                       "    out = e\n"
+                       "print(out)\n"
+                       "import tensoralloc\n"  # the main interpreter still may
+                       "print('main', tensoralloc.__version__)\n")
+        self.assertChildOk(r, "a subinterpreter's import")
+        self.assertIn("ImportError", r.stdout)
+        self.assertIn("main", r.stdout.splitlines()[-1])
 
 
 class Views(Base):

@@ -18,6 +18,9 @@ import struct
 from . import _tensoralloc as _c
 from ._tensoralloc import CacheFullError, FormatError, NoDeviceError
 
+if not hasattr(_c, "DTYPE_SIZES"):  # an older install's extension, imported before .abi3.so
+    raise ImportError(f"{_c.__file__} is older than this package: remove it and install again")
+
 __version__ = _c.library_version
 __all__ = ["ModelCache", "Entry", "save_safetensors", "FormatError", "CacheFullError",
            "NoDeviceError", "MemorySnapshot", "get_pretty_snapshot_diff", "mallinfo2", "stats",
@@ -38,10 +41,10 @@ TORCH_DTYPES = {"BOOL": ["bool"], "U8": ["uint8"], "I8": ["int8"], "U16": ["uint
                 "U32": ["uint32", "int32"], "I32": ["int32"], "F32": ["float32"],
                 "U64": ["uint64", "int64"], "I64": ["int64"], "F64": ["float64"],
                 "F8_E4M3": ["float8_e4m3fn", "uint8"], "F8_E5M2": ["float8_e5m2", "uint8"]}
-_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2, "U32": 4,
-             "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
-_OVERFLOW = {"refuse": 0, "admit": 1}
-_PAGE_CACHE = {"keep": 0, "drop": 1, "bypass": 2}
+# The library's own tables come from the extension, not from here:
+# _c.DTYPE_SIZES (safetensors dtype -> bytes per element, from ta_dtype_name
+# and ta_dtype_size), _c.PAGE_CACHE_MODES and _c.OVERFLOW_MODES (name ->
+# ta_page_cache_t / ta_overflow_t value).
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -66,6 +69,12 @@ def budget_rule(memory=0, vram_budget=0, device_working_mem=0):
     return _c.budget_rule(memory, vram_budget, device_working_mem)
 
 
+def _one_of(names):
+    """'a', 'b' or 'c'."""
+    quoted = [repr(n) for n in names]
+    return ", ".join(quoted[:-1]) + " or " + quoted[-1] if len(quoted) > 1 else quoted[0]
+
+
 def _log_callable(log):
     if log is None or callable(log) and not isinstance(log, logging.Logger):
         return log
@@ -82,15 +91,16 @@ class ModelCache:
 
     def __init__(self, ram_budget, vram_budget=0, device=0, keep_ram_copy=True,
                  overflow="refuse", log=None, load_threads=0, page_cache="keep", keep_alive=0):
-        if overflow not in _OVERFLOW:
-            raise ValueError(f"overflow is 'refuse' or 'admit', not {overflow!r}")
-        if page_cache not in _PAGE_CACHE:
-            raise ValueError(f"page_cache is 'keep', 'drop' or 'bypass', not {page_cache!r}")
+        if overflow not in _c.OVERFLOW_MODES:
+            raise ValueError(f"overflow is {_one_of(_c.OVERFLOW_MODES)}, not {overflow!r}")
+        if page_cache not in _c.PAGE_CACHE_MODES:
+            raise ValueError(f"page_cache is {_one_of(_c.PAGE_CACHE_MODES)}, not {page_cache!r}")
         if keep_alive < 0:
             raise ValueError("keep_alive (seconds) must be >= 0")
         self._cache = _c.Cache(parse_bytes(ram_budget), parse_bytes(vram_budget), int(device),
-                               bool(keep_ram_copy), _OVERFLOW[overflow], _log_callable(log),
-                               int(load_threads), _PAGE_CACHE[page_cache],
+                               bool(keep_ram_copy), _c.OVERFLOW_MODES[overflow],
+                               _log_callable(log), int(load_threads),
+                               _c.PAGE_CACHE_MODES[page_cache],
                                int(keep_alive * 1000))
 
     def load(self, key, path, to_device=False):
@@ -253,7 +263,7 @@ def _tensor_bytes(value, dtype_override):
         shape = list(t.shape)
         if t.dtype == torch.bfloat16:
             t = t.view(torch.int16)
-        elif _ITEMSIZE[dtype] == 1 and t.dtype != torch.bool:
+        elif _c.DTYPE_SIZES[dtype] == 1 and t.dtype != torch.bool:
             t = t.view(torch.uint8)
         array = t.numpy()
     else:
@@ -265,10 +275,11 @@ def _tensor_bytes(value, dtype_override):
             raise TypeError(f"no safetensors dtype for numpy {array.dtype}")
         dtype = by_name[array.dtype.name]
     if dtype_override is not None:
-        if dtype_override not in _ITEMSIZE:
+        if dtype_override not in _c.DTYPE_SIZES:
             raise ValueError(f"unknown safetensors dtype {dtype_override!r}")
-        if _ITEMSIZE[dtype_override] != array.dtype.itemsize:
-            raise ValueError(f"{dtype_override} has {_ITEMSIZE[dtype_override]}-byte elements, "
+        size = _c.DTYPE_SIZES[dtype_override]
+        if size != array.dtype.itemsize:
+            raise ValueError(f"{dtype_override} has {size}-byte elements, "
                              f"the data {array.dtype.itemsize}-byte ones")
         dtype = dtype_override
     return dtype, shape, memoryview(array.reshape(-1)).cast("B") if array.size else b""
@@ -288,7 +299,7 @@ def save_safetensors(path, tensors, metadata=None, dtypes=None):
             raise ValueError(f"bad tensor name {name!r}")
         items.append((name,) + _tensor_bytes(value, dtypes.get(name)))
     # widest elements first: every tensor starts aligned to its element size
-    items.sort(key=lambda it: (-_ITEMSIZE[it[1]], it[0]))
+    items.sort(key=lambda it: (-_c.DTYPE_SIZES[it[1]], it[0]))
     header, offset = {}, 0
     if metadata:
         header["__metadata__"] = dict(metadata)

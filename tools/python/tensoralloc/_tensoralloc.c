@@ -43,13 +43,18 @@
 #error "the tensoralloc extension needs Python 3.10 or later (heap types from module specs)"
 #endif
 
-/* _Py_IsFinalizing became the public Py_IsFinalizing in 3.13 (the private
- * name is gone there). */
-#if PY_VERSION_HEX >= 0x030D0000
-#define interpreter_finalizing() Py_IsFinalizing()
-#else
-#define interpreter_finalizing() _Py_IsFinalizing()
-#endif
+/* Whether the interpreter is finalising, asked by the cache's threads
+ * without the GIL. The atexit gate (below) is the guarantee: it closes
+ * before finalisation begins and waits for the callbacks already past it.
+ * This check only narrows what the gate cannot see: a module first imported
+ * by an atexit handler, whose own handler Python never calls (handlers
+ * registered while they run are skipped); a callback may still pass it just
+ * before finalisation begins, as it could pass the private _Py_IsFinalizing
+ * used before. Py_IsInitialized() is public, in the stable ABI and needs no
+ * thread state: Py_FinalizeEx clears it right after marking the runtime
+ * finalising, before it refuses the GIL to other threads (3.10 and later).
+ * Py_IsFinalizing (3.13) says the same but is not in the limited API. */
+#define interpreter_finalizing() (!Py_IsInitialized())
 
 /* A function for a PyType_Slot (void *): through an integer, which ISO C
  * allows where a direct cast to an object pointer is not. */
@@ -235,7 +240,9 @@ static int Cache_init(CacheObject *self, PyObject *args, PyObject *kw)
     if (!self->log_gate)
         self->log_gate = log_gate_ref(self->st->log_gate);
     self->keep_ram_copy = keep;
-    Py_XSETREF(self->log, log != Py_None ? Py_NewRef(log) : NULL);
+    PyObject *old = self->log;
+    self->log = log != Py_None ? Py_NewRef(log) : NULL;
+    Py_XDECREF(old);
     ta_cache_t *c = NULL;
     int rc = ta_cache_create(&cfg, &c);
     if (rc) {
@@ -248,7 +255,7 @@ static int Cache_init(CacheObject *self, PyObject *args, PyObject *kw)
 
 static int Cache_traverse(CacheObject *self, visitproc visit, void *arg)
 {
-    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(Py_TYPE((PyObject *)self));
     Py_VISIT(self->log);
     return 0;
 }
@@ -261,12 +268,12 @@ static int Cache_clear(CacheObject *self)
 
 static void Cache_dealloc(CacheObject *self)
 {
-    PyTypeObject *tp = Py_TYPE(self);
+    PyTypeObject *tp = Py_TYPE((PyObject *)self);
     PyObject_GC_UnTrack(self);
     cache_destroy(self); /* no call is in flight: each holds a reference */
     log_gate_unref(self->log_gate);
     Py_CLEAR(self->log);
-    tp->tp_free((PyObject *)self);
+    PyObject_GC_Del(self); /* the type's tp_free: a GC type that takes no subclasses */
     Py_DECREF(tp);
 }
 
@@ -290,7 +297,7 @@ static PyObject *handle_new(CacheObject *owner, ta_entry_t *e)
         PyEval_RestoreThread(ts);
         return NULL;
     }
-    h->owner = (CacheObject *)Py_NewRef(owner);
+    h->owner = (CacheObject *)Py_NewRef((PyObject *)owner);
     h->entry = e;
     h->views = 0;
     h->moving = 0;
@@ -301,7 +308,7 @@ static PyObject *handle_new(CacheObject *owner, ta_entry_t *e)
 
 static void Handle_dealloc(HandleObject *self)
 {
-    PyTypeObject *tp = Py_TYPE(self);
+    PyTypeObject *tp = Py_TYPE((PyObject *)self);
     CacheObject *owner = self->owner;
     ta_entry_t *e = self->entry;
     PyThreadState *ts = PyEval_SaveThread();
@@ -429,11 +436,8 @@ static PyObject *Cache_keys(CacheObject *self, PyObject *noargs)
     PyObject *list = PyList_New((Py_ssize_t)n);
     for (size_t i = 0; list && i < n; i++) {
         PyObject *k = PyUnicode_FromString(keys[i]);
-        if (!k) {
+        if (!k || PyList_SetItem(list, (Py_ssize_t)i, k) < 0) /* takes k */
             Py_CLEAR(list);
-            break;
-        }
-        PyList_SET_ITEM(list, (Py_ssize_t)i, k);
     }
     ta_cache_keys_free(keys);
     return list;
@@ -542,7 +546,7 @@ static int Buffer_getbuffer(BufferObject *self, Py_buffer *view, int flags)
 
 static void Buffer_dealloc(BufferObject *self)
 {
-    PyTypeObject *tp = Py_TYPE(self);
+    PyTypeObject *tp = Py_TYPE((PyObject *)self);
     HandleObject *h = self->handle;
     if (h) {
         h->views--;
@@ -583,8 +587,11 @@ static PyObject *Handle_info(HandleObject *self, PyObject *args)
     if (handle_tensor(self, args, &t))
         return NULL;
     PyObject *shape = PyTuple_New(t.ndim);
-    for (int d = 0; shape && d < t.ndim; d++)
-        PyTuple_SET_ITEM(shape, d, PyLong_FromLongLong(t.shape[d]));
+    for (int d = 0; shape && d < t.ndim; d++) {
+        PyObject *n = PyLong_FromLongLong(t.shape[d]);
+        if (!n || PyTuple_SetItem(shape, d, n) < 0) /* takes n */
+            Py_CLEAR(shape);
+    }
     if (!shape)
         return NULL;
     return Py_BuildValue("(ssNnOO)", t.name, ta_dtype_name(t.dtype), shape, (Py_ssize_t)t.nbytes,
@@ -609,7 +616,7 @@ static PyObject *Handle_buffer(HandleObject *self, PyObject *args)
     BufferObject *b = PyObject_New(BufferObject, state_of((PyObject *)self)->buffer_type);
     if (!b)
         return NULL;
-    b->handle = (HandleObject *)Py_NewRef(self);
+    b->handle = (HandleObject *)Py_NewRef((PyObject *)self);
     b->data = t.data;
     b->len = (Py_ssize_t)t.nbytes;
     self->views++;
@@ -859,6 +866,58 @@ static int add_type(PyObject *m, PyTypeObject **slot, PyType_Spec *spec)
     return *slot ? PyModule_AddType(m, *slot) : -1;
 }
 
+/* ---- the C enums' names: each fact once ------------------------------------------------- */
+
+/* The binding of ta_page_cache_t and ta_overflow_t: the library names its
+ * modes by value only, so their Python names are given here, in enum order,
+ * and nowhere else (the package checks its arguments against the module's
+ * PAGE_CACHE_MODES and OVERFLOW_MODES). */
+static const char *const page_cache_names[] = {[TA_PAGE_CACHE_KEEP] = "keep",
+                                               [TA_PAGE_CACHE_DROP] = "drop",
+                                               [TA_PAGE_CACHE_BYPASS] = "bypass"};
+_Static_assert(sizeof page_cache_names / sizeof *page_cache_names == TA_PAGE_CACHE_COUNT_,
+               "a name for every ta_page_cache_t");
+static const char *const overflow_names[] = {
+    [TA_OVERFLOW_REFUSE] = "refuse", [TA_OVERFLOW_ADMIT] = "admit"};
+
+/* Adds a read-only mapping (types.MappingProxyType) over d, then drops d. */
+static int add_mapping(PyObject *m, const char *name, PyObject *d)
+{
+    PyObject *proxy = d ? PyDictProxy_New(d) : NULL;
+    int rc = proxy ? PyModule_AddObjectRef(m, name, proxy) : -1;
+    Py_XDECREF(proxy);
+    Py_XDECREF(d);
+    return rc;
+}
+
+/* name -> its index in names: the enum's value. */
+static int add_enum_names(PyObject *m, const char *name, const char *const *names, size_t n)
+{
+    PyObject *d = PyDict_New();
+    for (size_t i = 0; d && i < n; i++) {
+        PyObject *v = PyLong_FromSize_t(i);
+        if (!v || PyDict_SetItemString(d, names[i], v) < 0)
+            Py_CLEAR(d);
+        Py_XDECREF(v);
+    }
+    return add_mapping(m, name, d);
+}
+
+/* DTYPE_SIZES: safetensors dtype name -> bytes per element, from the
+ * library's own table (ta_dtype_name, ta_dtype_size), asked value by value
+ * until it knows no more: a newer library's dtypes come with it. */
+static int add_dtype_sizes(PyObject *m)
+{
+    PyObject *d = PyDict_New();
+    for (int i = 0; d && ta_dtype_size((ta_dtype_t)i) > 0; i++) {
+        PyObject *v = PyLong_FromSize_t(ta_dtype_size((ta_dtype_t)i));
+        if (!v || PyDict_SetItemString(d, ta_dtype_name((ta_dtype_t)i), v) < 0)
+            Py_CLEAR(d);
+        Py_XDECREF(v);
+    }
+    return add_mapping(m, "DTYPE_SIZES", d);
+}
+
 static int register_exit_handler(PyObject *m)
 {
     PyObject *atexit = PyImport_ImportModule("atexit");
@@ -874,6 +933,16 @@ static int register_exit_handler(PyObject *m)
 
 static int module_exec(PyObject *m)
 {
+    /* The main interpreter only: the log callback takes the GIL with
+     * PyGILState_Ensure, which knows that interpreter alone. Checked here,
+     * not declared with the Py_mod_multiple_interpreters slot, which the
+     * stable ABI of 3.11 lacks (3.11 refuses a slot it does not know); the
+     * main interpreter's ID is 0. */
+    if (PyInterpreterState_GetID(PyInterpreterState_Get()) != 0) {
+        PyErr_SetString(PyExc_ImportError, "tensoralloc works in the main interpreter only (its "
+                                           "log callback takes the GIL with PyGILState_Ensure)");
+        return -1;
+    }
     module_state *st = PyModule_GetState(m);
     st->log_gate = calloc(1, sizeof *st->log_gate);
     if (!st->log_gate) {
@@ -890,7 +959,12 @@ static int module_exec(PyObject *m)
                       "the budget cannot be met") < 0 ||
         add_exception(m, &st->no_device_error, "tensoralloc.NoDeviceError", PyExc_RuntimeError,
                       "no GPU, or no CUDA runtime") < 0 ||
-        PyModule_AddStringConstant(m, "library_version", ta_version()) < 0)
+        PyModule_AddStringConstant(m, "library_version", ta_version()) < 0 ||
+        add_dtype_sizes(m) < 0 ||
+        add_enum_names(m, "PAGE_CACHE_MODES", page_cache_names,
+                       sizeof page_cache_names / sizeof *page_cache_names) < 0 ||
+        add_enum_names(m, "OVERFLOW_MODES", overflow_names,
+                       sizeof overflow_names / sizeof *overflow_names) < 0)
         return -1;
     return register_exit_handler(m);
 }
@@ -933,15 +1007,8 @@ static void module_free(void *m)
     }
 }
 
-/* One interpreter only where Python asks (3.12 and later): the log callback
- * takes the GIL with PyGILState_Ensure, which knows the main interpreter
- * alone. */
-static PyModuleDef_Slot module_slots[] = {
-    {Py_mod_exec, SLOT_FN(module_exec)},
-#ifdef Py_mod_multiple_interpreters
-    {Py_mod_multiple_interpreters, Py_MOD_MULTIPLE_INTERPRETERS_NOT_SUPPORTED},
-#endif
-    {0, NULL}};
+/* module_exec refuses every interpreter but the main one. */
+static PyModuleDef_Slot module_slots[] = {{Py_mod_exec, SLOT_FN(module_exec)}, {0, NULL}};
 
 static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT,
                                         .m_name = "_tensoralloc",
