@@ -1247,17 +1247,29 @@ bool _ta_small_purge_pass(void)
     return more;
 }
 
+/* The tests' hook, in the test build only (TA_TEST_HOOKS). */
+#ifdef TA_TEST_HOOKS
 void (*_Atomic _ta_small_abandon_hook)(int stage);
+
+static void abandon_hook(int stage)
+{
+    void (*hook)(int) = atomic_load_explicit(&_ta_small_abandon_hook, memory_order_relaxed);
+    if (hook)
+        hook(stage);
+}
+#else
+static inline void abandon_hook(int stage)
+{
+    (void)stage;
+}
+#endif
 
 static void heap_abandon(heap_t *h)
 {
     heap_tidy(h, true);
-    void (*hook)(int) = atomic_load_explicit(&_ta_small_abandon_hook, memory_order_relaxed);
-    if (hook)
-        hook(0);
+    abandon_hook(0);
     atomic_store_explicit(&h->abandoned, true, memory_order_seq_cst);
-    if (hook)
-        hook(1);
+    abandon_hook(1);
     _ta_lock(&heaps_lock);
     h->next_abandoned = abandoned;
     abandoned = h;

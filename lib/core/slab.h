@@ -55,8 +55,9 @@ bool _ta_small_purge_pass(void);
  * wake when a free leaves it work, thread_exiting from a heap's key
  * destructor. */
 void _ta_small_set_purge_hooks(void (*wake)(void), void (*thread_exiting)(void));
-/* Tests: called as a heap is given up, after its last tidy (0) and after
- * it is marked abandoned (1), in the thread giving it up. */
+/* Tests (the test build only, TA_TEST_HOOKS): called as a heap is given
+ * up, after its last tidy (0) and after it is marked abandoned (1), in the
+ * thread giving it up. */
 extern void (*_Atomic _ta_small_abandon_hook)(int stage);
 
 

@@ -106,7 +106,10 @@ typedef struct {
 } _ta_os_counters_t;
 void _ta_os_counters(_ta_os_counters_t *out);
 
-/* Test hooks: make the Nth map, remap, unmap or advise call from now fail
+/* ---- test hooks: defined only in the test build of the OS layer --------------
+ * (TA_TEST_HOOKS, lib/os/faults.c, which the test suites link through
+ * meson's tensoralloc_internal_dep); the shipped libraries have none.
+ * Make the Nth map, remap, unmap or advise call from now fail
  * (ENOMEM; EAGAIN for advise) without calling the kernel; 0 disarms. Each
  * fires once. */
 void _ta_os_fail_nth_map(long n);

@@ -1,0 +1,270 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The OS layer's other calls (Linux): the /proc and /sys reads (huge
+ * pages, memory, the map-count limit, the cgroup limit, threads left), the
+ * clock, the environment and stderr, file reads, threads, yields and
+ * sleeps. Nothing here allocates from the heap. Memory calls are
+ * os_memory.c's.
+ */
+#define _GNU_SOURCE
+#include "os.h"
+#include "faults.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+extern char **environ;
+
+static long read_small_file(const char *path, char *buf, size_t cap)
+{
+    int saved = errno;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    long total = -1;
+    if (fd >= 0) {
+        total = 0;
+        while ((size_t)total < cap - 1) {
+            ssize_t n = read(fd, buf + total, cap - 1 - (size_t)total);
+            if (n <= 0)
+                break;
+            total += n;
+        }
+        buf[total] = '\0';
+        close(fd);
+    }
+    errno = saved;
+    return total;
+}
+
+int _ta_os_thp_available(void)
+{
+    static _Atomic int cached = -1; /* read once: the hot path asks often */
+    int v = atomic_load_explicit(&cached, memory_order_relaxed);
+    if (v < 0) {
+        char buf[128];
+        v = read_small_file("/sys/kernel/mm/transparent_hugepage/enabled", buf, sizeof buf) > 0 &&
+            strstr(buf, "[never]") == NULL;
+        atomic_store_explicit(&cached, v, memory_order_relaxed);
+    }
+    return v;
+}
+
+size_t _ta_os_physical_memory(void)
+{
+    long pages = sysconf(_SC_PHYS_PAGES);
+    return pages > 0 ? (size_t)pages * _ta_os_page_size() : 0;
+}
+
+static long parse_long(const char *s)
+{
+    long v = 0;
+    while (*s == ' ' || *s == '\t')
+        s++;
+    while (*s >= '0' && *s <= '9')
+        v = v * 10 + (*s++ - '0');
+    return v;
+}
+
+long _ta_os_max_map_count(void)
+{
+    char buf[64];
+    if (read_small_file("/proc/sys/vm/max_map_count", buf, sizeof buf) <= 0)
+        return 65530;
+    long v = parse_long(buf);
+    return v > 0 ? v : 65530;
+}
+
+size_t _ta_os_rss(void)
+{
+    char buf[4096];
+    if (read_small_file("/proc/self/status", buf, sizeof buf) <= 0)
+        return 0;
+    const char *line = strstr(buf, "VmRSS:");
+    return line ? (size_t)parse_long(line + 6) * 1024 : 0;
+}
+
+/* /proc/self/stat describes the thread-group leader: its state (Z once
+ * it has ended while other threads live on) and the group's thread count,
+ * the ended leader included. */
+int _ta_os_only_thread_left(void)
+{
+    char buf[1024];
+    if (read_small_file("/proc/self/stat", buf, sizeof buf) <= 0)
+        return 0;
+    const char *p = strrchr(buf, ')'); /* the name may hold spaces and ')' */
+    if (p == NULL || p[1] != ' ')
+        return 0;
+    char state = p[2];
+    p += 2;
+    for (int field = 3; field < 20; field++) { /* on to field 20, num_threads */
+        p = strchr(p, ' ');
+        if (p == NULL)
+            return 0;
+        p++;
+    }
+    long threads = parse_long(p);
+    return threads - (state == 'Z') <= 1;
+}
+
+uint64_t _ta_os_now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+double _ta_os_now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+void _ta_os_write_stderr(const char *buf, size_t len)
+{
+    int saved = errno;
+    while (len > 0) {
+        ssize_t n = write(2, buf, len);
+        if (n <= 0)
+            break;
+        buf += n;
+        len -= (size_t)n;
+    }
+    errno = saved;
+}
+
+const char *_ta_os_getenv(const char *name)
+{
+    size_t len = strlen(name);
+    if (environ == NULL)
+        return NULL;
+    for (char **e = environ; *e; e++)
+        if (strncmp(*e, name, len) == 0 && (*e)[len] == '=')
+            return *e + len + 1;
+    return NULL;
+}
+
+/* ---- files and threads ----------------------------------------------------- */
+
+
+int _ta_os_open_read(const char *path, int direct, int *fd)
+{
+    if (direct && _ta_fault_fires(TA_FAULT_DIRECT))
+        return EINVAL;
+    int saved = errno;
+    int f = open(path, O_RDONLY | O_CLOEXEC | (direct ? O_DIRECT : 0));
+    int rc = f < 0 ? errno : 0;
+    errno = saved;
+    if (rc == 0)
+        *fd = f;
+    return rc;
+}
+
+void _ta_os_close(int fd)
+{
+    int saved = errno;
+    close(fd);
+    errno = saved;
+}
+
+int _ta_os_file_size(int fd, uint64_t *out)
+{
+    int saved = errno;
+    struct stat st;
+    int rc = fstat(fd, &st) == 0 ? 0 : errno;
+    errno = saved;
+    if (rc == 0)
+        *out = (uint64_t)st.st_size;
+    return rc;
+}
+
+int _ta_os_read_at(int fd, void *buf, size_t len, uint64_t off, size_t *got)
+{
+    int hooked = _ta_fault_read(fd, &len, off);
+    if (hooked)
+        return hooked;
+    int saved = errno;
+    ssize_t n;
+    do
+        n = pread(fd, buf, len, (off_t)off);
+    while (n < 0 && errno == EINTR);
+    int rc = n < 0 ? errno : 0;
+    errno = saved;
+    if (rc == 0)
+        *got = (size_t)n;
+    return rc;
+}
+
+int _ta_os_fadvise(int fd, uint64_t off, uint64_t len, ta_os_fadvice_t advice)
+{
+    static const int advices[] = {[TA_OS_FADV_SEQUENTIAL] = POSIX_FADV_SEQUENTIAL,
+                                  [TA_OS_FADV_WILLNEED] = POSIX_FADV_WILLNEED,
+                                  [TA_OS_FADV_DONTNEED] = POSIX_FADV_DONTNEED};
+    return posix_fadvise(fd, (off_t)off, (off_t)len, advices[advice]); /* returns the error */
+}
+
+int _ta_os_thread_start(void *(*fn)(void *), void *arg, unsigned long *id)
+{
+    if (_ta_fault_fires(TA_FAULT_THREAD))
+        return EAGAIN;
+    pthread_t t;
+    int rc = pthread_create(&t, NULL, fn, arg);
+    if (rc == 0)
+        *id = (unsigned long)t;
+    return rc;
+}
+
+void _ta_os_thread_join(unsigned long id)
+{
+    pthread_join((pthread_t)id, NULL);
+}
+
+int _ta_os_cpu_count(void)
+{
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n > 0 ? (int)n : 1;
+}
+
+/* A limit file's value: "max" and absurd v1 values (no limit) are 0. */
+static size_t read_limit(const char *path)
+{
+    char buf[64];
+    if (read_small_file(path, buf, sizeof buf) <= 0 || buf[0] < '0' || buf[0] > '9')
+        return 0;
+    unsigned long long v = 0;
+    for (const char *c = buf; *c >= '0' && *c <= '9' && v < (1ULL << 60); c++)
+        v = v * 10 + (unsigned long long)(*c - '0');
+    return v >= (1ULL << 60) ? 0 : (size_t)v;
+}
+
+size_t _ta_os_cgroup_memory_limit(void)
+{
+    /* v2: "0::/path" in /proc/self/cgroup names this process's group. */
+    char groups[4096], path[4200];
+    if (read_small_file("/proc/self/cgroup", groups, sizeof groups) > 0) {
+        for (char *line = groups; line && *line;) {
+            char *next = strchr(line, '\n');
+            if (next)
+                *next++ = '\0';
+            if (strncmp(line, "0::", 3) == 0) {
+                snprintf(path, sizeof path, "/sys/fs/cgroup%s/memory.max", line + 3);
+                size_t v = read_limit(path);
+                if (v)
+                    return v;
+            }
+            line = next;
+        }
+    }
+    return read_limit("/sys/fs/cgroup/memory/memory.limit_in_bytes");
+}
+
