@@ -5,7 +5,6 @@
  */
 #include "base.h"
 
-#include <sched.h>
 
 static inline void cpu_relax(void)
 {
@@ -27,6 +26,6 @@ void _ta_lock_slow(ta_lock_t *l)
         if (spins < 64)
             cpu_relax();
         else
-            sched_yield();
+            _ta_os_yield();
     }
 }

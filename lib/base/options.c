@@ -8,7 +8,6 @@
 #include "base.h"
 
 #include <errno.h>
-#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -88,7 +87,6 @@ static bool parse_value(const char *s, option_kind_t kind, long long *out)
     return true;
 }
 
-extern char **environ;
 
 /* The pool may hold an eighth of physical memory, between 64 MiB and
  * 64 GiB: 3 GiB on a 24 GiB machine, 64 GiB on a 512 GiB one; enough for
@@ -106,11 +104,6 @@ static long long retain_bytes_default(void)
     return v;
 }
 
-static bool environ_ready(void)
-{
-    return environ != NULL;
-}
-
 void _ta_options_init(void)
 {
     if (atomic_load_explicit(&options_state, memory_order_acquire) == 2)
@@ -118,7 +111,7 @@ void _ta_options_init(void)
     int expected = 0;
     if (!atomic_compare_exchange_strong(&options_state, &expected, 1)) {
         while (atomic_load_explicit(&options_state, memory_order_acquire) != 2)
-            sched_yield();
+            _ta_os_yield();
         return;
     }
     for (int i = 0; i < TA_OPT_COUNT_; i++)
@@ -155,7 +148,7 @@ void _ta_options_init(void)
     /* Before libc has set environ (the dynamic loader's first mallocs, a
      * constructor of another preloaded library) the defaults serve, and the
      * variables are read again on a later call. */
-    atomic_store_explicit(&options_state, environ_ready() ? 2 : 0, memory_order_release);
+    atomic_store_explicit(&options_state, _ta_os_environ_ready() ? 2 : 0, memory_order_release);
 }
 
 bool _ta_options_final(void)

@@ -333,14 +333,7 @@ static void *keeper_main(void *arg)
             continue;
         }
         struct timespec ts;
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        uint64_t wait_ms = next - now + 1;
-        ts.tv_sec += (time_t)(wait_ms / 1000);
-        ts.tv_nsec += (long)(wait_ms % 1000) * 1000000;
-        if (ts.tv_nsec >= 1000000000) {
-            ts.tv_sec++;
-            ts.tv_nsec -= 1000000000;
-        }
+        _ta_os_deadline(true, next - now + 1, &ts);
         pthread_cond_timedwait(&c->wake_keeper, &c->mu, &ts);
     }
     pthread_mutex_unlock(&c->mu);

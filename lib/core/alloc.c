@@ -14,7 +14,6 @@
 #include "tensoralloc_cuda.h"
 
 #include <errno.h>
-#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -78,7 +77,7 @@ static void process_init_slow(void)
         _ta_purge_init();
         /* pthread_atfork may allocate: it re-enters malloc, which is fine
          * now that the options are read. */
-        pthread_atfork(fork_prepare, fork_parent, fork_child);
+        _ta_os_at_fork(fork_prepare, fork_parent, fork_child);
         atomic_store(&atfork_done, true);
     }
     if (_ta_options_final() && atomic_load(&atfork_done))

@@ -30,9 +30,7 @@
 #include "slab.h"
 
 #include <pthread.h>
-#include <signal.h>
 #include <time.h>
-#include <unistd.h>
 #if defined(__has_include)
 #if __has_include(<sys/single_threaded.h>)
 #include <sys/single_threaded.h>
@@ -63,13 +61,13 @@ static pthread_mutex_t pass_mutex = PTHREAD_MUTEX_INITIALIZER;
 static atomic_bool purge_running; /* written under purge_mutex: the thread exists */
 static bool purge_pending; /* guarded by purge_mutex: a wake since the last pass */
 static int exit_checks;    /* guarded by purge_mutex: looks left after a thread's exit */
-static pid_t purge_pid;    /* guarded by purge_mutex: the process the state belongs to */
+static int purge_pid;    /* guarded by purge_mutex: the process the state belongs to */
 static _Atomic uint64_t purge_failed_ms; /* when pthread_create last failed */
 
 /* Process set-up, before any allocation can wake the thread. */
 void _ta_purge_init(void)
 {
-    __atomic_store_n(&purge_pid, getpid(), __ATOMIC_RELAXED);
+    __atomic_store_n(&purge_pid, _ta_os_pid(), __ATOMIC_RELAXED);
     _ta_small_set_purge_hooks(_ta_purge_wake, _ta_purge_thread_exiting);
 }
 
@@ -88,8 +86,7 @@ static void purge_work(void)
     for (;;) {
         long long ms = _ta_opt(TA_OPT_RETAIN_MS) / 4;
         ms = ms < 5 ? 5 : ms > 250 ? 250 : ms;
-        struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
-        nanosleep(&ts, NULL);
+        _ta_os_sleep_ms(ms);
         pthread_mutex_lock(&pass_mutex);
         bool more = _ta_small_purge_pass();
         more |= _ta_large_expire();
@@ -102,11 +99,8 @@ static void purge_work(void)
 static void wait_ms(int ms)
 {
     struct timespec until;
-    clock_gettime(CLOCK_REALTIME, &until); /* the condition variable's clock; a jump only
-                                              moves one look */
-    until.tv_nsec += ms * 1000000L;
-    until.tv_sec += until.tv_nsec / 1000000000L;
-    until.tv_nsec %= 1000000000L;
+    /* The condition variable's clock (realtime): a jump only moves one look. */
+    _ta_os_deadline(false, (uint64_t)ms, &until);
     while (!purge_pending && pthread_cond_timedwait(&purge_cond, &purge_mutex, &until) == 0)
         ;
 }
@@ -118,9 +112,7 @@ static void *purge_end(void)
 {
     atomic_store(&purge_running, false);
     pthread_mutex_unlock(&purge_mutex);
-    sigset_t none;
-    sigemptyset(&none);
-    pthread_sigmask(SIG_SETMASK, &none, NULL);
+    _ta_os_unblock_signals();
     return NULL;
 }
 
@@ -170,8 +162,8 @@ static void *purge_main(void *arg)
  * still counts it as a waiter. Called with nothing held. */
 static void purge_forget_parent(void)
 {
-    pid_t owner = __atomic_load_n(&purge_pid, __ATOMIC_RELAXED);
-    pid_t self = getpid();
+    int owner = __atomic_load_n(&purge_pid, __ATOMIC_RELAXED);
+    int self = _ta_os_pid();
     if (owner == self || owner == 0) /* 0: set-up has not finished */
         return;
     _ta_purge_fork_child();
@@ -219,18 +211,7 @@ void _ta_purge_start(void)
     if (!start)
         return;
 
-    sigset_t all, old;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &old); /* the thread inherits "all blocked" */
-    pthread_attr_t attr;
-    pthread_attr_init(&attr);
-    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-    pthread_attr_setstacksize(&attr, 128 << 10);
-    pthread_t tid;
-    int rc = pthread_create(&tid, &attr, purge_main, NULL);
-    pthread_attr_destroy(&attr);
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
-    if (rc != 0) {
+    if (_ta_os_background_thread(purge_main) != 0) {
         uint64_t now = _ta_os_now_ms();
         atomic_store(&purge_failed_ms, now ? now : 1);
         atomic_store(&purge_running, false);
@@ -268,6 +249,6 @@ void _ta_purge_fork_child(void)
     atomic_store(&purge_running, false);
     purge_pending = false;
     exit_checks = 0;
-    __atomic_store_n(&purge_pid, getpid(), __ATOMIC_RELAXED);
+    __atomic_store_n(&purge_pid, _ta_os_pid(), __ATOMIC_RELAXED);
     atomic_store(&purge_failed_ms, 0);
 }

@@ -30,7 +30,6 @@
 #include "base/list.h"
 
 #include <errno.h>
-#include <pthread.h>
 #include <string.h>
 
 #define SEGMENT_SHIFT 22
@@ -218,7 +217,7 @@ static heap_t *abandoned;
 static char *heap_chunk;
 static size_t heap_chunk_left;
 static atomic_bool slab_ready;
-static pthread_key_t heap_key;
+static ta_os_key_t heap_key;
 
 /* A thread's heap; until it has one, empty_heap, whose current spans are
  * all no_span, so that the fast paths need no NULL test. */
@@ -315,7 +314,7 @@ static void slab_init_once(void)
     _ta_lock(&heaps_lock);
     if (!atomic_load_explicit(&slab_ready, memory_order_relaxed)) {
         classes_init();
-        pthread_key_create(&heap_key, thread_exit_cb);
+        _ta_os_key_create(&heap_key, thread_exit_cb);
         atomic_store_explicit(&slab_ready, true, memory_order_release);
     }
     _ta_unlock(&heaps_lock);
@@ -380,7 +379,7 @@ static heap_t *heap_acquire(void)
         atomic_fetch_add_explicit(&heap_count, 1, memory_order_relaxed);
     }
     _ta_thread_heap = h;
-    pthread_setspecific(heap_key, h);
+    _ta_os_key_set(heap_key, h);
     return h;
 }
 
@@ -1005,7 +1004,7 @@ __attribute__((noinline, cold)) static void *alloc_while_exiting(size_t size, si
     heap_t *h = _ta_thread_heap;
     if (h != &empty_heap) {
         _ta_thread_heap = &empty_heap;
-        pthread_setspecific(heap_key, NULL);
+        _ta_os_key_set(heap_key, NULL);
         heap_abandon(h);
     }
     tls_exiting = true;
@@ -1296,7 +1295,7 @@ void _ta_small_thread_done(void)
     heap_t *h = _ta_thread_heap;
     if (h != &empty_heap) {
         _ta_thread_heap = &empty_heap;
-        pthread_setspecific(heap_key, NULL);
+        _ta_os_key_set(heap_key, NULL);
         heap_abandon(h);
     }
 }

@@ -91,7 +91,7 @@ static void cuda_fork_child(void)
 
 static void cuda_fork_register(void)
 {
-    pthread_atfork(cuda_fork_prepare, cuda_fork_parent, cuda_fork_child);
+    _ta_os_at_fork(cuda_fork_prepare, cuda_fork_parent, cuda_fork_child);
 }
 
 static int rt_load_locked(void)

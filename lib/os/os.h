@@ -8,6 +8,7 @@
 #ifndef TA_OS_H
 #define TA_OS_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -92,6 +93,29 @@ int _ta_os_populate_write(void *addr, size_t size);
 /* Start a joinable thread running fn(arg); *id names it for the join. */
 int _ta_os_thread_start(void *(*fn)(void *), void *arg, unsigned long *id);
 void _ta_os_thread_join(unsigned long id);
+/* Threads and time for the allocator's own background work: */
+/* Starts a detached thread with a small stack (128 KiB) and every signal
+ * blocked, so that none is delivered to it (the caller's mask is kept). */
+int _ta_os_background_thread(void *(*fn)(void *));
+/* The calling thread lets the signals it blocked through (before it ends). */
+void _ta_os_unblock_signals(void);
+/* A key whose destructor runs when each thread that set it ends (the
+ * C library's thread-specific data: how a thread's end reaches the slabs). */
+typedef unsigned ta_os_key_t;
+int _ta_os_key_create(ta_os_key_t *key, void (*destructor)(void *));
+void _ta_os_key_set(ta_os_key_t key, const void *value);
+/* Handlers around fork (pthread_atfork). */
+int _ta_os_at_fork(void (*prepare)(void), void (*parent)(void), void (*child)(void));
+int _ta_os_pid(void);
+void _ta_os_yield(void);
+void _ta_os_sleep_ms(long ms);
+/* The time ms from now on the realtime (monotonic: false) or monotonic
+ * clock, as a condition variable's timed wait takes it. */
+struct timespec;
+void _ta_os_deadline(bool monotonic, uint64_t ms, struct timespec *out);
+/* Whether the C library has set environ yet (not during the dynamic
+ * loader's first allocations). */
+bool _ta_os_environ_ready(void);
 /* Processors online, at least 1. */
 int _ta_os_cpu_count(void);
 /* This process's cgroup memory limit in bytes (v2 memory.max, else v1

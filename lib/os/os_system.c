@@ -14,6 +14,7 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <sched.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -227,6 +228,82 @@ int _ta_os_thread_start(void *(*fn)(void *), void *arg, unsigned long *id)
 void _ta_os_thread_join(unsigned long id)
 {
     pthread_join((pthread_t)id, NULL);
+}
+
+int _ta_os_background_thread(void *(*fn)(void *))
+{
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old); /* the thread inherits "all blocked" */
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    pthread_attr_setstacksize(&attr, 128 << 10);
+    pthread_t tid;
+    int rc = pthread_create(&tid, &attr, fn, NULL);
+    pthread_attr_destroy(&attr);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    return rc;
+}
+
+void _ta_os_unblock_signals(void)
+{
+    sigset_t none;
+    sigemptyset(&none);
+    pthread_sigmask(SIG_SETMASK, &none, NULL);
+}
+
+_Static_assert(sizeof(pthread_key_t) == sizeof(ta_os_key_t), "os.h's key type");
+
+int _ta_os_key_create(ta_os_key_t *key, void (*destructor)(void *))
+{
+    pthread_key_t k;
+    int rc = pthread_key_create(&k, destructor);
+    if (rc == 0)
+        *key = (ta_os_key_t)k;
+    return rc;
+}
+
+void _ta_os_key_set(ta_os_key_t key, const void *value)
+{
+    pthread_setspecific((pthread_key_t)key, value);
+}
+
+int _ta_os_at_fork(void (*prepare)(void), void (*parent)(void), void (*child)(void))
+{
+    return pthread_atfork(prepare, parent, child);
+}
+
+int _ta_os_pid(void)
+{
+    return (int)getpid();
+}
+
+void _ta_os_yield(void)
+{
+    sched_yield();
+}
+
+void _ta_os_sleep_ms(long ms)
+{
+    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
+}
+
+void _ta_os_deadline(bool monotonic, uint64_t ms, struct timespec *out)
+{
+    clock_gettime(monotonic ? CLOCK_MONOTONIC : CLOCK_REALTIME, out);
+    out->tv_sec += (time_t)(ms / 1000);
+    out->tv_nsec += (long)(ms % 1000) * 1000000L;
+    if (out->tv_nsec >= 1000000000L) {
+        out->tv_sec++;
+        out->tv_nsec -= 1000000000L;
+    }
+}
+
+bool _ta_os_environ_ready(void)
+{
+    return environ != NULL;
 }
 
 int _ta_os_cpu_count(void)
