@@ -147,13 +147,21 @@ static void detach(ta_cache_t *c, ta_entry_t *e)
     c->count--;
 }
 
+/* A device copy (NULL: none), freed on eviction, removal and the last
+ * unlock through the CUDA module: the device side is never called back. */
+static void device_free(void *dev)
+{
+    if (dev)
+        ta_cuda_device_free(dev);
+}
+
 static void entry_free(ta_entry_t *e)
 {
     if (!e)
         return;
     for (size_t i = 0; i < e->count; i++) {
         ta_free(e->tensors[i].data);
-        _ta_cache_device_free(e->tensors[i].dev); /* up to the device side */
+        device_free(e->tensors[i].dev);
         free(e->tensors[i].name);
     }
     free(e->tensors);
@@ -167,7 +175,7 @@ void _ta_cache_victims_free(victims_t *v)
         entry_free(v->whole[i]);
     for (size_t i = 0; i < v->ndevice; i++) {
         for (void **d = v->device[i]; *d; d++)
-            _ta_cache_device_free(*d); /* up to the device side */
+            device_free(*d);
         free(v->device[i]);
     }
 }
@@ -433,7 +441,7 @@ void ta_cache_destroy(ta_cache_t *c)
     for (size_t i = 0; i < c->nsizes; i++)
         free(c->sizes[i].key);
     free(c->sizes);
-    _ta_cache_device_close(c); /* up to the device side */
+    ta_pinned_pool_destroy(c->pool);
     pthread_mutex_destroy(&c->mu);
     pthread_cond_destroy(&c->loaded);
     pthread_cond_destroy(&c->wake_keeper);
@@ -842,7 +850,7 @@ void _ta_cache_drop_marked_and_unlock(ta_cache_t *c, ta_entry_t *e, int holders)
     pthread_mutex_unlock(&c->mu);
     for (size_t i = 0; i < n; i++) {
         ta_free(host[i]);
-        _ta_cache_device_free(dev[i]); /* up to the device side */
+        device_free(dev[i]);
     }
     free(host);
     free(dev);

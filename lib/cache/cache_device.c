@@ -5,7 +5,7 @@
  * module (lib/cuda/, or cuda_none.c without CUDA). Budgets, the LRU list,
  * locks and the loads into RAM are the RAM side's (cache.c), whose helpers
  * this file calls through cache_internal.h; the RAM side calls back here
- * only to free device memory (_ta_cache_device_free, _ta_cache_device_close).
+ * never (it frees device memory through the CUDA module itself).
  *
  * A move of an entry runs with the entry locked by the mover and no other
  * move of it in flight (move_begin); copies and device allocations happen
@@ -22,17 +22,6 @@
 #define PINNED_BUDGET ((size_t)256 << 20)
 
 /* ---- for the RAM side -------------------------------------------------------------------- */
-
-void _ta_cache_device_free(void *dev)
-{
-    if (dev)
-        ta_cuda_device_free(dev);
-}
-
-void _ta_cache_device_close(ta_cache_t *c)
-{
-    ta_pinned_pool_destroy(c->pool);
-}
 
 /* ---- device moves ----------------------------------------------------------------------- */
 

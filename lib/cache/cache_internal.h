@@ -120,11 +120,4 @@ void _ta_cache_abandon_entry(ta_cache_t *c, ta_entry_t *e);
 void _ta_cache_publish(ta_cache_t *c, ta_entry_t *e, uint64_t bytes, double seconds,
                        const _ta_load_report_t *rep);
 
-/* ---- the device side (cache_device.c), for the RAM side --------------------- */
-
-/* Frees a device copy (NULL: nothing): eviction, removal and the last unlock. */
-void _ta_cache_device_free(void *dev);
-/* Frees what the device side keeps in c (its pinned pool), at destroy. */
-void _ta_cache_device_close(ta_cache_t *c);
-
 #endif
