@@ -1016,7 +1016,7 @@ Test(cache, loads_with_several_readers_and_every_page_cache_mode)
     for (int threads = 1; threads <= 4; threads *= 2) {
         char needle[32];
         snprintf(needle, sizeof needle, "%d reader%s", threads, threads > 1 ? "s" : "");
-        for (int pc = TA_PAGE_CACHE_KEEP; pc <= TA_PAGE_CACHE_BYPASS; pc++) {
+        for (int pc = TA_PAGE_CACHE_KEEP; pc < TA_PAGE_CACHE_COUNT_; pc++) {
             logged_cache_t *lc = load_cache(threads, 64 * KiB, (ta_page_cache_t)pc);
             loaded_and_checked(lc, path, "m", needle);
             if (pc == TA_PAGE_CACHE_BYPASS) /* /tmp takes O_DIRECT; tmpfs too since 6.6 */
@@ -1049,7 +1049,7 @@ Test(cache, loads_on_tmpfs)
     char path[128];
     snprintf(path, sizeof path, "%s/many.safetensors", shm);
     write_many(path, 101);
-    for (int pc = TA_PAGE_CACHE_KEEP; pc <= TA_PAGE_CACHE_BYPASS; pc++) {
+    for (int pc = TA_PAGE_CACHE_KEEP; pc < TA_PAGE_CACHE_COUNT_; pc++) {
         logged_cache_t *lc = load_cache(2, 256 * KiB, (ta_page_cache_t)pc);
         loaded_and_checked(lc, path, "m", "loaded 'm'");
         ta_cache_destroy(lc->c);

@@ -1,4 +1,4 @@
-/* Suite "pool": the retain pool's data structure (lib/pool.c) on its own,
+/* Suite "pool": the retain pool's data structure (lib/core/pool.c) on its own,
  * with no mapping behind its ranges: random operations checked against a
  * page-by-page model of an address space, and the cut, join and age rules
  * one by one. */

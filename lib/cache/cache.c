@@ -6,7 +6,8 @@
  * own tensoralloc mapping), the keep-alive timer, and the statistics and
  * memory-snapshot diffs that InvokeAI's cache logged. Device moves and
  * loads straight to the device are cache_device.c's; this file knows no
- * CUDA and calls that side only to free device memory (cache_internal.h).
+ * CUDA, and never calls that side (device copies are freed through the CUDA
+ * module itself).
  *
  * One mutex guards the cache's lists and counters. File reads, copies and
  * frees happen outside it: a load reserves its bytes and inserts a locked

@@ -104,7 +104,7 @@ static inline void large_events(unsigned events)
 /* A large request. Near vm.max_map_count, when the pool cannot serve it:
  * the pool is emptied first (its entries hold VMAs too), and if the
  * process is still at the limit the block is cut from a pack, a mapping
- * shared by many blocks (lib/large.c). */
+ * shared by many blocks (lib/core/large.c). */
 static void *alloc_large(size_t size, size_t alignment, bool zero)
 {
     unsigned events = 0;
@@ -122,7 +122,7 @@ static void *alloc_large(size_t size, size_t alignment, bool zero)
 
 static inline void *alloc_path(size_t size, size_t alignment, bool zero)
 {
-    _ta_purge_ensure(); /* never under free: see lib/purge.c */
+    _ta_purge_ensure(); /* never under free: see lib/core/purge.c */
     if (size < threshold() && alignment <= TA_SMALL_MAX_ALIGN)
         return _ta_small_alloc(size, alignment, zero);
     return alloc_large(size, alignment, zero);
@@ -214,7 +214,7 @@ void *ta_malloc(size_t size)
 #ifdef TA_PRELOAD
 /* The preload library's malloc and free are ta_malloc and ta_free under
  * the libc names: aliases, not calls (an alias must sit beside its
- * target, so these are here and not in lib/preload.c). */
+ * target, so these are here and not in lib/preload/preload.c). */
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmissing-attributes"
 #endif

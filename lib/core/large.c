@@ -699,7 +699,7 @@ void *_ta_large_alloc(size_t size, size_t alignment, bool zero, bool near_limit_
     if (p != NULL)
         return p;
     if (at_limit) {
-        *events |= TA_LARGE_AT_LIMIT; /* the front door decides (lib/alloc.c) */
+        *events |= TA_LARGE_AT_LIMIT; /* the front door decides (lib/core/alloc.c) */
         return NULL;
     }
     if (_ta_os_map(cap, align, &p) != 0) {

@@ -10,7 +10,7 @@
 
 /* ---- large path (large.c) ------------------------------------------------ */
 /* The large path never calls up: what a call leaves for its caller (the
- * front door, lib/alloc.c) comes back as bits in *events. */
+ * front door, lib/core/alloc.c) comes back as bits in *events. */
 enum {
     TA_LARGE_WAKE = 1,     /* the purge thread has a deadline to keep (pool, parked unmaps) */
     TA_LARGE_AT_LIMIT = 2, /* nothing mapped: a fresh mapping would reach the map-count guard */

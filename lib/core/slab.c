@@ -259,13 +259,13 @@ void _ta_small_set_purge_hooks(void (*wake)(void), void (*thread_exiting)(void))
 
 /* One bit per 4 MiB of a 48-bit address space marks slab segments, so that
  * free() can tell a slab block from a large block without touching either
- * (the test itself is inline, in internal.h). */
+ * (the test itself is inline, in slab.h). */
 #define SEGMAP_BITS ((size_t)1 << (48 - SEGMENT_SHIFT))
-_Static_assert(SEGMENT_SHIFT == TA_SEGMENT_SHIFT, "internal.h's ownership test");
+_Static_assert(SEGMENT_SHIFT == TA_SEGMENT_SHIFT, "slab.h's ownership test");
 /* In .bss (8 MiB of address space, resident only where a segment's word
  * was written): its address is a link-time constant, so the test needs no
  * load and no NULL check. */
-_Static_assert(SEGMAP_BITS / 64 == TA_SEGMAP_WORDS, "internal.h's map size");
+_Static_assert(SEGMAP_BITS / 64 == TA_SEGMAP_WORDS, "slab.h's map size");
 _Atomic uint64_t _ta_segmap[TA_SEGMAP_WORDS];
 
 static void segmap_set(uintptr_t seg, bool on)

@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * The CUDA staging module's internals, for the files above it (the cache
- * and the statistics): lib/cuda.c, or lib/cuda_none.c when it is left out.
+ * and the statistics): lib/cuda/cuda.c, or lib/cuda/cuda_none.c when it is left out.
  */
 #ifndef TA_STAGING_H
 #define TA_STAGING_H

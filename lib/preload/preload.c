@@ -4,7 +4,7 @@
  * aliases, the statistics and tuning calls (mallinfo2, malloc_trim,
  * malloc_stats, malloc_info, mallopt) and the C++ operators new/delete,
  * all forwarded to the ta_* front door (malloc and free themselves are
- * aliases of ta_malloc and ta_free, in lib/alloc.c). Built only into
+ * aliases of ta_malloc and ta_free, in lib/core/alloc.c). Built only into
  * libtensoralloc-preload.so, whose version script exports exactly these
  * plus ta_*. Written in C: operator new's failure path reaches libstdc++
  * through weak references, so a C program preloading this library does
@@ -112,7 +112,7 @@ static int glibc_version(void)
  * is malloc; one above SIZE_MAX / 2 + 1 (no power of two) is EINVAL; any
  * other is rounded up to a power of two. A size that cannot be had with
  * that alignment is ENOMEM, found by arithmetic before any system call
- * (ta_aligned_alloc, lib/alloc.c). */
+ * (ta_aligned_alloc, lib/core/alloc.c). */
 
 static bool power_of_two(size_t a)
 {
@@ -203,7 +203,7 @@ EXPORT void free_aligned_sized(void *ptr, size_t alignment, size_t size)
  * here (the preload-symbols test reads them from the running libc.so.6),
  * so that no caller reaches glibc's own allocator, idle under this one:
  * a block from one freed by the other ends the process. __libc_malloc and
- * __libc_free are in lib/alloc.c, with malloc and free. */
+ * __libc_free are in lib/core/alloc.c, with malloc and free. */
 
 void *__libc_calloc(size_t count, size_t size) ALIAS(calloc);
 void *__libc_realloc(void *ptr, size_t size) ALIAS(realloc);

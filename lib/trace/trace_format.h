@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * The allocation trace file format, shared by the tracer (lib/trace.c) and
+ * The allocation trace file format, shared by the tracer (lib/trace/trace.c) and
  * the reader (tools/trace_tool.c). Described in docs/trace-format.md.
  */
 #ifndef TA_TRACE_FORMAT_H
