@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/resource.h>
+#include <sys/time.h>
 
 Test(faults, failed_large_map_gives_enomem_and_no_leak)
 {
@@ -329,4 +330,47 @@ Test(faults, address_space_limit_gives_enomem_then_recovers, .timeout = 120)
     memset(again, 1, 100 * MiB);
     ta_free(again);
     setrlimit(RLIMIT_AS, &old);
+}
+
+/* The OS contract (lib/os/os.h): a call never changes errno, also when the
+ * C library under it fails or is interrupted. A failed thread start (no
+ * address space left for its stack) and an interrupted sleep both set
+ * errno inside the C library. */
+static void *returns_at_once(void *arg)
+{
+    return arg;
+}
+
+static void on_alarm(int sig)
+{
+    (void)sig;
+}
+
+Test(faults, os_calls_keep_errno_when_the_c_library_fails)
+{
+    struct sigaction sa = {.sa_handler = on_alarm};
+    cr_assert_eq(sigaction(SIGALRM, &sa, NULL), 0);
+    struct itimerval it = {.it_value = {0, 20000}};
+    cr_assert_eq(setitimer(ITIMER_REAL, &it, NULL), 0);
+    errno = 1234;
+    _ta_os_sleep_ms(2000); /* cut short by the alarm: nanosleep sets EINTR */
+    cr_assert_eq(errno, 1234, "_ta_os_sleep_ms changed errno to %d", errno);
+
+    pid_t pid = fork();
+    cr_assert_geq(pid, 0);
+    if (pid == 0) {
+        /* No room for a thread's stack: pthread_create fails inside mmap. */
+        struct rlimit rl = {.rlim_cur = 0, .rlim_max = RLIM_INFINITY};
+        if (setrlimit(RLIMIT_AS, &rl) != 0)
+            _exit(3);
+        errno = 1234;
+        int rc = _ta_os_background_thread(returns_at_once);
+        _exit(rc == 0 ? 4 : errno == 1234 ? 0 : 5);
+    }
+    int status;
+    cr_assert_eq(waitpid(pid, &status, 0), pid);
+    cr_assert(WIFEXITED(status), "the child died");
+    cr_assert_neq(WEXITSTATUS(status), 4, "the thread started with no address space left");
+    cr_assert_eq(WEXITSTATUS(status), 0, "_ta_os_background_thread changed errno (child %d)",
+                 WEXITSTATUS(status));
 }

@@ -77,8 +77,17 @@ void _ta_cache_log_snapshot_diff(ta_cache_t *c, const ta_memory_snapshot_t *befo
     ta_memory_snapshot(&after);
     char buf[1024];
     ta_memory_snapshot_diff(before, &after, buf, sizeof buf);
-    for (char *line = strtok(buf, "\n"); line; line = strtok(NULL, "\n"))
-        _ta_cache_log(c, TA_LOG_DEBUG, "%s", line);
+    /* Line by line, with no hidden state (strtok's is the process's, and
+     * caches log from many threads). */
+    for (char *line = buf, *next; *line; line = next) {
+        next = strchr(line, '\n');
+        if (next)
+            *next++ = '\0';
+        else
+            next = line + strlen(line);
+        if (*line)
+            _ta_cache_log(c, TA_LOG_DEBUG, "%s", line);
+    }
 }
 
 void _ta_cache_snapshot_if_debug(ta_cache_t *c, ta_memory_snapshot_t *s)

@@ -4,8 +4,8 @@
  * RAM side: budgets, the LRU list, locks, loads into RAM, keep-alive,
  * statistics) and cache_device.c (moves to and from the device, loads
  * straight to it, through the CUDA staging module). The device side calls
- * the RAM side's helpers below; the RAM side calls the device side only to
- * free device memory (last section), so only cache_device.c knows CUDA.
+ * the RAM side's helpers below; the RAM side never calls the device side
+ * (it frees device copies through the CUDA module itself).
  */
 #ifndef TA_CACHE_INTERNAL_H
 #define TA_CACHE_INTERNAL_H

@@ -10,6 +10,7 @@
 #include "large.h"
 #include "purge.h"
 #include "slab.h"
+#include "stats.h"
 #include "tensoralloc_cache.h"
 #include "tensoralloc_cuda.h"
 
@@ -73,8 +74,11 @@ static void process_init_slow(void)
      * them: _ta_options_init waits for the thread reading them (it never
      * allocates, so it never re-enters). */
     _ta_options_init();
+    /* Every caller, not only the winner: a thread that loses the claim goes
+     * on to allocate, free and exit, and the slabs' hooks must be in place
+     * by then (idempotent: the same pid and the same two pointers). */
+    _ta_purge_init();
     if (!atomic_exchange(&setup_claimed, true)) {
-        _ta_purge_init();
         /* pthread_atfork may allocate: it re-enters malloc, which is fine
          * now that the options are read. */
         _ta_os_at_fork(fork_prepare, fork_parent, fork_child);
@@ -82,6 +86,14 @@ static void process_init_slow(void)
     }
     if (_ta_options_final() && atomic_load(&atfork_done))
         atomic_store_explicit(&process_state, 2, memory_order_release);
+}
+
+/* The exit report is printed from here, not from stats.c: alloc.c's object
+ * is in every program that uses the allocator, stats.c's only where the
+ * program asks for statistics (a static link takes what is referenced). */
+__attribute__((destructor)) static void process_done(void)
+{
+    _ta_stats_exit_report();
 }
 
 static inline void process_init(void)

@@ -9,7 +9,9 @@
 #include "core.h"
 
 /* ---- the purge thread (purge.c) ----------------------------------------- */
-/* Process set-up (the condition variable's clock, the owning process). */
+/* Process set-up (the owning process, the wake-up and thread-exit hooks it
+ * installs into the slabs): called by every thread that reaches set-up
+ * before it is done, so that none allocates or exits without the hooks. */
 void _ta_purge_init(void);
 /* There is work with a deadline: wakes the purge thread if it runs.
  * Never starts a thread (it runs under free, which glibc calls with its

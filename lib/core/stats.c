@@ -8,6 +8,7 @@
 #define _GNU_SOURCE
 #include "large.h"
 #include "slab.h"
+#include "stats.h"
 
 #include <errno.h>
 #include <string.h>
@@ -128,9 +129,9 @@ int ta_stats_print(FILE *out, ta_stats_format_t format)
     return rc < 0 ? EIO : 0;
 }
 
-/* The exit report (option STATS): the statistics print themselves, so
- * that the front door below them never calls up. */
-__attribute__((destructor)) static void stats_at_exit(void)
+/* The exit report (option STATS), called by the front door's destructor
+ * (alloc.c). */
+void _ta_stats_exit_report(void)
 {
     if (_ta_opt(TA_OPT_STATS))
         ta_stats_print(stderr, TA_STATS_TEXT);

@@ -62,7 +62,9 @@ int _ta_os_thp_available(void)
 
 size_t _ta_os_physical_memory(void)
 {
+    int saved = errno;
     long pages = sysconf(_SC_PHYS_PAGES);
+    errno = saved;
     return pages > 0 ? (size_t)pages * _ta_os_page_size() : 0;
 }
 
@@ -232,6 +234,7 @@ void _ta_os_thread_join(unsigned long id)
 
 int _ta_os_background_thread(void *(*fn)(void *))
 {
+    int saved = errno; /* pthread_create's own failures set it (its stack's mmap) */
     sigset_t all, old;
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old); /* the thread inherits "all blocked" */
@@ -243,6 +246,7 @@ int _ta_os_background_thread(void *(*fn)(void *))
     int rc = pthread_create(&tid, &attr, fn, NULL);
     pthread_attr_destroy(&attr);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
+    errno = saved;
     return rc;
 }
 
@@ -286,8 +290,10 @@ void _ta_os_yield(void)
 
 void _ta_os_sleep_ms(long ms)
 {
+    int saved = errno; /* EINTR: a signal cuts the sleep short, which is fine */
     struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
     nanosleep(&ts, NULL);
+    errno = saved;
 }
 
 void _ta_os_deadline(bool monotonic, uint64_t ms, struct timespec *out)
@@ -308,7 +314,9 @@ bool _ta_os_environ_ready(void)
 
 int _ta_os_cpu_count(void)
 {
+    int saved = errno;
     long n = sysconf(_SC_NPROCESSORS_ONLN);
+    errno = saved;
     return n > 0 ? (int)n : 1;
 }
 

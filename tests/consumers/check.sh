@@ -11,7 +11,7 @@ n=0 fail=0
 ok() { n=$((n + 1)); echo "ok $n - $1"; }
 bad() { n=$((n + 1)); echo "not ok $n - $1"; fail=1; }
 skip() { n=$((n + 1)); echo "ok $n - $1 # SKIP $2"; }
-echo "1..4"
+echo "1..5"
 meson install -C "$build" --destdir "$dest" --no-rebuild --quiet >/dev/null || { echo "Bail out! meson install failed"; exit 1; }
 root=$dest$prefix
 
@@ -50,8 +50,21 @@ if [ -n "$pc" ]; then
         sed 's/^/# /' "$dest/cc.log" | tail -20
         bad "a static link with pkg-config's private flags builds and runs ($flags)"
     fi
+    # The exit report (TENSORALLOC_STATS=1) of a static program that never
+    # calls ta_stats_*: the archive's front door must bring the report in.
+    printf '#include <tensoralloc.h>\nint main(void) { ta_free(ta_malloc(100)); return 0; }\n' \
+        >"$dest/nostats.c"
+    if cc "$dest/nostats.c" -I"$root/include" -o "$dest/nostats" "$dest$libdir/libtensoralloc.a" \
+            $flags 2>"$dest/cc.log" &&
+       TENSORALLOC_STATS=1 "$dest/nostats" 2>&1 >/dev/null | grep -q "large_live_count"; then
+        ok "a static program that never asks for statistics still prints the exit report"
+    else
+        sed 's/^/# /' "$dest/cc.log" | tail -20
+        bad "a static program that never asks for statistics still prints the exit report"
+    fi
 else
     bad "pkg-config --static knows tensoralloc"
     bad "a static link through pkg-config"
+    bad "the exit report of a static link"
 fi
 exit $fail
