@@ -33,6 +33,21 @@ def status_bytes(field):
     return 0
 
 
+# --torchvision: real architectures (random weights, nothing downloaded),
+# from 5 MiB to 500 MiB of fp32 state dict; --models N takes the first N.
+TORCHVISION = ["resnet50", "mobilenet_v2", "vgg11", "densenet121", "efficientnet_b0",
+               "convnext_tiny", "resnet18", "vit_b_16", "regnet_y_1_6gf", "squeezenet1_1"]
+
+
+def prepare_torchvision(directory, models):
+    import torch
+    import torchvision
+    for m, name in enumerate(TORCHVISION[:models]):
+        torch.manual_seed(m)
+        sd = getattr(torchvision.models, name)(weights=None).state_dict()
+        torch.save(sd, os.path.join(directory, f"model{m}.pt"))
+
+
 def prepare(directory, models, scale):
     import torch
     torch.manual_seed(0)
@@ -99,9 +114,19 @@ def main():
     ap.add_argument("--prepare", metavar="DIR")
     ap.add_argument("--mode", choices=["torch", "cache"], default="torch")
     ap.add_argument("--no-convert", action="store_true")
+    ap.add_argument("--torchvision", action="store_true",
+                    help="real torchvision architectures' state dicts (random weights)")
+    ap.add_argument("--install", action="store_true",
+                    help="tensoralloc.torch.install() first: tensoralloc as PyTorch's CPU "
+                         "allocator, no preload (PYTHONPATH=BUILD/tools/python)")
     args = ap.parse_args()
+    if args.torchvision:
+        args.models = min(args.models, len(TORCHVISION))
     if args.prepare:
-        prepare(args.prepare, args.models, args.scale)
+        if args.torchvision:
+            prepare_torchvision(args.prepare, args.models)
+        else:
+            prepare(args.prepare, args.models, args.scale)
         return 0
     try:
         import torch
@@ -115,10 +140,29 @@ def main():
             print("py-cache-switch: the tensoralloc package is not importable "
                   "(PYTHONPATH=BUILD/tools/python)", file=sys.stderr)
             return 77
+    if args.torchvision:
+        try:
+            import torchvision  # noqa: F401 (the child that prepares needs it)
+        except ImportError:
+            print("torchvision-switch: torchvision is not importable", file=sys.stderr)
+            return 77
+    if args.install:
+        try:
+            import tensoralloc.torch
+        except ImportError:
+            print("--install: the tensoralloc package is not importable "
+                  "(PYTHONPATH=BUILD/tools/python)", file=sys.stderr)
+            return 77
+        if tensoralloc.torch.library_path() is None:
+            print("--install: tensoralloc was built without libtensoralloc-torch "
+                  "(libtorch-dev)", file=sys.stderr)
+            return 77
+        tensoralloc.torch.install()
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as d:
         subprocess.run([sys.executable, __file__, "--prepare", d, "--models", str(args.models),
-                        "--scale", str(args.scale)], check=True)
+                        "--scale", str(args.scale)] + (["--torchvision"] if args.torchvision
+                                                       else []), check=True)
         gc.collect()
         rss_start = status_bytes("VmRSS")
         budget = args.budget_mib << 20
@@ -139,7 +183,8 @@ def main():
         time.sleep(1)
         rss_1s = status_bytes("VmRSS")
         mib = 1 << 20
-        print(f"workload={'py-cache-switch' if args.no_convert else 'torch-switch'}")
+        name = "py-cache-switch" if args.no_convert else "torch-switch"
+        print(f"workload={'torchvision-switch' if args.torchvision else name}")
         print(f"wall_s={wall:.4f}")
         print(f"peak_rss_mib={status_bytes('VmHWM') / mib:.1f}")
         print(f"rss_start_mib={rss_start / mib:.1f}")

@@ -140,11 +140,12 @@ def objects(build):
     out = []
     for d, _, fs in os.walk(build):
         for f in fs:
-            m = re.match(r"lib_(.+)\.c\.o$", f)
+            m = re.match(r"lib_(.+)\.(c|cpp)\.o$", f)
             if m and d.endswith(".p") and not os.path.basename(d).startswith(("fuzz", "test")):
                 # lib_core_alloc.c.o is lib/core/alloc.c (a file of an older,
                 # flat lib/ becomes a name without a row, reported as such)
-                out.append((os.path.join(d, f), m.group(1).replace("_", "/", 1) + ".c"))
+                out.append((os.path.join(d, f),
+                            m.group(1).replace("_", "/", 1) + "." + m.group(2)))
     return out
 
 
@@ -165,7 +166,9 @@ def check_objects(root, build, rows):
             problems.append(f"{path}: compiled from lib/{src}, which has no row")
             continue
         for kind, sym in nm(path, "--defined-only"):
-            if not kind.isupper():
+            # Weak and unique definitions (W, V, u) are C++'s inline functions,
+            # templates and type information from the headers: not the file's.
+            if not kind.isupper() or kind in "WV":
                 continue
             if sym.startswith(("ta_", "_ta_")):
                 definer.setdefault(sym, set()).add(src)
@@ -192,7 +195,7 @@ def check_objects(root, build, rows):
 def check_includes(root, rows):
     problems = []
     for f, r in rows.items():
-        if not f.endswith((".c", ".h")):
+        if not f.endswith((".c", ".cpp", ".h")):
             continue
         folder = f.split("/")[0]
         allowed = expand(root, rows, r["calls"])

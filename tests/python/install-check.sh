@@ -27,3 +27,20 @@ with tempfile.TemporaryDirectory() as d:
     print(f"PASS: the installed package ({os.path.dirname(ta.__file__)[len(dest):]}) "
           f"loads and views, version {ta.__version__}")
 PY
+# The installed PyTorch allocator: found beside the installed library.
+if [ -f "$dest$libdir/libtensoralloc-torch.so.0" ] && "$py" -c "import torch" 2>/dev/null; then
+    PYTHONPATH="$dest$site" LD_LIBRARY_PATH="$dest$libdir" "$py" - "$dest" <<'PY'
+import sys
+import torch
+import tensoralloc as ta, tensoralloc.torch as tt
+assert tt.library_path().startswith(sys.argv[1]), f"the shim at {tt.library_path()}"
+before = ta.stats()["large_live_bytes"]
+tt.install()
+x = torch.ones(1 << 22)
+assert ta.stats()["large_live_bytes"] >= before + (16 << 20)
+tt.uninstall()
+print(f"PASS: the installed shim ({tt.library_path()[len(sys.argv[1]):]}) installs")
+PY
+else
+    echo "SKIP: the installed PyTorch allocator (no libtensoralloc-torch or no torch)"
+fi
