@@ -82,6 +82,12 @@ class Install(unittest.TestCase):
         del d
         self.assertEqual(live()[0], large0)
 
+    def test_a_request_past_the_address_space_is_a_runtime_error(self):
+        ta_torch.install()
+        with self.assertRaisesRegex(RuntimeError, "tensoralloc: out of memory"):
+            torch.empty(1 << 50, dtype=torch.uint8)
+        self.assertEqual(float(torch.ones(3).sum()), 3.0)
+
     def test_install_is_idempotent_and_uninstall_checks_its_state(self):
         ta_torch.install()
         ta_torch.install()
