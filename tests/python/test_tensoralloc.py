@@ -856,6 +856,68 @@ class Shutdown(Base):
         self.assertEqual(c.handles, 0)
 
 
+PRELOAD_CHECK = """
+import os, sys
+import tensoralloc as ta
+maps = open("/proc/self/maps").read()
+assert ta.preload_path() in maps, "the package's preload library is not mapped"
+print("preloaded", os.environ["LD_PRELOAD"].split(":")[0] == ta.preload_path(),
+      os.environ.get("TENSORALLOC_THRESHOLD"), os.environ.get("TENSORALLOC_THP"), sys.argv[1:])
+sys.exit(int(sys.argv[1]))
+"""
+
+
+class Launcher(Base):
+    """python -m tensoralloc run / preload-path (tools/python/tensoralloc/__main__.py)."""
+
+    def launch(self, *args):
+        return subprocess.run([sys.executable, "-m", "tensoralloc", *args], capture_output=True,
+                              text=True, timeout=120)
+
+    def test_preload_path_is_beside_the_library_the_package_loaded(self):
+        path = ta.preload_path()
+        self.assertTrue(os.path.isfile(path), path)
+        self.assertEqual(os.path.basename(path), "libtensoralloc-preload.so")
+        libs = ta._mapped_files("libtensoralloc.so")
+        self.assertIn(os.path.dirname(path), {os.path.dirname(p) for p in libs})
+        r = self.launch("preload-path")
+        self.assertEqual((r.returncode, r.stdout.strip()), (0, path), r.stderr)
+
+    def test_run_starts_a_script_preloaded_with_its_options_and_exit_status(self):
+        script = os.path.join(self.dir, "check.py")
+        with open(script, "w") as f:
+            f.write(PRELOAD_CHECK)
+        r = self.launch("run", "--threshold", "1M", "--thp", "off", "--", script, "3", "x y")
+        self.assertEqual(r.returncode, 3, r.stdout + r.stderr)
+        self.assertEqual(r.stdout.strip(), "preloaded True 1048576 off ['3', 'x y']")
+        r = self.launch("run", "-c", PRELOAD_CHECK, "0")  # -c and -m run by this interpreter
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        self.assertTrue(r.stdout.startswith("preloaded True None None"), r.stdout)
+        r = self.launch("run", "sh", "-c", 'echo "$LD_PRELOAD"')  # any command
+        self.assertEqual(r.stdout.strip(), ta.preload_path(), r.stderr)
+
+    def test_run_refuses_bad_usage_with_a_message(self):
+        for args, status, message in (
+                ((), 2, "no program given"),
+                (("--thp", "maybe", "x.py"), 2, "--thp takes on, off or auto, not 'maybe'"),
+                (("--threshold", "lots", "x.py"), 2, "--threshold: not a byte count: 'lots'"),
+                (("--retain-ms", "-1", "x.py"), 2, "--retain-ms takes a number"),
+                (("--retain",), 2, "--retain needs a value"),
+                (("--frobnicate", "x.py"), 2, "unknown option --frobnicate"),
+                (("-m",), 2, "-m needs an argument"),
+                (("--library", os.path.join(self.dir, "none.so"), "true"), 127, "no preload library at"),
+                (("no-such-program-here",), 127, "cannot run no-such-program-here")):
+            r = self.launch("run", *args)
+            self.assertEqual(r.returncode, status, f"{args}: {r.stderr}")
+            self.assertIn(message, r.stderr, args)
+        r = self.launch("run", "--help")
+        self.assertEqual(r.returncode, 0)
+        self.assertIn("--threshold SIZE", r.stdout)
+        r = self.launch("frobnicate")
+        self.assertEqual(r.returncode, 2)
+        self.assertIn("usage: python -m tensoralloc run", r.stderr)
+
+
 if __name__ == "__main__":
     if np is None:
         print("SKIP: numpy is not importable by", sys.executable, "(python3-numpy)")

@@ -24,7 +24,7 @@ if not hasattr(_c, "DTYPE_SIZES"):  # an older install's extension, imported bef
 __version__ = _c.library_version
 __all__ = ["ModelCache", "Entry", "save_safetensors", "FormatError", "CacheFullError",
            "NoDeviceError", "MemorySnapshot", "get_pretty_snapshot_diff", "mallinfo2", "stats",
-           "trim", "parse_bytes", "budget_rule", "NUMPY_DTYPES", "TORCH_DTYPES"]
+           "trim", "parse_bytes", "budget_rule", "preload_path", "NUMPY_DTYPES", "TORCH_DTYPES"]
 
 # safetensors dtype -> numpy dtype name. numpy has no bfloat16 and no 8-bit
 # floats: their bits come as uint16 and uint8 (entry.torch gives the real
@@ -360,3 +360,38 @@ def stats():
 def trim():
     """Give what the allocator retains back to the kernel now (ta_trim)."""
     _c.trim()
+
+
+def _mapped_files(prefix):
+    """Real paths of the files this process maps whose name starts with prefix."""
+    found = set()
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            parts = line.split(None, 5)
+            if len(parts) == 6 and os.path.basename(parts[5].strip()).startswith(prefix):
+                found.add(os.path.realpath(parts[5].strip()))
+    return found
+
+
+def _beside_library(names):
+    """The first of names found in the folder of the libtensoralloc.so this
+    package loaded (the build folder, an install's libdir, or the package
+    folder of a wheel), else None."""
+    for lib in sorted(_mapped_files("libtensoralloc.so")):
+        for name in names:
+            candidate = os.path.join(os.path.dirname(lib), name)
+            if os.path.exists(candidate):
+                return candidate
+    return None
+
+
+def preload_path():
+    """The path of the preload library that came with this package, for
+    LD_PRELOAD (a Dockerfile, a service unit); python -m tensoralloc run
+    uses it. Raises FileNotFoundError if it is not beside the library."""
+    path = _beside_library(("libtensoralloc-preload.so",))
+    if path is None:
+        raise FileNotFoundError("libtensoralloc-preload.so is not beside the libtensoralloc.so "
+                                "this package loaded (" +
+                                (", ".join(sorted(_mapped_files("libtensoralloc.so"))) or "none") + ")")
+    return path

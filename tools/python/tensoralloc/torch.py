@@ -20,32 +20,19 @@ import os
 
 import torch as _torch
 
+from . import _beside_library, _mapped_files
+
 __all__ = ["install", "uninstall", "installed", "library_path"]
 
-_SHIM = "libtensoralloc-torch.so.0"
+# The installed soname, and a wheel's unversioned file.
+_SHIM_NAMES = ("libtensoralloc-torch.so.0", "libtensoralloc-torch.so")
 _lib = None
-
-
-def _mapped_files(prefix):
-    """Real paths of the files this process maps whose name starts with prefix."""
-    found = set()
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            parts = line.split(None, 5)
-            if len(parts) == 6 and os.path.basename(parts[5].strip()).startswith(prefix):
-                found.add(os.path.realpath(parts[5].strip()))
-    return found
 
 
 def library_path():
     """Where the shim is: beside the libtensoralloc.so this package loaded
     (the build folder, the install's libdir, or a wheel's library folder)."""
-    from . import _tensoralloc  # loads libtensoralloc.so.0
-    for lib in _mapped_files("libtensoralloc.so"):
-        candidate = os.path.join(os.path.dirname(lib), _SHIM)
-        if os.path.exists(candidate):
-            return candidate
-    return None
+    return _beside_library(_SHIM_NAMES)
 
 
 def _torch_abi():
