@@ -170,10 +170,12 @@ def check_objects(root, build, rows):
             # templates and type information from the headers: not the file's.
             if not kind.isupper() or kind in "WV":
                 continue
-            if sym.startswith(("ta_", "_ta_")):
+            # C++ names live in namespace tensoralloc (_ZN11tensoralloc...).
+            if sym.startswith(("ta_", "_ta_", "_ZN11tensoralloc")):
                 definer.setdefault(sym, set()).add(src)
             elif src not in LIBC_NAMES_DEFINED_BY:
-                problems.append(f"lib/{src} defines {sym}, outside the ta_ and _ta_ names")
+                problems.append(f"lib/{src} defines {sym}, outside the ta_, _ta_ and "
+                                "tensoralloc:: names")
     for path, src in objs:
         if src not in rows:
             continue

@@ -1,17 +1,21 @@
 #!/bin/sh
 # SPDX-License-Identifier: MIT
-# check.sh BUILD SRC LIBDIR PREFIX: `meson install` into a temporary DESTDIR,
-# then a CMake project (find_package(tensoralloc), shared and static
-# targets, the preload target's path) and a static link through pkg-config
-# (Libs.private and Requires.private complete), each built and run.
-build=$1 src=$2 libdir=$3 prefix=$4
+# check.sh BUILD SRC LIBDIR PREFIX ROOT PYTHON: `meson install` into a
+# temporary DESTDIR, then a CMake project (find_package(tensoralloc),
+# shared and static targets, the preload target's path) and a static link
+# through pkg-config (Libs.private and Requires.private complete), each
+# built and run; then, where the PyTorch shim was built, the C++ server
+# (ROOT/tools/torch_serve.cpp) with CMake (tensoralloc::torch and
+# find_package(Torch)), run on a TorchScript model PYTHON makes, and the
+# entry-tensors test (ROOT/tests/torch) through pkg-config tensoralloc-torch.
+build=$1 src=$2 libdir=$3 prefix=$4 root_src=$5 py=$6
 dest=$(mktemp -d)
 trap 'rm -rf "$dest"' EXIT
 n=0 fail=0
 ok() { n=$((n + 1)); echo "ok $n - $1"; }
 bad() { n=$((n + 1)); echo "not ok $n - $1"; fail=1; }
 skip() { n=$((n + 1)); echo "ok $n - $1 # SKIP $2"; }
-echo "1..5"
+echo "1..8"
 meson install -C "$build" --destdir "$dest" --no-rebuild --quiet >/dev/null || { echo "Bail out! meson install failed"; exit 1; }
 root=$dest$prefix
 
@@ -66,5 +70,51 @@ else
     bad "pkg-config --static knows tensoralloc"
     bad "a static link through pkg-config"
     bad "the exit report of a static link"
+fi
+
+# The C++ side of PyTorch: only where the shim was built and installed.
+if [ ! -e "$dest$libdir/libtensoralloc-torch.so" ]; then
+    for what in "the C++ server builds with CMake" "it serves a TorchScript model" \
+                "pkg-config tensoralloc-torch"; do
+        skip "$what" "this build has no libtensoralloc-torch (libtorch-dev)"
+    done
+    exit $fail
+fi
+if command -v cmake >/dev/null &&
+   cmake -S "$src/torch" -B "$dest/torch-build" -DCMAKE_PREFIX_PATH="$root" \
+         -DSERVE_SOURCE="$root_src/tools/torch_serve.cpp" >"$dest/cmake-torch.log" 2>&1 &&
+   cmake --build "$dest/torch-build" >>"$dest/cmake-torch.log" 2>&1; then
+    ok "the C++ server builds from the install with CMake (tensoralloc::torch, find_package(Torch))"
+    if "$py" -c 'import torch' 2>/dev/null; then
+        "$py" -c 'import sys, torch
+m = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 64 * 64, 256)).eval()
+torch.jit.trace(m, torch.ones(1, 3, 64, 64)).save(sys.argv[1])' "$dest/linear.pt"
+        out=$(LD_LIBRARY_PATH="$dest$libdir" "$dest/torch-build/torch_serve" --requests 3 \
+              "$dest/linear.pt" 2>&1)
+        # the 12 MiB weight comes from tensoralloc's large path
+        if echo "$out" | grep -q "summary allocator tensoralloc .* mismatches 0 .*ta_large_allocs [1-9]"; then
+            ok "it serves a TorchScript model with tensoralloc as PyTorch's allocator"
+        else
+            echo "$out" | sed 's/^/# /' | tail -10
+            bad "it serves a TorchScript model with tensoralloc as PyTorch's allocator"
+        fi
+    else
+        skip "it serves a TorchScript model" "$py cannot import torch to make one (python3-torch)"
+    fi
+else
+    sed 's/^/# /' "$dest/cmake-torch.log" | tail -30
+    bad "the C++ server builds from the install with CMake (tensoralloc::torch, find_package(Torch))"
+    bad "it serves a TorchScript model"
+fi
+torch_pc=$(PKG_CONFIG_PATH="$dest$libdir/pkgconfig" PKG_CONFIG_SYSROOT_DIR="$dest" \
+           pkg-config --cflags --libs tensoralloc-torch) || torch_pc=
+if [ -n "$torch_pc" ] &&
+   c++ -std=c++17 "$root_src/tests/torch/test_entry_tensors.cpp" -o "$dest/entry-tensors" \
+       $torch_pc -ltorch_cpu -lc10 2>"$dest/cxx.log" &&
+   LD_LIBRARY_PATH="$dest$libdir" "$dest/entry-tensors" >"$dest/entry.log" 2>&1; then
+    ok "pkg-config tensoralloc-torch: a program on entry_tensors builds and passes ($torch_pc)"
+else
+    sed 's/^/# /' "$dest/cxx.log" "$dest/entry.log" 2>/dev/null | tail -20
+    bad "pkg-config tensoralloc-torch: a program on entry_tensors builds and passes"
 fi
 exit $fail

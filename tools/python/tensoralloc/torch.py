@@ -51,7 +51,9 @@ def _load():
                            "found when it was built (Debian: apt-get install libtorch-dev; "
                            "a pip torch: meson setup -Dtorch_dir=...), see docs/python.md")
     running, running_abi = _torch_abi()
-    c10_before = _mapped_files("libc10.so")
+    # The shim binds libc10 (and, with the model cache, libtorch_cpu): a
+    # file of either that torch had not loaded means another torch.
+    c10_before = _mapped_files("libc10.so") | _mapped_files("libtorch_cpu.so")
     try:
         lib = ctypes.CDLL(path)
     except OSError as e:
@@ -62,12 +64,12 @@ def _load():
     built = lib.ta_torch_built_for().decode()
     built_mm = ".".join(built.split(".")[:2])
     built_abi = lib.ta_torch_cxx11_abi()
-    c10_after = _mapped_files("libc10.so")
+    c10_after = _mapped_files("libc10.so") | _mapped_files("libtorch_cpu.so")
     if built_mm != running or built_abi != running_abi or c10_after != c10_before:
         raise RuntimeError(f"tensoralloc.torch: the shim was built against libtorch {built} "
-                           f"(C++11 ABI {built_abi}, libc10 {sorted(c10_after - c10_before)}) but "
-                           f"this process runs torch {_torch.__version__} (C++11 ABI "
-                           f"{running_abi}, libc10 {sorted(c10_before)}); rebuild tensoralloc "
+                           f"(C++11 ABI {built_abi}, libraries {sorted(c10_after - c10_before)}) "
+                           f"but this process runs torch {_torch.__version__} (C++11 ABI "
+                           f"{running_abi}, libraries {sorted(c10_before)}); rebuild tensoralloc "
                            "against this torch (docs/python.md)")
     _lib = lib
     return lib
