@@ -314,7 +314,7 @@ class Server {
                     rss_after_evict, rss_mib());
     }
 
-    void summary()
+    void summary(double start_rss)
     {
         std::vector<double> s = switch_ms_;
         std::sort(s.begin(), s.end());
@@ -333,11 +333,11 @@ class Server {
         ta_stats_get(&st);
         std::printf("summary allocator %s weights %s requests %ld switches %ld "
                     "switch_ms_median %.2f switch_ms_total %.1f evictions %ld mismatches %ld "
-                    "rss_end_mib %.1f rss_dropped_mib %.1f rss_dropped_1s_mib %.1f "
-                    "ta_large_allocs %llu\n",
+                    "rss_start_mib %.1f rss_end_mib %.1f rss_dropped_mib %.1f "
+                    "rss_dropped_1s_mib %.1f ta_large_allocs %llu\n",
                     opt_.tensoralloc ? "tensoralloc" : "default",
                     opt_.cache_weights ? "cache" : "jit", opt_.requests, switches_, median, total,
-                    evictions_, mismatches_, end_rss, dropped_rss, later_rss,
+                    evictions_, mismatches_, start_rss, end_rss, dropped_rss, later_rss,
                     (unsigned long long)st.large_alloc_count);
     }
 
@@ -468,10 +468,11 @@ int main(int argc, char **argv)
     at::set_num_threads(opt.threads);
     try {
         at::Tensor input = read_input(opt);
+        double start_rss = rss_mib(); // libtorch loaded, no model yet
         Server server(opt);
         for (long r = 0; r < opt.requests; r++)
             server.serve(r, input);
-        server.summary();
+        server.summary(start_rss);
         return server.mismatches() == 0 ? 0 : 3;
     } catch (const std::exception &e) {
         std::fprintf(stderr, "tensoralloc-torch-serve: %s\n", e.what());
