@@ -7,11 +7,11 @@
  * budgets) and runs them on libtorch. docs/cpp.md has a whole program.
  *
  *     ta_entry_t *entry;
- *     ta_cache_load_safetensors(cache, "unet", "unet.safetensors", &entry);
  *     tensoralloc::NamedTensors weights;
- *     if (tensoralloc::entry_tensors(entry, &weights) == 0)   // takes the lock over
- *         for (auto &[name, tensor] : weights)
- *             module.attr(name).toTensor().set_data(tensor);  // or any use
+ *     if (ta_cache_load_safetensors(cache, "unet", "unet.safetensors", &entry) == 0 &&
+ *         tensoralloc::entry_tensors(entry, &weights) == 0)      // takes the lock over
+ *         for (const auto &p : module.named_parameters())        // and named_buffers()
+ *             p.value.set_data(find(weights, p.name));           // dotted state_dict names
  *     // the entry stays locked until the last of these tensors is gone
  *
  * Like the shim, built against the libtorch it runs with (docs/python.md,
@@ -38,7 +38,9 @@ using NamedTensors = std::vector<std::pair<std::string, at::Tensor>>;
  * host memory, nothing copied. It takes over the caller's lock of entry
  * (from ta_cache_get or a load): the lock goes when the last of these
  * tensors, and of the views and storages made from them, is gone, so the
- * cache never evicts memory under a tensor. The memory is the cache's,
+ * cache never evicts memory under a tensor. Every such tensor must be gone
+ * before ta_cache_destroy (which frees locked entries too: a tensor dropped
+ * after it unlocks freed memory). The memory is the cache's,
  * shared by every holder of the entry: read it, do not write it.
  * safetensors types libtorch 1.13 lacks come as the same bits in the type
  * the Python package uses (U16 as int16, U32 as int32, U64 as int64,

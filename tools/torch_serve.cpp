@@ -86,14 +86,14 @@ struct Options {
     std::exit(2);
 }
 
-long parse_count(const char *option, const char *text, long least)
+long parse_count(const char *option, const char *text, long least, long most = 1L << 30)
 {
     char *end;
     errno = 0;
     long v = std::strtol(text, &end, 10);
-    if (errno != 0 || end == text || *end != '\0' || v < least)
-        usage_error(std::string(option) + " takes a whole number of at least " +
-                    std::to_string(least) + ", not '" + text + "'");
+    if (errno != 0 || end == text || *end != '\0' || v < least || v > most)
+        usage_error(std::string(option) + " takes a whole number from " + std::to_string(least) +
+                    " to " + std::to_string(most) + ", not '" + text + "'");
     return v;
 }
 
@@ -149,9 +149,9 @@ Options parse_options(int argc, char **argv)
         } else if (a == "--outputs") {
             o.outputs = value();
         } else if (a == "--threads") {
-            o.threads = int(parse_count("--threads", value(), 1));
+            o.threads = int(parse_count("--threads", value(), 1, 4096));
         } else if (a == "--load-threads") {
-            o.load_threads = int(parse_count("--load-threads", value(), 0));
+            o.load_threads = int(parse_count("--load-threads", value(), 0, 4096));
         } else if (a.size() > 1 && a[0] == '-') {
             usage_error("unknown option " + a);
         } else {

@@ -896,12 +896,34 @@ class Launcher(Base):
         r = self.launch("run", "sh", "-c", 'echo "$LD_PRELOAD"')  # any command
         self.assertEqual(r.stdout.strip(), ta.preload_path(), r.stderr)
 
+    def test_the_launchers_ranges_are_the_librarys(self):
+        """Each end of a range the launcher accepts, the library takes (no
+        "ignoring" under --verbose): the two tables agree."""
+        for option, value, variable in (("--threshold", "16K", "THRESHOLD"),
+                                        ("--threshold", "1M", "THRESHOLD"),
+                                        ("--retain", "0", "RETAIN_BYTES"),
+                                        ("--retain", "1024T", "RETAIN_BYTES"),
+                                        ("--retain-ms", "0", "RETAIN_MS"),
+                                        ("--retain-ms", "3600000", "RETAIN_MS")):
+            r = self.launch("run", "--verbose", option, value, "-c", "pass")
+            self.assertEqual(r.returncode, 0, r.stderr)
+            self.assertNotIn("ignoring TENSORALLOC_" + variable, r.stderr, (option, value))
+        env = dict(os.environ, TENSORALLOC_VERBOSE="1", TENSORALLOC_THRESHOLD=str((16 << 10) - 1),
+                   LD_PRELOAD=ta.preload_path())
+        r = subprocess.run([sys.executable, "-c", "pass"], env=env, capture_output=True, text=True)
+        self.assertIn("ignoring TENSORALLOC_THRESHOLD", r.stderr, "below the range, the library ignores it")
+
     def test_run_refuses_bad_usage_with_a_message(self):
         for args, status, message in (
                 ((), 2, "no program given"),
                 (("--thp", "maybe", "x.py"), 2, "--thp takes on, off or auto, not 'maybe'"),
                 (("--threshold", "lots", "x.py"), 2, "--threshold: not a byte count: 'lots'"),
+                (("--threshold", "1", "x.py"), 2, "--threshold 1: outside what tensoralloc accepts"),
+                (("--threshold", "100G", "x.py"), 2, "outside what tensoralloc accepts"),
                 (("--retain-ms", "-1", "x.py"), 2, "--retain-ms takes a number"),
+                (("--retain-ms", "\u00b2", "x.py"), 2, "--retain-ms takes a number"),
+                (("--retain-ms", "3600001", "x.py"), 2, "outside what tensoralloc accepts"),
+                (("-x", "x.py"), 2, "unknown option -x"),
                 (("--retain",), 2, "--retain needs a value"),
                 (("--frobnicate", "x.py"), 2, "unknown option --frobnicate"),
                 (("-m",), 2, "-m needs an argument"),
@@ -910,6 +932,18 @@ class Launcher(Base):
             r = self.launch("run", *args)
             self.assertEqual(r.returncode, status, f"{args}: {r.stderr}")
             self.assertIn(message, r.stderr, args)
+        script = os.path.join(self.dir, "no-shebang")
+        with open(script, "w") as f:
+            f.write("echo hi\n")
+        os.chmod(script, 0o755)
+        r = self.launch("run", script)  # found but not runnable: 126, as a shell says
+        self.assertEqual(r.returncode, 126, r.stderr)
+        spaced = os.path.join(self.dir, "a b")
+        os.mkdir(spaced)
+        shutil.copy(ta.preload_path(), spaced)
+        r = self.launch("run", "--library", os.path.join(spaced, "libtensoralloc-preload.so"), "true")
+        self.assertEqual(r.returncode, 2, r.stderr)
+        self.assertIn("holds a space or a colon, which LD_PRELOAD cannot carry", r.stderr)
         r = self.launch("run", "--help")
         self.assertEqual(r.returncode, 0)
         self.assertIn("--threshold SIZE", r.stdout)

@@ -69,6 +69,9 @@ import tensoralloc as ta
 where = sys.argv[1]
 assert ta.__file__.startswith(where), f"imported {ta.__file__}, not the package under {where}"
 assert ta.preload_path().startswith(where), ta.preload_path()
+# every libtensoralloc* mapped is the package's own, whatever LD_LIBRARY_PATH holds
+libs = ta._mapped_files("libtensoralloc")
+assert libs and all(p.startswith(where) for p in libs), libs
 import numpy as np
 with tempfile.TemporaryDirectory() as d:
     p = os.path.join(d, "m.safetensors")
@@ -97,7 +100,13 @@ if torch is not None:
 print(f"PASS: {os.path.dirname(ta.__file__)} imports, caches and views")
 PY
 site=$("$tmp/v/bin/python" -c 'import sysconfig; print(sysconfig.get_path("platlib"))')
-(cd "$tmp" && "$tmp/v/bin/python" "$tmp/use.py" "$site/tensoralloc") || fail "the installed wheel"
+# A libtensoralloc.so of another install on LD_LIBRARY_PATH (the name a
+# meson install's development link has) must not replace the package's.
+mkdir "$tmp/decoy"
+cp "$tmp/unpacked/tensoralloc/libtensoralloc.so" "$tmp/unpacked/tensoralloc/libtensoralloc-torch.so" \
+   "$tmp/decoy/"
+(cd "$tmp" && LD_LIBRARY_PATH="$tmp/decoy" "$tmp/v/bin/python" "$tmp/use.py" "$site/tensoralloc") ||
+    fail "the installed wheel"
 
 # 3. The launchers: a program that checks it runs under the package's
 # preload library, and its exit status comes back.

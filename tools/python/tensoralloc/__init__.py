@@ -374,12 +374,14 @@ def _mapped_files(prefix):
 
 
 def _beside_library(names):
-    """The first of names found in the folder of the libtensoralloc.so this
-    package loaded (the build folder, an install's libdir, or the package
-    folder of a wheel), else None."""
-    for lib in sorted(_mapped_files("libtensoralloc.so")):
+    """The first of names found in this package's folder (a wheel's, which
+    holds the libraries) or the folder of the libtensoralloc.so this package
+    loaded (the build folder, an install's libdir), else None."""
+    folders = [os.path.dirname(os.path.abspath(__file__))]
+    folders += [os.path.dirname(lib) for lib in sorted(_mapped_files("libtensoralloc.so"))]
+    for folder in folders:
         for name in names:
-            candidate = os.path.join(os.path.dirname(lib), name)
+            candidate = os.path.join(folder, name)
             if os.path.exists(candidate):
                 return candidate
     return None

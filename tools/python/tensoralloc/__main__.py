@@ -37,6 +37,10 @@ SIZE accepts K, M, G suffixes (powers of 1024)."""
 _VALUED = {"--threshold": "THRESHOLD", "--retain": "RETAIN_BYTES", "--retain-ms": "RETAIN_MS",
            "--thp": "THP"}
 _FLAGS = {"--stats": "STATS", "--verbose": "VERBOSE"}
+# The ranges of lib/base/options.c's table, where the library would ignore
+# a value outside them (the Launcher test holds the two to each other).
+_RANGES = {"--threshold": (16 << 10, 1 << 20), "--retain": (0, 1 << 50),
+           "--retain-ms": (0, 3600 * 1000)}
 
 
 class UsageError(Exception):
@@ -51,13 +55,18 @@ def _option_value(option, value):
             raise UsageError(f"--thp takes on, off or auto, not {value!r}")
         return value
     if option == "--retain-ms":
-        if not value.isdigit():
+        if not (value.isascii() and value.isdigit()):
             raise UsageError(f"--retain-ms takes a number of milliseconds, not {value!r}")
-        return value
-    try:
-        return str(parse_bytes(value))
-    except ValueError as e:
-        raise UsageError(f"{option}: {e}") from None
+        number = int(value)
+    else:
+        try:
+            number = parse_bytes(value)
+        except ValueError as e:
+            raise UsageError(f"{option}: {e}") from None
+    low, high = _RANGES[option]
+    if not low <= number <= high:
+        raise UsageError(f"{option} {value}: outside what tensoralloc accepts ({low} to {high})")
+    return str(number)
 
 
 def parse(argv):
@@ -82,7 +91,7 @@ def parse(argv):
             i += 1
         elif arg in ("-h", "--help"):
             return None
-        elif arg.startswith("--"):
+        elif arg.startswith("-") and arg not in ("-m", "-c"):
             raise UsageError(f"unknown option {arg}")
         else:
             break
@@ -116,6 +125,12 @@ def run(argv, prog):
     if not os.path.isfile(library):
         print(f"{prog}: no preload library at {library}", file=sys.stderr)
         return 127
+    if any(c in library for c in " :\t\n"):
+        # The loader splits LD_PRELOAD at spaces and colons, with no escape.
+        print(f"{prog}: the preload library's path {library!r} holds a space or a colon, "
+              "which LD_PRELOAD cannot carry; install the package (or pass --library) "
+              "in a folder without them", file=sys.stderr)
+        return 2
     env = dict(os.environ, **env_add)
     env["LD_PRELOAD"] = library + (":" + env["LD_PRELOAD"] if env.get("LD_PRELOAD") else "")
     sys.stdout.flush()
@@ -124,7 +139,8 @@ def run(argv, prog):
         os.execvpe(command[0], command, env)
     except OSError as e:
         print(f"{prog}: cannot run {command[0]}: {e.strerror}", file=sys.stderr)
-        return 126 if isinstance(e, PermissionError) else 127
+        # as a shell: 127 not found, 126 found but not runnable
+        return 127 if isinstance(e, FileNotFoundError) else 126
 
 
 def run_main():
@@ -137,7 +153,11 @@ def main(argv=None):
     if argv and argv[0] == "run":
         return run(argv[1:], "python -m tensoralloc run")
     if argv == ["preload-path"]:
-        print(preload_path())
+        try:
+            print(preload_path())
+        except FileNotFoundError as e:
+            print(f"python -m tensoralloc preload-path: {e}", file=sys.stderr)
+            return 1
         return 0
     out = sys.stdout if argv in ([], ["-h"], ["--help"]) else sys.stderr
     print("usage: python -m tensoralloc run [OPTIONS] [--] PROGRAM [ARGS...]\n"
