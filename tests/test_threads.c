@@ -368,6 +368,61 @@ Test(threads, purge_thread_gives_back_blocks_freed_into_an_idle_heap, .timeout =
     finish_idle_owner(owner);
 }
 
+/* ---- an owner's own free pages, left when it goes idle --------------------
+ * A thread frees everything it allocated itself and then makes no more
+ * allocator calls: the free pages its heap keeps for reuse (below
+ * PURGE_LIMIT) would wait for its next span release for ever. The purge
+ * thread gives them back once they have waited RETAIN_MS. */
+enum { OWN_BLOCKS = 6000, OWN_SIZE = 700 }; /* ~4 MB of small spans */
+
+static void *own_free_then_idle(void *arg)
+{
+    (void)arg;
+    static void *blocks[OWN_BLOCKS];
+    for (int i = 0; i < OWN_BLOCKS; i++) {
+        blocks[i] = ta_malloc(OWN_SIZE);
+        memset(blocks[i], 3, OWN_SIZE);
+    }
+    for (int i = 0; i < OWN_BLOCKS; i++)
+        ta_free(blocks[i]);
+    idle_set_phase(1);
+    idle_wait_phase(2); /* alive and idle: no allocator call */
+    for (int i = 0; i < OWN_BLOCKS; i++) { /* and its heap works afterwards */
+        blocks[i] = ta_malloc(OWN_SIZE);
+        memset(blocks[i], 4, OWN_SIZE);
+    }
+    intptr_t bad = 0;
+    for (int i = 0; i < OWN_BLOCKS; i++) {
+        bad += ((unsigned char *)blocks[i])[OWN_SIZE - 1] != 4;
+        ta_free(blocks[i]);
+    }
+    return (void *)bad;
+}
+
+Test(threads, purge_thread_gives_back_an_idle_owners_free_pages, .timeout = 60)
+{
+    ta_option_set(TA_OPT_RETAIN_MS, 100);
+    idle_phase = 0;
+    pthread_t owner;
+    cr_assert_eq(pthread_create(&owner, NULL, own_free_then_idle, NULL), 0);
+    idle_wait_phase(1);
+    uint64_t left = stats_now().small_dirty_bytes, now = left;
+    for (int i = 0; i < 60 && now > 64 * 1024; i++) { /* no allocator call here: up to 3 s */
+        usleep(50000);
+        now = stats_now().small_dirty_bytes;
+    }
+    cr_log_info("free slab pages: %llu KiB when the owner went idle, %llu KiB later",
+                (unsigned long long)left / 1024, (unsigned long long)now / 1024);
+    cr_assert_gt(left, 1024 * 1024, "the owner left free pages (%llu bytes)",
+                 (unsigned long long)left);
+    cr_assert_leq(now, 64 * 1024, "an idle owner's %llu bytes of free pages stayed",
+                  (unsigned long long)now);
+    idle_set_phase(2);
+    void *bad;
+    pthread_join(owner, &bad);
+    cr_assert_null(bad, "the owner's blocks were corrupted after the purge");
+}
+
 /* ---- the per-span lists across thread exit --------------------------------
  * An owner hands its blocks to freeing threads and exits at once, so that
  * their frees (onto the spans' thread_free lists, notifying the spans) race

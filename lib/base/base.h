@@ -67,6 +67,12 @@ static inline void _ta_lock(ta_lock_t *l)
                                                memory_order_relaxed))
         _ta_lock_slow(l);
 }
+static inline bool _ta_lock_try(ta_lock_t *l)
+{
+    int expected = 0;
+    return atomic_compare_exchange_strong_explicit(&l->held, &expected, 1, memory_order_acquire,
+                                                   memory_order_relaxed);
+}
 static inline void _ta_unlock(ta_lock_t *l)
 {
     atomic_store_explicit(&l->held, 0, memory_order_release);

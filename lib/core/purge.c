@@ -204,8 +204,12 @@ void _ta_purge_start(void)
     purge_forget_parent();
     pthread_mutex_lock(&purge_mutex);
     bool start = !atomic_load(&purge_running);
-    if (start)
+    if (start) {
         atomic_store(&purge_running, true);
+        /* Its first act is a pass: the slabs may have left it work (free
+         * pages, remote lists) while no purge thread ran to be woken. */
+        purge_pending = true;
+    }
     exit_checks = 0;
     pthread_mutex_unlock(&purge_mutex);
     if (!start)

@@ -201,7 +201,10 @@ static _Atomic int64_t dirty_total; /* sum of the heaps' dirty_bytes, for statis
  * statistics never read another thread's heap. */
 static inline void dirty_add(heap_t *h, int64_t delta)
 {
-    h->dirty_bytes = (size_t)((int64_t)h->dirty_bytes + delta);
+    size_t was = atomic_load_explicit(&h->dirty_bytes, memory_order_relaxed);
+    /* seq_cst: pairs with the purge thread's last look before it sleeps
+     * (span_release wakes it when this leaves pages to wait). */
+    atomic_store_explicit(&h->dirty_bytes, (size_t)((int64_t)was + delta), memory_order_seq_cst);
     atomic_fetch_add_explicit(&dirty_total, delta, memory_order_relaxed);
 }
 
@@ -448,6 +451,7 @@ static void segment_release(heap_t *h, segment_t *seg)
  * back. */
 static void heap_release_empty(heap_t *h)
 {
+    _ta_lock(&h->pages_lock);
     for (segment_t *seg = h->segments, *next; seg; seg = next) {
         next = seg->next;
         if (seg->used_pages != META_MASK || seg == h->spare)
@@ -457,6 +461,7 @@ static void heap_release_empty(heap_t *h)
         else
             segment_release(h, seg);
     }
+    _ta_unlock(&h->pages_lock);
 }
 
 /* First run of k free pages, or -1. */
@@ -536,13 +541,16 @@ static span_t *span_new(heap_t *h, int c)
     size_t units = (entries * sizeof(uint16_t) + LINK_UNIT - 1) / LINK_UNIT;
     segment_t *seg;
     int first = -1, unit = -1;
+    _ta_lock(&h->pages_lock);
     for (seg = h->segments; seg; seg = seg->next)
         if ((first = find_run(seg->used_pages, ci->pages)) >= 0 &&
             (unit = link_units_take(seg, units)) >= 0)
             break;
     if (seg == NULL) {
-        if ((seg = segment_new(h)) == NULL)
+        if ((seg = segment_new(h)) == NULL) {
+            _ta_unlock(&h->pages_lock);
             return NULL;
+        }
         first = find_run(seg->used_pages, ci->pages);
         unit = link_units_take(seg, units);
     }
@@ -553,6 +561,7 @@ static span_t *span_new(heap_t *h, int c)
     seg->used_pages |= run;
     seg->dirty_pages &= ~run;
     dirty_add(h, -(int64_t)__builtin_popcountll(was_dirty) * (int64_t)SLAB_PAGE_SIZE);
+    _ta_unlock(&h->pages_lock);
 
     span_t *s = &seg->spans[first];
     s->start = (char *)seg + (size_t)first * SLAB_PAGE_SIZE;
@@ -596,8 +605,17 @@ static void partial_unlink(heap_t *h, span_t *s)
 }
 
 static void heap_purge(heap_t *h);
+static bool purge_watch_start(void);
 
-/* Gives an empty span's pages back to its segment. */
+/* Whether h's free pages go back now: too many, or waited RETAIN_MS. */
+static bool dirty_due(heap_t *h, uint64_t now)
+{
+    size_t dirty = atomic_load_explicit(&h->dirty_bytes, memory_order_relaxed);
+    uint64_t since = atomic_load_explicit(&h->dirty_since_ms, memory_order_relaxed);
+    return dirty > PURGE_LIMIT || (dirty && now - since >= (uint64_t)_ta_opt(TA_OPT_RETAIN_MS));
+}
+
+/* Gives an empty span's pages back to its segment (pages_lock taken here). */
 static void span_release(heap_t *h, span_t *s)
 {
     uint64_t now = _ta_os_now_ms();
@@ -610,6 +628,7 @@ static void span_release(heap_t *h, span_t *s)
     int first = (int)(s - seg->spans);
     for (int i = 0; i < s->pages; i++)
         seg->page_span[first + i] = &no_span;
+    _ta_lock(&h->pages_lock);
     link_units_free(seg, s);
     uint64_t run = (s->pages == 64 ? ~0ULL : ((1ULL << s->pages) - 1)) << first;
     s->state = SPAN_FREE;
@@ -622,8 +641,8 @@ static void span_release(heap_t *h, span_t *s)
         /* clean */
     } else {
         seg->dirty_pages |= run;
-        if (h->dirty_bytes == 0)
-            h->dirty_since_ms = now;
+        if (atomic_load_explicit(&h->dirty_bytes, memory_order_relaxed) == 0)
+            atomic_store_explicit(&h->dirty_since_ms, now, memory_order_relaxed);
         dirty_add(h, (int64_t)s->pages * (int64_t)SLAB_PAGE_SIZE);
     }
     atomic_fetch_sub_explicit(&committed_bytes, (uint64_t)s->pages * SLAB_PAGE_SIZE,
@@ -638,9 +657,14 @@ static void span_release(heap_t *h, span_t *s)
     /* Free pages go back once a heap holds too many, or once they have
      * waited RETAIN_MS (pages reused sooner cost no fault; mimalloc's
      * delayed reset). */
-    if (h->dirty_bytes > PURGE_LIMIT ||
-        now - h->dirty_since_ms >= (uint64_t)_ta_opt(TA_OPT_RETAIN_MS))
+    if (dirty_due(h, now))
         heap_purge(h);
+    bool waiting = atomic_load_explicit(&h->dirty_bytes, memory_order_relaxed) != 0;
+    _ta_unlock(&h->pages_lock);
+    /* Free pages left to wait: should this thread go idle now, the purge
+     * thread gives them back (purge_idle_owners). */
+    if (waiting && purge_watch_start())
+        purge_hook(&purge_hooks.wake);
 }
 
 /* Returns free pages to the kernel, one madvise per run of dirty pages,
@@ -1070,8 +1094,16 @@ static bool heap_notify(heap_t *h, span_t *s)
      * abandoned, or its owner sees this span after giving the heap up. */
     if (top == NULL && atomic_load_explicit(&h->abandoned, memory_order_seq_cst))
         return true;
-    /* Pairs with the purge thread's last look before it sleeps (seq_cst on
-     * both sides): either it sees this span or this sees it asleep. */
+    return purge_watch_start();
+}
+
+/* Whether the purge thread must be woken to watch the live heaps: true
+ * for the one caller that finds it not watching. Pairs with its last look
+ * before it sleeps (seq_cst on both sides): either it sees this caller's
+ * work (a span on remote_spans, free pages waiting) or this sees it
+ * asleep. */
+static bool purge_watch_start(void)
+{
     return !atomic_load_explicit(&purge_watching, memory_order_seq_cst) &&
            !atomic_exchange_explicit(&purge_watching, true, memory_order_seq_cst);
 }
@@ -1143,15 +1175,19 @@ static bool heap_tidy(heap_t *h, bool force)
             span_release(h, s); /* the one kept empty (span_keep_empty) */
     }
     live_flush(h);
-    if (!force && h->dirty_bytes &&
-        _ta_os_now_ms() - h->dirty_since_ms < (uint64_t)_ta_opt(TA_OPT_RETAIN_MS))
+    _ta_lock(&h->pages_lock);
+    if (!force && atomic_load_explicit(&h->dirty_bytes, memory_order_relaxed) &&
+        !dirty_due(h, _ta_os_now_ms())) {
+        _ta_unlock(&h->pages_lock);
         return true;
+    }
     if (h->spare) {
         segment_t *spare = h->spare;
         h->spare = NULL;
         segment_release(h, spare); /* one that must stay is found again later */
     }
     heap_purge(h);
+    _ta_unlock(&h->pages_lock);
     return false;
 }
 
@@ -1169,7 +1205,8 @@ static bool tidy_abandoned(bool every)
     heap_t *last = NULL;
     for (heap_t *h = taken; h; h = h->next_abandoned) {
         if (every || atomic_load_explicit(&h->remote_spans, memory_order_relaxed) ||
-            h->dirty_bytes || atomic_load_explicit(&h->trimmed, memory_order_relaxed))
+            atomic_load_explicit(&h->dirty_bytes, memory_order_relaxed) ||
+            atomic_load_explicit(&h->trimmed, memory_order_relaxed))
             waiting |= heap_tidy(h, every);
         last = h;
     }
@@ -1233,13 +1270,38 @@ static bool watch_live_heaps(void)
     return waiting;
 }
 
+/* The purge thread's look at the live heaps' free pages. An owner that
+ * left free pages to wait and then went idle never releases the span that
+ * would give them back; once they have waited RETAIN_MS the purge thread
+ * does, under the heap's pages_lock (a busy lock is tried on the next
+ * pass; the owner's span paths hold it only briefly). Returns true while
+ * pages wait. */
+static bool purge_idle_owners(void)
+{
+    uint64_t now = _ta_os_now_ms();
+    bool waiting = false;
+    for (heap_t *h = heaps_first(); h; h = h->next_all) {
+        if (atomic_load_explicit(&h->abandoned, memory_order_relaxed) ||
+            atomic_load_explicit(&h->dirty_bytes, memory_order_seq_cst) == 0)
+            continue; /* tidy_abandoned gives back the abandoned ones' */
+        if (!dirty_due(h, now) || !_ta_lock_try(&h->pages_lock)) {
+            waiting = true;
+            continue;
+        }
+        if (dirty_due(h, now))
+            heap_purge(h); /* pages whose advice fails stay: not waited for */
+        _ta_unlock(&h->pages_lock);
+    }
+    return waiting;
+}
+
 bool _ta_small_purge_pass(void)
 {
     bool more = tidy_abandoned(false); /* later frees wake the purge thread again */
-    if (watch_live_heaps())
+    if (watch_live_heaps() | purge_idle_owners())
         return true;
     atomic_store_explicit(&purge_watching, false, memory_order_seq_cst);
-    if (watch_live_heaps()) { /* a free came in meanwhile */
+    if (watch_live_heaps() | purge_idle_owners()) { /* work came in meanwhile */
         atomic_store_explicit(&purge_watching, true, memory_order_relaxed);
         return true;
     }

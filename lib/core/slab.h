@@ -106,8 +106,12 @@ typedef struct heap_s {
     _Atomic(span_t *) remote_spans; /* spans other threads freed into (NOTIFIED ones) */
     struct heap_s *next_all;
     struct heap_s *next_abandoned;
-    size_t dirty_bytes;
-    uint64_t dirty_since_ms; /* when dirty_bytes last left zero */
+    /* The heap's free pages (segments, their page bits, the spare): the
+     * owner's span paths hold it, and so does the purge thread when it
+     * gives back the free pages of an owner gone idle. */
+    ta_lock_t pages_lock;
+    _Atomic size_t dirty_bytes;       /* written under pages_lock */
+    _Atomic uint64_t dirty_since_ms;  /* when dirty_bytes last left zero */
     bool registered;         /* on all_heaps */
     bool sweeping;           /* segments stay while the owner walks them */
     atomic_bool abandoned;   /* no thread owns it: it sits on the abandoned list */
