@@ -208,6 +208,22 @@ static inline void dirty_add(heap_t *h, int64_t delta)
     atomic_fetch_add_explicit(&dirty_total, delta, memory_order_relaxed);
 }
 
+/* The owner's take of its heap's pages_lock. Only the purge thread
+ * contends for it, briefly. A child made by _Fork (no fork handlers) may
+ * find it held by the parent's purge thread, which is not in the child:
+ * the holder's process id tells, and the child takes the lock over. */
+static void pages_lock_own(heap_t *h)
+{
+    while (!_ta_lock_try(&h->pages_lock)) {
+        int holder = atomic_load_explicit(&h->pages_holder_pid, memory_order_relaxed);
+        if (holder != 0 && holder != _ta_os_pid()) {
+            atomic_store_explicit(&h->pages_holder_pid, 0, memory_order_relaxed);
+            return; /* held, now by this process's thread */
+        }
+        _ta_os_yield();
+    }
+}
+
 /* ---- global state ---------------------------------------------------------- */
 
 static ta_lock_t heaps_lock; /* guards all_heaps, abandoned, heap_chunk */
@@ -451,7 +467,7 @@ static void segment_release(heap_t *h, segment_t *seg)
  * back. */
 static void heap_release_empty(heap_t *h)
 {
-    _ta_lock(&h->pages_lock);
+    pages_lock_own(h);
     for (segment_t *seg = h->segments, *next; seg; seg = next) {
         next = seg->next;
         if (seg->used_pages != META_MASK || seg == h->spare)
@@ -541,7 +557,7 @@ static span_t *span_new(heap_t *h, int c)
     size_t units = (entries * sizeof(uint16_t) + LINK_UNIT - 1) / LINK_UNIT;
     segment_t *seg;
     int first = -1, unit = -1;
-    _ta_lock(&h->pages_lock);
+    pages_lock_own(h);
     for (seg = h->segments; seg; seg = seg->next)
         if ((first = find_run(seg->used_pages, ci->pages)) >= 0 &&
             (unit = link_units_take(seg, units)) >= 0)
@@ -628,7 +644,7 @@ static void span_release(heap_t *h, span_t *s)
     int first = (int)(s - seg->spans);
     for (int i = 0; i < s->pages; i++)
         seg->page_span[first + i] = &no_span;
-    _ta_lock(&h->pages_lock);
+    pages_lock_own(h);
     link_units_free(seg, s);
     uint64_t run = (s->pages == 64 ? ~0ULL : ((1ULL << s->pages) - 1)) << first;
     s->state = SPAN_FREE;
@@ -661,9 +677,11 @@ static void span_release(heap_t *h, span_t *s)
         heap_purge(h);
     bool waiting = atomic_load_explicit(&h->dirty_bytes, memory_order_relaxed) != 0;
     _ta_unlock(&h->pages_lock);
-    /* Free pages left to wait: should this thread go idle now, the purge
-     * thread gives them back (purge_idle_owners). */
-    if (waiting && purge_watch_start())
+    /* Free pages left to wait in this thread's own heap: should it go idle
+     * now, the purge thread gives them back (purge_idle_owners). Only the
+     * owner wakes it: a tidier of an abandoned heap holds tidy_lock, which
+     * fork takes after the purge thread's mutex, and purges at its end. */
+    if (waiting && h == _ta_thread_heap && purge_watch_start())
         purge_hook(&purge_hooks.wake);
 }
 
@@ -1175,7 +1193,7 @@ static bool heap_tidy(heap_t *h, bool force)
             span_release(h, s); /* the one kept empty (span_keep_empty) */
     }
     live_flush(h);
-    _ta_lock(&h->pages_lock);
+    pages_lock_own(h);
     if (!force && atomic_load_explicit(&h->dirty_bytes, memory_order_relaxed) &&
         !dirty_due(h, _ta_os_now_ms())) {
         _ta_unlock(&h->pages_lock);
@@ -1279,18 +1297,28 @@ static bool watch_live_heaps(void)
 static bool purge_idle_owners(void)
 {
     uint64_t now = _ta_os_now_ms();
+    int pid = _ta_os_pid();
     bool waiting = false;
     for (heap_t *h = heaps_first(); h; h = h->next_all) {
-        if (atomic_load_explicit(&h->abandoned, memory_order_relaxed) ||
+        if (atomic_load_explicit(&h->abandoned, memory_order_relaxed) || h->orphaned ||
             atomic_load_explicit(&h->dirty_bytes, memory_order_seq_cst) == 0)
             continue; /* tidy_abandoned gives back the abandoned ones' */
-        if (!dirty_due(h, now) || !_ta_lock_try(&h->pages_lock)) {
+        if (!dirty_due(h, now)) {
+            waiting = true;
+            continue;
+        }
+        /* The pid first: a _Fork child that inherits the lock held knows
+         * whose it was (pages_lock_own). */
+        atomic_store_explicit(&h->pages_holder_pid, pid, memory_order_relaxed);
+        if (!_ta_lock_try(&h->pages_lock)) {
+            atomic_store_explicit(&h->pages_holder_pid, 0, memory_order_relaxed);
             waiting = true;
             continue;
         }
         if (dirty_due(h, now))
             heap_purge(h); /* pages whose advice fails stay: not waited for */
         _ta_unlock(&h->pages_lock);
+        atomic_store_explicit(&h->pages_holder_pid, 0, memory_order_relaxed);
     }
     return waiting;
 }
@@ -1381,6 +1409,11 @@ void _ta_small_fork_parent(void)
  * threads held, instead of a corrupted heap. */
 void _ta_small_fork_child(void)
 {
+    /* Their locks may be held for good (a thread inside a span path at
+     * fork): the purge thread leaves them alone. */
+    for (heap_t *h = all_heaps; h; h = h->next_all)
+        if (h != _ta_thread_heap && !atomic_load_explicit(&h->abandoned, memory_order_relaxed))
+            h->orphaned = true;
     _ta_unlock(&heaps_lock);
     _ta_unlock(&tidy_lock);
     atomic_store(&purge_watching, false); /* the child has no purge thread yet */

@@ -110,6 +110,8 @@ typedef struct heap_s {
      * owner's span paths hold it, and so does the purge thread when it
      * gives back the free pages of an owner gone idle. */
     ta_lock_t pages_lock;
+    _Atomic int pages_holder_pid; /* the purge thread's process while it holds it */
+    bool orphaned;                /* a fork child's heap of a thread not in it */
     _Atomic size_t dirty_bytes;       /* written under pages_lock */
     _Atomic uint64_t dirty_since_ms;  /* when dirty_bytes last left zero */
     bool registered;         /* on all_heaps */
