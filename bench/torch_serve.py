@@ -72,8 +72,9 @@ def run(serve, directory, paths, allocator, weights, budget_mib, requests, outpu
     summary = lines[-1].split()
     assert summary[0] == "summary", lines[-1]
     result = {summary[i]: summary[i + 1] for i in range(1, len(summary) - 1, 2)}
-    requests_seen = [dict(zip(l.split()[2::2], l.split()[3::2])) | {"model": l.split()[3]}
-                     for l in lines if l.startswith("request ")]
+    # "request N model NAME hit 0 load_ms ...": the pairs after the number
+    requests_seen = [dict(zip(words[2::2], words[3::2]))
+                     for words in (l.split() for l in lines if l.startswith("request "))]
     same = {}
     for pt in paths:
         name = os.path.splitext(os.path.basename(pt))[0]

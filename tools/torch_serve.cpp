@@ -191,18 +191,26 @@ size_t file_bytes(const std::string &path)
     return size_t(st.st_size);
 }
 
-std::string stem(const std::string &path)
+// The path less its file name's extension ("dir/m.pt" -> "dir/m").
+std::string without_extension(const std::string &path)
 {
-    size_t slash = path.rfind('/');
-    std::string base = slash == std::string::npos ? path : path.substr(slash + 1);
-    size_t dot = base.rfind('.');
-    return dot == std::string::npos ? base : base.substr(0, dot);
+    size_t slash = path.rfind('/'), dot = path.rfind('.');
+    bool has = dot != std::string::npos && (slash == std::string::npos || dot > slash);
+    return has ? path.substr(0, dot) : path;
 }
 
+// A model's name: its file name less the extension.
+std::string stem(const std::string &path)
+{
+    std::string base = without_extension(path);
+    size_t slash = base.rfind('/');
+    return slash == std::string::npos ? base : base.substr(slash + 1);
+}
+
+// MODEL.pt's weights: MODEL.safetensors beside it.
 std::string weights_file(const std::string &model)
 {
-    size_t dot = model.rfind('.');
-    return (dot == std::string::npos ? model : model.substr(0, dot)) + ".safetensors";
+    return without_extension(model) + ".safetensors";
 }
 
 // The tensors of a module that a state_dict holds, by their dotted names.
