@@ -14,7 +14,9 @@
  *      ends when its last thread does (the purge thread does not wait for
  *      that lock for ever);
  *   3. a _Fork child (no fork handlers) whose parent's purge thread held
- *      the child's own heap's pages_lock can still allocate.
+ *      the child's own heap's pages_lock can still allocate;
+ *   4. the same when the child's own purge thread reaches that heap first
+ *      (it must leave the parent's mark for the owner to take over).
  */
 #define _GNU_SOURCE
 #include <tensoralloc.h>
@@ -86,7 +88,7 @@ static int fork_while_trim_tidies(void)
     slow_ms = 500;
     void *q = ta_malloc(16);
     ta_free(q);
-    usleep(300000); /* the purge thread started, idle */
+    usleep(300000);
     pthread_t big, small, trim;
     pthread_barrier_init(&ready, NULL, 3);
     pthread_barrier_init(&go, NULL, 2);
@@ -100,6 +102,10 @@ static int fork_while_trim_tidies(void)
         ta_free(blocks[i]); /* frees into abandoned heaps: the tidy releases their spans */
     pthread_create(&trim, NULL, trimmer, NULL);
     wait_for_sleep();
+    if (!atomic_load(&slept)) {
+        printf("# the trimmer never reached its madvise: the case did not happen\n");
+        return 1;
+    }
     pid_t pid = fork();
     if (pid == 0)
         _exit(0);
@@ -134,6 +140,10 @@ static int fork_child_ends(void)
     pthread_t t;
     pthread_create(&t, NULL, owner_held_at_fork, NULL);
     wait_for_sleep();
+    if (!atomic_load(&slept)) {
+        printf("# the owner never reached its madvise: the case did not happen\n");
+        return 1;
+    }
     usleep(50000);
     pid_t pid = fork();
     if (pid == 0) {
@@ -200,6 +210,62 @@ static int underscore_fork_child_allocates(void)
     return WEXITSTATUS(status);
 }
 
+/* ---- 4 ---- */
+static void *leaver_block;
+
+static void *leaver(void *arg)
+{
+    (void)arg;
+    leaver_block = ta_malloc(64); /* its heap is abandoned holding this */
+    return NULL;
+}
+
+static int underscore_fork_child_purge_thread_first(void)
+{
+    slow_ms = 3000;
+    pthread_t t, x;
+    void *keep = ta_malloc(2000); /* a current span with room for the child's first malloc */
+    pthread_create(&t, NULL, idle_thread, NULL);
+    pthread_create(&x, NULL, leaver, NULL);
+    pthread_join(x, NULL);
+    void *m[10];
+    for (int i = 0; i < 10; i++)
+        m[i] = ta_malloc(24000);
+    usleep(200000);
+    atomic_store(&slow_not_tid, (int)syscall(SYS_gettid));
+    for (int i = 0; i < 5; i++)
+        ta_free(m[i]);
+    wait_for_sleep();
+    if (!atomic_load(&slept)) {
+        printf("# the purge thread never gave this heap's pages back\n");
+        return 1;
+    }
+    pid_t pid = _Fork();
+    if (pid == 0) {
+        alarm(5);
+        ta_free(leaver_block);      /* into the abandoned heap: wakes purge work */
+        void *q = ta_malloc(2000);  /* no new span: starts the child's purge thread */
+        usleep(600000);             /* which looks at this heap first */
+        void *n[20];
+        for (int i = 0; i < 20; i++)
+            n[i] = ta_malloc(24000); /* new spans: pages_lock */
+        for (int i = 0; i < 20; i++)
+            ta_free(n[i]);
+        ta_free(q);
+        _exit(0);
+    }
+    ta_free(keep);
+    int status;
+    waitpid(pid, &status, 0);
+    if (WIFSIGNALED(status)) {
+        printf("# the _Fork child %s\n", WTERMSIG(status) == SIGALRM
+                                             ? "hung (killed by its 5 s alarm)"
+                                             : "was killed");
+        return 1;
+    }
+    return WEXITSTATUS(status);
+}
+
 static const struct {
     const char *name;
     int (*run)(void);
@@ -208,6 +274,8 @@ static const struct {
     {"a fork child whose other thread held a pages_lock ends", fork_child_ends},
     {"a _Fork child whose heap's pages_lock the purge thread held allocates",
      underscore_fork_child_allocates},
+    {"... also when the child's purge thread reaches that heap first",
+     underscore_fork_child_purge_thread_first},
 };
 
 int main(int argc, char **argv)

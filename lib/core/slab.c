@@ -1308,8 +1308,12 @@ static bool purge_idle_owners(void)
             continue;
         }
         /* The pid first: a _Fork child that inherits the lock held knows
-         * whose it was (pages_lock_own). */
-        atomic_store_explicit(&h->pages_holder_pid, pid, memory_order_relaxed);
+         * whose it was (pages_lock_own). A mark already there is the
+         * parent's, in a _Fork child: left for the owner to take over. */
+        int none = 0;
+        if (!atomic_compare_exchange_strong_explicit(&h->pages_holder_pid, &none, pid,
+                                                     memory_order_relaxed, memory_order_relaxed))
+            continue;
         if (!_ta_lock_try(&h->pages_lock)) {
             atomic_store_explicit(&h->pages_holder_pid, 0, memory_order_relaxed);
             waiting = true;
