@@ -15,6 +15,14 @@
  *                                         thread replaces random objects of a shared array
  *                                         of 8192 slots per thread, so most objects are
  *                                         freed by another thread than their allocator
+ *   small_bench pingpong [size] [ops] [n] one thread allocates a block of size bytes, writes
+ *                                         a byte in each 4 KiB, frees it, and again (a
+ *                                         scratch buffer; the block is its class's only one);
+ *                                         with n, two such threads, each pausing 20 ms every n
+ *                                         rounds and checking each block (bursts: the purge
+ *                                         thread, which starts in a threaded process, takes
+ *                                         the parked span in the pauses; the ThreadSanitizer
+ *                                         step)
  */
 #include "bench.h"
 
@@ -120,10 +128,37 @@ static void *larson_worker(void *arg)
     return NULL;
 }
 
+/* ---- pingpong: one block of a class at a time ----------------------------- */
+
+static size_t pingpong_size = 32768;
+static long pingpong_pause_every; /* 0: no pauses */
+
+static void *pingpong(void *arg)
+{
+    (void)arg;
+    long rounds = total_ops_target / 2 / nthreads;
+    for (long i = 0; i < rounds; i++) {
+        char *p = b_malloc(pingpong_size);
+        for (size_t off = 0; off < pingpong_size; off += 4096)
+            ((volatile char *)p)[off] = (char)i;
+        if (pingpong_pause_every > 0)
+            for (size_t off = 0; off < pingpong_size; off += 4096)
+                if (((volatile char *)p)[off] != (char)i) {
+                    fprintf(stderr, "small_bench pingpong: a block changed under its owner\n");
+                    exit(1);
+                }
+        b_free(p);
+        if (pingpong_pause_every > 0 && i % pingpong_pause_every == 0)
+            nanosleep(&(struct timespec){0, 20 * 1000 * 1000}, NULL);
+    }
+    atomic_fetch_add(&total_ops, 2 * rounds);
+    return NULL;
+}
+
 static void usage(void)
 {
     fprintf(stderr, "usage: small_bench simple [ops] | thread [threads] [ops] | prodcons [ops] |"
-                    " larson [threads] [ops]\n");
+                    " larson [threads] [ops] | pingpong [size] [ops] [pause_every]\n");
     exit(2);
 }
 
@@ -136,6 +171,17 @@ int main(int argc, char **argv)
     if (threaded) {
         nthreads = argc > 2 ? atoi(argv[2]) : 2;
         total_ops_target = argc > 3 ? atol(argv[3]) : total_ops_target;
+    } else if (strcmp(mode, "pingpong") == 0) {
+        nthreads = 1;
+        long size = argc > 2 ? atol(argv[2]) : (long)pingpong_size;
+        if (size < 1 || size > (1L << 30))
+            usage();
+        pingpong_size = (size_t)size;
+        total_ops_target = argc > 3 ? atol(argv[3]) : total_ops_target;
+        pingpong_pause_every = argc > 4 ? atol(argv[4]) : 0;
+        if (pingpong_pause_every < 0)
+            usage();
+        nthreads = pingpong_pause_every > 0 ? 2 : 1;
     } else {
         nthreads = 1;
         total_ops_target = argc > 2 ? atol(argv[2]) : total_ops_target;
@@ -165,6 +211,11 @@ int main(int argc, char **argv)
         for (size_t k = 0; k < (size_t)LARSON_SLOTS * (size_t)nthreads; k++)
             b_free(atomic_load(&shared[k]));
         free(shared);
+    } else if (strcmp(mode, "pingpong") == 0) {
+        for (int i = 0; i < nthreads; i++)
+            pthread_create(&t[i], NULL, pingpong, NULL);
+        for (int i = 0; i < nthreads; i++)
+            pthread_join(t[i], NULL);
     } else {
         usage();
     }

@@ -423,6 +423,109 @@ Test(threads, purge_thread_gives_back_an_idle_owners_free_pages, .timeout = 60)
     cr_assert_null(bad, "the owner's blocks were corrupted after the purge");
 }
 
+/* ---- an owner's emptied big span, left when it goes idle -------------------
+ * A thread frees its last block of a big class (16 KiB and up) and makes no
+ * more allocator calls. The span it came from was its class's current one:
+ * it is parked, and the purge thread takes it once it has stayed parked
+ * RETAIN_MS (before parking, it stayed current and committed for good). */
+enum { PARK_SIZE = 40000 }; /* class of 40 KiB blocks: 128 KiB spans */
+
+static void *free_big_then_idle(void *arg)
+{
+    (void)arg;
+    unsigned char *p = ta_malloc(PARK_SIZE);
+    memset(p, 5, PARK_SIZE);
+    ta_free(p);
+    idle_set_phase(1);
+    idle_wait_phase(2); /* alive and idle */
+    intptr_t bad = 0;
+    for (int round = 0; round < 3; round++) { /* the class works afterwards */
+        p = ta_malloc(PARK_SIZE);
+        pattern_fill(p, PARK_SIZE, (uint64_t)round);
+        bad += !pattern_ok(p, PARK_SIZE, (uint64_t)round);
+        ta_free(p);
+    }
+    return (void *)bad;
+}
+
+Test(threads, purge_thread_takes_an_idle_owners_emptied_big_span, .timeout = 60)
+{
+    ta_option_set(TA_OPT_RETAIN_MS, 100);
+    idle_phase = 0;
+    pthread_t owner;
+    cr_assert_eq(pthread_create(&owner, NULL, free_big_then_idle, NULL), 0);
+    idle_wait_phase(1);
+    uint64_t left = stats_now().small_committed_bytes, now = left;
+    for (int i = 0; i < 60 && now + 128 * 1024 > left; i++) { /* up to 3 s */
+        usleep(50000);
+        now = stats_now().small_committed_bytes;
+    }
+    cr_log_info("committed slab spans: %llu KiB when the owner went idle, %llu KiB later",
+                (unsigned long long)left / 1024, (unsigned long long)now / 1024);
+    cr_assert_leq(now + 128 * 1024, left, "an idle owner's emptied 128 KiB span stayed committed");
+    idle_set_phase(2);
+    void *bad;
+    pthread_join(owner, &bad);
+    cr_assert_null(bad, "a block of the class was corrupted after the purge took its span");
+}
+
+/* Owners that free their last big block and allocate the next while the
+ * purge thread takes parked spans (RETAIN_MS 0: every pass that finds a
+ * heap unchanged since its last look takes them): a block handed out from
+ * a span the purge thread is giving back would lose its contents. Also
+ * checks that the purge thread did take spans, in pauses of every thread. */
+static atomic_int parked_taken;
+static pthread_barrier_t park_pause;
+
+static void *park_churn(void *arg)
+{
+    bool leader = (uintptr_t)arg == 1;
+    uint64_t s = (uint64_t)(uintptr_t)arg * 2654435761u + 1;
+    for (int i = 0; i < 1500; i++) {
+        s = s * 6364136223846793005ULL + 1442695040888963407ULL;
+        size_t n = ((size_t)16 << 10) + (size_t)(s >> 33) % (200 << 10);
+        unsigned char *p = ta_malloc(n);
+        pattern_fill(p, n, (uint64_t)i);
+        if (i % 3 == 0)
+            usleep((useconds_t)((s >> 20) % 4000));
+        if (!pattern_ok(p, n, (uint64_t)i))
+            atomic_store(&bad_pattern, 1);
+        ta_free(p);
+        if (i % 50 == 49) { /* a pause of every thread: only the purge thread acts */
+            pthread_barrier_wait(&park_pause);
+            if (leader) {
+                uint64_t before = stats_now().small_committed_bytes;
+                usleep(40000);
+                if (stats_now().small_committed_bytes < before)
+                    atomic_fetch_add(&parked_taken, 1);
+            }
+            pthread_barrier_wait(&park_pause);
+        } else if (i % 4 == 0) {
+            usleep((useconds_t)((s >> 24) % 8000));
+        }
+    }
+    return NULL;
+}
+
+Test(threads, big_blocks_stay_intact_while_the_purge_thread_takes_parked_spans, .timeout = 240)
+{
+    ta_option_set(TA_OPT_RETAIN_MS, 0);
+    atomic_store(&bad_pattern, 0);
+    atomic_store(&parked_taken, 0);
+    cr_assert_eq(pthread_barrier_init(&park_pause, NULL, 3), 0);
+    pthread_t t[3];
+    for (int i = 0; i < 3; i++)
+        cr_assert_eq(pthread_create(&t[i], NULL, park_churn, (void *)(uintptr_t)(i + 1)), 0);
+    for (int i = 0; i < 3; i++)
+        pthread_join(t[i], NULL);
+    pthread_barrier_destroy(&park_pause);
+    ta_option_set(TA_OPT_RETAIN_MS, 500);
+    cr_log_info("pauses in which the purge thread took a parked span: %d of 30",
+                atomic_load(&parked_taken));
+    cr_assert_eq(atomic_load(&bad_pattern), 0, "a big block changed under its owner");
+    cr_assert_gt(atomic_load(&parked_taken), 0, "the purge thread took no parked span");
+}
+
 /* ---- the per-span lists across thread exit --------------------------------
  * An owner hands its blocks to freeing threads and exits at once, so that
  * their frees (onto the spans' thread_free lists, notifying the spans) race

@@ -152,7 +152,7 @@ bool _ta_small_selfcheck(void)
 /* ---- metadata: spans, segments, heaps ------------------------------------ */
 
 
-enum { SPAN_FREE, SPAN_CURRENT, SPAN_LISTED, SPAN_FULL };
+enum { SPAN_FREE, SPAN_CURRENT, SPAN_LISTED, SPAN_FULL, SPAN_PARKED };
 
 /* A full span on no list carries USED_FULL in used, so that a free into
  * it takes the slow path by the same single test as a free that empties
@@ -631,29 +631,19 @@ static bool dirty_due(heap_t *h, uint64_t now)
     return dirty > PURGE_LIMIT || (dirty && now - since >= (uint64_t)_ta_opt(TA_OPT_RETAIN_MS));
 }
 
-/* Gives an empty span's pages back to its segment (pages_lock taken here). */
-static void span_release(heap_t *h, span_t *s)
+/* An empty span's pages go back to its segment (pages_lock held): to the
+ * kernel at once when purge_now, else as free pages that wait. */
+static void span_free_pages(heap_t *h, span_t *s, bool purge_now, uint64_t now)
 {
-    uint64_t now = _ta_os_now_ms();
     segment_t *seg = segment_of(s);
-    if (s->state == SPAN_LISTED)
-        partial_unlink(h, s);
-    if (h->current[s->class_idx] == s)
-        h->current[s->class_idx] = &no_span;
-    span_flush(h, s);
     int first = (int)(s - seg->spans);
     for (int i = 0; i < s->pages; i++)
         seg->page_span[first + i] = &no_span;
-    pages_lock_own(h);
     link_units_free(seg, s);
     uint64_t run = (s->pages == 64 ? ~0ULL : ((1ULL << s->pages) - 1)) << first;
     s->state = SPAN_FREE;
     seg->used_pages &= ~run;
-    /* A big span's pages go back at once: one madvise per 256 KiB or more
-     * of churn, and the classes above 16 KiB are the ones a program grows
-     * through once (Python's list and dict resizes) and leaves. */
-    if (s->pages >= PURGE_AT_ONCE_PAGES &&
-        _ta_os_advise_dontneed(s->start, (size_t)s->pages * SLAB_PAGE_SIZE) == 0) {
+    if (purge_now && _ta_os_advise_dontneed(s->start, (size_t)s->pages * SLAB_PAGE_SIZE) == 0) {
         /* clean */
     } else {
         seg->dirty_pages |= run;
@@ -664,6 +654,23 @@ static void span_release(heap_t *h, span_t *s)
     atomic_fetch_sub_explicit(&committed_bytes, (uint64_t)s->pages * SLAB_PAGE_SIZE,
                               memory_order_relaxed);
     atomic_fetch_sub_explicit(&span_count, 1, memory_order_relaxed);
+}
+
+/* Gives an empty span's pages back to its segment (pages_lock taken here). */
+static void span_release(heap_t *h, span_t *s)
+{
+    uint64_t now = _ta_os_now_ms();
+    segment_t *seg = segment_of(s);
+    if (s->state == SPAN_LISTED)
+        partial_unlink(h, s);
+    if (h->current[s->class_idx] == s)
+        h->current[s->class_idx] = &no_span;
+    span_flush(h, s);
+    pages_lock_own(h);
+    /* A big span's pages go back at once: one madvise per 256 KiB or more
+     * of churn, and the classes above 16 KiB are the ones a program grows
+     * through once (Python's list and dict resizes) and leaves. */
+    span_free_pages(h, s, s->pages >= PURGE_AT_ONCE_PAGES, now);
     if (seg->used_pages == META_MASK && !h->sweeping) { /* only the metadata left */
         if (h->spare == NULL)
             h->spare = seg;
@@ -718,14 +725,79 @@ static void heap_purge(heap_t *h)
 static inline bool span_keep_empty(const heap_t *h, const span_t *s)
 {
     const span_t *first = h->partial[s->class_idx];
-    if (s->pages != 1)
+    if (s->pages != 1 || s->class_idx >= PARK_FIRST_CLASS)
         return false;
     return s->state == SPAN_LISTED ? first == s && s->next == NULL : first == NULL;
 }
 
-/* A span that is not its class's current one changed state: it emptied
- * (its pages go back to the segment) or, full until now, has room again
- * (it is listed). The current span stays, even empty. */
+/* ---- parked spans -----------------------------------------------------------
+ * An emptied current span of a big class (16 KiB blocks and up) leaves the
+ * fast path but stays built, in its class's parked slot. The owner's next
+ * allocation of the class takes it back with one exchange, so a program
+ * that frees its last big block and allocates another pays no rebuild;
+ * the purge thread takes it, under pages_lock, once nothing was parked or
+ * taken back for RETAIN_MS, so a thread that frees its last big block and
+ * goes idle keeps none of it (PyTorch's small tensors under
+ * ta_torch_install, issue 24). Without parking those spans stayed current,
+ * committed, for good. (mimalloc keeps an emptied page that is its
+ * queue's only one for a few slow paths, _mi_page_retire; an idle thread
+ * runs none.) The small classes keep an empty current span: a block there
+ * costs less than the exchanges. */
+_Static_assert(CLASS_SIZE(PARK_FIRST_CLASS) == (size_t)16 << 10, "slab.h's PARK_FIRST_CLASS");
+
+static inline void park_gen_bump(heap_t *h)
+{
+    atomic_store_explicit(&h->park_gen, atomic_load_explicit(&h->park_gen, memory_order_relaxed) + 1,
+                          memory_order_relaxed);
+}
+
+static void span_park(heap_t *h, span_t *s)
+{
+    int c = s->class_idx;
+    span_flush(h, s);
+    h->current[c] = &no_span;
+    s->state = SPAN_PARKED;
+    park_gen_bump(h);
+    /* seq_cst: pairs with the purge thread's last look before it sleeps. */
+    span_t *old = atomic_exchange_explicit(&h->parked[c - PARK_FIRST_CLASS], s,
+                                           memory_order_seq_cst);
+    if (old != NULL) /* cannot happen: alloc_slow takes a parked span first */
+        span_release(h, old);
+    if (purge_watch_start())
+        purge_hook(&purge_hooks.wake);
+}
+
+/* The owner takes back class c's parked span, or NULL. */
+static inline span_t *span_unpark(heap_t *h, int c)
+{
+    if (c < PARK_FIRST_CLASS)
+        return NULL;
+    _Atomic(span_t *) *slot = &h->parked[c - PARK_FIRST_CLASS];
+    if (atomic_load_explicit(slot, memory_order_relaxed) == NULL)
+        return NULL;
+    span_t *s = atomic_exchange_explicit(slot, NULL, memory_order_acquire);
+    if (s != NULL)
+        park_gen_bump(h);
+    return s;
+}
+
+/* The owner takes back every parked span and releases it (a sweep or a
+ * tidy walks every span next). Taking pages_lock once after the exchanges
+ * waits out a purge thread releasing one it took first. */
+static void heap_unpark_all(heap_t *h)
+{
+    for (int c = PARK_FIRST_CLASS; c < CLASS_COUNT; c++) {
+        span_t *s = span_unpark(h, c);
+        if (s != NULL)
+            span_release(h, s);
+    }
+    pages_lock_own(h);
+    _ta_unlock(&h->pages_lock);
+}
+
+/* A span changed state: it emptied (its pages go back to the segment; a
+ * big class's current span is parked) or, full until now, has room again
+ * (it is listed). A small class's current span stays, even empty. */
 __attribute__((noinline)) static void span_after_free(heap_t *h, span_t *s)
 {
     if (s->used & USED_FULL) {
@@ -737,6 +809,9 @@ __attribute__((noinline)) static void span_after_free(heap_t *h, span_t *s)
             partial_push(h, s);
     } else if (s->used == 0 && s->state == SPAN_LISTED && !span_keep_empty(h, s)) {
         span_release(h, s);
+    } else if (s->used == 0 && s->state == SPAN_CURRENT && s->class_idx >= PARK_FIRST_CLASS &&
+               !h->sweeping) { /* a sweep parks what it emptied at its end */
+        span_park(h, s);
     }
 }
 
@@ -940,6 +1015,7 @@ static uint32_t span_unhold(span_t *s)
  * statistics up to date. */
 static void heap_sweep(heap_t *h)
 {
+    heap_unpark_all(h);
     bool merge = atomic_load_explicit(&h->trimmed, memory_order_relaxed) &&
                  !atomic_exchange_explicit(&h->trim_busy, true, memory_order_acquire);
     if (merge)
@@ -962,6 +1038,9 @@ static void heap_sweep(heap_t *h)
     h->sweeping = false;
     if (merge)
         atomic_store_explicit(&h->trim_busy, false, memory_order_release);
+    for (int c = PARK_FIRST_CLASS; c < CLASS_COUNT; c++)
+        if (h->current[c] != &no_span && h->current[c]->used == 0)
+            span_park(h, h->current[c]);
     heap_release_empty(h);
 }
 
@@ -1007,6 +1086,14 @@ static void *alloc_slow(heap_t *h, int c)
         /* Full: it leaves the class's slot, on no list; a free into it
          * lists it again (span_after_free). */
         s->state = SPAN_FULL;
+        s->used |= USED_FULL;
+        h->current[c] = &no_span;
+    } else if ((s = span_unpark(h, c)) != NULL) {
+        s->state = SPAN_CURRENT;
+        h->current[c] = s;
+        if (span_refill(h, s))
+            return _ta_span_pop(s);
+        s->state = SPAN_FULL; /* cannot happen: a parked span is empty */
         s->used |= USED_FULL;
         h->current[c] = &no_span;
     }
@@ -1183,6 +1270,7 @@ size_t _ta_small_usable(const void *p, const char *call)
 static bool heap_tidy(heap_t *h, bool force)
 {
     heap_collect(h, true);
+    heap_unpark_all(h);
     for (int c = 0; c < CLASS_COUNT; c++) {
         span_t *s = h->current[c];
         if (s != &no_span && s->used == 0) {
@@ -1294,19 +1382,41 @@ static bool watch_live_heaps(void)
  * does, under the heap's pages_lock (a busy lock is tried on the next
  * pass; the owner's span paths hold it only briefly). Returns true while
  * pages wait. */
+/* Whether h's parked spans have stayed parked RETAIN_MS: nothing parked or
+ * taken back since the purge thread's earlier look. Sets *waiting while
+ * some wait. */
+static bool parked_due(heap_t *h, uint64_t now, bool *waiting)
+{
+    bool any = false;
+    for (int i = 0; i < CLASS_COUNT - PARK_FIRST_CLASS; i++)
+        any |= atomic_load_explicit(&h->parked[i], memory_order_seq_cst) != NULL;
+    if (!any)
+        return false;
+    uint32_t gen = atomic_load_explicit(&h->park_gen, memory_order_relaxed);
+    if (gen != h->watch_park_gen || h->watch_park_ms == 0) {
+        h->watch_park_gen = gen;
+        h->watch_park_ms = now;
+    } else if (now - h->watch_park_ms >= (uint64_t)_ta_opt(TA_OPT_RETAIN_MS)) {
+        return true; /* watch_park_ms is cleared once they are taken */
+    }
+    *waiting = true;
+    return false;
+}
+
 static bool purge_idle_owners(void)
 {
     uint64_t now = _ta_os_now_ms();
     int pid = _ta_os_pid();
     bool waiting = false;
     for (heap_t *h = heaps_first(); h; h = h->next_all) {
-        if (atomic_load_explicit(&h->abandoned, memory_order_relaxed) || h->orphaned ||
-            atomic_load_explicit(&h->dirty_bytes, memory_order_seq_cst) == 0)
+        if (atomic_load_explicit(&h->abandoned, memory_order_relaxed) || h->orphaned)
             continue; /* tidy_abandoned gives back the abandoned ones' */
-        if (!dirty_due(h, now)) {
+        bool unpark = parked_due(h, now, &waiting);
+        bool dirty = atomic_load_explicit(&h->dirty_bytes, memory_order_seq_cst) != 0;
+        if (dirty && !dirty_due(h, now))
             waiting = true;
+        if (!unpark && !(dirty && dirty_due(h, now)))
             continue;
-        }
         /* The pid first: a _Fork child that inherits the lock held knows
          * whose it was (pages_lock_own). A mark already there is the
          * parent's, in a _Fork child: left for the owner to take over. */
@@ -1319,6 +1429,13 @@ static bool purge_idle_owners(void)
             waiting = true;
             continue;
         }
+        for (int i = 0; unpark && i < CLASS_COUNT - PARK_FIRST_CLASS; i++) {
+            span_t *s = atomic_exchange_explicit(&h->parked[i], NULL, memory_order_acquire);
+            if (s != NULL) /* parked RETAIN_MS: its pages go at once */
+                span_free_pages(h, s, true, now);
+        }
+        if (unpark)
+            h->watch_park_ms = 0;
         if (dirty_due(h, now))
             heap_purge(h); /* pages whose advice fails stay: not waited for */
         _ta_unlock(&h->pages_lock);
@@ -1426,10 +1543,12 @@ void _ta_small_fork_child(void)
 /* The calling thread's spans, counted now: its own figures are exact. */
 static void heap_flush_stats(heap_t *h)
 {
+    pages_lock_own(h); /* the purge thread may be freeing a parked span */
     for (segment_t *seg = h->segments; seg; seg = seg->next)
         for (int i = META_PAGES; i < SEGMENT_PAGES; i++)
             if (seg->spans[i].state != SPAN_FREE)
                 span_flush(h, &seg->spans[i]);
+    _ta_unlock(&h->pages_lock);
     live_flush(h);
 }
 

@@ -69,6 +69,9 @@ extern void (*_Atomic _ta_small_abandon_hook)(int stage);
 #define TF_NOTIFIED (1u << 16) /* in thread_free: the span is on remote_spans */
 
 #define CLASS_COUNT 60
+/* Classes from here up (16 KiB blocks and more) park an emptied current
+ * span (slab.c, span_park). */
+#define PARK_FIRST_CLASS 35
 
 struct segment_s;
 /* Three cache lines, by who writes them: a thread freeing into a span
@@ -114,6 +117,13 @@ typedef struct heap_s {
     bool orphaned;                /* a fork child's heap of a thread not in it */
     _Atomic size_t dirty_bytes;       /* written under pages_lock */
     _Atomic uint64_t dirty_since_ms;  /* when dirty_bytes last left zero */
+    /* Emptied current spans of the big classes, out of the fast path but
+     * still built: the owner takes one back with an exchange, the purge
+     * thread (under pages_lock) once it has stayed RETAIN_MS. */
+    _Atomic(struct span_s *) parked[CLASS_COUNT - PARK_FIRST_CLASS];
+    _Atomic uint32_t park_gen; /* the owner's parks and unparks, counted */
+    uint32_t watch_park_gen;   /* the purge thread's view of park_gen, */
+    uint64_t watch_park_ms;    /* and since when it has not changed */
     bool registered;         /* on all_heaps */
     bool sweeping;           /* segments stay while the owner walks them */
     atomic_bool abandoned;   /* no thread owns it: it sits on the abandoned list */
