@@ -810,7 +810,11 @@ __attribute__((noinline)) static void span_after_free(heap_t *h, span_t *s)
     } else if (s->used == 0 && s->state == SPAN_LISTED && !span_keep_empty(h, s)) {
         span_release(h, s);
     } else if (s->used == 0 && s->state == SPAN_CURRENT && s->class_idx >= PARK_FIRST_CLASS &&
-               !h->sweeping) { /* a sweep parks what it emptied at its end */
+               !h->sweeping && h == _ta_thread_heap) {
+        /* Only the owner parks (and so wakes the purge thread): a tidier
+         * of an abandoned heap holds tidy_lock, which fork takes after the
+         * purge thread's mutex, and releases the empty current spans at
+         * its end. A sweep parks what it emptied at its end. */
         span_park(h, s);
     }
 }
@@ -1038,7 +1042,7 @@ static void heap_sweep(heap_t *h)
     h->sweeping = false;
     if (merge)
         atomic_store_explicit(&h->trim_busy, false, memory_order_release);
-    for (int c = PARK_FIRST_CLASS; c < CLASS_COUNT; c++)
+    for (int c = PARK_FIRST_CLASS; h == _ta_thread_heap && c < CLASS_COUNT; c++)
         if (h->current[c] != &no_span && h->current[c]->used == 0)
             span_park(h, h->current[c]);
     heap_release_empty(h);
