@@ -399,13 +399,29 @@ static void *own_free_then_idle(void *arg)
     return (void *)bad;
 }
 
-Test(threads, purge_thread_gives_back_an_idle_owners_free_pages, .timeout = 60)
+/* Starts an owner that frees what it allocated and goes idle (phase 1),
+ * with RETAIN_MS 100; join_idle_owner lets it go on and checks its blocks. */
+static pthread_t start_idle_owner(void *(*body)(void *))
 {
     ta_option_set(TA_OPT_RETAIN_MS, 100);
     idle_phase = 0;
     pthread_t owner;
-    cr_assert_eq(pthread_create(&owner, NULL, own_free_then_idle, NULL), 0);
+    cr_assert_eq(pthread_create(&owner, NULL, body, NULL), 0);
     idle_wait_phase(1);
+    return owner;
+}
+
+static void join_idle_owner(pthread_t owner, const char *corrupted)
+{
+    idle_set_phase(2);
+    void *bad;
+    pthread_join(owner, &bad);
+    cr_assert_null(bad, "%s", corrupted);
+}
+
+Test(threads, purge_thread_gives_back_an_idle_owners_free_pages, .timeout = 60)
+{
+    pthread_t owner = start_idle_owner(own_free_then_idle);
     uint64_t left = stats_now().small_dirty_bytes, now = left;
     for (int i = 0; i < 60 && now > 64 * 1024; i++) { /* no allocator call here: up to 3 s */
         usleep(50000);
@@ -417,10 +433,7 @@ Test(threads, purge_thread_gives_back_an_idle_owners_free_pages, .timeout = 60)
                  (unsigned long long)left);
     cr_assert_leq(now, 64 * 1024, "an idle owner's %llu bytes of free pages stayed",
                   (unsigned long long)now);
-    idle_set_phase(2);
-    void *bad;
-    pthread_join(owner, &bad);
-    cr_assert_null(bad, "the owner's blocks were corrupted after the purge");
+    join_idle_owner(owner, "the owner's blocks were corrupted after the purge");
 }
 
 /* ---- an owner's emptied big span, left when it goes idle -------------------
@@ -450,11 +463,7 @@ static void *free_big_then_idle(void *arg)
 
 Test(threads, purge_thread_takes_an_idle_owners_emptied_big_span, .timeout = 60)
 {
-    ta_option_set(TA_OPT_RETAIN_MS, 100);
-    idle_phase = 0;
-    pthread_t owner;
-    cr_assert_eq(pthread_create(&owner, NULL, free_big_then_idle, NULL), 0);
-    idle_wait_phase(1);
+    pthread_t owner = start_idle_owner(free_big_then_idle);
     uint64_t left = stats_now().small_committed_bytes, now = left;
     for (int i = 0; i < 60 && now + 128 * 1024 > left; i++) { /* up to 3 s */
         usleep(50000);
@@ -463,10 +472,7 @@ Test(threads, purge_thread_takes_an_idle_owners_emptied_big_span, .timeout = 60)
     cr_log_info("committed slab spans: %llu KiB when the owner went idle, %llu KiB later",
                 (unsigned long long)left / 1024, (unsigned long long)now / 1024);
     cr_assert_leq(now + 128 * 1024, left, "an idle owner's emptied 128 KiB span stayed committed");
-    idle_set_phase(2);
-    void *bad;
-    pthread_join(owner, &bad);
-    cr_assert_null(bad, "a block of the class was corrupted after the purge took its span");
+    join_idle_owner(owner, "a block of the class was corrupted after the purge took its span");
 }
 
 /* Owners that free their last big block and allocate the next while the

@@ -1081,36 +1081,43 @@ static bool span_refill(heap_t *h, span_t *s)
     return s->free != LINK_END;
 }
 
+/* A span with no free block leaves the class's slot, on no list; a free
+ * into it lists it again (span_after_free). */
+static void span_set_full(heap_t *h, span_t *s)
+{
+    s->state = SPAN_FULL;
+    s->used |= USED_FULL;
+    h->current[s->class_idx] = &no_span;
+}
+
+/* Makes s (listed or parked, so with free blocks) its class's current span
+ * and pops a block; NULL if it had none after all (cannot happen). */
+static void *span_take_current(heap_t *h, span_t *s)
+{
+    s->state = SPAN_CURRENT;
+    h->current[s->class_idx] = s;
+    if (span_refill(h, s))
+        return _ta_span_pop(s);
+    span_set_full(h, s);
+    return NULL;
+}
+
 static void *alloc_slow(heap_t *h, int c)
 {
     span_t *s = h->current[c];
+    void *p;
     if (s != &no_span) {
         if (span_refill(h, s))
             return _ta_span_pop(s);
-        /* Full: it leaves the class's slot, on no list; a free into it
-         * lists it again (span_after_free). */
-        s->state = SPAN_FULL;
-        s->used |= USED_FULL;
-        h->current[c] = &no_span;
-    } else if ((s = span_unpark(h, c)) != NULL) {
-        s->state = SPAN_CURRENT;
-        h->current[c] = s;
-        if (span_refill(h, s))
-            return _ta_span_pop(s);
-        s->state = SPAN_FULL; /* cannot happen: a parked span is empty */
-        s->used |= USED_FULL;
-        h->current[c] = &no_span;
+        span_set_full(h, s);
+    } else if ((s = span_unpark(h, c)) != NULL && (p = span_take_current(h, s)) != NULL) {
+        return p;
     }
     heap_collect(h, false);
     while ((s = h->partial[c]) != NULL) {
         partial_unlink(h, s);
-        s->state = SPAN_CURRENT;
-        h->current[c] = s;
-        if (span_refill(h, s))
-            return _ta_span_pop(s);
-        s->state = SPAN_FULL; /* cannot happen: a listed span has a free block */
-        s->used |= USED_FULL;
-        h->current[c] = &no_span;
+        if ((p = span_take_current(h, s)) != NULL)
+            return p;
     }
     if ((s = span_new(h, c)) == NULL)
         return NULL;
@@ -1417,9 +1424,9 @@ static bool purge_idle_owners(void)
             continue; /* tidy_abandoned gives back the abandoned ones' */
         bool unpark = parked_due(h, now, &waiting);
         bool dirty = atomic_load_explicit(&h->dirty_bytes, memory_order_seq_cst) != 0;
-        if (dirty && !dirty_due(h, now))
-            waiting = true;
-        if (!unpark && !(dirty && dirty_due(h, now)))
+        bool purge = dirty && dirty_due(h, now);
+        waiting |= dirty && !purge;
+        if (!unpark && !purge)
             continue;
         /* The pid first: a _Fork child that inherits the lock held knows
          * whose it was (pages_lock_own). A mark already there is the
