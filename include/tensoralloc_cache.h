@@ -79,7 +79,12 @@ typedef enum {
     TA_PAGE_CACHE_KEEP = 0,   /* buffered reads; the file stays cached (fastest to load again) */
     TA_PAGE_CACHE_DROP = 1,   /* buffered reads, then POSIX_FADV_DONTNEED of the file */
     TA_PAGE_CACHE_BYPASS = 2, /* O_DIRECT reads; where refused (tmpfs), as DROP */
-    TA_PAGE_CACHE_COUNT_      /* how many modes there are; not a mode */
+    /* safetensors loads map the file privately: tensors share the page cache's
+     * pages (no second copy, no reads) until written; the file is leased and
+     * an entry whose file is about to change is copied into memory first
+     * (docs/cache.md "Mapped entries"); where it cannot be leased, as KEEP */
+    TA_PAGE_CACHE_MAP = 3,
+    TA_PAGE_CACHE_COUNT_ /* how many modes there are; not a mode */
 } ta_page_cache_t;
 
 /* The largest load_chunk and keep_alive_ms ta_cache_create accepts. */
@@ -211,9 +216,12 @@ typedef struct {
     uint32_t last_load_readers; /* reader threads it ran */
     uint32_t last_load_direct;  /* 1: read with O_DIRECT */
     uint64_t expired;           /* entries evicted by keep_alive_ms */
+    /* version 3: TA_PAGE_CACHE_MAP */
+    uint64_t mapped_loads;  /* loads that mapped their file */
+    uint64_t mapped_copied; /* mapped entries copied into memory: their file was to change */
 } ta_cache_stats_t;
 
-#define TA_CACHE_STATS_VERSION 2
+#define TA_CACHE_STATS_VERSION 3
 TA_API int ta_cache_stats_get(ta_cache_t *cache, ta_cache_stats_t *stats);
 /* Statistics as JSON, with each entry's largest loaded size (InvokeAI's
  * loaded_model_sizes) and the last TA_CACHE_RECENT_LOADS loads, oldest

@@ -6,8 +6,8 @@
  * CUDA test double, and concurrent use.
  */
 #define _GNU_SOURCE
-#include "helpers.h"
 #include "cache/loader.h"
+#include "helpers.h"
 #include "tensoralloc_cache.h"
 #include "tensoralloc_cuda.h"
 
@@ -22,6 +22,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -1051,7 +1052,7 @@ Test(cache, loads_on_tmpfs)
     write_many(path, 101);
     for (int pc = TA_PAGE_CACHE_KEEP; pc < TA_PAGE_CACHE_COUNT_; pc++) {
         logged_cache_t *lc = load_cache(2, 256 * KiB, (ta_page_cache_t)pc);
-        loaded_and_checked(lc, path, "m", "loaded 'm'");
+        loaded_and_checked(lc, path, "m", pc == TA_PAGE_CACHE_MAP ? "mapped 'm'" : "loaded 'm'");
         ta_cache_destroy(lc->c);
         free(lc);
     }
@@ -1275,7 +1276,8 @@ Test(cache, each_load_is_recorded_in_the_statistics)
         loaded_and_checked(lc, path, key, "2 readers");
     }
     ta_cache_stats_t s = cstats(lc->c);
-    cr_assert_eq(s.version, 2);
+    cr_assert_eq(s.version, 3);
+    cr_assert_eq(s.mapped_loads, 0);
     cr_assert_eq(s.last_load_bytes, data);
     cr_assert_gt(s.last_load_seconds, 0);
     cr_assert_eq(s.last_load_readers, 2);
@@ -1322,7 +1324,7 @@ Test(cache, a_budget_of_zero_follows_the_rule)
     cfg.load_threads = -1;
     cr_assert_eq(ta_cache_create(&cfg, &c), EINVAL);
     cfg.load_threads = 0;
-    cfg.page_cache = (ta_page_cache_t)3;
+    cfg.page_cache = TA_PAGE_CACHE_COUNT_;
     cr_assert_eq(ta_cache_create(&cfg, &c), EINVAL);
 }
 
@@ -1429,7 +1431,7 @@ Test(cache, every_bad_option_is_refused_by_name)
     cfg.load_threads = -1;
     expect_bad_option(cfg, "load_threads");
     cfg = ok;
-    cfg.page_cache = (ta_page_cache_t)3;
+    cfg.page_cache = TA_PAGE_CACHE_COUNT_;
     expect_bad_option(cfg, "page_cache");
     cfg = ok;
     cfg.keep_alive_ms = UINT64_MAX;
@@ -1683,6 +1685,188 @@ Test(cache, loads_to_the_device_take_tensors_in_any_header_order)
             if (p[x] != (unsigned char)(3 + 7 * (offs[k] + x)))
                 cr_assert_fail("%s byte %zu", names[k], x);
     }
+    ta_entry_unlock(e);
+    ta_cache_destroy(c);
+}
+
+/* ---- mapped entries (TA_PAGE_CACHE_MAP) and their file guard ----------------------- */
+
+/* Whether addr lies in a mapping of the file at path (/proc/self/maps). */
+static bool mapped_from(const void *addr, const char *path)
+{
+    FILE *f = fopen("/proc/self/maps", "r");
+    cr_assert_not_null(f);
+    char line[512];
+    bool found = false;
+    while (!found && fgets(line, sizeof line, f)) {
+        unsigned long lo, hi;
+        if (sscanf(line, "%lx-%lx", &lo, &hi) == 2 && (uintptr_t)addr >= lo && (uintptr_t)addr < hi)
+            found = strstr(line, path) != NULL;
+    }
+    fclose(f);
+    return found;
+}
+
+/* Whether a lease is held on the file at path (/proc/locks: "LEASE ... dev:inode"). */
+static bool lease_on(const char *path)
+{
+    struct stat st;
+    cr_assert_eq(stat(path, &st), 0);
+    char inode[32];
+    snprintf(inode, sizeof inode, ":%lu ", (unsigned long)st.st_ino);
+    FILE *f = fopen("/proc/locks", "r");
+    cr_assert_not_null(f);
+    char line[256];
+    bool found = false;
+    while (!found && fgets(line, sizeof line, f))
+        found = strstr(line, "LEASE") && strstr(line, inode);
+    fclose(f);
+    return found;
+}
+
+static ta_entry_t *load_mapped(logged_cache_t *lc, const char *key, const char *path)
+{
+    ta_entry_t *e;
+    cr_assert_eq(ta_cache_load_safetensors(lc->c, key, path, &e), 0, "%s", cache_error());
+    expect_file_bytes(e);
+    return e;
+}
+
+static void *tensor_data(ta_entry_t *e, const char *name)
+{
+    ta_tensor_t t;
+    cr_assert_eq(ta_entry_tensor(e, name, &t), 0);
+    return t.data;
+}
+
+Test(cache, mapped_entries_are_the_files_pages_until_written)
+{
+    const char *path = many_file(101);
+    logged_cache_t *lc = load_cache(2, 256 * KiB, TA_PAGE_CACHE_MAP);
+    ta_entry_t *e = load_mapped(lc, "m", path);
+    cr_assert(strstr(lc->log, "mapped 'm'") && strstr(lc->log, "2 readers"), "%s", lc->log);
+    ta_cache_stats_t s = cstats(lc->c);
+    cr_assert_eq(s.mapped_loads, 1);
+    cr_assert_eq(s.ram_used, ta_entry_ram_bytes(e), "charged as a copy would be");
+    unsigned char *p = tensor_data(e, "t0");
+    cr_assert(mapped_from(p, path), "no second copy: the tensors are the file's mapping");
+    cr_assert(lease_on(path));
+    /* a write is the entry's own: a second entry of the file sees the file's bytes */
+    p[0] ^= 0xff;
+    ta_entry_t *e2 = load_mapped(lc, "m2", path);
+    cr_assert_neq(*(unsigned char *)tensor_data(e2, "t0"), p[0]);
+    ta_entry_unlock(e);
+    ta_entry_unlock(e2);
+    cr_assert_eq(ta_cache_remove(lc->c, "m"), 0);
+    cr_assert_eq(ta_cache_remove(lc->c, "m2"), 0);
+    cr_assert_not(mapped_from(p, path), "an evicted entry's mapping is gone");
+    cr_assert_not(lease_on(path), "and so is its lease");
+    ta_cache_destroy(lc->c);
+    free(lc);
+}
+
+/* Another process truncates the file (its pages in the mapping would then
+ * raise SIGBUS) or writes over it in place (the entry's tensors would
+ * change): the lease holds it back until the entry is a copy. */
+Test(cache, a_mapped_entry_keeps_its_bytes_when_another_process_truncates_or_rewrites_the_file)
+{
+    for (int truncate = 1; truncate >= 0; truncate--) {
+        const char *path = many_file(101);
+        logged_cache_t *lc = load_cache(2, 256 * KiB, TA_PAGE_CACHE_MAP);
+        ta_entry_t *e = load_mapped(lc, "m", path);
+        void *p = tensor_data(e, "t0");
+        cr_assert(mapped_from(p, path));
+        pid_t pid = fork();
+        cr_assert_geq(pid, 0);
+        if (pid == 0) { /* held back in open until the parent gives its lease up */
+            int fd = open(path, O_WRONLY | (truncate ? O_TRUNC : 0));
+            static char junk[1 << 20];
+            memset(junk, 0xee, sizeof junk);
+            bool ok = fd >= 0;
+            for (int i = 0; ok && i < 8; i++)
+                ok = write(fd, junk, sizeof junk) == (ssize_t)sizeof junk;
+            _exit(ok && (!truncate || ftruncate(fd, 100) == 0) ? 0 : 1);
+        }
+        int status;
+        cr_assert_eq(waitpid(pid, &status, 0), pid);
+        cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0, "the writer failed");
+        expect_file_bytes(e); /* without the guard: SIGBUS (truncated) or 0xee bytes */
+        cr_assert_not(mapped_from(p, path), "the entry is a copy now, at the same addresses");
+        cr_assert_eq(p, tensor_data(e, "t0"));
+        cr_assert_eq(cstats(lc->c).mapped_copied, 1);
+        cr_assert(strstr(lc->log, "copied into memory"), "%s", lc->log);
+        cr_assert_not(lease_on(path));
+        ta_entry_unlock(e);
+        ta_cache_destroy(lc->c);
+        free(lc);
+    }
+}
+
+Test(cache, a_file_open_for_writing_is_read_not_mapped)
+{
+    const char *path = many_file(31);
+    int wfd = open(path, O_WRONLY);
+    cr_assert_geq(wfd, 0);
+    logged_cache_t *lc = load_cache(2, 0, TA_PAGE_CACHE_MAP);
+    ta_entry_t *e = load_mapped(lc, "m", path);
+    cr_assert(strstr(lc->log, "it is open for writing; read into memory instead"), "%s", lc->log);
+    cr_assert(strstr(lc->log, "loaded 'm'"), "%s", lc->log);
+    cr_assert_eq(cstats(lc->c).mapped_loads, 0);
+    cr_assert_not(mapped_from(tensor_data(e, "t0"), path));
+    ta_entry_unlock(e);
+    ta_cache_destroy(lc->c);
+    free(lc);
+    close(wfd);
+}
+
+/* A forked child shares the parent's leased file descriptions: dropping
+ * the entries it inherited must not give the parent's leases up. */
+Test(cache, a_forked_child_leaves_its_parents_leases_alone)
+{
+    const char *path = many_file(31);
+    logged_cache_t *lc = load_cache(2, 0, TA_PAGE_CACHE_MAP);
+    ta_entry_unlock(load_mapped(lc, "m", path));
+    pid_t pid = fork();
+    cr_assert_geq(pid, 0);
+    if (pid == 0) {
+        int rc = ta_cache_remove(lc->c, "m");
+        ta_cache_destroy(lc->c);
+        _exit(rc == 0 ? 0 : 1);
+    }
+    int status;
+    cr_assert_eq(waitpid(pid, &status, 0), pid);
+    cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    cr_assert(lease_on(path), "the parent's lease is still held");
+    ta_entry_t *e;
+    cr_assert_eq(ta_cache_get(lc->c, "m", &e), 0);
+    expect_file_bytes(e);
+    ta_entry_unlock(e);
+    ta_cache_destroy(lc->c);
+    cr_assert_not(lease_on(path));
+    free(lc);
+}
+
+Test(cache, a_mapped_entry_moved_to_the_device_gives_its_mapping_back)
+{
+    use_fake_cudart();
+    const char *path = many_file(31);
+    ta_cache_config_t cfg = {.size = sizeof cfg,
+                             .ram_budget = 64 * MiB,
+                             .vram_budget = 64 * MiB,
+                             .keep_ram_copy = false,
+                             .page_cache = TA_PAGE_CACHE_MAP};
+    ta_cache_t *c;
+    cr_assert_eq(ta_cache_create(&cfg, &c), 0);
+    ta_entry_t *e;
+    cr_assert_eq(ta_cache_load_safetensors(c, "m", path, &e), 0, "%s", cache_error());
+    void *p = tensor_data(e, "t0");
+    cr_assert(mapped_from(p, path));
+    cr_assert_eq(ta_entry_to_device(e), 0, "%s", cache_error());
+    cr_assert_null(tensor_data(e, "t0"));
+    cr_assert_not(mapped_from(p, path));
+    cr_assert_not(lease_on(path));
+    cr_assert_eq(ta_entry_to_host(e), 0, "%s", cache_error());
+    expect_file_bytes(e);
     ta_entry_unlock(e);
     ta_cache_destroy(c);
 }

@@ -9,7 +9,7 @@
  *       5632, 4 KV heads of 64, vocabulary 32000, bf16) with 22 x F layers
  *   tensoralloc-cache-demo load FILE... [--mode cache|plain] [--rounds N]
  *                          [--threads N] [--chunk-mib N]
- *                          [--page-cache keep|drop|bypass] [--cold] [--to-device]
+ *                          [--page-cache keep|drop|bypass|map] [--cold] [--to-device]
  *                          [--verbose]
  *       loads each file and drops it, N rounds: the load throughput alone
  *       (cache: the model cache's loader; plain: malloc + pread, 64 MiB
@@ -17,7 +17,7 @@
  *       --to-device loads straight to GPU 0 (no host copy; the staging
  *       chunk is 4 x --chunk-mib)
  *   tensoralloc-cache-demo run DIR [--mode cache|plain] [--budget-mib N]
- *                          [--switches N] [--verbose]
+ *                          [--switches N] [--page-cache keep|drop|bypass|map] [--verbose]
  *       cache: tensoralloc's model cache (budget, LRU, per-tensor mappings),
  *              printing its statistics and the snapshot diff of each load;
  *       plain: the same switching with malloc + read and a hand-written LRU,
@@ -272,7 +272,8 @@ static int count_models(const char *dir)
     }
 }
 
-static int run(const char *dir, const char *mode, size_t budget, int switches, int verbose)
+static int run(const char *dir, const char *mode, size_t budget, int switches, int verbose,
+               ta_page_cache_t page_cache)
 {
     int models = count_models(dir);
     if (models == 0) {
@@ -290,7 +291,8 @@ static int run(const char *dir, const char *mode, size_t budget, int switches, i
                                  .ram_budget = budget,
                                  .overflow = TA_OVERFLOW_REFUSE,
                                  .log = verbose ? demo_log : NULL,
-                                 .log_level = verbose ? TA_LOG_DEBUG : TA_LOG_ERROR};
+                                 .log_level = verbose ? TA_LOG_DEBUG : TA_LOG_ERROR,
+                                 .page_cache = page_cache};
         ta_cache_t *c;
         if (ta_cache_create(&cfg, &c) != 0)
             return 1;
@@ -455,23 +457,23 @@ static int load_files(char **files, int nfiles, const load_args_t *a)
 
 static __attribute__((noreturn)) void usage(void)
 {
-    fprintf(
-        stderr,
-        "usage: tensoralloc-cache-demo make DIR [--models N] [--scale F] [--shape "
-        "mix|transformer]\n"
-        "       tensoralloc-cache-demo run DIR [--mode cache|plain] [--budget-mib N]\n"
-        "                                  [--switches N] [--verbose]\n"
-        "       tensoralloc-cache-demo load FILE... [--mode cache|plain] [--rounds N]\n"
-        "                                  [--threads N] [--chunk-mib N]\n"
-        "                                  [--page-cache keep|drop|bypass] [--cold] [--to-device]\n"
-        "                                  [--verbose]\n");
+    fprintf(stderr, "usage: tensoralloc-cache-demo make DIR [--models N] [--scale F] [--shape "
+                    "mix|transformer]\n"
+                    "       tensoralloc-cache-demo run DIR [--mode cache|plain] [--budget-mib N]\n"
+                    "                                  [--switches N] [--page-cache "
+                    "keep|drop|bypass|map] [--verbose]\n"
+                    "       tensoralloc-cache-demo load FILE... [--mode cache|plain] [--rounds N]\n"
+                    "                                  [--threads N] [--chunk-mib N]\n"
+                    "                                  [--page-cache keep|drop|bypass|map] "
+                    "[--cold] [--to-device]\n"
+                    "                                  [--verbose]\n");
     exit(2);
 }
 
 static int page_cache_mode(const char *s)
 {
-    static const char *const names[] = {"keep", "drop", "bypass"};
-    for (int i = 0; i < 3; i++)
+    static const char *const names[] = {"keep", "drop", "bypass", "map"};
+    for (int i = 0; i < 4; i++)
         if (strcmp(s, names[i]) == 0)
             return i;
     usage();
@@ -518,7 +520,7 @@ int main(int argc, char **argv)
         (transformer || !strcmp(shape, "mix")))
         return make_models(dir, models, scale, transformer);
     if (strcmp(cmd, "run") == 0 && switches > 0 && budget > 0 && known_mode)
-        return run(dir, mode, budget, switches, verbose);
+        return run(dir, mode, budget, switches, verbose, la.page_cache);
     if (strcmp(cmd, "load") == 0 && la.rounds > 0 && la.threads >= 0 && known_mode &&
         optind < argc) {
         la.cache = strcmp(mode, "cache") == 0;

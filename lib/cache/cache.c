@@ -165,10 +165,24 @@ static void device_free(void *dev)
         ta_cuda_device_free(dev);
 }
 
+/* A mapped entry's file: its lease given up, its mapping unmapped (not
+ * under c->mu: the mapping may be large). */
+static void unmap_file(ta_entry_t *e)
+{
+    _ta_file_guard_stop(&e->guard);
+    _ta_os_unmap(e->guard.map, e->guard.len);
+    e->mapped = false;
+}
+
 static void entry_free(ta_entry_t *e)
 {
     if (!e)
         return;
+    if (e->mapped) { /* the tensors' host memory is the mapping's */
+        unmap_file(e);
+        for (size_t i = 0; i < e->count; i++)
+            e->tensors[i].data = NULL;
+    }
     for (size_t i = 0; i < e->count; i++) {
         ta_free(e->tensors[i].data);
         device_free(e->tensors[i].dev);
@@ -380,7 +394,7 @@ static int config_check(const ta_cache_config_t *g)
                               g->load_chunk, TA_CACHE_MAX_LOAD_CHUNK);
     if ((unsigned)g->page_cache >= TA_PAGE_CACHE_COUNT_)
         return _ta_cache_fail(
-            EINVAL, "page_cache %d is not a ta_page_cache_t (0: keep, 1: drop, 2: bypass)",
+            EINVAL, "page_cache %d is not a ta_page_cache_t (0: keep, 1: drop, 2: bypass, 3: map)",
             (int)g->page_cache);
     if (g->keep_alive_ms > TA_CACHE_MAX_KEEP_ALIVE_MS) /* the timer's deadlines must not wrap */
         return _ta_cache_fail(
@@ -593,9 +607,11 @@ static int entry_append(ta_entry_t *e, const char *name, ta_dtype_t dtype, int n
 
 _ta_load_opts_t _ta_cache_load_opts(const ta_cache_t *c)
 {
-    return (_ta_load_opts_t){.threads = c->cfg.load_threads,
-                             .chunk = c->cfg.load_chunk,
-                             .page_cache = c->cfg.page_cache};
+    /* what is not mapped (raw files, loads to the device, refused leases) is read as KEEP */
+    ta_page_cache_t pc =
+        c->cfg.page_cache == TA_PAGE_CACHE_MAP ? TA_PAGE_CACHE_KEEP : c->cfg.page_cache;
+    return (_ta_load_opts_t){
+        .threads = c->cfg.load_threads, .chunk = c->cfg.load_chunk, .page_cache = pc};
 }
 
 /* Reads the spans into a loading entry and publishes it, or abandons it. */
@@ -669,6 +685,95 @@ int _ta_cache_open_header(const char *path, int *fd, _ta_st_header_t *h, uint64_
     return 0;
 }
 
+/* The file guard's report, from its thread: the entry's file is about to
+ * change and its mapping became a copy (or could not). */
+static void mapping_copied(void *arg, const _ta_file_guard_t *g, int rc)
+{
+    ta_cache_t *c = arg;
+    if (rc == 0) {
+        atomic_fetch_add_explicit(&c->mapped_copied, 1, memory_order_relaxed);
+        _ta_cache_log(c, TA_LOG_WARN,
+                      "the file of entry '%s' is being written or truncated: its mapping "
+                      "(%zu bytes) was copied into memory first",
+                      g->what, g->len);
+    } else {
+        _ta_cache_log(c, TA_LOG_ERROR,
+                      "the file of entry '%s' is being written or truncated and its mapping "
+                      "could not be copied (%s): reading its tensors may now fault (SIGBUS)",
+                      g->what, strerror(rc));
+    }
+}
+
+/* TA_PAGE_CACHE_MAP: the tensors of a reserved entry become a private,
+ * leased mapping of the file, faulted in by the readers; published, or
+ * abandoned on failure. *fd goes to the entry (-1 here). ENOTSUP, with
+ * nothing done, where the file cannot be leased: the caller reads it. */
+static int map_entry(ta_cache_t *c, ta_entry_t *e, const char *path, int *fd,
+                     const _ta_st_header_t *h, uint64_t total, double t0)
+{
+    char why[200] = "";
+    uint64_t size;
+    void *map;
+    int rc = _ta_os_file_size(*fd, &size);
+    if (rc == 0 && size < h->data_start + h->data_len)
+        rc = TA_EFORMAT;
+    if (rc == 0 && size > SIZE_MAX)
+        rc = EFBIG;
+    if (rc == 0 && (rc = _ta_os_map_file(*fd, (size_t)size, &map)) != 0)
+        snprintf(why, sizeof why, "cannot map %llu bytes of it: %s", (unsigned long long)size,
+                 strerror(rc));
+    else if (rc)
+        snprintf(why, sizeof why, "%s",
+                 rc == TA_EFORMAT ? "the file is shorter than its header says" : strerror(rc));
+    if (rc) {
+        _ta_cache_abandon_entry(c, e);
+        return _ta_cache_fail(rc, "%s: %s", path, why);
+    }
+    e->guard = (_ta_file_guard_t){.fd = *fd,
+                                  .map = map,
+                                  .len = (size_t)size,
+                                  .what = e->key,
+                                  .copied = mapping_copied,
+                                  .arg = c};
+    if (_ta_file_guard_start(&e->guard, why, sizeof why) != 0) {
+        _ta_os_unmap(map, (size_t)size);
+        e->guard.fd = -1;
+        _ta_cache_log(c, TA_LOG_INFO, "'%s': %s: %s; read into memory instead", e->key, path, why);
+        return ENOTSUP;
+    }
+    *fd = -1;
+    e->mapped = true;
+    for (size_t i = 0; i < h->count && rc == 0; i++) {
+        const _ta_st_tensor_t *st = &h->tensors[i];
+        char *data = (char *)map + h->data_start + st->begin;
+        rc = entry_append(e, st->name, st->dtype, st->ndim, st->shape,
+                          (size_t)(st->end - st->begin), data);
+    }
+    _ta_load_opts_t opts = _ta_cache_load_opts(c);
+    _ta_load_report_t rep = {0};
+    uint64_t from = h->data_start & ~(uint64_t)(_ta_os_page_size() - 1);
+    if (rc == 0 && size > from)
+        rc = _ta_loader_populate((char *)map + from, (size_t)(size - from), &opts, &rep, why,
+                                 sizeof why);
+    else if (rc)
+        snprintf(why, sizeof why, "no memory for %zu tensors", h->count);
+    double dt = _ta_os_now_s() - t0;
+    if (rc) {
+        _ta_cache_abandon_entry(c, e);
+        return _ta_cache_fail(rc, "%s: %s", path, why);
+    }
+    pthread_mutex_lock(&c->mu);
+    c->st.mapped_loads++;
+    pthread_mutex_unlock(&c->mu);
+    _ta_cache_publish(c, e, total, dt, &rep);
+    _ta_cache_log(c, TA_LOG_INFO,
+                  "mapped '%s' from %s: %zu tensors, %.3f GB usable in %.3f s (%.2f GB/s, %d "
+                  "reader%s)",
+                  e->key, path, e->count, (double)total / 1e9, dt,
+                  dt > 0 ? (double)total / dt / 1e9 : 0, rep.threads, rep.threads == 1 ? "" : "s");
+    return 0;
+}
+
 int ta_cache_load_safetensors(ta_cache_t *c, const char *key, const char *path, ta_entry_t **out)
 {
     if (!c || !key || !path || !out)
@@ -687,14 +792,22 @@ int ta_cache_load_safetensors(ta_cache_t *c, const char *key, const char *path, 
     else
         rc = _ta_cache_insert_reserved(c, key, (size_t)total, false, &e);
     double t0 = _ta_os_now_s();
-    if (rc == 0)
+    bool read = true;
+    if (rc == 0 && c->cfg.page_cache == TA_PAGE_CACHE_MAP) {
+        rc = map_entry(c, e, path, &fd, &h, total, t0);
+        read = rc == ENOTSUP; /* not leased: read instead */
+        if (read)
+            rc = 0;
+    }
+    if (rc == 0 && read)
         rc = _ta_cache_append_header_tensors(e, &h, path, spans);
-    if (e && rc)
+    if (e && rc && read)
         _ta_cache_abandon_entry(c, e);
-    else if (e)
+    else if (e && read)
         rc = load_entry(c, e, path, fd, spans, h.count, total, t0);
     free(spans);
-    _ta_os_close(fd);
+    if (fd >= 0)
+        _ta_os_close(fd);
     _ta_st_free(&h);
     if (rc)
         return rc;
@@ -824,7 +937,7 @@ static void drop_copies_locked(ta_cache_t *c, ta_entry_t *e, void **host, void *
 {
     for (size_t i = 0; i < e->count; i++) {
         if (e->drop_host) {
-            host[i] = e->tensors[i].data;
+            host[i] = e->mapped ? NULL : e->tensors[i].data; /* a mapping goes whole */
             e->tensors[i].data = NULL;
         }
         if (e->drop_device) {
@@ -849,15 +962,24 @@ void _ta_cache_drop_marked_and_unlock(ta_cache_t *c, ta_entry_t *e, int holders)
 {
     void **host = NULL, **dev = NULL;
     size_t n = 0;
+    _ta_file_guard_t mapping = {.len = 0};
     if (e->locks <= holders && (e->drop_host || e->drop_device)) {
         host = calloc(e->count + 1, sizeof *host);
         dev = calloc(e->count + 1, sizeof *dev);
         if (host && dev) { /* else the copy stays until eviction frees it */
             n = e->count;
+            bool unmap = e->mapped && e->drop_host;
             drop_copies_locked(c, e, host, dev);
+            if (unmap) { /* the guard stopped here: once c->mu is released, e may go */
+                _ta_file_guard_stop(&e->guard);
+                mapping = e->guard;
+                e->mapped = false;
+            }
         }
     }
     pthread_mutex_unlock(&c->mu);
+    if (mapping.len)
+        _ta_os_unmap(mapping.map, mapping.len);
     for (size_t i = 0; i < n; i++) {
         ta_free(host[i]);
         device_free(dev[i]);
@@ -1007,6 +1129,7 @@ int ta_cache_stats_get(ta_cache_t *c, ta_cache_stats_t *out)
     s.in_cache = c->count;
     s.ram_used = c->ram_used;
     s.vram_used = c->vram_used;
+    s.mapped_copied = atomic_load_explicit(&c->mapped_copied, memory_order_relaxed);
     if (s.loads) { /* the last load is the ring's newest record */
         const load_record_t *r = &c->recent[(s.loads - 1) % TA_CACHE_RECENT_LOADS];
         s.last_load_bytes = r->bytes;
@@ -1048,14 +1171,15 @@ int ta_cache_stats_json(ta_cache_t *c, FILE *f)
         "\"cleared\": %llu, \"cache_size\": %llu, \"ram_used\": %llu, \"vram_budget\": %llu, "
         "\"vram_used\": %llu, \"over_budget_admits\": %llu, \"loads\": %llu, "
         "\"load_bytes\": %llu, \"load_seconds\": %.6f, \"device_moves\": %llu, \"expired\": %llu, "
-        "\"loaded_model_sizes\": {",
+        "\"mapped_loads\": %llu, \"mapped_copied\": %llu, \"loaded_model_sizes\": {",
         (unsigned long long)s.hits, (unsigned long long)s.misses,
         (unsigned long long)s.high_watermark, (unsigned long long)s.in_cache,
         (unsigned long long)s.cleared, (unsigned long long)s.ram_budget,
         (unsigned long long)s.ram_used, (unsigned long long)s.vram_budget,
         (unsigned long long)s.vram_used, (unsigned long long)s.over_budget_admits,
         (unsigned long long)s.loads, (unsigned long long)s.load_bytes, s.load_seconds,
-        (unsigned long long)s.device_moves, (unsigned long long)s.expired);
+        (unsigned long long)s.device_moves, (unsigned long long)s.expired,
+        (unsigned long long)s.mapped_loads, (unsigned long long)s.mapped_copied);
     pthread_mutex_lock(&c->mu);
     for (size_t i = 0; i < c->nsizes; i++) {
         if (i)

@@ -11,11 +11,13 @@
 #define TA_CACHE_INTERNAL_H
 
 #include "core/core.h"
+#include "file_guard.h"
 #include "loader.h"
 #include "safetensors.h"
 #include "tensoralloc_cache.h"
 
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -38,12 +40,14 @@ struct ta_entry {
     size_t ram_bytes;  /* charged: tensor bytes with a host copy */
     size_t vram_bytes; /* charged: tensor bytes on the device */
     int locks;
-    bool loading;                 /* not visible to gets yet: a load, or building */
-    bool building;                /* ta_cache_create_entry's: tensors may be added */
-    pthread_t builder;            /* the thread building it (its get would wait on itself) */
-    bool moving;                  /* a device move is in flight (moves are serialised) */
-    bool drop_host;               /* free the host copy when the last holder unlocks */
-    bool drop_device;             /* free the device copy when the last holder unlocks */
+    bool loading;      /* not visible to gets yet: a load, or building */
+    bool building;     /* ta_cache_create_entry's: tensors may be added */
+    pthread_t builder; /* the thread building it (its get would wait on itself) */
+    bool moving;       /* a device move is in flight (moves are serialised) */
+    bool drop_host;    /* free the host copy when the last holder unlocks */
+    bool drop_device;  /* free the device copy when the last holder unlocks */
+    bool mapped;       /* the host copy is guard.map, a mapping of the file */
+    _ta_file_guard_t guard;
     uint64_t used_ms;             /* last loaded, got or unlocked (keep_alive_ms) */
     struct ta_entry *prev, *next; /* LRU order: head least recently used */
 };
@@ -76,6 +80,7 @@ struct ta_cache {
     pthread_cond_t wake_keeper; /* the keep-alive timer's */
     unsigned long keeper;
     bool has_keeper, stopping;
+    _Atomic uint64_t mapped_copied; /* counted by the file guard's thread */
 };
 
 /* What one pass of eviction took, freed after the cache mutex is released. */

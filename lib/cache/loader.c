@@ -11,6 +11,10 @@
  * blocks alike (docs/benchmarks.md "Loads"); the readers fault their own
  * chunks, in parallel.
  *
+ * Mapped (TA_PAGE_CACHE_MAP): nothing is read; a unit is a chunk of the
+ * file's mapping that a reader faults in with MADV_POPULATE_READ, so the
+ * page cache's pages are mapped by several threads at once.
+ *
  * Direct: a unit is an aligned range of the file read with O_DIRECT into
  * the reader's own aligned buffer, then copied to every span it covers
  * (O_DIRECT needs the buffer, offset and length aligned, and a tensor's
@@ -318,5 +322,66 @@ int _ta_load_spans(const char *path, int fd, const _ta_span_t *spans, size_t n,
     _ta_loader_open(path, fd, o, &ld);
     int rc = _ta_loader_read(&ld, spans, n, report, why, whylen);
     _ta_loader_close(&ld);
+    return rc;
+}
+
+typedef struct {
+    char *addr;
+    size_t len, chunk, nunits;
+    _Atomic size_t next;
+    _Atomic int rc;
+} populate_job_t;
+
+static int populate_chunk(char *p, size_t len)
+{
+    int rc = _ta_os_populate_read(p, len);
+    if (rc == EINVAL) { /* before Linux 5.14: touch every page */
+        size_t page = _ta_os_page_size();
+        for (size_t at = 0; at < len; at += page)
+            (void)*(volatile char *)(p + at);
+        rc = 0;
+    }
+    return rc;
+}
+
+static void *populater(void *arg)
+{
+    populate_job_t *j = arg;
+    for (;;) {
+        size_t u = atomic_fetch_add_explicit(&j->next, 1, memory_order_relaxed);
+        if (u >= j->nunits || atomic_load_explicit(&j->rc, memory_order_relaxed))
+            break;
+        size_t at = u * j->chunk, len = j->len - at < j->chunk ? j->len - at : j->chunk;
+        int rc = populate_chunk(j->addr + at, len), none = 0;
+        if (rc)
+            atomic_compare_exchange_strong(&j->rc, &none, rc);
+    }
+    return NULL;
+}
+
+int _ta_loader_populate(void *addr, size_t len, const _ta_load_opts_t *o, _ta_load_report_t *report,
+                        char *why, size_t whylen)
+{
+    size_t chunk = o->chunk ? o->chunk : TA_LOAD_CHUNK, page = _ta_os_page_size();
+    populate_job_t j = {.addr = addr, .len = len, .chunk = (chunk + page - 1) / page * page};
+    j.nunits = (len + j.chunk - 1) / j.chunk;
+    int readers = reader_count(o, false, j.nunits), started = 0;
+    unsigned long ids[TA_LOAD_MAX_THREADS];
+    while (started < readers - 1 && _ta_os_thread_start(populater, &j, &ids[started]) == 0)
+        started++;
+    populater(&j);
+    for (int i = 0; i < started; i++)
+        _ta_os_thread_join(ids[i]);
+    report->threads = started + 1;
+    report->direct = false;
+    int rc = atomic_load(&j.rc);
+    if (rc == EFAULT) {
+        snprintf(why, whylen,
+                 "part of the file cannot be read: it ends before the tensors it "
+                 "declares do (it shrank), or a read failed");
+        return TA_EFORMAT;
+    }
+    if (rc)
+        snprintf(why, whylen, "mapping the file in failed: %s", strerror(rc));
     return rc;
 }

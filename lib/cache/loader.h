@@ -51,6 +51,14 @@ int _ta_loader_read(_ta_loader_t *ld, const _ta_span_t *spans, size_t n, _ta_loa
                     char *why, size_t whylen);
 void _ta_loader_close(_ta_loader_t *ld);
 
+/* Faults len bytes of a private file mapping at addr (page aligned) in for
+ * reading, in chunks, from the load's readers at once (MADV_POPULATE_READ;
+ * on kernels without it a read of every page, which the file guard keeps
+ * from faulting). TA_EFORMAT when the file ends before the range does.
+ * report as _ta_loader_read's (no reads). */
+int _ta_loader_populate(void *addr, size_t len, const _ta_load_opts_t *opts,
+                        _ta_load_report_t *report, char *why, size_t whylen);
+
 /* One open, read and close: reads every span from fd (opened buffered; path is reopened for
  * O_DIRECT). Returns 0, an errno of a failed read (message in why), TA_EFORMAT when the file
  * ends before a span does (it shrank), or EINVAL for a chunk over TA_LOAD_CHUNK_MAX. Spans

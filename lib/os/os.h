@@ -90,6 +90,35 @@ int _ta_os_fadvise(int fd, uint64_t off, uint64_t len, ta_os_fadvice_t advice);
 /* Fault the pages of a mapped range in, writable, now (MADV_POPULATE_WRITE;
  * EINVAL on kernels before 5.14). The contents are unchanged. */
 int _ta_os_populate_write(void *addr, size_t size);
+/* Map size bytes of file fd from its start, private and writable: its
+ * pages are the page cache's until written (then copied). An access past
+ * the end of the file (it shrank) raises SIGBUS: the model cache's file
+ * guard (lib/cache/file_guard.c) prevents that. */
+int _ta_os_map_file(int fd, size_t size, void **out);
+/* Fault a mapped range in for reading now (MADV_POPULATE_READ; EINVAL on
+ * kernels before 5.14); EFAULT where a file mapping ends past its file. */
+int _ta_os_populate_read(void *addr, size_t size);
+/* ---- file leases: the kernel's warning before a file changes -------------- */
+/* A read lease on fd (opened read-only) whose break (another open for
+ * writing, a truncate) sends signal sig to thread tid alone (F_SETSIG,
+ * F_SETLEASE, F_SETOWN_EX). EAGAIN: the file is open for writing;
+ * EACCES: not the caller's file (CAP_LEASE); EINVAL: its filesystem has no
+ * leases. */
+int _ta_os_lease(int fd, int sig, int tid);
+/* Whether fd's lease is still whole: false once a break began (or it was
+ * taken away). */
+bool _ta_os_lease_held(int fd);
+/* Gives the lease up (the opener that broke it goes on). */
+void _ta_os_lease_release(int fd);
+/* The calling thread's id (gettid). */
+int _ta_os_thread_tid(void);
+/* The signal lease breaks come as: SIGURG, whose default action is to be
+ * ignored, so one that reaches the process rather than the guard thread
+ * (between F_SETLEASE and F_SETOWN_EX) cannot end it. */
+int _ta_os_lease_signal(void);
+/* Waits until sig, blocked in the calling thread, is pending for it and
+ * takes it. */
+void _ta_os_wait_signal(int sig);
 /* Start a joinable thread running fn(arg); *id names it for the join. */
 int _ta_os_thread_start(void *(*fn)(void *), void *arg, unsigned long *id);
 void _ta_os_thread_join(unsigned long id);

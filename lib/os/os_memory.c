@@ -7,17 +7,17 @@
  * before any constructor has run. The rest of the OS is os_system.c.
  */
 #define _GNU_SOURCE
-#include "os.h"
 #include "faults.h"
+#include "os.h"
 
 #include <errno.h>
 #include <fcntl.h>
-#include <stdint.h>
-#include <stdlib.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
+#include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
@@ -27,6 +27,9 @@
 
 #ifndef MADV_POPULATE_WRITE
 #define MADV_POPULATE_WRITE 23 /* Linux 5.14 */
+#endif
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22 /* Linux 5.14 */
 #endif
 #ifndef PR_SET_VMA
 #define PR_SET_VMA 0x53564d41
@@ -71,8 +74,7 @@ static const kcall_t call_map = {TA_FAULT_MAP, ENOMEM, &count_map, &count_map_fa
 static const kcall_t call_unmap = {TA_FAULT_UNMAP, ENOMEM, &count_unmap, &count_unmap_fail, 1};
 static const kcall_t call_move = {TA_FAULT_REMAP, ENOMEM, &count_remap, &count_remap_fail, 3};
 static const kcall_t call_grow_in_place = {TA_FAULT_REMAP, ENOMEM, &count_remap, NULL, 0};
-static const kcall_t call_advise = {TA_FAULT_ADVISE, EAGAIN, &count_madvise, &count_advise_fail,
-                                    2};
+static const kcall_t call_advise = {TA_FAULT_ADVISE, EAGAIN, &count_madvise, &count_advise_fail, 2};
 static const kcall_t call_advise_in_place = {TA_FAULT_ADVISE, EAGAIN, &count_madvise,
                                              &count_advise_fail, 0};
 
@@ -132,7 +134,6 @@ static int raw_map(size_t size, void **out)
     }
     return kcall_leave(&call_map, rc, saved);
 }
-
 
 int _ta_os_unmap(void *addr, size_t size)
 {
@@ -334,10 +335,11 @@ int _ta_os_remap_aligned(void *addr, size_t old_size, size_t new_size, size_t al
 
 static int advise(void *addr, size_t size, int advice)
 {
-    /* DONTNEED and POPULATE_WRITE change no VMA */
-    const kcall_t *k = advice == MADV_DONTNEED || advice == MADV_POPULATE_WRITE
-                           ? &call_advise_in_place
-                           : &call_advise;
+    /* DONTNEED and POPULATE_* change no VMA */
+    const kcall_t *k =
+        advice == MADV_DONTNEED || advice == MADV_POPULATE_WRITE || advice == MADV_POPULATE_READ
+            ? &call_advise_in_place
+            : &call_advise;
     int saved = errno, rc;
     if (kcall_enter(k, &rc))
         rc = madvise(addr, size, advice) == 0 ? 0 : errno;
@@ -402,3 +404,19 @@ int _ta_os_populate_write(void *addr, size_t size)
     return advise(addr, size, MADV_POPULATE_WRITE);
 }
 
+int _ta_os_populate_read(void *addr, size_t size)
+{
+    return advise(addr, size, MADV_POPULATE_READ);
+}
+
+int _ta_os_map_file(int fd, size_t size, void **out)
+{
+    int saved = errno, rc;
+    if (kcall_enter(&call_map, &rc)) {
+        void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
+        rc = p == MAP_FAILED ? errno : 0;
+        if (rc == 0)
+            *out = p;
+    }
+    return kcall_leave(&call_map, rc, saved);
+}

@@ -7,8 +7,8 @@
  * os_memory.c's.
  */
 #define _GNU_SOURCE
-#include "os.h"
 #include "faults.h"
+#include "os.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -22,6 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -159,7 +160,6 @@ const char *_ta_os_getenv(const char *name)
 
 /* ---- files and threads ----------------------------------------------------- */
 
-
 int _ta_os_open_read(const char *path, int direct, int *fd)
 {
     if (direct && _ta_fault_fires(TA_FAULT_DIRECT))
@@ -257,6 +257,58 @@ void _ta_os_unblock_signals(void)
     pthread_sigmask(SIG_SETMASK, &none, NULL);
 }
 
+int _ta_os_lease(int fd, int sig, int tid)
+{
+    int saved = errno, rc = 0;
+    /* F_SETLEASE points the break at the whole process; F_SETOWN_EX after
+     * it, at the one thread that waits for it */
+    struct f_owner_ex owner = {F_OWNER_TID, tid};
+    if (fcntl(fd, F_SETSIG, sig) != 0 || fcntl(fd, F_SETLEASE, F_RDLCK) != 0)
+        rc = errno;
+    else if (fcntl(fd, F_SETOWN_EX, &owner) != 0) {
+        rc = errno;
+        fcntl(fd, F_SETLEASE, F_UNLCK);
+    }
+    errno = saved;
+    return rc;
+}
+
+bool _ta_os_lease_held(int fd)
+{
+    int saved = errno;
+    bool held = fcntl(fd, F_GETLEASE) == F_RDLCK; /* F_UNLCK while a break is pending */
+    errno = saved;
+    return held;
+}
+
+void _ta_os_lease_release(int fd)
+{
+    int saved = errno;
+    fcntl(fd, F_SETLEASE, F_UNLCK);
+    errno = saved;
+}
+
+int _ta_os_thread_tid(void)
+{
+    return (int)syscall(SYS_gettid);
+}
+
+int _ta_os_lease_signal(void)
+{
+    return SIGURG;
+}
+
+void _ta_os_wait_signal(int sig)
+{
+    int saved = errno;
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, sig);
+    while (sigwaitinfo(&set, NULL) < 0 && errno == EINTR)
+        ;
+    errno = saved;
+}
+
 _Static_assert(sizeof(pthread_key_t) == sizeof(ta_os_key_t), "os.h's key type");
 
 int _ta_os_key_create(ta_os_key_t *key, void (*destructor)(void *))
@@ -352,4 +404,3 @@ size_t _ta_os_cgroup_memory_limit(void)
     }
     return read_limit("/sys/fs/cgroup/memory/memory.limit_in_bytes");
 }
-

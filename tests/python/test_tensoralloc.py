@@ -462,6 +462,32 @@ class Views(Base):
         with c.get("m") as again:
             self.assertEqual(again.numpy("layer0.weight")[0, 0], 1234.5)
 
+    def test_mapped_entries_survive_the_file_saved_again_in_place(self):
+        """page_cache="map": the views are the file's pages; saving another
+        model over the file (an open with O_TRUNC, as safetensors' save_file
+        does) waits until the entry is a copy, and the views keep their bytes."""
+        src, other = model(5), model(6)
+        path = self.file("m", src)
+        seen = []
+        c = ta.ModelCache("16M", page_cache="map", log=lambda lvl, msg: seen.append((lvl, msg)))
+        e = c.load("m", path)
+        views = {name: e.numpy(name) for name in src}
+        for name, want in src.items():
+            np.testing.assert_array_equal(views[name], want)
+        self.assertEqual(c.stats()["mapped_loads"], 1)
+        ta.save_safetensors(path, other)  # held back by the lease until the copy is made
+        for name, want in src.items():
+            np.testing.assert_array_equal(views[name], want)
+        self.assertEqual(c.stats()["mapped_copied"], 1)
+        self.assertTrue(any(lvl == "warning" and "copied into memory" in msg for lvl, msg in seen),
+                        seen)
+        del views
+        e.close()
+        c.remove("m")
+        with c.load("m", path) as again:  # the new file, mapped again
+            np.testing.assert_array_equal(again.numpy("layer0.weight"), other["layer0.weight"])
+        c.close()
+
     @need_torch
     def test_torch_views_share_the_numpy_memory(self):
         src = model(4)

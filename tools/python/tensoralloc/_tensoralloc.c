@@ -874,7 +874,8 @@ static int add_type(PyObject *m, PyTypeObject **slot, PyType_Spec *spec)
  * PAGE_CACHE_MODES and OVERFLOW_MODES). */
 static const char *const page_cache_names[] = {[TA_PAGE_CACHE_KEEP] = "keep",
                                                [TA_PAGE_CACHE_DROP] = "drop",
-                                               [TA_PAGE_CACHE_BYPASS] = "bypass"};
+                                               [TA_PAGE_CACHE_BYPASS] = "bypass",
+                                               [TA_PAGE_CACHE_MAP] = "map"};
 _Static_assert(sizeof page_cache_names / sizeof *page_cache_names == TA_PAGE_CACHE_COUNT_,
                "a name for every ta_page_cache_t");
 static const char *const overflow_names[] = {
