@@ -1870,3 +1870,50 @@ Test(cache, a_mapped_entry_moved_to_the_device_gives_its_mapping_back)
     ta_entry_unlock(e);
     ta_cache_destroy(c);
 }
+
+/* A file that cannot be mapped is read instead, with the reason logged. */
+Test(cache, a_file_that_cannot_be_mapped_is_read_instead)
+{
+    const char *path = many_file(31);
+    logged_cache_t *lc = load_cache(2, 0, TA_PAGE_CACHE_MAP);
+    _ta_os_fail_every_map(1); /* the file's mapping; the tensors' blocks then come from the pool */
+    ta_entry_t *e;
+    int rc = ta_cache_load_safetensors(lc->c, "m", path, &e);
+    _ta_os_fail_every_map(0);
+    if (rc == ENOMEM) /* the fallback's blocks needed fresh mappings too: try them now */
+        cr_assert_eq(ta_cache_load_safetensors(lc->c, "m", path, &e), 0, "%s", cache_error());
+    else
+        cr_assert_eq(rc, 0, "%s", cache_error());
+    expect_file_bytes(e);
+    cr_assert(strstr(lc->log, "cannot map"), "%s", lc->log);
+    cr_assert(strstr(lc->log, "read into memory instead"), "%s", lc->log);
+    ta_entry_unlock(e);
+    ta_cache_destroy(lc->c);
+    free(lc);
+}
+
+/* The guard's copy fails (no memory): the writer goes on, and the entry,
+ * whose pages may now fault, is refused to gets (EIO) and can be removed. */
+Test(cache, a_mapped_entry_whose_copy_fails_is_refused_not_served)
+{
+    const char *path = many_file(31);
+    logged_cache_t *lc = load_cache(2, 0, TA_PAGE_CACHE_MAP);
+    ta_entry_unlock(load_mapped(lc, "m", path));
+    _ta_os_fail_every_map(1);
+    pid_t pid = fork();
+    cr_assert_geq(pid, 0);
+    if (pid == 0)
+        _exit(truncate(path, 10) == 0 ? 0 : 1);
+    int status;
+    cr_assert_eq(waitpid(pid, &status, 0), pid);
+    _ta_os_fail_every_map(0);
+    cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    ta_entry_t *e;
+    cr_assert_eq(ta_cache_get(lc->c, "m", &e), EIO);
+    cr_assert(strstr(cache_error(), "could not be copied"), "%s", cache_error());
+    cr_assert(strstr(lc->log, "could not be copied"), "%s", lc->log);
+    cr_assert_eq(cstats(lc->c).mapped_copied, 0);
+    cr_assert_eq(ta_cache_remove(lc->c, "m"), 0);
+    ta_cache_destroy(lc->c);
+    free(lc);
+}

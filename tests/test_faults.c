@@ -371,7 +371,7 @@ Test(faults, os_thread_start_keeps_errno_when_it_fails)
         if (setrlimit(RLIMIT_AS, &rl) != 0)
             _exit(3);
         errno = 1234;
-        int rc = _ta_os_background_thread(returns_at_once);
+        int rc = _ta_os_background_thread(returns_at_once, (size_t)128 << 10);
         _exit(rc == 0 ? 4 : errno == 1234 ? 0 : 5);
     }
     int status;

@@ -165,21 +165,25 @@ static void device_free(void *dev)
         ta_cuda_device_free(dev);
 }
 
-/* A mapped entry's file: its lease given up, its mapping unmapped (not
- * under c->mu: the mapping may be large). */
-static void unmap_file(ta_entry_t *e)
+/* A mapped entry's file: its lease given up, its mapping unmapped. Not
+ * under c->mu: the stop may wait for the guard thread's copy. */
+static void unmap_file(_ta_file_guard_t *g)
 {
-    _ta_file_guard_stop(&e->guard);
-    _ta_os_unmap(e->guard.map, e->guard.len);
-    e->mapped = false;
+    if (!g)
+        return;
+    _ta_file_guard_stop(g);
+    if (!g->lost)
+        _ta_os_unmap(g->map, g->len);
+    free(g);
 }
 
 static void entry_free(ta_entry_t *e)
 {
     if (!e)
         return;
-    if (e->mapped) { /* the tensors' host memory is the mapping's */
-        unmap_file(e);
+    if (e->guard) { /* the tensors' host memory is the mapping's */
+        unmap_file(e->guard);
+        e->guard = NULL;
         for (size_t i = 0; i < e->count; i++)
             e->tensors[i].data = NULL;
     }
@@ -699,50 +703,63 @@ static void mapping_copied(void *arg, const _ta_file_guard_t *g, int rc)
     } else {
         _ta_cache_log(c, TA_LOG_ERROR,
                       "the file of entry '%s' is being written or truncated and its mapping "
-                      "could not be copied (%s): reading its tensors may now fault (SIGBUS)",
+                      "could not be copied (%s): gets of it fail with EIO, and its holders' "
+                      "reads may fault (SIGBUS)",
                       g->what, strerror(rc));
     }
 }
 
+/* Where the file cannot be mapped and leased: nothing done, the entry
+ * still reserved, *fallback set; the caller reads the file instead. */
+static int map_refused(ta_cache_t *c, ta_entry_t *e, const char *path, const char *why,
+                       bool *fallback)
+{
+    _ta_cache_log(c, TA_LOG_INFO, "'%s': %s: %s; read into memory instead", e->key, path, why);
+    *fallback = true;
+    return 0;
+}
+
 /* TA_PAGE_CACHE_MAP: the tensors of a reserved entry become a private,
- * leased mapping of the file, faulted in by the readers; published, or
- * abandoned on failure. *fd goes to the entry (-1 here). ENOTSUP, with
- * nothing done, where the file cannot be leased: the caller reads it. */
+ * leased mapping of the file (up to its last tensor's end), faulted in by
+ * the readers; published, or abandoned on failure. *fd goes to the entry
+ * (-1 here). */
 static int map_entry(ta_cache_t *c, ta_entry_t *e, const char *path, int *fd,
-                     const _ta_st_header_t *h, uint64_t total, double t0)
+                     const _ta_st_header_t *h, uint64_t total, double t0, bool *fallback)
 {
     char why[200] = "";
-    uint64_t size;
+    uint64_t end = h->data_start, size;
+    for (size_t i = 0; i < h->count; i++)
+        if (h->data_start + h->tensors[i].end > end)
+            end = h->data_start + h->tensors[i].end;
+    if (end > SIZE_MAX / 2)
+        return map_refused(c, e, path, "too large to map", fallback);
+    _ta_file_guard_t *g = malloc(sizeof *g);
     void *map;
-    int rc = _ta_os_file_size(*fd, &size);
-    if (rc == 0 && size < h->data_start + h->data_len)
-        rc = TA_EFORMAT;
-    if (rc == 0 && size > SIZE_MAX)
-        rc = EFBIG;
-    if (rc == 0 && (rc = _ta_os_map_file(*fd, (size_t)size, &map)) != 0)
-        snprintf(why, sizeof why, "cannot map %llu bytes of it: %s", (unsigned long long)size,
-                 strerror(rc));
-    else if (rc)
-        snprintf(why, sizeof why, "%s",
-                 rc == TA_EFORMAT ? "the file is shorter than its header says" : strerror(rc));
+    int rc = g ? _ta_os_map_file(*fd, (size_t)end, &map) : ENOMEM;
     if (rc) {
-        _ta_cache_abandon_entry(c, e);
-        return _ta_cache_fail(rc, "%s: %s", path, why);
+        free(g);
+        snprintf(why, sizeof why, "cannot map %llu bytes of it: %s", (unsigned long long)end,
+                 strerror(rc));
+        return map_refused(c, e, path, why, fallback);
     }
-    e->guard = (_ta_file_guard_t){.fd = *fd,
-                                  .map = map,
-                                  .len = (size_t)size,
-                                  .what = e->key,
-                                  .copied = mapping_copied,
-                                  .arg = c};
-    if (_ta_file_guard_start(&e->guard, why, sizeof why) != 0) {
-        _ta_os_unmap(map, (size_t)size);
-        e->guard.fd = -1;
-        _ta_cache_log(c, TA_LOG_INFO, "'%s': %s: %s; read into memory instead", e->key, path, why);
-        return ENOTSUP;
+    *g = (_ta_file_guard_t){.fd = *fd,
+                            .map = map,
+                            .len = (size_t)end,
+                            .what = e->key,
+                            .copied = mapping_copied,
+                            .arg = c};
+    if (_ta_file_guard_start(g, why, sizeof why) != 0) {
+        _ta_os_unmap(map, (size_t)end);
+        free(g);
+        return map_refused(c, e, path, why, fallback);
     }
     *fd = -1;
-    e->mapped = true;
+    e->guard = g;
+    /* leased now: the file cannot shrink from here on */
+    if ((rc = _ta_os_file_size(g->fd, &size)) == 0 && size < end) {
+        _ta_cache_abandon_entry(c, e);
+        return _ta_cache_fail(TA_EFORMAT, "%s: the file is shorter than its header says", path);
+    }
     for (size_t i = 0; i < h->count && rc == 0; i++) {
         const _ta_st_tensor_t *st = &h->tensors[i];
         char *data = (char *)map + h->data_start + st->begin;
@@ -752,8 +769,8 @@ static int map_entry(ta_cache_t *c, ta_entry_t *e, const char *path, int *fd,
     _ta_load_opts_t opts = _ta_cache_load_opts(c);
     _ta_load_report_t rep = {0};
     uint64_t from = h->data_start & ~(uint64_t)(_ta_os_page_size() - 1);
-    if (rc == 0 && size > from)
-        rc = _ta_loader_populate((char *)map + from, (size_t)(size - from), &opts, &rep, why,
+    if (rc == 0 && end > from)
+        rc = _ta_loader_populate((char *)map + from, (size_t)(end - from), &opts, &rep, why,
                                  sizeof why);
     else if (rc)
         snprintf(why, sizeof why, "no memory for %zu tensors", h->count);
@@ -794,10 +811,8 @@ int ta_cache_load_safetensors(ta_cache_t *c, const char *key, const char *path, 
     double t0 = _ta_os_now_s();
     bool read = true;
     if (rc == 0 && c->cfg.page_cache == TA_PAGE_CACHE_MAP) {
-        rc = map_entry(c, e, path, &fd, &h, total, t0);
-        read = rc == ENOTSUP; /* not leased: read instead */
-        if (read)
-            rc = 0;
+        read = false;
+        rc = map_entry(c, e, path, &fd, &h, total, t0, &read);
     }
     if (rc == 0 && read)
         rc = _ta_cache_append_header_tensors(e, &h, path, spans);
@@ -922,6 +937,13 @@ int ta_cache_get(ta_cache_t *c, const char *key, ta_entry_t **out)
         pthread_mutex_unlock(&c->mu);
         return _ta_cache_fail(ENOENT, "no entry '%s'", key);
     }
+    if (e->guard && atomic_load(&e->guard->broken)) {
+        pthread_mutex_unlock(&c->mu);
+        return _ta_cache_fail(EIO,
+                              "entry '%s': its file changed on disk and its mapping could not be "
+                              "copied first; remove it and load it again",
+                              key);
+    }
     c->st.hits++;
     e->locks++;
     e->used_ms = _ta_os_now_ms();
@@ -937,7 +959,7 @@ static void drop_copies_locked(ta_cache_t *c, ta_entry_t *e, void **host, void *
 {
     for (size_t i = 0; i < e->count; i++) {
         if (e->drop_host) {
-            host[i] = e->mapped ? NULL : e->tensors[i].data; /* a mapping goes whole */
+            host[i] = e->guard ? NULL : e->tensors[i].data; /* a mapping goes whole */
             e->tensors[i].data = NULL;
         }
         if (e->drop_device) {
@@ -962,24 +984,23 @@ void _ta_cache_drop_marked_and_unlock(ta_cache_t *c, ta_entry_t *e, int holders)
 {
     void **host = NULL, **dev = NULL;
     size_t n = 0;
-    _ta_file_guard_t mapping = {.len = 0};
+    _ta_file_guard_t *mapping = NULL;
     if (e->locks <= holders && (e->drop_host || e->drop_device)) {
         host = calloc(e->count + 1, sizeof *host);
         dev = calloc(e->count + 1, sizeof *dev);
         if (host && dev) { /* else the copy stays until eviction frees it */
             n = e->count;
-            bool unmap = e->mapped && e->drop_host;
-            drop_copies_locked(c, e, host, dev);
-            if (unmap) { /* the guard stopped here: once c->mu is released, e may go */
-                _ta_file_guard_stop(&e->guard);
+            if (e->drop_host) { /* a mapping goes whole, after the mutex */
                 mapping = e->guard;
-                e->mapped = false;
+                drop_copies_locked(c, e, host, dev);
+                e->guard = NULL;
+            } else {
+                drop_copies_locked(c, e, host, dev);
             }
         }
     }
     pthread_mutex_unlock(&c->mu);
-    if (mapping.len)
-        _ta_os_unmap(mapping.map, mapping.len);
+    unmap_file(mapping);
     for (size_t i = 0; i < n; i++) {
         ta_free(host[i]);
         device_free(dev[i]);

@@ -40,14 +40,13 @@ struct ta_entry {
     size_t ram_bytes;  /* charged: tensor bytes with a host copy */
     size_t vram_bytes; /* charged: tensor bytes on the device */
     int locks;
-    bool loading;      /* not visible to gets yet: a load, or building */
-    bool building;     /* ta_cache_create_entry's: tensors may be added */
-    pthread_t builder; /* the thread building it (its get would wait on itself) */
-    bool moving;       /* a device move is in flight (moves are serialised) */
-    bool drop_host;    /* free the host copy when the last holder unlocks */
-    bool drop_device;  /* free the device copy when the last holder unlocks */
-    bool mapped;       /* the host copy is guard.map, a mapping of the file */
-    _ta_file_guard_t guard;
+    bool loading;                 /* not visible to gets yet: a load, or building */
+    bool building;                /* ta_cache_create_entry's: tensors may be added */
+    pthread_t builder;            /* the thread building it (its get would wait on itself) */
+    bool moving;                  /* a device move is in flight (moves are serialised) */
+    bool drop_host;               /* free the host copy when the last holder unlocks */
+    bool drop_device;             /* free the device copy when the last holder unlocks */
+    _ta_file_guard_t *guard;      /* mapped: the host copy is its mapping of the file */
     uint64_t used_ms;             /* last loaded, got or unlocked (keep_alive_ms) */
     struct ta_entry *prev, *next; /* LRU order: head least recently used */
 };

@@ -215,7 +215,7 @@ void _ta_purge_start(void)
     if (!start)
         return;
 
-    if (_ta_os_background_thread(purge_main) != 0) {
+    if (_ta_os_background_thread(purge_main, (size_t)128 << 10) != 0) {
         uint64_t now = _ta_os_now_ms();
         atomic_store(&purge_failed_ms, now ? now : 1);
         atomic_store(&purge_running, false);

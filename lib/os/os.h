@@ -101,13 +101,18 @@ int _ta_os_populate_read(void *addr, size_t size);
 /* ---- file leases: the kernel's warning before a file changes -------------- */
 /* A read lease on fd (opened read-only) whose break (another open for
  * writing, a truncate) sends signal sig to thread tid alone (F_SETSIG,
- * F_SETLEASE, F_SETOWN_EX). EAGAIN: the file is open for writing;
+ * F_SETLEASE, F_SETOWN_EX; then sig to tid once, since a break between
+ * the last two went to the process instead). EAGAIN: the file is open for writing;
  * EACCES: not the caller's file (CAP_LEASE); EINVAL: its filesystem has no
  * leases. */
 int _ta_os_lease(int fd, int sig, int tid);
 /* Whether fd's lease is still whole: false once a break began (or it was
  * taken away). */
 bool _ta_os_lease_held(int fd);
+/* Copies len bytes from src to dst, both this process's, without a fault:
+ * *got stops short where src cannot be read (a file mapping past the end
+ * of its file), where a plain copy would raise SIGBUS (process_vm_readv). */
+int _ta_os_copy_checked(void *dst, const void *src, size_t len, size_t *got);
 /* Gives the lease up (the opener that broke it goes on). */
 void _ta_os_lease_release(int fd);
 /* The calling thread's id (gettid). */
@@ -123,9 +128,10 @@ void _ta_os_wait_signal(int sig);
 int _ta_os_thread_start(void *(*fn)(void *), void *arg, unsigned long *id);
 void _ta_os_thread_join(unsigned long id);
 /* Threads and time for the allocator's own background work: */
-/* Starts a detached thread with a small stack (128 KiB) and every signal
- * blocked, so that none is delivered to it (the caller's mask is kept). */
-int _ta_os_background_thread(void *(*fn)(void *));
+/* Starts a detached thread with a stack of stack bytes (0: the thread
+ * library's default) and every signal blocked, so that none is delivered
+ * to it (the caller's mask is kept). */
+int _ta_os_background_thread(void *(*fn)(void *), size_t stack);
 /* The calling thread lets the signals it blocked through (before it ends). */
 void _ta_os_unblock_signals(void);
 /* A key whose destructor runs when each thread that set it ends (the

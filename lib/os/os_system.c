@@ -23,6 +23,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -232,7 +233,7 @@ void _ta_os_thread_join(unsigned long id)
     pthread_join((pthread_t)id, NULL);
 }
 
-int _ta_os_background_thread(void *(*fn)(void *))
+int _ta_os_background_thread(void *(*fn)(void *), size_t stack)
 {
     int saved = errno; /* pthread_create's own failures set it (its stack's mmap) */
     sigset_t all, old;
@@ -241,7 +242,8 @@ int _ta_os_background_thread(void *(*fn)(void *))
     pthread_attr_t attr;
     pthread_attr_init(&attr);
     pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-    pthread_attr_setstacksize(&attr, 128 << 10);
+    if (stack)
+        pthread_attr_setstacksize(&attr, stack);
     pthread_t tid;
     int rc = pthread_create(&tid, &attr, fn, NULL);
     pthread_attr_destroy(&attr);
@@ -268,6 +270,8 @@ int _ta_os_lease(int fd, int sig, int tid)
     else if (fcntl(fd, F_SETOWN_EX, &owner) != 0) {
         rc = errno;
         fcntl(fd, F_SETLEASE, F_UNLCK);
+    } else {
+        syscall(SYS_tgkill, getpid(), tid, sig); /* a break in between: the thread looks */
     }
     errno = saved;
     return rc;
@@ -286,6 +290,27 @@ void _ta_os_lease_release(int fd)
     int saved = errno;
     fcntl(fd, F_SETLEASE, F_UNLCK);
     errno = saved;
+}
+
+int _ta_os_copy_checked(void *dst, const void *src, size_t len, size_t *got)
+{
+    int saved = errno, rc = 0;
+    size_t done = 0;
+    while (done < len) {
+        struct iovec to = {(char *)dst + done, len - done};
+        struct iovec from = {(char *)src + done, len - done};
+        ssize_t n = process_vm_readv(getpid(), &to, 1, &from, 1, 0);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && errno != EFAULT)
+            rc = errno;
+        if (n <= 0)
+            break;
+        done += (size_t)n;
+    }
+    *got = done;
+    errno = saved;
+    return rc;
 }
 
 int _ta_os_thread_tid(void)
