@@ -248,6 +248,51 @@ static void unet_tensors(const unet_config_t *c, tensor_list_t *l)
     add_tensor(l, 320 * 4 * 9); /* conv_out */
 }
 
+/* Vision transformers (timm's and open_clip's ViT configs): a patch
+ * embedding, position embeddings, per block two layer norms (weight and
+ * bias), a fused qkv projection and an MLP, each with its bias, and a
+ * classifier head. The shape added after the allocator was tuned on the
+ * others: thousands of bias and norm vectors of a few KiB beside fused
+ * matrices whose sizes no other shape has. */
+typedef struct {
+    const char *name;
+    double hidden, mlp, layers, patch;
+} vit_config_t;
+
+static const vit_config_t vit_configs[] = {
+    {"ViT-B/16", 768, 3072, 12, 16},
+    {"CLIP ViT-L/14", 1024, 4096, 24, 14},
+    {"ViT-H/14", 1280, 5120, 32, 14},
+    {"DINOv2 ViT-g/14", 1536, 6144, 40, 14},
+};
+
+static void vit_tensors(const vit_config_t *c, tensor_list_t *l)
+{
+    double h = c->hidden, grid = 224 / c->patch;
+    add_tensor(l, h * 3 * c->patch * c->patch); /* patch embedding */
+    add_tensor(l, h);
+    add_tensor(l, h * (grid * grid + 1)); /* position embeddings */
+    add_tensor(l, h);                     /* class token */
+    for (int i = 0; i < (int)c->layers; i++) {
+        add_tensor(l, h); /* norm1 weight and bias */
+        add_tensor(l, h);
+        add_tensor(l, 3 * h * h); /* fused qkv */
+        add_tensor(l, 3 * h);
+        add_tensor(l, h * h); /* attention out */
+        add_tensor(l, h);
+        add_tensor(l, h); /* norm2 */
+        add_tensor(l, h);
+        add_tensor(l, c->mlp * h); /* fc1 */
+        add_tensor(l, c->mlp);
+        add_tensor(l, h * c->mlp); /* fc2 */
+        add_tensor(l, h);
+    }
+    add_tensor(l, h);
+    add_tensor(l, h);
+    add_tensor(l, 1000 * h); /* head */
+    add_tensor(l, 1000);
+}
+
 #define COUNT(a) (sizeof(a) / sizeof((a)[0]))
 
 /* The shapes: their configurations and default scale (bytes per model
@@ -261,6 +306,7 @@ static const struct {
     {"llm", COUNT(llm_configs), 0.7},
     {"moe", COUNT(moe_configs), 0.1},
     {"diffusion", COUNT(unet_configs), 0.5},
+    {"vit", COUNT(vit_configs), 0.8},
 };
 
 static void model_tensors(int shape, int m, uint64_t *s, tensor_list_t *l)
@@ -274,8 +320,10 @@ static void model_tensors(int shape, int m, uint64_t *s, tensor_list_t *l)
         llm_tensors(&llm_configs[k], l);
     } else if (shape == 2) {
         moe_tensors(&moe_configs[k], l);
-    } else {
+    } else if (shape == 3) {
         unet_tensors(&unet_configs[k], l);
+    } else {
+        vit_tensors(&vit_configs[k], l);
     }
 }
 
@@ -391,7 +439,7 @@ static size_t cached_bytes_all(void)
 
 static void usage(void)
 {
-    fprintf(stderr, "usage: model_switch [--shape mix|llm|moe|diffusion] [--models N] "
+    fprintf(stderr, "usage: model_switch [--shape mix|llm|moe|diffusion|vit] [--models N] "
                     "[--switches N] [--budget-mib N] [--threads N] [--scale F] [--seed N]\n");
     exit(2);
 }
