@@ -2,9 +2,9 @@
 /* Suite "large": one mapping per block, the retain pool, mremap, names,
  * huge-page advice, and memory really going back to the kernel. */
 #define _GNU_SOURCE
-#include "helpers.h"
 #include "core/large.h"
 #include "core/slab.h"
+#include "helpers.h"
 
 #include <criterion/criterion.h>
 #include <errno.h>
@@ -85,15 +85,29 @@ static bool advised(const void *p)
     return strstr(flags, " hg") != NULL;
 }
 
+/* THP=on, the default: every fresh mapping of 2 MiB or more is advised. */
+Test(large, thp_on_by_default_advises_fresh_memory)
+{
+    if (!_ta_os_thp_available())
+        cr_skip_test("transparent huge pages are disabled on this machine");
+    long long thp;
+    cr_assert_eq(ta_option_get(TA_OPT_THP, &thp), 0);
+    cr_assert_eq(thp, 1, "on is the default");
+    unsigned char *fresh = ta_malloc(16 * MiB);
+    cr_assert(advised(fresh), "a fresh 16 MiB block should be advised");
+    unsigned char *small = ta_malloc(1 * MiB);
+    cr_assert_not(advised(small), "a block under 2 MiB cannot hold a huge page");
+    ta_free(fresh);
+    ta_free(small);
+}
+
 /* THP=auto: fresh memory is advised only while the process recycles what
  * it recently gave back. */
 Test(large, thp_auto_advises_only_when_recycling)
 {
     if (!_ta_os_thp_available())
         cr_skip_test("transparent huge pages are disabled on this machine");
-    long long thp;
-    cr_assert_eq(ta_option_get(TA_OPT_THP, &thp), 0);
-    cr_assert_eq(thp, 2, "auto is the default");
+    cr_assert_eq(ta_option_set(TA_OPT_THP, 2), 0);
     ta_option_set(TA_OPT_RETAIN_BYTES, 0); /* every free unmaps */
     unsigned char *first = ta_malloc(16 * MiB);
     cr_assert_not(advised(first), "nothing was given back yet");
@@ -421,8 +435,7 @@ Test(large, pool_expires_without_allocator_calls)
      * entry leaves the pool just before its munmap, so wait for both) */
     bool check_rss = rss_meaningful();
     for (int i = 0;
-         i < 100 && (stats_now().pool_bytes || (check_rss && rss_bytes() >= start + 16 * MiB));
-         i++)
+         i < 100 && (stats_now().pool_bytes || (check_rss && rss_bytes() >= start + 16 * MiB)); i++)
         usleep(20000);
     ta_stats_t st = stats_now();
     cr_assert_eq(st.pool_bytes, 0, "pooled mapping still there after 2 s");

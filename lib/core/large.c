@@ -104,19 +104,22 @@ static ta_pool_t pool;
 static ta_pool_t pack_free; /* the free space inside packs (see "packs") */
 
 /* What the pool may hold now: RETAIN_BYTES, and no more than keeps the
- * large path's footprint (live mappings plus pool) within 1.25 times the
- * most its live blocks ever mapped. A process that drops a model keeps all
- * of it for the next one (live falls to zero); one whose large blocks come
- * and go a few at a time (Python's strings and lists) keeps about one
- * working set, not RETAIN_MS worth of every size it freed (python-json's
- * peak RSS was 1.6x mimalloc's). The quarter above the peak is what
- * churn of varied sizes needs to find a fitting entry: without it,
- * large-churn (1-64 MiB) ran at 0.6x, faulting fresh huge pages. */
+ * large path's footprint (live mappings plus pool) within 1/32
+ * above the most its live blocks ever mapped. A process that drops a
+ * model keeps all of it for the next one (live falls to zero); one whose
+ * large blocks come and go a few at a time (Python's strings and lists)
+ * keeps about one working set, not RETAIN_MS worth of every size it freed
+ * (python-json's peak RSS was 1.6x mimalloc's). The bound was a quarter
+ * above the peak while fresh memory got no huge pages (THP=auto: large-
+ * churn ran at 0.6x without it); with THP on, the quarter only raised the
+ * peak (model-vit 1.07x its peak live, issue 25) and bought no speed. */
+#define POOL_SLACK(peak) ((peak) / 32)
+
 static size_t pool_limit_locked(void)
 {
     size_t max = (size_t)_ta_opt(TA_OPT_RETAIN_BYTES);
     uint64_t room =
-        large_stats.mapped_peak + large_stats.mapped_peak / 4 - large_stats.mapped_bytes;
+        large_stats.mapped_peak + POOL_SLACK(large_stats.mapped_peak) - large_stats.mapped_bytes;
     return room < max ? (size_t)room : max;
 }
 
@@ -288,13 +291,13 @@ static region_t *find_unpinned_locked(uintptr_t p)
 }
 
 /* ---- the huge-page rule ------------------------------------------------------
- * THP=1 advises every mapping of 2 MiB and more. THP=2 (auto, the default)
- * advises a fresh mapping only while this process has recently given back
- * at least as many bytes: huge pages are then carved from memory the kernel
- * just got back. Taking never-touched or long-free memory as huge pages
- * was twice as slow as 4 KiB pages on model-switch here (a VM whose free
- * memory is reported to the host), while recycling it as huge pages made
- * large-churn 3x faster (docs/design.md). */
+ * THP=1 (the default) advises every mapping of 2 MiB and more: one fault
+ * for 512, which on every model shape measured (issue 25) halved the time.
+ * THP=2 (auto, the default before) advises a fresh mapping only while this
+ * process has recently given back at least as many bytes: huge pages then
+ * come from memory the kernel just got back, for a machine where taking
+ * never-touched memory as huge pages is dear (one day's measurement on
+ * this VM said so; two later ones did not: docs/design.md). */
 
 #define RECYCLE_WINDOW_MS 1000
 
