@@ -166,9 +166,9 @@ typedef enum {
     TA_OPT_THRESHOLD = 0, /* bytes: the large path starts here */
     TA_OPT_RETAIN_BYTES,  /* bytes: pool bound; 0 = munmap on every free */
     TA_OPT_RETAIN_MS,     /* ms: a pooled mapping older than this is unmapped */
-    TA_OPT_THP,           /* 0 off, 1 on (default), 2 auto: MADV_HUGEPAGE on large
-                             mappings >= 2 MiB; auto advises fresh mappings only
-                             while recently freed memory is being recycled */
+    TA_OPT_THP,           /* 0 off, 1 on, 2 auto (default): MADV_HUGEPAGE on large
+                             mappings >= 2 MiB; auto while probes (unadvised
+                             mappings, read with mincore) show blocks written whole */
     TA_OPT_STATS,         /* 0/1: print statistics to stderr at exit */
     TA_OPT_VERBOSE,       /* 0/1: warnings and decisions on stderr */
     TA_OPT_MAX_MAP_COUNT, /* count: override vm.max_map_count (tests) */

@@ -19,6 +19,7 @@
 #define _GNU_SOURCE
 #include "large.h"
 #include "pool.h"
+#include "thp.h"
 
 #include <errno.h>
 #include <string.h>
@@ -290,50 +291,6 @@ static region_t *find_unpinned_locked(uintptr_t p)
     return r;
 }
 
-/* ---- the huge-page rule ------------------------------------------------------
- * THP=1 (the default) advises every mapping of 2 MiB and more: one fault
- * for 512, which on every model shape measured (issue 25) halved the time.
- * THP=2 (auto, the default before) advises a fresh mapping only while this
- * process has recently given back at least as many bytes: huge pages then
- * come from memory the kernel just got back, for a machine where taking
- * never-touched memory as huge pages is dear (one day's measurement on
- * this VM said so; two later ones did not: docs/design.md). */
-
-#define RECYCLE_WINDOW_MS 1000
-
-static _Atomic uint64_t recycled_bytes, recycled_since_ms;
-
-static void recycled_add(size_t bytes)
-{
-    uint64_t now = _ta_os_now_ms();
-    if (now - atomic_load_explicit(&recycled_since_ms, memory_order_relaxed) > RECYCLE_WINDOW_MS) {
-        atomic_store_explicit(&recycled_since_ms, now, memory_order_relaxed);
-        atomic_store_explicit(&recycled_bytes, 0, memory_order_relaxed);
-    }
-    atomic_fetch_add_explicit(&recycled_bytes, bytes, memory_order_relaxed);
-}
-
-/* Should a mapping of cap bytes, fresh_bytes of which are untouched, be
- * advised MADV_HUGEPAGE? */
-static bool thp_wanted(size_t cap, size_t fresh_bytes)
-{
-    long long mode = _ta_opt(TA_OPT_THP);
-    if (cap < TA_HUGE_PAGE || mode == 0 || !_ta_os_thp_available())
-        return false;
-    if (mode == 1 || fresh_bytes == 0)
-        return true;
-    uint64_t now = _ta_os_now_ms();
-    if (now - atomic_load_explicit(&recycled_since_ms, memory_order_relaxed) > RECYCLE_WINDOW_MS)
-        return false;
-    uint64_t credit = atomic_load_explicit(&recycled_bytes, memory_order_relaxed);
-    while (credit >= fresh_bytes) {
-        if (atomic_compare_exchange_weak_explicit(&recycled_bytes, &credit, credit - fresh_bytes,
-                                                  memory_order_relaxed, memory_order_relaxed))
-            return true;
-    }
-    return false;
-}
-
 /* ---- parked unmaps ------------------------------------------------------------
  * A munmap can fail: at vm.max_map_count, unmapping the middle of a mapping
  * needs a VMA split the kernel refuses (ENOMEM). The range is then given
@@ -407,9 +364,7 @@ static void parked_retry(bool force)
         due = q->next;
         size_t size = q->size;
         uint32_t tries = q->tries + 1; /* forced retries count too */
-        if (_ta_os_unmap(q, size) == 0)
-            recycled_add(size);
-        else
+        if (_ta_os_unmap(q, size) != 0)
             park_range((uintptr_t)q, size, tries);
     }
 }
@@ -419,10 +374,8 @@ static void parked_retry(bool force)
  * Called without the lock held. */
 static void release_mapping(uintptr_t addr, size_t size, unsigned *events)
 {
-    if (_ta_os_unmap((void *)addr, size) == 0) {
-        recycled_add(size);
+    if (_ta_os_unmap((void *)addr, size) == 0)
         return;
-    }
     park_range(addr, size, 0);
     _ta_log(false, "tensoralloc: munmap(%p, %zu) failed; parked, will retry\n", (void *)addr, size);
     *events |= TA_LARGE_WAKE; /* the timed retries */
@@ -533,7 +486,7 @@ static bool block_shape(size_t size, size_t alignment, size_t *cap, size_t *alig
  * mremap refuses (EFAULT) to move or grow a range spanning two VMAs. */
 static void name_and_advise(void *p, size_t cap, size_t fresh_bytes)
 {
-    if (thp_wanted(cap, fresh_bytes))
+    if (_ta_thp_advise(p, cap, fresh_bytes))
         _ta_os_advise_hugepage(p, cap);
     _ta_os_name(p, cap, "tensoralloc");
 }
@@ -977,4 +930,5 @@ void _ta_large_fork_parent(void)
 void _ta_large_fork_child(void)
 {
     _ta_unlock(&large_lock);
+    _ta_thp_fork_child();
 }

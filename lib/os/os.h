@@ -41,6 +41,16 @@ int _ta_os_move(void *from, size_t size, void *to);
 /* Resize without moving; ENOMEM if the range above is taken. */
 int _ta_os_remap_in_place(void *addr, size_t old_size, size_t new_size);
 int _ta_os_advise_hugepage(void *addr, size_t size);
+/* Residency of [addr, addr + size) (mincore; page aligned), by
+ * `region`-aligned regions (a power of two: a huge page): */
+typedef struct {
+    size_t resident;                    /* pages present */
+    size_t spanned;                     /* pages of the regions with any page present, counting
+                                           only pages in the range: what huge pages would take */
+    size_t last_resident, last_spanned; /* of the last such region */
+} ta_residency_t;
+/* ENOMEM if part of the range is not mapped. */
+int _ta_os_residency(const void *addr, size_t size, size_t region, ta_residency_t *out);
 /* Return the pages to the kernel; the range stays mapped and reads zero. */
 int _ta_os_advise_dontneed(void *addr, size_t size);
 /* Name an anonymous mapping ("[anon:NAME]" in /proc/self/maps); EINVAL or

@@ -351,6 +351,41 @@ int _ta_os_advise_hugepage(void *addr, size_t size)
     return advise(addr, size, MADV_HUGEPAGE);
 }
 
+int _ta_os_residency(const void *addr, size_t size, size_t region, ta_residency_t *out)
+{
+    unsigned char vec[2048]; /* 8 MiB of 4 KiB pages: several regions */
+    size_t page = _ta_os_page_size(), region_pages = region / page;
+    uintptr_t at = (uintptr_t)addr, end = at + size;
+    int saved = errno, rc = 0;
+    *out = (ta_residency_t){0};
+    while (at < end) {
+        /* a window ends on a region boundary, so no region spans two */
+        uintptr_t stop = at + sizeof vec * page;
+        stop = stop >= end ? end : stop & ~(uintptr_t)(region - 1);
+        size_t pages = (stop - at) / page;
+        if (mincore((void *)at, stop - at, vec) != 0) {
+            rc = errno;
+            break;
+        }
+        for (size_t i = 0; i < pages;) { /* region by region */
+            size_t in_region = region_pages - ((at / page + i) & (region_pages - 1));
+            size_t n = in_region < pages - i ? in_region : pages - i, present = 0;
+            for (size_t j = 0; j < n; j++)
+                present += vec[i + j] & 1;
+            if (present) {
+                out->resident += present;
+                out->spanned += n;
+                out->last_resident = present;
+                out->last_spanned = n;
+            }
+            i += n;
+        }
+        at = stop;
+    }
+    errno = saved;
+    return rc;
+}
+
 int _ta_os_advise_dontneed(void *addr, size_t size)
 {
     return advise(addr, size, MADV_DONTNEED);

@@ -26,7 +26,8 @@ library that came with this package). PROGRAM is a Python script (*.py),
   --threshold SIZE   blocks of SIZE and up get their own mapping (default 256K)
   --retain SIZE      bytes of freed mappings kept for reuse (0: unmap at once)
   --retain-ms MS     how long a freed mapping may wait for reuse (default 500)
-  --thp on|off|auto  transparent huge pages for blocks >= 2 MiB (default on)
+  --thp on|off|auto  transparent huge pages for blocks >= 2 MiB (default auto:
+                     when the process writes its large blocks whole)
   --stats            print tensoralloc's statistics when the program exits
   --verbose          report option problems and decisions on stderr
   --library PATH     use this preload library instead of the package's

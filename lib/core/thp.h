@@ -1,0 +1,22 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The huge-page rule (thp.c): whether a large mapping is advised
+ * MADV_HUGEPAGE. Included by large.c.
+ */
+#ifndef TA_THP_H
+#define TA_THP_H
+
+#include "base/base.h"
+
+#include <stdbool.h>
+#include <stddef.h>
+
+/* Whether the mapping at addr of cap bytes, fresh_bytes of which were
+ * never touched, should be advised (THP: off, on, auto). Under auto a
+ * wholly fresh mapping may be kept as a probe, its residency read at a
+ * later call. Takes no lock the caller holds; may call mincore. */
+bool _ta_thp_advise(void *addr, size_t cap, size_t fresh_bytes);
+/* In a forked child, before any allocation. */
+void _ta_thp_fork_child(void);
+
+#endif
