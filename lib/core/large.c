@@ -633,6 +633,15 @@ static bool evict_all_due(uint64_t max_age, bool all, unsigned *events)
     return left;
 }
 
+/* Runs: blocks under a huge page (MoE experts of 0.3-1 MiB,
+ * too small for a huge page of their own) share a mapping of RUN_BYTES,
+ * which can be huge pages, instead of a mapping each: one mmap for many
+ * blocks, and 2 MiB faults. Each block still owns its pages; pool pieces
+ * of a run join again when its blocks are freed, and the run goes back
+ * whole. A run is made only where the pool's bound has room for its rest
+ * (so not while a process's large blocks have peaked under 256 MiB). */
+#define RUN_BYTES ((size_t)8 << 20)
+
 void *_ta_large_alloc(size_t size, size_t alignment, bool zero, bool near_limit_ok,
                       unsigned *events)
 {
@@ -651,24 +660,36 @@ void *_ta_large_alloc(size_t size, size_t alignment, bool zero, bool near_limit_
         errno = ENOMEM;
         return NULL;
     }
-    void *p = pool_alloc_unlock(size, cap, align, zero, at_limit, events);
+    /* A block under a huge page that no pooled range fits is cut from a
+     * run: RUN_BYTES mapped at once, the rest pooled for the next ones
+     * (not a grown smaller range: growing moves it out of its run). */
+    bool run = cap < TA_HUGE_PAGE && align <= TA_HUGE_PAGE && max_age > 0 &&
+               pool.bytes + RUN_BYTES - cap <= pool_limit_locked();
+    void *p = pool_alloc_unlock(size, cap, align, zero, at_limit || run, events);
     if (p != NULL)
         return p;
     if (at_limit) {
         *events |= TA_LARGE_AT_LIMIT; /* the front door decides (lib/core/alloc.c) */
         return NULL;
     }
-    if (_ta_os_map(cap, align, &p) != 0) {
+    size_t bytes = run ? RUN_BYTES : cap;
+    if (_ta_os_map(bytes, run ? TA_HUGE_PAGE : align, &p) != 0) {
         errno = ENOMEM;
         return NULL;
     }
-    name_and_advise(p, cap, cap);
+    name_and_advise(p, bytes, run ? 0 : cap); /* a run is no probe: its rest is untouched */
     if (reserve_locked() != 0) {
-        release_mapping((uintptr_t)p, cap, events);
+        release_mapping((uintptr_t)p, bytes, events);
         errno = ENOMEM;
         return NULL;
     }
-    block_enter_locked((uintptr_t)p, cap, size, new_origin_locked(), false);
+    uint64_t origin = new_origin_locked();
+    block_enter_locked((uintptr_t)p, cap, size, origin, false);
+    if (run) {
+        if (pool.count == 0)
+            *events |= TA_LARGE_WAKE; /* the pool has a deadline to keep */
+        _ta_pool_put(&pool, (ta_range_t){(uintptr_t)p + cap, bytes - cap, origin, now});
+    }
     _ta_unlock(&large_lock);
     return p;
 }
