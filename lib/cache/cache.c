@@ -554,6 +554,7 @@ void _ta_cache_publish(ta_cache_t *c, ta_entry_t *e, uint64_t bytes, double seco
     c->st.loads++;
     c->st.load_bytes += bytes;
     c->st.load_seconds += seconds;
+    c->st.mapped_loads += rep->mapped;
     record_size(c, e->key, bytes);
     pthread_cond_broadcast(&c->loaded);
     pthread_mutex_unlock(&c->mu);
@@ -767,7 +768,7 @@ static int map_entry(ta_cache_t *c, ta_entry_t *e, const char *path, int *fd,
                           (size_t)(st->end - st->begin), data);
     }
     _ta_load_opts_t opts = _ta_cache_load_opts(c);
-    _ta_load_report_t rep = {0};
+    _ta_load_report_t rep = {.mapped = true};
     uint64_t from = h->data_start & ~(uint64_t)(_ta_os_page_size() - 1);
     if (rc == 0 && end > from)
         rc = _ta_loader_populate((char *)map + from, (size_t)(end - from), &opts, &rep, why,
@@ -779,9 +780,6 @@ static int map_entry(ta_cache_t *c, ta_entry_t *e, const char *path, int *fd,
         _ta_cache_abandon_entry(c, e);
         return _ta_cache_fail(rc, "%s: %s", path, why);
     }
-    pthread_mutex_lock(&c->mu);
-    c->st.mapped_loads++;
-    pthread_mutex_unlock(&c->mu);
     _ta_cache_publish(c, e, total, dt, &rep);
     _ta_cache_log(c, TA_LOG_INFO,
                   "mapped '%s' from %s: %zu tensors, %.3f GB usable in %.3f s (%.2f GB/s, %d "

@@ -276,6 +276,20 @@ void _ta_loader_close(_ta_loader_t *ld)
     ld->direct_fd = -1;
 }
 
+/* Runs fn(job) on `readers` threads, this one among them, and returns how
+ * many ran. A thread that cannot be started is not an error: fewer work. */
+static int run_readers(void *(*fn)(void *), void *job, int readers)
+{
+    unsigned long ids[TA_LOAD_MAX_THREADS];
+    int started = 0;
+    while (started < readers - 1 && _ta_os_thread_start(fn, job, &ids[started]) == 0)
+        started++;
+    fn(job);
+    for (int i = 0; i < started; i++)
+        _ta_os_thread_join(ids[i]);
+    return started + 1;
+}
+
 int _ta_loader_read(_ta_loader_t *ld, const _ta_span_t *spans, size_t n, _ta_load_report_t *report,
                     char *why, size_t whylen)
 {
@@ -297,16 +311,8 @@ int _ta_loader_read(_ta_loader_t *ld, const _ta_span_t *spans, size_t n, _ta_loa
     if (rc) {
         snprintf(why, whylen, "no memory to plan the reads");
     } else {
-        int readers = reader_count(o, j.direct, j.nunits), started = 0;
-        unsigned long ids[TA_LOAD_MAX_THREADS];
-        /* A reader that cannot be started is not an error: fewer read. */
-        while (started < readers - 1 && _ta_os_thread_start(reader, &j, &ids[started]) == 0)
-            started++;
-        reader(&j);
-        for (int i = 0; i < started; i++)
-            _ta_os_thread_join(ids[i]);
+        report->threads = run_readers(reader, &j, reader_count(o, j.direct, j.nunits));
         rc = atomic_load(&j.rc);
-        report->threads = started + 1;
     }
     report->direct = j.direct;
     report->reads += atomic_load(&j.reads);
@@ -365,14 +371,7 @@ int _ta_loader_populate(void *addr, size_t len, const _ta_load_opts_t *o, _ta_lo
     size_t chunk = o->chunk ? o->chunk : TA_LOAD_CHUNK, page = _ta_os_page_size();
     populate_job_t j = {.addr = addr, .len = len, .chunk = (chunk + page - 1) / page * page};
     j.nunits = (len + j.chunk - 1) / j.chunk;
-    int readers = reader_count(o, false, j.nunits), started = 0;
-    unsigned long ids[TA_LOAD_MAX_THREADS];
-    while (started < readers - 1 && _ta_os_thread_start(populater, &j, &ids[started]) == 0)
-        started++;
-    populater(&j);
-    for (int i = 0; i < started; i++)
-        _ta_os_thread_join(ids[i]);
-    report->threads = started + 1;
+    report->threads = run_readers(populater, &j, reader_count(o, false, j.nunits));
     report->direct = false;
     int rc = atomic_load(&j.rc);
     if (rc == EFAULT) {

@@ -29,6 +29,7 @@ typedef struct {
     int threads;    /* readers that ran, the caller included */
     bool direct;    /* O_DIRECT was used */
     uint64_t reads; /* read calls made */
+    bool mapped;    /* the file was mapped, not read (set by the cache) */
 } _ta_load_report_t;
 
 #define TA_LOAD_MAX_THREADS 8
