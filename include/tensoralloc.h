@@ -1,8 +1,9 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * tensoralloc public API: an arena-free allocator for processes that load,
- * move and drop large tensors. Large requests get a mapping of their own
- * (released to the kernel on free, or kept briefly in a bounded pool for
+ * move and drop large tensors. Large requests get a mapping of their own,
+ * or under 2 MiB a part of a run mapped for several (each block owns its
+ * pages; released to the kernel on free, or kept briefly in a bounded pool for
  * the next large request; near vm.max_map_count they are cut from shared
  * packs instead); small requests go to size-class slabs. Allocation
  * failures return NULL and set errno, as the C library does; other calls
@@ -167,8 +168,9 @@ typedef enum {
     TA_OPT_RETAIN_BYTES,  /* bytes: pool bound; 0 = munmap on every free */
     TA_OPT_RETAIN_MS,     /* ms: a pooled mapping older than this is unmapped */
     TA_OPT_THP,           /* 0 off, 1 on, 2 auto (default): MADV_HUGEPAGE on large
-                             mappings >= 2 MiB; auto while probes (unadvised
-                             mappings, read with mincore) show blocks written whole */
+                             mappings >= 2 MiB (runs included); auto while probes
+                             (unadvised mappings, read with mincore) show blocks
+                             written whole */
     TA_OPT_STATS,         /* 0/1: print statistics to stderr at exit */
     TA_OPT_VERBOSE,       /* 0/1: warnings and decisions on stderr */
     TA_OPT_MAX_MAP_COUNT, /* count: override vm.max_map_count (tests) */

@@ -332,6 +332,27 @@ Test(faults, address_space_limit_gives_enomem_then_recovers, .timeout = 120)
     setrlimit(RLIMIT_AS, &old);
 }
 
+/* A run (8 MiB for a block under 2 MiB, lib/core/large.c) the address
+ * space has no room for: the block is mapped alone, not refused. */
+Test(faults, a_run_refused_by_the_address_space_limit_maps_the_block_alone)
+{
+    ta_option_set(TA_OPT_RETAIN_MS, 60000);
+    void *big = ta_malloc(320 * MiB); /* room in the footprint bound for runs */
+    cr_assert_not_null(big);
+    struct rlimit old;
+    getrlimit(RLIMIT_AS, &old);
+    struct rlimit lim = {vm_size_bytes() + 4 * MiB, old.rlim_max};
+    cr_assert_eq(setrlimit(RLIMIT_AS, &lim), 0);
+    errno = 0;
+    unsigned char *p = ta_malloc(300 << 10);
+    int saved = errno;
+    setrlimit(RLIMIT_AS, &old);
+    cr_assert_not_null(p, "a 300 KiB block was refused (errno %d) with 4 MiB of room", saved);
+    memset(p, 1, 300 << 10);
+    ta_free(p);
+    ta_free(big);
+}
+
 /* The OS contract (lib/os/os.h): a call never changes errno, also when the
  * C library under it fails or is interrupted. A failed thread start (no
  * address space left for its stack) and an interrupted sleep both set

@@ -226,6 +226,40 @@ Test(large, blocks_under_a_huge_page_share_a_run)
     ta_free(big);
 }
 
+/* Runs are probes like any fresh mapping: a process whose large blocks
+ * are all under 2 MiB (experts written whole) gets huge pages in its runs
+ * once a run was seen written; one whose small blocks turn sparse stops
+ * getting them. */
+Test(large, runs_follow_the_huge_page_rule)
+{
+    if (!_ta_os_thp_available())
+        cr_skip_test("transparent huge pages are disabled on this machine");
+    ta_option_set(TA_OPT_RETAIN_MS, 60000);
+    void *big = ta_malloc(320 * MiB); /* room in the footprint bound for runs */
+    enum { DENSE = 200, SPARSE = 1000 };
+    static unsigned char *d[DENSE], *s[SPARSE];
+    for (int i = 0; i < DENSE; i++) {
+        d[i] = ta_malloc(MiB);
+        memset(d[i], 1, MiB);
+    }
+    cr_assert(advised(d[DENSE - 1]), "runs of blocks written whole should be advised");
+    size_t resident = 0;
+    for (int i = 0; i < SPARSE; i++) {
+        s[i] = ta_malloc(300 << 10);
+        s[i][0] = 1;
+    }
+    for (int i = SPARSE / 2; i < SPARSE; i++)
+        resident += resident_pages(s[i], 300 << 10);
+    cr_assert_not(advised(s[SPARSE - 1]), "the small blocks turned sparse but runs are advised");
+    cr_assert_lt(resident, (size_t)SPARSE / 2 * 4,
+                 "%zu pages resident in the last %d sparse blocks", resident, SPARSE / 2);
+    for (int i = 0; i < DENSE; i++)
+        ta_free(d[i]);
+    for (int i = 0; i < SPARSE; i++)
+        ta_free(s[i]);
+    ta_free(big);
+}
+
 /* A process whose large blocks never needed much (python-json's strings
  * and lists) gets no runs: the footprint bound has no room for the rest. */
 Test(large, no_run_without_room_in_the_bound)

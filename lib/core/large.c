@@ -1,12 +1,11 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * The large path: every block at or above the threshold is a mapping of
- * its own, or a piece of a pooled one, starts at its first byte and owns
- * its pages. Metadata lives out of band in a hash table keyed by address.
- * Freed blocks go back to the kernel or, within the pool's byte and age
- * bounds, wait for the next large request, which takes the best fit and
- * grows it with mremap or cuts it, keeping the cut end in the pool. Pool
- * pieces of one mapping join up again when both are free. No two blocks
+ * its own, or a piece of a pooled one or of a run (blocks under 2 MiB),
+ * starts at its first byte and owns its pages. Metadata lives out of band in a hash table keyed by
+ * address. Freed blocks go back to the kernel or, within the pool's byte and age bounds, wait for
+ * the next large request, which takes the best fit and grows it with mremap or cuts it, keeping the
+ * cut end in the pool. Pool pieces of one mapping join up again when both are free. No two blocks
  * ever share a page. The pool idea and its bounds
  * follow rpmalloc 2.0's huge-mapping cache; the age limit is enforced on
  * every free and by the purge thread (purge.c), so that memory goes back
@@ -664,7 +663,7 @@ void *_ta_large_alloc(size_t size, size_t alignment, bool zero, bool near_limit_
      * run: RUN_BYTES mapped at once, the rest pooled for the next ones
      * (not a grown smaller range: growing moves it out of its run). */
     bool run = cap < TA_HUGE_PAGE && align <= TA_HUGE_PAGE && max_age > 0 &&
-               pool.bytes + RUN_BYTES - cap <= pool_limit_locked();
+               pool.bytes + RUN_BYTES <= pool_limit_locked(); /* the block's own cap too */
     void *p = pool_alloc_unlock(size, cap, align, zero, at_limit || run, events);
     if (p != NULL)
         return p;
@@ -673,11 +672,16 @@ void *_ta_large_alloc(size_t size, size_t alignment, bool zero, bool near_limit_
         return NULL;
     }
     size_t bytes = run ? RUN_BYTES : cap;
-    if (_ta_os_map(bytes, run ? TA_HUGE_PAGE : align, &p) != 0) {
+    if (run && _ta_os_map(bytes, TA_HUGE_PAGE, &p) != 0)
+        run = false, bytes = cap; /* little address space left (RLIMIT_AS): the block alone */
+    if (!run && _ta_os_map(bytes, align, &p) != 0) {
         errno = ENOMEM;
         return NULL;
     }
-    name_and_advise(p, bytes, run ? 0 : cap); /* a run is no probe: its rest is untouched */
+    /* A run may be a probe like any fresh mapping: its blocks are handed
+     * out from its start, and the regions no block has touched yet do not
+     * count (thp.c). */
+    name_and_advise(p, bytes, bytes);
     if (reserve_locked() != 0) {
         release_mapping((uintptr_t)p, bytes, events);
         errno = ENOMEM;
