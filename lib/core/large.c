@@ -831,6 +831,7 @@ bool _ta_large_free(void *p, unsigned *events)
         victims[n++] = (unmap_t){gone.addr, gone.capacity};
     }
     _ta_unlock(&large_lock);
+    _ta_thp_freeing(gone.addr);
     unmap_all(victims, n, events);
     if (n == EVICT_BATCH)
         evict_all_due(max_age, false, events);

@@ -76,6 +76,27 @@ static bool probe_read(const probe_t *p, ta_residency_t *sum)
     return true;
 }
 
+/* Adds a read probe to the estimate; false if it is not to count yet. */
+static bool probe_count_in(ta_residency_t r, bool last_try)
+{
+    bool settled = r.spanned > r.last_spanned;
+    if (settled) {
+        r.resident -= r.last_resident;
+        r.spanned -= r.last_spanned;
+    }
+    if (!(settled || last_try) || r.spanned == 0)
+        return false;
+    _ta_lock(&thp_lock);
+    est_resident += r.resident;
+    est_spanned += r.spanned;
+    while (est_spanned > DECAY_PAGES) {
+        est_resident /= 2;
+        est_spanned /= 2;
+    }
+    _ta_unlock(&thp_lock);
+    return true;
+}
+
 /* Reads the oldest waiting probe into the estimate. Its last touched
  * region is left out while others were touched: a writer may be filling
  * it now (blocks read while a loader wrote them looked 85% resident, not
@@ -97,23 +118,33 @@ static void probe_one(void)
     ta_residency_t r;
     if (!probe_read(&p, &r))
         return;
-    bool settled = r.spanned > r.last_spanned, last_try = ++p.tries >= PROBE_TRIES;
-    if (settled) {
-        r.resident -= r.last_resident;
-        r.spanned -= r.last_spanned;
-    }
+    bool last_try = ++p.tries >= PROBE_TRIES;
+    if (probe_count_in(r, last_try) || last_try)
+        return;
     _ta_lock(&thp_lock);
-    if ((settled || last_try) && r.spanned > 0) {
-        est_resident += r.resident;
-        est_spanned += r.spanned;
-        while (est_spanned > DECAY_PAGES) {
-            est_resident /= 2;
-            est_spanned /= 2;
-        }
-    } else if (!last_try && probe_count < PROBE_SLOTS) {
+    if (probe_count < PROBE_SLOTS)
         probes[probe_count++] = p;
-    }
     _ta_unlock(&thp_lock);
+}
+
+void _ta_thp_freeing(uintptr_t addr)
+{
+    _ta_lock(&thp_lock);
+    unsigned i = 0;
+    while (i < probe_count && probes[i].addr != addr)
+        i++;
+    if (i == probe_count) {
+        _ta_unlock(&thp_lock);
+        return;
+    }
+    probe_t p = probes[i];
+    for (; i + 1 < probe_count; i++)
+        probes[i] = probes[i + 1];
+    probe_count--;
+    _ta_unlock(&thp_lock);
+    ta_residency_t r;
+    if (probe_read(&p, &r))
+        probe_count_in(r, true); /* its use is over: as it is */
 }
 
 bool _ta_thp_advise(void *addr, size_t cap, size_t fresh_bytes)
