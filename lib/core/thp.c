@@ -53,6 +53,16 @@ static bool dense_locked(void)
            est_resident * DENSE_DEN >= est_spanned * DENSE_NUM;
 }
 
+/* Takes probes[i] out of the queue (lock held). */
+static probe_t probe_take_locked(unsigned i)
+{
+    probe_t p = probes[i];
+    for (; i + 1 < probe_count; i++)
+        probes[i] = probes[i + 1];
+    probe_count--;
+    return p;
+}
+
 /* Reads a probe: the whole of it, or PROBE_WINDOW windows spread over it;
  * false if it is gone (freed and unmapped meanwhile). */
 static bool probe_read(const probe_t *p, ta_residency_t *sum)
@@ -109,10 +119,7 @@ static void probe_one(void)
         _ta_unlock(&thp_lock);
         return;
     }
-    probe_t p = probes[0];
-    for (unsigned i = 1; i < probe_count; i++)
-        probes[i - 1] = probes[i];
-    probe_count--;
+    probe_t p = probe_take_locked(0);
     _ta_unlock(&thp_lock);
 
     ta_residency_t r;
@@ -137,10 +144,7 @@ void _ta_thp_freeing(uintptr_t addr)
         _ta_unlock(&thp_lock);
         return;
     }
-    probe_t p = probes[i];
-    for (; i + 1 < probe_count; i++)
-        probes[i] = probes[i + 1];
-    probe_count--;
+    probe_t p = probe_take_locked(i);
     _ta_unlock(&thp_lock);
     ta_residency_t r;
     if (probe_read(&p, &r))
@@ -163,11 +167,8 @@ bool _ta_thp_advise(void *addr, size_t cap, size_t fresh_bytes)
                   advised_run >= 4 * PROBE_EVERY);
     if (probe) {
         advised_run = 0;
-        if (probe_count == PROBE_SLOTS) { /* the oldest goes unread */
-            for (unsigned i = 1; i < probe_count; i++)
-                probes[i - 1] = probes[i];
-            probe_count--;
-        }
+        if (probe_count == PROBE_SLOTS) /* the oldest goes unread */
+            probe_take_locked(0);
         probes[probe_count++] = (probe_t){(uintptr_t)addr, cap, 0};
     }
     _ta_unlock(&thp_lock);
