@@ -115,4 +115,44 @@ static inline ta_stats_t stats_now(void)
     return st;
 }
 
+/* Finds the /proc/self/smaps entry holding p (neighbours with the same
+ * flags and name are one entry) and copies it into buf. */
+static inline int smaps_entry(const void *p, char *buf, size_t cap)
+{
+    FILE *f = fopen("/proc/self/smaps", "r");
+    if (!f)
+        return 0;
+    char line[512];
+    int found = 0;
+    size_t used = 0;
+    buf[0] = 0;
+    while (fgets(line, sizeof line, f)) {
+        unsigned long start, end;
+        if (sscanf(line, "%lx-%lx ", &start, &end) == 2 && strchr(line, '-') < strchr(line, ' ')) {
+            if (found)
+                break;
+            found = start <= (uintptr_t)p && (uintptr_t)p < end;
+        }
+        if (found && used + strlen(line) < cap) {
+            strcpy(buf + used, line);
+            used += strlen(line);
+        }
+    }
+    fclose(f);
+    return found;
+}
+
+/* Whether the mapping holding p is advised MADV_HUGEPAGE; a p with no
+ * mapping, or smaps without VmFlags, aborts the test. */
+static inline bool advised(const void *p)
+{
+    char buf[8192];
+    const char *flags = smaps_entry(p, buf, sizeof buf) ? strstr(buf, "VmFlags:") : NULL;
+    if (flags == NULL) {
+        fprintf(stderr, "no smaps entry with VmFlags holds %p\n", p);
+        abort();
+    }
+    return strstr(flags, " hg") != NULL;
+}
+
 #endif

@@ -356,6 +356,46 @@ static void expect_refused(const char *path, const char *needle)
     ta_cache_destroy(c);
 }
 
+/* A load writes its tensors whole at once: under THP=auto (the default)
+ * their fresh mappings are advised huge pages from the first load of a
+ * process on, where a program's first blocks are probes, unadvised until
+ * read (issue 25: the first load into fresh memory ran at 0.5x dd). A
+ * tensor over 2 MiB has a mapping of its own; one under it is cut from a
+ * run of 8 MiB. */
+Test(cache, a_first_load_maps_its_tensors_as_huge_pages)
+{
+    if (!_ta_os_thp_available())
+        cr_skip_test("transparent huge pages are disabled on this machine");
+    long long thp;
+    cr_assert_eq(ta_option_get(TA_OPT_THP, &thp), 0);
+    cr_assert_eq(thp, 2, "auto is the default");
+    char path[128];
+    snprintf(path, sizeof path, "%s/m.safetensors", dir);
+    const char *hdr = "{\"big\":{\"dtype\":\"U8\",\"shape\":[6291456],"
+                      "\"data_offsets\":[0,6291456]},"
+                      "\"expert\":{\"dtype\":\"U8\",\"shape\":[786432],"
+                      "\"data_offsets\":[6291456,7077888]}}";
+    write_st(path, hdr, 7077888);
+    ta_cache_t *c = new_cache(64 * MiB, TA_OVERFLOW_REFUSE);
+    ta_entry_t *e;
+    cr_assert_eq(ta_cache_load_safetensors(c, "m", path, &e), 0, "%s", cache_error());
+    ta_tensor_t big, expert;
+    cr_assert_eq(ta_entry_tensor(e, "big", &big), 0);
+    cr_assert_eq(ta_entry_tensor(e, "expert", &expert), 0);
+    cr_assert(advised(big.data), "the first load's 6 MiB tensor is not advised huge pages");
+    cr_assert(advised(expert.data), "the first load's 768 KiB tensor is not in an advised run");
+    cr_assert_eq(((unsigned char *)expert.data)[5], (unsigned char)(3 + (6291456 + 5) * 7));
+    ta_entry_unlock(e);
+    ta_cache_destroy(c);
+
+    /* ta_malloc's blocks keep the rule: nothing was probed yet, so a fresh
+     * mapping (the pool emptied) is a probe */
+    ta_trim();
+    unsigned char *p = ta_malloc(16 * MiB);
+    cr_assert_not(advised(p), "a program's own first fresh block should be a probe");
+    ta_free(p);
+}
+
 Test(cache, malformed_safetensors_are_refused_and_change_nothing)
 {
     char p[128];

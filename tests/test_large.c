@@ -15,33 +15,6 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-/* Finds the /proc/self/smaps entry holding p (neighbours with the same
- * flags and name are one entry) and copies it into buf. */
-static int smaps_entry(const void *p, char *buf, size_t cap)
-{
-    FILE *f = fopen("/proc/self/smaps", "r");
-    if (!f)
-        return 0;
-    char line[512];
-    int found = 0;
-    size_t used = 0;
-    buf[0] = 0;
-    while (fgets(line, sizeof line, f)) {
-        unsigned long start, end;
-        if (sscanf(line, "%lx-%lx ", &start, &end) == 2 && strchr(line, '-') < strchr(line, ' ')) {
-            if (found)
-                break;
-            found = start <= (uintptr_t)p && (uintptr_t)p < end;
-        }
-        if (found && used + strlen(line) < cap) {
-            strcpy(buf + used, line);
-            used += strlen(line);
-        }
-    }
-    fclose(f);
-    return found;
-}
-
 /* The block is its mapping: page aligned, as long as its usable size, and
  * freeing it (with no pool) unmaps exactly that range. */
 Test(large, block_starts_at_its_own_mapping)
@@ -75,15 +48,6 @@ Test(large, huge_blocks_are_advised_hugepage)
     cr_assert_not_null(flags);
     cr_assert(strstr(flags, " hg"), "MADV_HUGEPAGE missing: %s", flags);
     ta_free(p);
-}
-
-static bool advised(const void *p)
-{
-    char buf[8192];
-    cr_assert(smaps_entry(p, buf, sizeof buf));
-    const char *flags = strstr(buf, "VmFlags:");
-    cr_assert_not_null(flags);
-    return strstr(flags, " hg") != NULL;
 }
 
 /* THP=auto, the default: the first fresh mapping is a probe, left

@@ -657,7 +657,7 @@ int _ta_cache_append_header_tensors(ta_entry_t *e, const _ta_st_header_t *h, con
     for (size_t i = 0; i < h->count; i++) {
         const _ta_st_tensor_t *st = &h->tensors[i];
         size_t n = (size_t)(st->end - st->begin);
-        void *data = spans ? ta_malloc(n ? n : 1) : NULL;
+        void *data = spans ? _ta_alloc_filled(n ? n : 1) : NULL; /* the readers fill it */
         if (spans && !data)
             return _ta_cache_fail(ENOMEM, "%s: no memory for tensor '%s' (%zu bytes)", path,
                                   st->name, n);
@@ -856,7 +856,7 @@ int ta_cache_load_raw(ta_cache_t *c, const char *key, const char *path, ta_dtype
         return rc;
     }
     double t0 = _ta_os_now_s();
-    void *data = ta_malloc(n ? n : 1);
+    void *data = _ta_alloc_filled(n ? n : 1);
     rc = data ? entry_append(e, "data", dtype, ndim, shape, n, data)
               : _ta_cache_fail(ENOMEM, "no memory for %zu bytes", n);
     if (rc) {

@@ -230,7 +230,7 @@ static int move_to_host(ta_entry_t *e)
             return rc;
         for (size_t i = 0; i < e->count && rc == 0; i++) {
             tensor_t *t = &e->tensors[i];
-            t->data = ta_malloc(t->nbytes ? t->nbytes : 1);
+            t->data = _ta_alloc_filled(t->nbytes ? t->nbytes : 1); /* the copy fills it */
             if (!t->data)
                 rc = _ta_cache_fail(ENOMEM, "no memory for '%s'", t->name);
             else if ((rc = ta_cuda_copy_to_host(c->pool, t->data, t->dev, t->nbytes)) != 0)

@@ -1,10 +1,9 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * The front door: the ta_* allocation API, malloc's fast path inline. It
- * checks arguments, picks the path by size (the large path at or above the threshold, slabs below) and
- * finds a block's path on free by asking the slab segment map, then the
- * large table. Process set-up (options, fork handlers, the exit report)
- * lives here too.
+ * checks arguments, picks the path by size (the large path at or above the threshold, slabs below)
+ * and finds a block's path on free by asking the slab segment map, then the large table. Process
+ * set-up (options, fork handlers, the exit report) lives here too.
  */
 #define _GNU_SOURCE
 #include "large.h"
@@ -117,14 +116,14 @@ static inline void large_events(unsigned events)
  * the pool is emptied first (its entries hold VMAs too), and if the
  * process is still at the limit the block is cut from a pack, a mapping
  * shared by many blocks (lib/core/large.c). */
-static void *alloc_large(size_t size, size_t alignment, bool zero)
+static void *alloc_large(size_t size, size_t alignment, unsigned how)
 {
     unsigned events = 0;
-    void *p = _ta_large_alloc(size, alignment, zero, false, &events);
+    void *p = _ta_large_alloc(size, alignment, how, &events);
     if (TA_UNLIKELY(p == NULL && (events & TA_LARGE_AT_LIMIT))) {
         events |= _ta_large_trim(false);
         events &= ~(unsigned)TA_LARGE_AT_LIMIT;
-        p = _ta_large_alloc(size, alignment, zero, false, &events);
+        p = _ta_large_alloc(size, alignment, how, &events);
         if (p == NULL && (events & TA_LARGE_AT_LIMIT))
             p = _ta_large_alloc_packed(size, alignment);
     }
@@ -137,14 +136,14 @@ static inline void *alloc_path(size_t size, size_t alignment, bool zero)
     _ta_purge_ensure(); /* never under free: see lib/core/purge.c */
     if (size < threshold() && alignment <= TA_SMALL_MAX_ALIGN)
         return _ta_small_alloc(size, alignment, zero);
-    return alloc_large(size, alignment, zero);
+    return alloc_large(size, alignment, zero ? TA_LARGE_ZERO : 0);
 }
 
 void *_ta_alloc_mapped(size_t size, size_t alignment)
 {
     process_init();
     unsigned events = 0;
-    void *p = _ta_large_alloc(size, alignment, false, true, &events);
+    void *p = _ta_large_alloc(size, alignment, TA_LARGE_NEAR_LIMIT_OK, &events);
     large_events(events);
     return p;
 }
@@ -199,6 +198,16 @@ static inline void *alloc_aligned(size_t size, size_t alignment, bool zero)
     }
     void *p = alloc_path(size, alignment, zero);
     return TA_LIKELY(p != NULL) ? p : alloc_retry(size, alignment, zero);
+}
+
+void *_ta_alloc_filled(size_t size)
+{
+    process_init();
+    if (size < threshold() || !request_possible(size, 0))
+        return ta_malloc(size);
+    _ta_purge_ensure();
+    void *p = alloc_large(size, 0, TA_LARGE_FILLED);
+    return p != NULL ? p : alloc_retry(size, 0, false); /* the retry without the hint */
 }
 
 /* What malloc's fast path cannot serve at once: a thread's first

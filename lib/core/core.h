@@ -19,6 +19,11 @@
 /* A block with a mapping of its own (alloc.c), never a slab block, even
  * near the map-count guard: for CUDA staging buffers, which are pinned. */
 void *_ta_alloc_mapped(size_t size, size_t alignment);
+/* A block its caller writes whole at once (the model cache's loads): a
+ * fresh large one is advised huge pages at once under THP=auto, where an
+ * ordinary request may first be a probe (lib/core/thp.c). Free with
+ * ta_free. */
+void *_ta_alloc_filled(size_t size);
 /* Marks (pin) or unmarks the large block starting at p as registered with
  * CUDA and returns its mapping. Returns 0, -1 if p is not a live large
  * block, 1 if it already is in that state. */

@@ -483,9 +483,9 @@ static bool block_shape(size_t size, size_t alignment, size_t *cap, size_t *alig
 
 /* Always the whole mapping: advising part of it would split the VMA, and
  * mremap refuses (EFAULT) to move or grow a range spanning two VMAs. */
-static void name_and_advise(void *p, size_t cap, size_t fresh_bytes)
+static void name_and_advise(void *p, size_t cap, size_t fresh_bytes, unsigned how)
 {
-    if (_ta_thp_advise(p, cap, fresh_bytes))
+    if (_ta_thp_advise(p, cap, fresh_bytes, how & TA_LARGE_FILLED))
         _ta_os_advise_hugepage(p, cap);
     _ta_os_name(p, cap, "tensoralloc");
 }
@@ -517,7 +517,7 @@ static void block_enter_locked(uintptr_t p, size_t cap, size_t size, uint64_t or
  * only what the pieces do not cover faults. The block lies in several VMAs:
  * origin 0, never grown or joined. pieces[0] is taken already; called with
  * the lock held, returns with it released. */
-static void *assemble_unlock(size_t size, size_t cap, size_t align, bool zero, ta_range_t first,
+static void *assemble_unlock(size_t size, size_t cap, size_t align, unsigned how, ta_range_t first,
                              unsigned *events)
 {
     ta_range_t pieces[MAX_PIECES];
@@ -573,8 +573,8 @@ static void *assemble_unlock(size_t size, size_t cap, size_t align, bool zero, t
             release_mapping(pieces[i].addr, pieces[i].size, events); /* that part stays fresh */
     }
     /* advised as a grown block is: growth inherits its VMA's advice */
-    name_and_advise(p, cap, n == 1 ? cap - moved : 0);
-    for (size_t i = 0; i < n && zero; i++) /* the rest is fresh: zero already */
+    name_and_advise(p, cap, n == 1 ? cap - moved : 0, how);
+    for (size_t i = 0; i < n && (how & TA_LARGE_ZERO); i++) /* the rest is fresh: zero already */
         memset((char *)p + offset[i], 0, pieces[i].size);
     if (reserve_locked() != 0) {
         release_mapping((uintptr_t)p, cap, events);
@@ -591,7 +591,7 @@ static void *assemble_unlock(size_t size, size_t cap, size_t align, bool zero, t
  * more pages than tcmalloc); if none fits, the block is put together from
  * the largest smaller ranges. Called with the lock held and room reserved;
  * returns with it released. */
-static void *pool_alloc_unlock(size_t size, size_t cap, size_t align, bool zero, bool fit_only,
+static void *pool_alloc_unlock(size_t size, size_t cap, size_t align, unsigned how, bool fit_only,
                                unsigned *events)
 {
     ta_range_t r;
@@ -603,12 +603,12 @@ static void *pool_alloc_unlock(size_t size, size_t cap, size_t align, bool zero,
     if (t == TA_POOL_FIT) {
         block_enter_locked(r.addr, r.size, size, r.origin, true);
         _ta_unlock(&large_lock);
-        if (zero)
+        if (how & TA_LARGE_ZERO)
             memset((void *)r.addr, 0, r.size);
         return (void *)r.addr;
     }
     if (t == TA_POOL_SHORT || (!fit_only && _ta_pool_take_piece(&pool, cap, 0, &r)))
-        return assemble_unlock(size, cap, align, zero, r, events);
+        return assemble_unlock(size, cap, align, how, r, events);
     _ta_unlock(&large_lock);
     return NULL;
 }
@@ -641,8 +641,7 @@ static bool evict_all_due(uint64_t max_age, bool all, unsigned *events)
  * (so not while a process's large blocks have peaked under 256 MiB). */
 #define RUN_BYTES ((size_t)8 << 20)
 
-void *_ta_large_alloc(size_t size, size_t alignment, bool zero, bool near_limit_ok,
-                      unsigned *events)
+void *_ta_large_alloc(size_t size, size_t alignment, unsigned how, unsigned *events)
 {
     size_t cap, align;
     if (!block_shape(size, alignment, &cap, &align))
@@ -654,7 +653,9 @@ void *_ta_large_alloc(size_t size, size_t alignment, bool zero, bool near_limit_
     if (now - atomic_load_explicit(&last_request_ms, memory_order_relaxed) >= max_age)
         evict_all_due(max_age, false, events);
     atomic_store_explicit(&last_request_ms, now, memory_order_relaxed);
-    bool at_limit = !near_limit_ok && _ta_large_near_map_limit(); /* may read the maps */
+    bool at_limit =
+        !(how & TA_LARGE_NEAR_LIMIT_OK) && _ta_large_near_map_limit(); /* may read the maps */
+    bool filled_huge = (how & TA_LARGE_FILLED) && _ta_thp_advise(NULL, RUN_BYTES, 0, true);
     if (reserve_locked() != 0) {
         errno = ENOMEM;
         return NULL;
@@ -662,9 +663,14 @@ void *_ta_large_alloc(size_t size, size_t alignment, bool zero, bool near_limit_
     /* A block under a huge page that no pooled range fits is cut from a
      * run: RUN_BYTES mapped at once, the rest pooled for the next ones
      * (not a grown smaller range: growing moves it out of its run). */
-    bool run = cap < TA_HUGE_PAGE && align <= TA_HUGE_PAGE && max_age > 0 &&
-               pool.bytes + RUN_BYTES <= pool_limit_locked(); /* the block's own cap too */
-    void *p = pool_alloc_unlock(size, cap, align, zero, at_limit || run, events);
+    /* A filled block's run is advised huge pages at once: what no block
+     * touched of it costs no memory, so a load needs no room under the
+     * bound (its first tensors come before the peak that would make it). */
+    bool run =
+        cap < TA_HUGE_PAGE && align <= TA_HUGE_PAGE && max_age > 0 &&
+        (filled_huge ? RUN_BYTES <= (size_t)_ta_opt(TA_OPT_RETAIN_BYTES)
+                     : pool.bytes + RUN_BYTES <= pool_limit_locked()); /* the block's own cap too */
+    void *p = pool_alloc_unlock(size, cap, align, how, at_limit || run, events);
     if (p != NULL)
         return p;
     if (at_limit) {
@@ -681,7 +687,7 @@ void *_ta_large_alloc(size_t size, size_t alignment, bool zero, bool near_limit_
     /* A run may be a probe like any fresh mapping: its blocks are handed
      * out from its start, and the regions no block has touched yet do not
      * count (thp.c). */
-    name_and_advise(p, bytes, bytes);
+    name_and_advise(p, bytes, bytes, how);
     if (reserve_locked() != 0) {
         release_mapping((uintptr_t)p, bytes, events);
         errno = ENOMEM;
@@ -886,7 +892,7 @@ void *_ta_large_realloc(void *p, size_t size)
     void *q = NULL;
     int rc = _ta_os_remap_aligned(p, old.capacity, cap, natural_alignment(cap), &q);
     if (rc == 0 && cap > old.capacity)
-        name_and_advise(q, cap, cap - old.capacity);
+        name_and_advise(q, cap, cap - old.capacity, 0);
 
     _ta_lock(&large_lock);
     if (rc != 0) { /* failed: put the old block back as it was */

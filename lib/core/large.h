@@ -15,12 +15,17 @@ enum {
     TA_LARGE_WAKE = 1,     /* the purge thread has a deadline to keep (pool, parked unmaps) */
     TA_LARGE_AT_LIMIT = 2, /* nothing mapped: a fresh mapping would reach the map-count guard */
 };
+/* What a request asks of _ta_large_alloc, as bits in how. */
+enum {
+    TA_LARGE_ZERO = 1,          /* the caller needs zeroed memory */
+    TA_LARGE_NEAR_LIMIT_OK = 2, /* map even near the map-count guard */
+    TA_LARGE_FILLED = 4,        /* the caller writes the block whole at once: huge pages */
+};
 /* Allocates a block with its own mapping; alignment is a power of two.
- * zero: the caller needs zeroed memory. Near the map-count guard a request
- * the pool cannot serve maps only if near_limit_ok, else it returns NULL
- * with TA_LARGE_AT_LIMIT. Returns NULL with errno set on failure. */
-void *_ta_large_alloc(size_t size, size_t alignment, bool zero, bool near_limit_ok,
-                      unsigned *events);
+ * Near the map-count guard a request the pool cannot serve maps only with
+ * TA_LARGE_NEAR_LIMIT_OK, else it returns NULL with TA_LARGE_AT_LIMIT.
+ * Returns NULL with errno set on failure. */
+void *_ta_large_alloc(size_t size, size_t alignment, unsigned how, unsigned *events);
 /* Returns true and fills *usable if p is a live large block. */
 bool _ta_large_lookup(const void *p, size_t *usable);
 /* Frees a large block; false if p is not one. */

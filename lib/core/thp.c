@@ -151,12 +151,15 @@ void _ta_thp_freeing(uintptr_t addr)
         probe_count_in(r, true); /* its use is over: as it is */
 }
 
-bool _ta_thp_advise(void *addr, size_t cap, size_t fresh_bytes)
+bool _ta_thp_advise(void *addr, size_t cap, size_t fresh_bytes, bool filled)
 {
     long long mode = _ta_opt(TA_OPT_THP);
     if (cap < TA_HUGE_PAGE || mode == 0 || !_ta_os_thp_available())
         return false;
-    if (mode == 1)
+    /* a block its caller fills at once needs no probe: no page of it stays
+     * untouched (the model cache's loads; the first load of a process
+     * comes before any probe could be read) */
+    if (mode == 1 || filled)
         return true;
     probe_one();
     _ta_lock(&thp_lock);

@@ -15,8 +15,10 @@
 /* Whether the mapping at addr of cap bytes, fresh_bytes of which were
  * never touched, should be advised (THP: off, on, auto). Under auto a
  * wholly fresh mapping may be kept as a probe, its residency read at a
- * later call. Takes no lock the caller holds; may call mincore. */
-bool _ta_thp_advise(void *addr, size_t cap, size_t fresh_bytes);
+ * later call; filled: its caller writes it whole at once (a load), so it
+ * is advised and never a probe. Takes no lock the caller holds; may call
+ * mincore. */
+bool _ta_thp_advise(void *addr, size_t cap, size_t fresh_bytes, bool filled);
 /* A large block at addr is being freed (before its pages go): a probe is
  * read now, or blocks that live shorter than the next request (large-
  * churn, malloc-large) would never be read and never get huge pages. */
