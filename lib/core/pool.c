@@ -377,8 +377,10 @@ static void cut_place(const ta_pool_t *p, const ta_range_t *r, size_t size, size
     *start = align_up(r->addr, align);
     *end = *start + size;
     /* Cut inside a huge page splits it (tripled model-switch's time): the
-     * block keeps the rest of its last huge page. */
-    if (huge && size >= huge && (*start & (huge - 1)) == 0) {
+     * block keeps the rest of its last huge page, unless smaller blocks
+     * want it (the rest then waits for them in the pool; a diffusion UNet's
+     * 2.5-7 MiB tensors held 180 MiB of such rests, 7% of its peak). */
+    if (huge && size >= huge && (*start & (huge - 1)) == 0 && !p->share_tails) {
         uintptr_t rounded = *start + align_up(size, huge);
         if (rounded <= r_end)
             *end = rounded;

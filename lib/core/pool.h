@@ -31,10 +31,12 @@ typedef struct {
 typedef struct ta_pool_node ta_pool_node_t;
 
 typedef struct {
-    size_t bytes; /* sum of the ranges' sizes */
-    size_t count; /* ranges */
-    size_t page;  /* every address and size is a multiple */
-    size_t huge;  /* huge page size: cut rules keep it whole (0: none) */
+    size_t bytes;     /* sum of the ranges' sizes */
+    size_t count;     /* ranges */
+    size_t page;      /* every address and size is a multiple */
+    size_t huge;      /* huge page size: cut rules keep it whole (0: none) */
+    bool share_tails; /* blocks under a huge page are wanted: the rest of a
+                         big block's last huge page stays pooled for them */
     uint64_t bitmap[TA_POOL_BINS / 64];
     uint32_t bin_head[TA_POOL_BINS];
     uint32_t age_head, age_tail; /* oldest first; node indices, 0 = none */
@@ -75,8 +77,8 @@ typedef enum {
  * node). A fit is cut from a range: what is left on either side stays in
  * the pool in the range's place in the age order. A block of a huge page
  * or more from a huge-page-aligned range keeps the rest of its last huge
- * page (out->size may exceed size); a smaller block from a big aligned range
- * comes off its end, so the rest keeps its huge-page alignment. */
+ * page (out->size may exceed size) unless share_tails is set; a smaller block from a big aligned
+ * range comes off its end, so the rest keeps its huge-page alignment. */
 ta_pool_take_t _ta_pool_take(ta_pool_t *p, size_t size, size_t align, ta_range_t *out);
 
 /* For a block put together from pieces (large.c moves them into it with
