@@ -386,6 +386,8 @@ Test(cache, a_first_load_maps_its_tensors_as_huge_pages)
     cr_assert(advised(expert.data), "the first load's 768 KiB tensor is not in an advised run");
     cr_assert_eq(((unsigned char *)expert.data)[5], (unsigned char)(3 + (6291456 + 5) * 7));
     ta_entry_unlock(e);
+
+    ta_entry_unlock(e);
     ta_cache_destroy(c);
 
     /* ta_malloc's blocks keep the rule: nothing was probed yet, so a fresh
@@ -394,6 +396,32 @@ Test(cache, a_first_load_maps_its_tensors_as_huge_pages)
     unsigned char *p = ta_malloc(16 * MiB);
     cr_assert_not(advised(p), "a program's own first fresh block should be a probe");
     ta_free(p);
+}
+
+/* The same for a raw file's one tensor, in a process that loaded nothing
+ * before (each test is a process of its own). */
+Test(cache, a_first_raw_load_maps_its_tensor_as_huge_pages)
+{
+    if (!_ta_os_thp_available())
+        cr_skip_test("transparent huge pages are disabled on this machine");
+    char path[128];
+    ta_cache_t *c = new_cache(64 * MiB, TA_OVERFLOW_REFUSE);
+    ta_entry_t *e;
+    snprintf(path, sizeof path, "%s/raw.bin", dir);
+    FILE *f = fopen(path, "wb");
+    cr_assert_not_null(f);
+    for (size_t i = 0; i < 4 * MiB; i++)
+        fputc((int)(unsigned char)(5 + i * 7), f);
+    fclose(f);
+    int64_t shape[1] = {(int64_t)(4 * MiB)};
+    cr_assert_eq(ta_cache_load_raw(c, "r", path, TA_DTYPE_U8, 1, shape, &e), 0, "%s",
+                 cache_error());
+    ta_tensor_t raw;
+    cr_assert_eq(ta_entry_tensor(e, "data", &raw), 0);
+    cr_assert(advised(raw.data), "a raw load's 4 MiB tensor is not advised huge pages");
+    cr_assert_eq(((unsigned char *)raw.data)[9], (unsigned char)(5 + 9 * 7));
+    ta_entry_unlock(e);
+    ta_cache_destroy(c);
 }
 
 Test(cache, malformed_safetensors_are_refused_and_change_nothing)

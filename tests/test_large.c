@@ -218,6 +218,55 @@ Test(large, big_blocks_leave_their_huge_page_rests_to_small_ones)
     cr_assert_eq(ta_usable_size(big), 3 * MiB,
                  "blocks under a huge page are asked for: the rest of its huge page is theirs");
     ta_free(big);
+
+    /* one small request in six (large-churn's share) is too few: after
+     * ~300 such requests the big blocks keep their rests again */
+    for (int i = 0; i < 300; i++) {
+        void *q = ta_malloc(i % 6 == 0 ? 512 * KiB : 6 * MiB);
+        cr_assert_not_null(q);
+        ta_free(q);
+    }
+    big = ta_malloc(3 * MiB);
+    cr_assert_eq(ta_usable_size(big), 4 * MiB, "small blocks became rare: it keeps its huge page");
+    ta_free(big);
+}
+
+/* A block its caller fills (a load's tensor) may be cut from a run before
+ * the footprint bound has room for one, but the pool stays within its
+ * byte bound, and over the footprint bound by at most one run's rest. */
+Test(large, filled_runs_keep_the_pool_within_its_bounds)
+{
+    if (!_ta_os_thp_available())
+        cr_skip_test("transparent huge pages are disabled on this machine");
+    ta_option_set(TA_OPT_RETAIN_MS, 60000);
+    ta_option_set(TA_OPT_RETAIN_BYTES, 8 * MiB);
+    enum { SMALL = 12, FILLED = 200 };
+    void *small[SMALL];
+    for (int i = 0; i < SMALL; i++)
+        cr_assert_not_null(small[i] = ta_malloc(512 * KiB));
+    for (int i = 0; i < SMALL; i++)
+        ta_free(small[i]);
+    cr_assert_eq(stats_now().pool_bytes, 6 * MiB);
+    void *one = _ta_alloc_filled(MiB);
+    cr_assert_not_null(one);
+    cr_assert_leq(stats_now().pool_bytes, 8 * MiB, "a run's rest broke RETAIN_BYTES");
+    ta_free(one);
+    ta_trim();
+
+    ta_option_set(TA_OPT_RETAIN_BYTES, 1024 * MiB);
+    static void *b[FILLED];
+    for (int i = 0; i < FILLED; i++) {
+        cr_assert_not_null(b[i] = _ta_alloc_filled(3 * MiB / 2));
+        memset(b[i], 1, 3 * MiB / 2);
+    }
+    ta_stats_t st = stats_now();
+    uint64_t room = st.large_mapped_bytes / 32; /* at the peak: the slack */
+    cr_assert_leq(st.pool_bytes, room + 8 * MiB,
+                  "pool %" PRIu64 " KiB, footprint room %" PRIu64
+                  " KiB: more than one run's rest over it",
+                  (uint64_t)st.pool_bytes >> 10, room >> 10);
+    for (int i = 0; i < FILLED; i++)
+        ta_free(b[i]);
 }
 
 /* Runs are probes like any fresh mapping: a process whose large blocks

@@ -674,13 +674,18 @@ void *_ta_large_alloc(size_t size, size_t alignment, unsigned how, unsigned *eve
     /* A block under a huge page that no pooled range fits is cut from a
      * run: RUN_BYTES mapped at once, the rest pooled for the next ones
      * (not a grown smaller range: growing moves it out of its run). */
-    /* A filled block's run is advised huge pages at once: what no block
-     * touched of it costs no memory, so a load needs no room under the
-     * bound (its first tensors come before the peak that would make it). */
-    bool run =
-        cap < TA_HUGE_PAGE && align <= TA_HUGE_PAGE && max_age > 0 &&
-        (filled_huge ? RUN_BYTES <= (size_t)_ta_opt(TA_OPT_RETAIN_BYTES)
-                     : pool.bytes + RUN_BYTES <= pool_limit_locked()); /* the block's own cap too */
+    /* A filled block's run is advised huge pages at once, so it may be
+     * made while the pool is within its bounds, not only where they have
+     * room for the whole run: a first load comes before the peak that
+     * makes room. The pool then exceeds the footprint bound by at most one
+     * run's rest (what the next tensors do not take; resident only in the
+     * huge page a block touched), and no other run is made until it is
+     * back within. */
+    size_t limit = pool_limit_locked();
+    bool run = cap < TA_HUGE_PAGE && align <= TA_HUGE_PAGE && max_age > 0 &&
+               (filled_huge ? pool.bytes <= limit && pool.bytes + RUN_BYTES - cap <=
+                                                         (size_t)_ta_opt(TA_OPT_RETAIN_BYTES)
+                            : pool.bytes + RUN_BYTES <= limit); /* the block's own cap too */
     sub_huge_share -= sub_huge_share >> SHARE_WINDOW_SHIFT;
     sub_huge_share += cap < TA_HUGE_PAGE ? SHARE_ONE >> SHARE_WINDOW_SHIFT : 0;
     pool.share_tails = sub_huge_share >= SHARE_ONE / 3;
