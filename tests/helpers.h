@@ -115,6 +115,17 @@ static inline ta_stats_t stats_now(void)
     return st;
 }
 
+/* In a Criterion test: skips it where the machine has no transparent huge
+ * pages, and checks that THP=auto is the default the test relies on. */
+#define REQUIRE_THP_AUTO()                                                                         \
+    do {                                                                                           \
+        if (!_ta_os_thp_available())                                                               \
+            cr_skip_test("transparent huge pages are disabled on this machine");                   \
+        long long thp_mode;                                                                        \
+        cr_assert_eq(ta_option_get(TA_OPT_THP, &thp_mode), 0);                                     \
+        cr_assert_eq(thp_mode, 2, "auto is the default");                                          \
+    } while (0)
+
 /* Finds the /proc/self/smaps entry holding p (neighbours with the same
  * flags and name are one entry) and copies it into buf. */
 static inline int smaps_entry(const void *p, char *buf, size_t cap)

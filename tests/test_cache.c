@@ -364,11 +364,7 @@ static void expect_refused(const char *path, const char *needle)
  * run of 8 MiB. */
 Test(cache, a_first_load_maps_its_tensors_as_huge_pages)
 {
-    if (!_ta_os_thp_available())
-        cr_skip_test("transparent huge pages are disabled on this machine");
-    long long thp;
-    cr_assert_eq(ta_option_get(TA_OPT_THP, &thp), 0);
-    cr_assert_eq(thp, 2, "auto is the default");
+    REQUIRE_THP_AUTO();
     char path[128];
     snprintf(path, sizeof path, "%s/m.safetensors", dir);
     const char *hdr = "{\"big\":{\"dtype\":\"U8\",\"shape\":[6291456],"

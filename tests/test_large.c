@@ -55,11 +55,7 @@ Test(large, huge_blocks_are_advised_hugepage)
  * advised. */
 Test(large, thp_auto_by_default_advises_blocks_written_whole)
 {
-    if (!_ta_os_thp_available())
-        cr_skip_test("transparent huge pages are disabled on this machine");
-    long long thp;
-    cr_assert_eq(ta_option_get(TA_OPT_THP, &thp), 0);
-    cr_assert_eq(thp, 2, "auto is the default");
+    REQUIRE_THP_AUTO();
     unsigned char *first = ta_malloc(16 * MiB);
     cr_assert_not(advised(first), "nothing was seen written yet: the first block is a probe");
     memset(first, 1, 16 * MiB);

@@ -131,12 +131,13 @@ static void *alloc_large(size_t size, size_t alignment, unsigned how)
     return p;
 }
 
-static inline void *alloc_path(size_t size, size_t alignment, bool zero)
+/* how: TA_LARGE_ZERO, TA_LARGE_FILLED (lib/core/large.h). */
+static inline void *alloc_path(size_t size, size_t alignment, unsigned how)
 {
     _ta_purge_ensure(); /* never under free: see lib/core/purge.c */
     if (size < threshold() && alignment <= TA_SMALL_MAX_ALIGN)
-        return _ta_small_alloc(size, alignment, zero);
-    return alloc_large(size, alignment, zero ? TA_LARGE_ZERO : 0);
+        return _ta_small_alloc(size, alignment, how & TA_LARGE_ZERO);
+    return alloc_large(size, alignment, how);
 }
 
 void *_ta_alloc_mapped(size_t size, size_t alignment)
@@ -152,14 +153,15 @@ void *_ta_alloc_mapped(size_t size, size_t alignment)
  * unmaps, free slab pages and segments) goes back to the kernel and the
  * request is tried once more: under RLIMIT_AS or a cgroup limit, the
  * pool's address space is the room the request needs. */
-__attribute__((noinline, cold)) static void *alloc_retry(size_t size, size_t alignment, bool zero)
+__attribute__((noinline, cold)) static void *alloc_retry(size_t size, size_t alignment,
+                                                         unsigned how)
 {
     if (size > SIZE_MAX / 2)
         return NULL; /* errno is ENOMEM already */
     large_events(_ta_large_trim(true));
     _ta_small_trim();
     errno = 0;
-    void *p = alloc_path(size, alignment, zero);
+    void *p = alloc_path(size, alignment, how);
     if (p == NULL && errno == 0)
         errno = ENOMEM;
     return p;
@@ -189,25 +191,20 @@ static inline bool request_possible(size_t size, size_t alignment)
 }
 
 /* alignment: a power of two; 0 or <= TA_MIN_ALIGN means natural. */
-static inline void *alloc_aligned(size_t size, size_t alignment, bool zero)
+static inline void *alloc_aligned(size_t size, size_t alignment, unsigned how)
 {
     process_init();
     if (TA_UNLIKELY(!request_possible(size, alignment) || alignment > ((size_t)1 << 40))) {
         errno = ENOMEM;
         return NULL;
     }
-    void *p = alloc_path(size, alignment, zero);
-    return TA_LIKELY(p != NULL) ? p : alloc_retry(size, alignment, zero);
+    void *p = alloc_path(size, alignment, how);
+    return TA_LIKELY(p != NULL) ? p : alloc_retry(size, alignment, how);
 }
 
 void *_ta_alloc_filled(size_t size)
 {
-    process_init();
-    if (size < threshold() || !request_possible(size, 0))
-        return ta_malloc(size);
-    _ta_purge_ensure();
-    void *p = alloc_large(size, 0, TA_LARGE_FILLED);
-    return p != NULL ? p : alloc_retry(size, 0, false); /* the retry without the hint */
+    return alloc_aligned(size, 0, TA_LARGE_FILLED);
 }
 
 /* What malloc's fast path cannot serve at once: a thread's first
@@ -215,7 +212,7 @@ void *_ta_alloc_filled(size_t size)
  * path stays a few loads and a pop. */
 __attribute__((noinline)) static void *malloc_general(size_t size)
 {
-    return alloc_aligned(size, 0, false);
+    return alloc_aligned(size, 0, 0);
 }
 
 /* The fast path, inline here as mimalloc's sits in its alloc.c: the
@@ -253,7 +250,7 @@ void *ta_calloc(size_t count, size_t size)
         errno = ENOMEM;
         return NULL;
     }
-    return alloc_aligned(total, 0, true);
+    return alloc_aligned(total, 0, TA_LARGE_ZERO);
 }
 
 /* NULL and large blocks: out of line, so that a small free is the
@@ -334,7 +331,7 @@ void *ta_aligned_alloc(size_t alignment, size_t size)
         errno = EINVAL;
         return NULL;
     }
-    return alloc_aligned(size, alignment, false);
+    return alloc_aligned(size, alignment, 0);
 }
 
 int ta_posix_memalign(void **out, size_t alignment, size_t size)
@@ -342,7 +339,7 @@ int ta_posix_memalign(void **out, size_t alignment, size_t size)
     if (!power_of_two(alignment) || alignment % sizeof(void *) != 0)
         return EINVAL;
     int saved = errno;
-    void *p = alloc_aligned(size, alignment, false);
+    void *p = alloc_aligned(size, alignment, 0);
     int rc = p ? 0 : errno;
     errno = saved;
     if (p)

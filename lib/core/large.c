@@ -666,15 +666,15 @@ void *_ta_large_alloc(size_t size, size_t alignment, unsigned how, unsigned *eve
     atomic_store_explicit(&last_request_ms, now, memory_order_relaxed);
     bool at_limit =
         !(how & TA_LARGE_NEAR_LIMIT_OK) && _ta_large_near_map_limit(); /* may read the maps */
-    bool filled_huge = (how & TA_LARGE_FILLED) && _ta_thp_advise(NULL, RUN_BYTES, 0, true);
+    bool filled_huge = (how & TA_LARGE_FILLED) && _ta_thp_enabled();   /* its runs are advised */
     if (reserve_locked() != 0) {
         errno = ENOMEM;
         return NULL;
     }
     /* A block under a huge page that no pooled range fits is cut from a
      * run: RUN_BYTES mapped at once, the rest pooled for the next ones
-     * (not a grown smaller range: growing moves it out of its run). */
-    /* A filled block's run is advised huge pages at once, so it may be
+     * (not a grown smaller range: growing moves it out of its run).
+     * A filled block's run is advised huge pages at once, so it may be
      * made while the pool is within its bounds, not only where they have
      * room for the whole run: a first load comes before the peak that
      * makes room. The pool then exceeds the footprint bound by at most one

@@ -151,10 +151,15 @@ void _ta_thp_freeing(uintptr_t addr)
         probe_count_in(r, true); /* its use is over: as it is */
 }
 
+bool _ta_thp_enabled(void)
+{
+    return _ta_opt(TA_OPT_THP) != 0 && _ta_os_thp_available();
+}
+
 bool _ta_thp_advise(void *addr, size_t cap, size_t fresh_bytes, bool filled)
 {
     long long mode = _ta_opt(TA_OPT_THP);
-    if (cap < TA_HUGE_PAGE || mode == 0 || !_ta_os_thp_available())
+    if (cap < TA_HUGE_PAGE || !_ta_thp_enabled())
         return false;
     /* a block its caller fills at once needs no probe: no page of it stays
      * untouched (the model cache's loads; the first load of a process

@@ -19,6 +19,9 @@
  * is advised and never a probe. Takes no lock the caller holds; may call
  * mincore. */
 bool _ta_thp_advise(void *addr, size_t cap, size_t fresh_bytes, bool filled);
+/* Whether any mapping may be advised: THP is not off and the kernel has
+ * it (what _ta_thp_advise answers for a block its caller fills). */
+bool _ta_thp_enabled(void);
 /* A large block at addr is being freed (before its pages go): a probe is
  * read now, or blocks that live shorter than the next request (large-
  * churn, malloc-large) would never be read and never get huge pages. */
