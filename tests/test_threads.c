@@ -1,8 +1,9 @@
 /* SPDX-License-Identifier: MIT */
 /* Suite "threads": cross-thread frees with pattern checks, thread exit. */
-#include "helpers.h"
+#define _GNU_SOURCE /* RUSAGE_THREAD */
 #include "core/large.h"
 #include "core/slab.h"
+#include "helpers.h"
 
 #include <criterion/criterion.h>
 #include <inttypes.h>
@@ -11,6 +12,7 @@
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdlib.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 /* Producers allocate patterned blocks into a shared ring; consumers check
@@ -247,6 +249,7 @@ Test(threads, racing_first_allocations_share_heap_chunks)
         cr_assert_eq(pthread_create(&tid[i], NULL, first_allocation_at_once, NULL), 0);
     for (int i = 0; i < RACERS; i++)
         pthread_join(tid[i], NULL);
+    ta_trim(); /* the exited heaps' segments wait RETAIN_MS otherwise: only chunks stay */
     ta_stats_t st = stats_now();
     cr_assert_eq(st.heaps, RACERS);
     uint64_t chunks_at_most = (RACERS + 15) / 16;
@@ -386,7 +389,7 @@ static void *own_free_then_idle(void *arg)
     for (int i = 0; i < OWN_BLOCKS; i++)
         ta_free(blocks[i]);
     idle_set_phase(1);
-    idle_wait_phase(2); /* alive and idle: no allocator call */
+    idle_wait_phase(2);                    /* alive and idle: no allocator call */
     for (int i = 0; i < OWN_BLOCKS; i++) { /* and its heap works afterwards */
         blocks[i] = ta_malloc(OWN_SIZE);
         memset(blocks[i], 4, OWN_SIZE);
@@ -835,4 +838,68 @@ Test(threads, a_free_between_the_owners_last_tidy_and_its_abandon_is_drained, .t
     }
     cr_assert_leq(live, live_before, "%" PRIu64 " bytes live, %" PRIu64 " before: the block waits",
                   live, live_before);
+}
+
+/* ---- free pages across thread exit ----------------------------------------
+ * A thread pool's threads come and go (mstress starts new ones every
+ * round): an exiting thread's free slab pages wait RETAIN_MS in its
+ * abandoned heap, so that the next thread adopts them without faults, and
+ * then the purge thread gives them back. */
+enum { EXIT_BLOCKS = 10000, EXIT_SIZE = 200 }; /* ~2 MiB: one segment, the spare */
+static void *exit_blocks[EXIT_BLOCKS];
+static long exit_faults;
+
+static long thread_minor_faults(void)
+{
+    struct rusage ru;
+    getrusage(RUSAGE_THREAD, &ru);
+    return ru.ru_minflt;
+}
+
+static void *allocate_free_and_exit(void *arg)
+{
+    for (int i = 0; i < EXIT_BLOCKS; i++) {
+        exit_blocks[i] = ta_malloc(EXIT_SIZE);
+        memset(exit_blocks[i], 3, EXIT_SIZE);
+    }
+    for (int i = 0; i < EXIT_BLOCKS; i++)
+        ta_free(exit_blocks[i]);
+    return arg;
+}
+
+static void *allocate_counting_faults(void *arg)
+{
+    long f0 = thread_minor_faults();
+    for (int i = 0; i < EXIT_BLOCKS; i++) {
+        exit_blocks[i] = ta_malloc(EXIT_SIZE);
+        memset(exit_blocks[i], 4, EXIT_SIZE);
+    }
+    exit_faults = thread_minor_faults() - f0;
+    for (int i = 0; i < EXIT_BLOCKS; i++)
+        ta_free(exit_blocks[i]);
+    return arg;
+}
+
+Test(threads, an_exited_threads_free_pages_wait_for_the_next_thread, .timeout = 60)
+{
+    ta_option_set(TA_OPT_RETAIN_MS, 1000);
+    ta_free(ta_malloc(64)); /* this thread's heap exists: the workers' heap is the one adopted */
+    pthread_t t;
+    cr_assert_eq(pthread_create(&t, NULL, allocate_free_and_exit, NULL), 0);
+    pthread_join(t, NULL);
+    size_t waiting = rss_bytes();
+    cr_assert_eq(pthread_create(&t, NULL, allocate_counting_faults, NULL), 0);
+    pthread_join(t, NULL);
+    /* Purged at exit, the second thread faulted its ~1000 pages again. */
+    cr_log_info("the next thread faulted %ld pages", exit_faults);
+    cr_assert_lt(exit_faults, 100, "the next thread faulted %ld pages: the exit gave them back",
+                 exit_faults);
+    size_t left = rss_bytes();
+    for (int i = 0; i < 60 && left + 2 * MiB > waiting; i++) { /* up to 3 s */
+        usleep(50000);
+        left = rss_bytes();
+    }
+    cr_assert_lt(left + 2 * MiB, waiting,
+                 "RSS %zu MiB, %zu with the pages waiting: the purge thread kept them", left / MiB,
+                 waiting / MiB);
 }

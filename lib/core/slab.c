@@ -1487,7 +1487,11 @@ static inline void abandon_hook(int stage)
 
 static void heap_abandon(heap_t *h)
 {
-    heap_tidy(h, true);
+    /* Free pages wait RETAIN_MS like a live heap's: a thread pool's next
+     * thread adopts the heap and reuses them without faults (mstress,
+     * whose rounds start new threads, spent 29% of its time refaulting
+     * what each exit purged); the purge thread gives back what waits. */
+    bool waiting = heap_tidy(h, false);
     abandon_hook(0);
     atomic_store_explicit(&h->abandoned, true, memory_order_seq_cst);
     abandon_hook(1);
@@ -1497,7 +1501,7 @@ static void heap_abandon(heap_t *h)
     _ta_unlock(&heaps_lock);
     /* A free that came in after the tidy but read the heap as still owned
      * woke no one (heap_notify): the purge thread must drain it now. */
-    if (atomic_load_explicit(&h->remote_spans, memory_order_seq_cst) != NULL)
+    if (waiting || atomic_load_explicit(&h->remote_spans, memory_order_seq_cst) != NULL)
         purge_hook(&purge_hooks.wake);
 }
 
