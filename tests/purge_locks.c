@@ -57,10 +57,13 @@ static void wait_for_sleep(void)
 static pthread_barrier_t ready, go;
 static void *blocks[4];
 
+static void *kept_block;
+
 static void *holder_of_a_big_block(void *arg)
 {
     (void)arg;
     blocks[0] = ta_malloc(200000); /* a slab span of several pages */
+    kept_block = ta_malloc(64); /* its segment stays: the tidy purges, not unmaps */
     pthread_barrier_wait(&ready);
     pthread_barrier_wait(&go);
     return NULL;
@@ -111,6 +114,7 @@ static int fork_while_trim_tidies(void)
         _exit(0);
     waitpid(pid, NULL, 0);
     pthread_join(trim, NULL);
+    ta_free(kept_block);
     return 0;
 }
 
@@ -118,17 +122,18 @@ static int fork_while_trim_tidies(void)
 static void *owner_held_at_fork(void *arg)
 {
     (void)arg;
-    void *m[10], *big[2];
+    enum { BIG = 64 }; /* 14 MiB: past the 8 MiB of free pages a heap keeps */
+    void *m[10], *big[BIG];
     for (int i = 0; i < 10; i++)
         m[i] = ta_malloc(24000);
     for (int i = 0; i < 5; i++)
         ta_free(m[i]); /* a span released: its pages wait */
-    big[0] = ta_malloc(200000);
-    big[1] = ta_malloc(200000);
+    for (int i = 0; i < BIG; i++)
+        big[i] = ta_malloc(200000);
     slow_here = 1;
-    ta_free(big[0]); /* a big span released: madvise under pages_lock */
+    for (int i = 0; i < BIG; i++)
+        ta_free(big[i]); /* past 8 MiB, a release purges: madvise under pages_lock */
     slow_here = 0;
-    ta_free(big[1]);
     for (int i = 5; i < 10; i++)
         ta_free(m[i]);
     return NULL;
