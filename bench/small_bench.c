@@ -246,6 +246,7 @@ enum { MS_TRANSFER = 1000, MS_KEEP = 1024 };
 static _Atomic(void *) ms_transfer[MS_TRANSFER];
 static void **ms_left[64]; /* what each index's thread left for the next round */
 static long ms_ops;
+static long ms_round; /* written between rounds, before the threads start */
 
 static void *ms_alloc(uint64_t *s)
 {
@@ -259,7 +260,7 @@ static void *ms_alloc(uint64_t *s)
 static void *mstress_worker(void *arg)
 {
     int me = (int)(uintptr_t)arg;
-    uint64_t s = (uint64_t)me * 1299709 + (uint64_t)atomic_load(&total_ops);
+    uint64_t s = (uint64_t)me * 1299709 + (uint64_t)ms_round * 7919;
     void **keep = ms_left[me] ? ms_left[me] : calloc(MS_KEEP, sizeof *keep);
     long ops = 0;
     for (long i = 0; i < ms_ops; i++) {
@@ -290,6 +291,7 @@ static void run_mstress(long rounds)
     ms_ops = total_ops_target / 2 / nthreads / rounds;
     pthread_t t[64];
     for (long r = 0; r < rounds; r++) {
+        ms_round = r;
         for (int i = 0; i < nthreads; i++)
             pthread_create(&t[i], NULL, mstress_worker, (void *)(uintptr_t)i);
         for (int i = 0; i < nthreads; i++)
@@ -329,7 +331,7 @@ static void run_mixed(void)
     uint64_t s = 23;
     void **slot = calloc(MIXED_SLOTS, sizeof *slot);
     size_t *len = calloc(MIXED_SLOTS, sizeof *len);
-    long ops = total_ops_target / 2;
+    long ops = total_ops_target / 2, done = 0;
     for (long i = 0; i < ops; i++) {
         size_t k = (size_t)(rng_next(&s) % MIXED_SLOTS);
         uint64_t r = rng_next(&s);
@@ -338,6 +340,7 @@ static void run_mixed(void)
             char *p = b_realloc(slot[k], n);
             p[n - 1] = 1;
             slot[k] = p, len[k] = n;
+            done++; /* one call */
             continue;
         }
         b_free(slot[k]);
@@ -345,12 +348,13 @@ static void run_mixed(void)
         char *p = b_malloc(n);
         p[0] = p[n - 1] = 1;
         slot[k] = p, len[k] = n;
+        done += 2;
     }
     for (int k = 0; k < MIXED_SLOTS; k++)
         b_free(slot[k]);
     free(slot);
     free(len);
-    atomic_fetch_add(&total_ops, 2 * ops);
+    atomic_fetch_add(&total_ops, done);
 }
 
 /* ---- pingpong: one block of a class at a time ----------------------------- */
@@ -403,8 +407,12 @@ int main(int argc, char **argv)
         nthreads = argc > 2 ? atoi(argv[2]) : 2;
         total_ops_target = argc > 3 ? atol(argv[3]) : total_ops_target;
         rounds = argc > 4 ? atol(argv[4]) : rounds;
-        if (rounds < 1 || total_ops_target / 2 / (nthreads > 0 ? nthreads : 1) / rounds < 1)
+        bool by_rounds = strcmp(mode, "server") == 0 || strcmp(mode, "mstress") == 0;
+        long per_thread = total_ops_target / 2 / (nthreads > 0 ? nthreads : 1);
+        if (by_rounds && (rounds < 1 || per_thread / rounds < 1))
             usage();
+        if (strcmp(mode, "rptest") == 0 && per_thread / RP_BATCH < 1)
+            usage(); /* not one loop of RP_BATCH blocks */
     } else if (strcmp(mode, "pingpong") == 0) {
         nthreads = 1;
         long size = argc > 2 ? atol(argv[2]) : (long)pingpong_size;

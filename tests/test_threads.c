@@ -2,6 +2,7 @@
 /* Suite "threads": cross-thread frees with pattern checks, thread exit. */
 #define _GNU_SOURCE /* RUSAGE_THREAD */
 #include "core/large.h"
+#include "core/purge.h"
 #include "core/slab.h"
 #include "helpers.h"
 
@@ -902,4 +903,20 @@ Test(threads, an_exited_threads_free_pages_wait_for_the_next_thread, .timeout = 
     cr_assert_lt(left + 2 * MiB, waiting,
                  "RSS %zu MiB, %zu with the pages waiting: the purge thread kept them", left / MiB,
                  waiting / MiB);
+}
+
+/* Without a purge thread nothing would give those pages back later: an
+ * exiting thread's heap is purged at once, as before. */
+Test(threads, without_a_purge_thread_an_exiting_thread_gives_its_pages_back, .timeout = 60)
+{
+    ta_option_set(TA_OPT_PURGE_THREAD, 0);
+    ta_option_set(TA_OPT_RETAIN_MS, 1000);
+    ta_free(ta_malloc(64));
+    cr_assert(!_ta_purge_thread_running(), "a purge thread runs although PURGE_THREAD is off");
+    pthread_t t;
+    cr_assert_eq(pthread_create(&t, NULL, allocate_free_and_exit, NULL), 0);
+    pthread_join(t, NULL);
+    uint64_t dirty = stats_now().small_dirty_bytes;
+    cr_assert_lt(dirty, 256 * KiB, "%" PRIu64 " KiB of free pages wait with no one to purge them",
+                 dirty / 1024);
 }

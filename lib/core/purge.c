@@ -68,7 +68,8 @@ static _Atomic uint64_t purge_failed_ms; /* when pthread_create last failed */
 void _ta_purge_init(void)
 {
     __atomic_store_n(&purge_pid, _ta_os_pid(), __ATOMIC_RELAXED);
-    _ta_small_set_purge_hooks(_ta_purge_wake, _ta_purge_thread_exiting);
+    _ta_small_set_purge_hooks(_ta_purge_wake, _ta_purge_thread_exiting,
+                              _ta_purge_thread_running);
 }
 
 bool _ta_process_has_threads(void)

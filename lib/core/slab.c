@@ -260,6 +260,7 @@ static atomic_bool purge_watching; /* the purge thread watches the live heaps' l
 static struct {
     void (*_Atomic wake)(void);
     void (*_Atomic thread_exiting)(void);
+    bool (*_Atomic running)(void);
 } purge_hooks;
 
 static inline void purge_hook(void (*_Atomic *hook)(void))
@@ -269,10 +270,19 @@ static inline void purge_hook(void (*_Atomic *hook)(void))
         fn();
 }
 
-void _ta_small_set_purge_hooks(void (*wake)(void), void (*thread_exiting)(void))
+void _ta_small_set_purge_hooks(void (*wake)(void), void (*thread_exiting)(void),
+                               bool (*running)(void))
 {
     atomic_store_explicit(&purge_hooks.wake, wake, memory_order_release);
     atomic_store_explicit(&purge_hooks.thread_exiting, thread_exiting, memory_order_release);
+    atomic_store_explicit(&purge_hooks.running, running, memory_order_release);
+}
+
+/* Whether a purge thread exists to give back what is left waiting. */
+static bool purge_thread_runs(void)
+{
+    bool (*fn)(void) = atomic_load_explicit(&purge_hooks.running, memory_order_acquire);
+    return fn && fn();
 }
 
 /* One bit per 4 MiB of a 48-bit address space marks slab segments, so that
@@ -1490,8 +1500,10 @@ static void heap_abandon(heap_t *h)
     /* Free pages wait RETAIN_MS like a live heap's: a thread pool's next
      * thread adopts the heap and reuses them without faults (mstress,
      * whose rounds start new threads, spent 29% of its time refaulting
-     * what each exit purged); the purge thread gives back what waits. */
-    bool waiting = heap_tidy(h, false);
+     * what each exit purged); the purge thread gives back what waits.
+     * Without one (PURGE_THREAD off, or it could not start) nothing would:
+     * no allocation path looks at abandoned heaps. */
+    bool waiting = heap_tidy(h, !purge_thread_runs());
     abandon_hook(0);
     atomic_store_explicit(&h->abandoned, true, memory_order_seq_cst);
     abandon_hook(1);

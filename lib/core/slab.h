@@ -53,8 +53,9 @@ void _ta_small_thread_done(void);
 bool _ta_small_purge_pass(void);
 /* Installed by the purge thread's set-up (the slabs never call it by name):
  * wake when a free leaves it work, thread_exiting from a heap's key
- * destructor. */
-void _ta_small_set_purge_hooks(void (*wake)(void), void (*thread_exiting)(void));
+ * destructor, running to learn whether the thread exists. */
+void _ta_small_set_purge_hooks(void (*wake)(void), void (*thread_exiting)(void),
+                               bool (*running)(void));
 /* Tests (the test build only, TA_TEST_HOOKS): called as a heap is given
  * up, after its last tidy (0) and after it is marked abandoned (1), in the
  * thread giving it up. */
