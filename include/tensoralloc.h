@@ -70,7 +70,7 @@ TA_API void ta_trim(void);
  */
 TA_API struct mallinfo2 ta_mallinfo2(void);
 
-#define TA_STATS_VERSION 3
+#define TA_STATS_VERSION 4
 
 /* The statistics fields, X(name, description) each, in order: the struct
  * below, the text and JSON printers and ta_stats_field are all made from
@@ -117,7 +117,11 @@ TA_API struct mallinfo2 ta_mallinfo2(void);
     /* version 3 */ \
     X(parked_count, "ranges whose munmap failed, memory given back, retried") \
     X(parked_bytes, "bytes of those ranges") \
-    X(small_remote_released_bytes, "pages of blocks freed into idle heaps, returned")
+    X(small_remote_released_bytes, "pages of blocks freed into idle heaps, returned") \
+    /* version 4 */ \
+    X(pressure_events, "memory-pressure events responded to") \
+    X(pressure_released_bytes, "bytes given back by the allocator on pressure") \
+    X(pressure_sources, "sources watched: 2 machine PSI, 4 cgroup v2, 8 cgroup v1")
 /* clang-format on */
 
 #define TA_STATS_FIELD_(name, description) uint64_t name;
@@ -140,6 +144,41 @@ TA_API int ta_stats_get(ta_stats_t *stats);
 typedef enum { TA_STATS_TEXT = 0, TA_STATS_JSON = 1 } ta_stats_format_t;
 /* Writes the statistics; returns 0 or an errno. */
 TA_API int ta_stats_print(FILE *out, ta_stats_format_t format);
+
+/* ---- memory pressure ---------------------------------------------------
+ * The purge thread watches the kernel's signals (docs/cache.md "Memory
+ * pressure"): PSI triggers on the machine and the process's cgroup v2
+ * group, the vmpressure level and a usage threshold of its cgroup v1
+ * memory group. On an event it gives back what the allocator keeps (the
+ * retain pool, free slab pages of every heap) at once, then calls the
+ * listeners (the model cache is one). */
+typedef enum {
+    TA_PRESSURE_MACHINE = 2, /* /proc/pressure/memory */
+    TA_PRESSURE_CGROUP2 = 4, /* the cgroup v2 group's memory.pressure */
+    TA_PRESSURE_CGROUP1 = 8, /* the cgroup v1 memory group */
+    TA_PRESSURE_CALLER = 16, /* ta_pressure_signal */
+} ta_pressure_source_t;
+
+typedef struct {
+    uint32_t sources;        /* the TA_PRESSURE_* bits that fired */
+    uint64_t events;         /* events so far, this one included */
+    uint64_t released_bytes; /* given back by the allocator for this one */
+    const char *figure;      /* the kernel's figures, one line (valid during the call) */
+} ta_pressure_event_t;
+
+/* Called on the purge thread (or ta_pressure_signal's caller), after the
+ * allocator's own release, one call at a time; it must not call the
+ * ta_pressure_* functions (EDEADLK). */
+typedef void (*ta_pressure_fn)(const ta_pressure_event_t *event, void *arg);
+/* Adds a listener: 0, EINVAL (fn NULL), EEXIST (fn, arg already listen),
+ * ENOSPC (16 listen already). */
+TA_API int ta_pressure_listen(ta_pressure_fn fn, void *arg);
+/* Removes it, waiting for a call of it in progress: 0 or ENOENT. */
+TA_API int ta_pressure_unlisten(ta_pressure_fn fn, void *arg);
+/* Responds as to the kernel's signal, now, in the calling thread (a
+ * program with signals of its own, and tests). 0, or EDEADLK from a
+ * listener. */
+TA_API int ta_pressure_signal(void);
 
 /* ---- memory snapshots ------------------------------------------------- */
 /* Process-wide figures at one moment, and InvokeAI's diff of two. */
@@ -178,6 +217,9 @@ typedef enum {
                              gives memory back while the program is idle; auto
                              starts it only in a process that already has threads
                              of its own (docs/reliability.md) */
+    TA_OPT_PRESSURE,      /* 0/1 (default 1): the purge thread listens to the
+                             kernel's memory-pressure signals and gives memory
+                             back at once (docs/cache.md "Memory pressure") */
     TA_OPT_COUNT_
 } ta_option_t;
 

@@ -87,6 +87,28 @@ typedef enum {
     TA_PAGE_CACHE_COUNT_ /* how many modes there are; not a mode */
 } ta_page_cache_t;
 
+typedef enum {
+    /* evict unlocked entries, least recently used first, when the kernel
+     * signals memory pressure, and hold the budget lower until it passes */
+    TA_CACHE_PRESSURE_GIVE_WAY = 0,
+    TA_CACHE_PRESSURE_IGNORE = 1, /* the budget alone decides */
+} ta_cache_pressure_t;
+
+/* What a pressure event did, for config.on_pressure (called on the
+ * allocator's purge thread, after the eviction; it must not destroy the
+ * cache). */
+typedef struct {
+    uint32_t sources;         /* TA_PRESSURE_* bits (tensoralloc.h) that fired */
+    const char *figure;       /* the kernel's figures, one line */
+    uint64_t released_bytes;  /* the allocator gave back first (pool, free pages) */
+    uint64_t evicted_bytes;   /* this cache then evicted */
+    uint64_t evicted_entries;
+    uint64_t ram_used;        /* after */
+    uint64_t budget;          /* the RAM budget in force now (lowered) */
+} ta_cache_pressure_event_t;
+
+#define TA_CACHE_MAX_PRESSURE_CALM_MS ((uint64_t)24 * 3600 * 1000)
+
 /* The largest load_chunk and keep_alive_ms ta_cache_create accepts. */
 #define TA_CACHE_MAX_LOAD_CHUNK ((size_t)1 << 30)                     /* 1 GiB */
 #define TA_CACHE_MAX_KEEP_ALIVE_MS ((uint64_t)365 * 24 * 3600 * 1000) /* a year */
@@ -111,6 +133,13 @@ typedef struct {
     ta_page_cache_t page_cache; /* 0: TA_PAGE_CACHE_KEEP */
     uint64_t keep_alive_ms;     /* evict unlocked entries unused this long (a timer), at most
                                    TA_CACHE_MAX_KEEP_ALIVE_MS; 0: never */
+    /* Memory pressure (docs/cache.md "Memory pressure"). */
+    ta_cache_pressure_t pressure; /* 0: TA_CACHE_PRESSURE_GIVE_WAY */
+    size_t pressure_floor;        /* pressure evicts down to this many RAM bytes, not below */
+    uint64_t pressure_calm_ms;    /* after this long without pressure the budget grows back by
+                                     an eighth, each time; 0: 10 s; at most a day */
+    void (*on_pressure)(const ta_cache_pressure_event_t *event, void *arg); /* NULL: none */
+    void *on_pressure_arg;
 } ta_cache_config_t;
 
 typedef struct ta_cache ta_cache_t;
@@ -219,9 +248,15 @@ typedef struct {
     /* version 3: TA_PAGE_CACHE_MAP */
     uint64_t mapped_loads;  /* loads that mapped their file */
     uint64_t mapped_copied; /* mapped entries copied into memory: their file was to change */
+    /* version 4: memory pressure */
+    uint64_t pressure_events;         /* events the cache gave way to */
+    uint64_t pressure_evicted_bytes;  /* bytes of entries evicted on pressure */
+    uint64_t pressure_released_bytes; /* bytes the allocator gave back on those events */
+    uint64_t budget_now;              /* the RAM budget in force (ram_budget, or lower under
+                                         pressure) */
 } ta_cache_stats_t;
 
-#define TA_CACHE_STATS_VERSION 3
+#define TA_CACHE_STATS_VERSION 4
 TA_API int ta_cache_stats_get(ta_cache_t *cache, ta_cache_stats_t *stats);
 /* Statistics as JSON, with each entry's largest loaded size (InvokeAI's
  * loaded_model_sizes) and the last TA_CACHE_RECENT_LOADS loads, oldest

@@ -31,6 +31,7 @@ static const option_desc_t option_table[TA_OPT_COUNT_] = {
     [TA_OPT_VERBOSE] = {"VERBOSE", 0, 0, 1, KIND_BOOL},
     [TA_OPT_MAX_MAP_COUNT] = {"MAX_MAP_COUNT", 0, 0, 1LL << 31, KIND_COUNT},
     [TA_OPT_PURGE_THREAD] = {"PURGE_THREAD", 2, 0, 2, KIND_TRISTATE},
+    [TA_OPT_PRESSURE] = {"PRESSURE", 1, 0, 1, KIND_BOOL},
 };
 
 long long _ta_options[TA_OPT_COUNT_];

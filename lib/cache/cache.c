@@ -218,12 +218,48 @@ static ta_entry_t *lru_victim(ta_cache_t *c, bool on_device)
     return NULL;
 }
 
+#define PRESSURE_CALM_MS_DEFAULT 10000
+#define RULE_LOOK_MS 1000
+
+/* The RAM budget in force (mutex held): with ram_budget 0, the rule's for
+ * the memory the machine and the cgroup have now; lowered by pressure, it
+ * grows back an eighth of the budget each calm period. */
+static size_t budget_now(ta_cache_t *c)
+{
+    uint64_t now = _ta_os_now_ms();
+    if (c->budget_from_rule && now - c->rule_ms >= RULE_LOOK_MS) {
+        c->rule_ms = now;
+        size_t b = ta_cache_budget_rule(0, c->cfg.vram_budget, c->cfg.device_working_mem);
+        if (b != c->cfg.ram_budget) {
+            _ta_cache_log(c, TA_LOG_INFO, "RAM budget %zu MiB -> %zu MiB (the memory limit changed)",
+                          c->cfg.ram_budget >> 20, b >> 20);
+            c->cfg.ram_budget = b;
+            c->st.ram_budget = b;
+        }
+    }
+    if (c->lowered) {
+        uint64_t calm = c->cfg.pressure_calm_ms ? c->cfg.pressure_calm_ms : PRESSURE_CALM_MS_DEFAULT;
+        uint64_t periods = (now - c->calm_since_ms) / calm;
+        if (periods) { /* eight periods bring it all back */
+            c->calm_since_ms += periods * calm;
+            size_t step = c->cfg.ram_budget / 8;
+            c->lowered = periods >= 8 ? 0 : c->lowered + (size_t)periods * step;
+            if (c->lowered >= c->cfg.ram_budget)
+                c->lowered = 0;
+            _ta_cache_log(c, TA_LOG_INFO, "no memory pressure for %llu ms: RAM budget back to %zu MiB",
+                          (unsigned long long)(periods * calm),
+                          (c->lowered ? c->lowered : c->cfg.ram_budget) >> 20);
+        }
+    }
+    return c->lowered && c->lowered < c->cfg.ram_budget ? c->lowered : c->cfg.ram_budget;
+}
+
 /* Evicts least recently used unlocked entries until need more RAM bytes
  * fit the budget. Returns 0, or TA_ECACHEFULL when the rest is locked (or
  * too many victims for one pass; the caller retries). */
 static int make_room_ram(ta_cache_t *c, size_t need, victims_t *v)
 {
-    while (over_budget(c->ram_used, need, c->cfg.ram_budget)) {
+    while (over_budget(c->ram_used, need, budget_now(c))) {
         ta_entry_t *victim = lru_victim(c, false);
         if (!victim || v->nwhole == 64)
             return victim ? EAGAIN : TA_ECACHEFULL;
@@ -277,13 +313,15 @@ static int reserve_ram(ta_cache_t *c, size_t need, victims_t *v, const char *wha
                               what, need, c->cfg.ram_budget);
     int rc = make_room_ram(c, need, v);
     if (rc == TA_ECACHEFULL) {
+        size_t budget = budget_now(c);
+        const char *why = budget < c->cfg.ram_budget ? " (lowered by memory pressure)" : "";
         if (c->cfg.overflow == TA_OVERFLOW_REFUSE)
-            return _ta_cache_fail(rc,
-                                  "%s needs %zu bytes: %zu of %zu in use and the rest is locked",
-                                  what, need, c->ram_used, c->cfg.ram_budget);
+            return _ta_cache_fail(
+                rc, "%s needs %zu bytes: %zu of %zu%s in use and the rest is locked", what, need,
+                c->ram_used, budget, why);
         c->st.over_budget_admits++;
-        _ta_cache_log(c, TA_LOG_WARN, "%s admitted over the RAM budget: %zu + %zu > %zu", what,
-                      c->ram_used, need, c->cfg.ram_budget);
+        _ta_cache_log(c, TA_LOG_WARN, "%s admitted over the RAM budget: %zu + %zu > %zu%s", what,
+                      c->ram_used, need, budget, why);
         rc = 0;
     }
     if (rc == 0) {
@@ -336,6 +374,60 @@ size_t ta_cache_budget_rule(size_t memory, size_t vram_budget, size_t device_wor
         budget = cap;
     size_t floor = half < 4 * GiB ? half : 4 * GiB;
     return budget > floor ? budget : floor;
+}
+
+/* Memory pressure (a listener of the allocator's, on its purge thread,
+ * after the allocator gave back what no one used): the budget in force
+ * drops by a quarter of what the cache holds, less what the allocator
+ * gave back, not below pressure_floor; unlocked entries are evicted, least
+ * recently used first, down to it (InvokeAI's order). */
+static void cache_pressure(const ta_pressure_event_t *ev, void *arg)
+{
+    ta_cache_t *c = arg;
+    ta_cache_pressure_event_t out = {
+        .sources = ev->sources, .figure = ev->figure, .released_bytes = ev->released_bytes};
+    pthread_mutex_lock(&c->mu);
+    size_t budget = budget_now(c);
+    size_t cut = c->ram_used / 4;
+    cut = ev->released_bytes >= cut ? 0 : cut - (size_t)ev->released_bytes;
+    size_t target = c->ram_used - cut;
+    if (target > budget)
+        target = budget;
+    if (target < c->cfg.pressure_floor)
+        target = c->cfg.pressure_floor < budget ? c->cfg.pressure_floor : budget;
+    c->lowered = target ? target : 1; /* 1: lowered to nothing (0 means not lowered) */
+    c->calm_since_ms = _ta_os_now_ms();
+    c->st.pressure_events++;
+    c->st.pressure_released_bytes += ev->released_bytes;
+    for (;;) {
+        victims_t v = {0};
+        ta_entry_t *victim;
+        while (c->ram_used > target && v.nwhole < 64 && (victim = lru_victim(c, false))) {
+            out.evicted_bytes += victim->ram_bytes;
+            out.evicted_entries++;
+            c->st.pressure_evicted_bytes += victim->ram_bytes;
+            c->st.cleared++;
+            detach(c, victim);
+            v.whole[v.nwhole++] = victim;
+        }
+        if (v.nwhole == 0)
+            break;
+        pthread_mutex_unlock(&c->mu);
+        _ta_cache_victims_free(&v); /* the allocator gives it back when the listeners return */
+        pthread_mutex_lock(&c->mu);
+    }
+    out.ram_used = c->ram_used;
+    out.budget = budget_now(c);
+    pthread_mutex_unlock(&c->mu);
+    _ta_cache_log(c, TA_LOG_INFO,
+                  "memory pressure (%s): the allocator gave back %llu MiB; evicted %llu entries "
+                  "(%llu MiB); %llu MiB in use, budget now %llu MiB",
+                  ev->figure, (unsigned long long)(ev->released_bytes >> 20),
+                  (unsigned long long)out.evicted_entries,
+                  (unsigned long long)(out.evicted_bytes >> 20),
+                  (unsigned long long)(out.ram_used >> 20), (unsigned long long)(out.budget >> 20));
+    if (c->cfg.on_pressure)
+        c->cfg.on_pressure(&out, c->cfg.on_pressure_arg);
 }
 
 /* The keep-alive timer: evicts unlocked entries unused for keep_alive_ms,
@@ -404,6 +496,15 @@ static int config_check(const ta_cache_config_t *g)
         return _ta_cache_fail(
             EINVAL, "keep_alive_ms %llu is over the limit of %llu (a year; 0: never)",
             (unsigned long long)g->keep_alive_ms, (unsigned long long)TA_CACHE_MAX_KEEP_ALIVE_MS);
+    if ((unsigned)g->pressure > TA_CACHE_PRESSURE_IGNORE)
+        return _ta_cache_fail(EINVAL,
+                              "pressure %d is not a ta_cache_pressure_t (0: give way, 1: ignore)",
+                              (int)g->pressure);
+    if (g->pressure_calm_ms > TA_CACHE_MAX_PRESSURE_CALM_MS)
+        return _ta_cache_fail(EINVAL,
+                              "pressure_calm_ms %llu is over the limit of %llu (a day; 0: 10 s)",
+                              (unsigned long long)g->pressure_calm_ms,
+                              (unsigned long long)TA_CACHE_MAX_PRESSURE_CALM_MS);
     return 0;
 }
 
@@ -429,8 +530,11 @@ int ta_cache_create(const ta_cache_config_t *config, ta_cache_t **out)
     if (!c)
         return _ta_cache_fail(ENOMEM, "no memory for a cache");
     c->cfg = cfg;
-    if (c->cfg.ram_budget == 0)
+    if (c->cfg.ram_budget == 0) {
         c->cfg.ram_budget = ta_cache_budget_rule(0, c->cfg.vram_budget, c->cfg.device_working_mem);
+        c->budget_from_rule = true;
+        c->rule_ms = _ta_os_now_ms();
+    }
     pthread_mutex_init(&c->mu, NULL);
     pthread_cond_init(&c->loaded, NULL);
     pthread_condattr_t attr;
@@ -447,6 +551,11 @@ int ta_cache_create(const ta_cache_config_t *config, ta_cache_t **out)
         }
         c->has_keeper = true;
     }
+    if (c->cfg.pressure == TA_CACHE_PRESSURE_GIVE_WAY) {
+        if ((rc = ta_pressure_listen(cache_pressure, c)) != 0)
+            _ta_cache_log(c, TA_LOG_WARN, "cannot hear memory pressure: %s", ta_strerror(rc));
+        c->listening = rc == 0;
+    }
     *out = c;
     return 0;
 }
@@ -455,6 +564,8 @@ void ta_cache_destroy(ta_cache_t *c)
 {
     if (!c)
         return;
+    if (c->listening) /* waits for a response in progress */
+        ta_pressure_unlisten(cache_pressure, c);
     if (c->has_keeper) {
         pthread_mutex_lock(&c->mu);
         c->stopping = true;
@@ -1149,6 +1260,8 @@ int ta_cache_stats_get(ta_cache_t *c, ta_cache_stats_t *out)
     s.ram_used = c->ram_used;
     s.vram_used = c->vram_used;
     s.mapped_copied = atomic_load_explicit(&c->mapped_copied, memory_order_relaxed);
+    s.budget_now = budget_now(c);
+    s.ram_budget = c->cfg.ram_budget;
     if (s.loads) { /* the last load is the ring's newest record */
         const load_record_t *r = &c->recent[(s.loads - 1) % TA_CACHE_RECENT_LOADS];
         s.last_load_bytes = r->bytes;
@@ -1190,7 +1303,9 @@ int ta_cache_stats_json(ta_cache_t *c, FILE *f)
         "\"cleared\": %llu, \"cache_size\": %llu, \"ram_used\": %llu, \"vram_budget\": %llu, "
         "\"vram_used\": %llu, \"over_budget_admits\": %llu, \"loads\": %llu, "
         "\"load_bytes\": %llu, \"load_seconds\": %.6f, \"device_moves\": %llu, \"expired\": %llu, "
-        "\"mapped_loads\": %llu, \"mapped_copied\": %llu, \"loaded_model_sizes\": {",
+        "\"mapped_loads\": %llu, \"mapped_copied\": %llu, \"pressure_events\": %llu, "
+        "\"pressure_evicted_bytes\": %llu, \"pressure_released_bytes\": %llu, "
+        "\"budget_now\": %llu, \"loaded_model_sizes\": {",
         (unsigned long long)s.hits, (unsigned long long)s.misses,
         (unsigned long long)s.high_watermark, (unsigned long long)s.in_cache,
         (unsigned long long)s.cleared, (unsigned long long)s.ram_budget,
@@ -1198,7 +1313,9 @@ int ta_cache_stats_json(ta_cache_t *c, FILE *f)
         (unsigned long long)s.vram_used, (unsigned long long)s.over_budget_admits,
         (unsigned long long)s.loads, (unsigned long long)s.load_bytes, s.load_seconds,
         (unsigned long long)s.device_moves, (unsigned long long)s.expired,
-        (unsigned long long)s.mapped_loads, (unsigned long long)s.mapped_copied);
+        (unsigned long long)s.mapped_loads, (unsigned long long)s.mapped_copied,
+        (unsigned long long)s.pressure_events, (unsigned long long)s.pressure_evicted_bytes,
+        (unsigned long long)s.pressure_released_bytes, (unsigned long long)s.budget_now);
     pthread_mutex_lock(&c->mu);
     for (size_t i = 0; i < c->nsizes; i++) {
         if (i)

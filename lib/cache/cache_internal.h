@@ -80,6 +80,14 @@ struct ta_cache {
     unsigned long keeper;
     bool has_keeper, stopping;
     _Atomic uint64_t mapped_copied; /* counted by the file guard's thread */
+    /* Memory pressure: the budget in force is lowered to `lowered` (0: not
+     * lowered) and grows back an eighth each pressure_calm_ms from
+     * calm_since_ms. With ram_budget 0 the rule is looked at again each
+     * second (rule_ms), following the cgroup's limit. */
+    size_t lowered;
+    uint64_t calm_since_ms;
+    bool budget_from_rule, listening;
+    uint64_t rule_ms;
 };
 
 /* What one pass of eviction took, freed after the cache mutex is released. */

@@ -23,10 +23,16 @@
  *   whether it is the only thread left, and while idle it looks every 1 to
  *   8 s (a thread that never allocated leaves no sign); alone, it lets the
  *   signals it blocked through and ends, and the process with it.
+ *
+ * It also watches the kernel's memory-pressure signals (option PRESSURE,
+ * lib/os/os_pressure.c): then it sleeps in poll on their file descriptors
+ * and on an eventfd that wakes it, instead of on the condition variable,
+ * and responds to an event (pressure.c) at most every RESPOND_SPACING_MS.
  */
 #define _GNU_SOURCE
 #include "purge.h"
 #include "large.h"
+#include "pressure.h"
 #include "slab.h"
 
 #include <pthread.h>
@@ -52,6 +58,9 @@ static const int exit_check_ms[] = {0, 10, 50, 200, 1000, 3000};
  * ages on allocator calls only, and creation is tried again a second
  * later, not on every allocation. */
 #define PURGE_RETRY_CREATE_MS 1000
+/* Events closer together than this are one response: cgroup v1 reports a
+ * level for every reclaim batch. */
+#define RESPOND_SPACING_MS 250
 
 static pthread_mutex_t purge_mutex = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t purge_cond = PTHREAD_COND_INITIALIZER;
@@ -63,6 +72,11 @@ static bool purge_pending; /* guarded by purge_mutex: a wake since the last pass
 static int exit_checks;    /* guarded by purge_mutex: looks left after a thread's exit */
 static int purge_pid;    /* guarded by purge_mutex: the process the state belongs to */
 static _Atomic uint64_t purge_failed_ms; /* when pthread_create last failed */
+/* Written under purge_mutex by the thread: it sleeps in poll (the
+ * watcher's eventfd wakes it), not on purge_cond. */
+static atomic_bool poll_waits;
+static unsigned pressure_fired; /* guarded by purge_mutex: sources not yet responded to */
+static uint64_t last_response_ms; /* the thread's own */
 
 /* Process set-up, before any allocation can wake the thread. */
 void _ta_purge_init(void)
@@ -81,17 +95,42 @@ bool _ta_process_has_threads(void)
 #endif
 }
 
+static void pressure_respond(unsigned fired)
+{
+    uint64_t now = _ta_os_now_ms();
+    if (last_response_ms && now - last_response_ms < RESPOND_SPACING_MS)
+        _ta_os_sleep_ms((long)(RESPOND_SPACING_MS - (now - last_response_ms)));
+    _ta_pressure_respond(fired);
+    last_response_ms = _ta_os_now_ms();
+}
+
+/* Sleeps ms, or less when pressure comes; returns its sources. */
+static unsigned sleep_watching(long ms)
+{
+    if (!atomic_load_explicit(&poll_waits, memory_order_relaxed)) {
+        _ta_os_sleep_ms(ms);
+        return 0;
+    }
+    uint64_t until = _ta_os_now_ms() + (uint64_t)ms, now;
+    unsigned fired = 0;
+    while (!fired && (now = _ta_os_now_ms()) < until)
+        fired = _ta_os_pressure_wait((long)(until - now)) & ~(unsigned)TA_OS_PRESSURE_WAKE;
+    return fired;
+}
+
 /* Passes until nothing with a deadline is left. */
 static void purge_work(void)
 {
     for (;;) {
         long long ms = _ta_opt(TA_OPT_RETAIN_MS) / 4;
         ms = ms < 5 ? 5 : ms > 250 ? 250 : ms;
-        _ta_os_sleep_ms(ms);
+        unsigned fired = sleep_watching((long)ms);
         pthread_mutex_lock(&pass_mutex);
         bool more = _ta_small_purge_pass();
         more |= _ta_large_expire();
         pthread_mutex_unlock(&pass_mutex);
+        if (fired)
+            pressure_respond(fired);
         if (!more)
             return;
     }
@@ -99,6 +138,16 @@ static void purge_work(void)
 
 static void wait_ms(int ms)
 {
+    if (atomic_load_explicit(&poll_waits, memory_order_relaxed)) {
+        uint64_t until = _ta_os_now_ms() + (uint64_t)ms, now;
+        while (!purge_pending && !pressure_fired && (now = _ta_os_now_ms()) < until) {
+            pthread_mutex_unlock(&purge_mutex);
+            unsigned fired = _ta_os_pressure_wait((long)(until - now));
+            pthread_mutex_lock(&purge_mutex);
+            pressure_fired |= fired & ~(unsigned)TA_OS_PRESSURE_WAKE;
+        }
+        return;
+    }
     struct timespec until;
     /* The condition variable's clock (realtime): a jump only moves one look. */
     _ta_os_deadline(false, (uint64_t)ms, &until);
@@ -106,11 +155,23 @@ static void wait_ms(int ms)
         ;
 }
 
+/* Wakes the thread's sleep (purge_mutex held). */
+static void wake_locked(void)
+{
+    if (atomic_load_explicit(&poll_waits, memory_order_relaxed))
+        _ta_os_pressure_wake();
+    else
+        pthread_cond_signal(&purge_cond);
+}
+
 /* Alone: signals the process got while only this thread (which blocks
  * them all) was left are delivered as they would have been to the last
  * thread, then the thread ends, and glibc ends the process. */
 static void *purge_end(void)
 {
+    atomic_store(&poll_waits, false);
+    _ta_os_pressure_close();
+    _ta_pressure_watching(0);
     atomic_store(&purge_running, false);
     pthread_mutex_unlock(&purge_mutex);
     _ta_os_unblock_signals();
@@ -130,9 +191,20 @@ static void *purge_main(void *arg)
 {
     (void)arg;
     int idle_ms = IDLE_LOOK_MIN_MS;
+    /* The watcher first: its files are read outside purge_mutex, which
+     * frees take to wake the thread. */
+    unsigned sources = _ta_os_pressure_open(_ta_opt(TA_OPT_PRESSURE) != 0);
     pthread_mutex_lock(&purge_mutex);
+    atomic_store(&poll_waits, _ta_os_pressure_wakeable());
+    _ta_pressure_watching(sources);
     for (;;) {
-        if (purge_pending) {
+        if (pressure_fired) {
+            unsigned fired = pressure_fired;
+            pressure_fired = 0;
+            pthread_mutex_unlock(&purge_mutex);
+            pressure_respond(fired);
+            pthread_mutex_lock(&purge_mutex);
+        } else if (purge_pending) {
             purge_pending = false;
             pthread_mutex_unlock(&purge_mutex);
             purge_work();
@@ -175,8 +247,10 @@ void _ta_purge_wake(void)
 {
     purge_forget_parent();
     pthread_mutex_lock(&purge_mutex);
+    bool was = purge_pending;
     purge_pending = true;
-    pthread_cond_signal(&purge_cond);
+    if (!was) /* else a wake is on its way */
+        wake_locked();
     pthread_mutex_unlock(&purge_mutex);
 }
 
@@ -187,7 +261,7 @@ void _ta_purge_thread_exiting(void)
     purge_forget_parent();
     pthread_mutex_lock(&purge_mutex);
     exit_checks = EXIT_CHECKS;
-    pthread_cond_signal(&purge_cond);
+    wake_locked();
     pthread_mutex_unlock(&purge_mutex);
 }
 
@@ -251,6 +325,13 @@ void _ta_purge_fork_child(void)
     pthread_mutex_init(&pass_mutex, NULL);
     pthread_mutex_init(&purge_mutex, NULL);
     pthread_cond_init(&purge_cond, NULL);
+    /* The watcher's descriptors are the parent's (a trigger lives while
+     * one of them is open): the child's thread opens its own. */
+    atomic_store(&poll_waits, false);
+    _ta_os_pressure_close();
+    pressure_fired = 0;
+    last_response_ms = 0;
+    _ta_pressure_fork_child();
     atomic_store(&purge_running, false);
     purge_pending = false;
     exit_checks = 0;

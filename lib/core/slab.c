@@ -1424,7 +1424,10 @@ static bool parked_due(heap_t *h, uint64_t now, bool *waiting)
     return false;
 }
 
-static bool purge_idle_owners(void)
+/* With at_once (memory pressure, from any thread) every heap's waiting
+ * pages go, due or not, and the purge thread's watch_* fields are left
+ * alone. */
+static bool purge_idle_owners(bool at_once)
 {
     uint64_t now = _ta_os_now_ms();
     int pid = _ta_os_pid();
@@ -1432,9 +1435,13 @@ static bool purge_idle_owners(void)
     for (heap_t *h = heaps_first(); h; h = h->next_all) {
         if (atomic_load_explicit(&h->abandoned, memory_order_relaxed) || h->orphaned)
             continue; /* tidy_abandoned gives back the abandoned ones' */
-        bool unpark = parked_due(h, now, &waiting);
+        bool unpark = false;
+        for (int i = 0; at_once && i < CLASS_COUNT - PARK_FIRST_CLASS; i++)
+            unpark |= atomic_load_explicit(&h->parked[i], memory_order_seq_cst) != NULL;
+        if (!at_once)
+            unpark = parked_due(h, now, &waiting);
         bool dirty = atomic_load_explicit(&h->dirty_bytes, memory_order_seq_cst) != 0;
-        bool purge = dirty && dirty_due(h, now);
+        bool purge = dirty && (at_once || dirty_due(h, now));
         waiting |= dirty && !purge;
         if (!unpark && !purge)
             continue;
@@ -1455,9 +1462,9 @@ static bool purge_idle_owners(void)
             if (s != NULL) /* parked RETAIN_MS: its pages go at once */
                 span_free_pages(h, s, true, now);
         }
-        if (unpark)
+        if (unpark && !at_once)
             h->watch_park_ms = 0;
-        if (dirty_due(h, now))
+        if (at_once || dirty_due(h, now))
             heap_purge(h); /* pages whose advice fails stay: not waited for */
         _ta_unlock(&h->pages_lock);
         atomic_store_explicit(&h->pages_holder_pid, 0, memory_order_relaxed);
@@ -1468,14 +1475,20 @@ static bool purge_idle_owners(void)
 bool _ta_small_purge_pass(void)
 {
     bool more = tidy_abandoned(false); /* later frees wake the purge thread again */
-    if (watch_live_heaps() | purge_idle_owners())
+    if (watch_live_heaps() | purge_idle_owners(false))
         return true;
     atomic_store_explicit(&purge_watching, false, memory_order_seq_cst);
-    if (watch_live_heaps() | purge_idle_owners()) { /* work came in meanwhile */
+    if (watch_live_heaps() | purge_idle_owners(false)) { /* work came in meanwhile */
         atomic_store_explicit(&purge_watching, true, memory_order_relaxed);
         return true;
     }
     return more;
+}
+
+void _ta_small_release_now(void)
+{
+    tidy_abandoned(true);
+    purge_idle_owners(true);
 }
 
 /* The tests' hook, in the test build only (TA_TEST_HOOKS). */

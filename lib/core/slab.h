@@ -42,6 +42,10 @@ size_t _ta_small_usable(const void *p, const char *call);
 /* Checks the size-class table and the division-free block index (tests). */
 bool _ta_small_selfcheck(void);
 void _ta_small_trim(void);
+/* Memory pressure: the free pages of every heap, live or exited, go back
+ * to the kernel now (a live heap whose owner holds its page lock is passed
+ * over: the owner is releasing a span and purges what is due). */
+void _ta_small_release_now(void);
 void _ta_small_stats(ta_stats_t *st);
 void _ta_small_fork_prepare(void);
 void _ta_small_fork_parent(void);

@@ -7,6 +7,7 @@
  */
 #define _GNU_SOURCE
 #include "large.h"
+#include "pressure.h"
 #include "slab.h"
 #include "stats.h"
 
@@ -45,6 +46,7 @@ static void stats_collect(ta_stats_t *st)
     st->version = TA_STATS_VERSION;
     _ta_large_stats(st);
     _ta_small_stats(st);
+    _ta_pressure_stats(st);
     _ta_os_counters_t os;
     _ta_os_counters(&os);
     st->os_map_calls = os.map;

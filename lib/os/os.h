@@ -163,9 +163,42 @@ void _ta_os_deadline(bool monotonic, uint64_t ms, struct timespec *out);
 bool _ta_os_environ_ready(void);
 /* Processors online, at least 1. */
 int _ta_os_cpu_count(void);
-/* This process's cgroup memory limit in bytes (v2 memory.max, else v1
- * memory.limit_in_bytes), 0 if there is none or it cannot be read. */
+/* This process's cgroup memory limit in bytes (its v2 group's memory.max,
+ * else its v1 memory group's hierarchical limit), 0 if there is none or it
+ * cannot be read (os_pressure.c). */
 size_t _ta_os_cgroup_memory_limit(void);
+
+/* ---- memory pressure (os_pressure.c): the purge thread's watcher --------- */
+/* Where a wait's wake-up came from. */
+enum {
+    TA_OS_PRESSURE_WAKE = 1,    /* _ta_os_pressure_wake: other work */
+    TA_OS_PRESSURE_MACHINE = 2, /* /proc/pressure/memory's trigger */
+    TA_OS_PRESSURE_CGROUP2 = 4, /* the cgroup v2 group's memory.pressure trigger */
+    TA_OS_PRESSURE_CGROUP1 = 8, /* the v1 memory group: vmpressure "medium" or usage
+                                   past 7/8 of its limit */
+};
+/* Opens the process's one watcher (closing an earlier one): its wake-up
+ * eventfd and, when listen is set, the triggers this machine and the
+ * process's groups have. Returns the TA_OS_PRESSURE_* sources opened
+ * (without WAKE); _ta_os_pressure_wakeable says whether the wake-up is. */
+unsigned _ta_os_pressure_open(bool listen);
+void _ta_os_pressure_close(void);
+bool _ta_os_pressure_wakeable(void);
+/* Ends a wait now or the next one at once (async-signal-safe, no lock). */
+void _ta_os_pressure_wake(void);
+/* Sleeps up to timeout_ms (-1: no bound) until a source fires or a wake;
+ * returns the sources that fired (0 on a timeout). */
+unsigned _ta_os_pressure_wait(long timeout_ms);
+/* The kernel's figures in one line ("machine avg10=0.52 ..., cgroup
+ * usage 590 of 600 MiB"): the length written, as snprintf. */
+int _ta_os_pressure_figure(char *out, size_t len);
+/* The watched v1 or v2 group's memory in use, and the v1 group's
+ * hierarchical limit (0 where unknown; both after _ta_os_pressure_open). */
+uint64_t _ta_os_cgroup_usage(void);
+uint64_t _ta_os_cgroup_v1_limit(void);
+/* In use less the inactive page cache (v1; v2: in use), as the kubelet
+ * counts a working set. */
+uint64_t _ta_os_cgroup_working_set(void);
 
 /* Counters of the kernel calls made so far (relaxed reads). */
 typedef struct {

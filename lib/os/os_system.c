@@ -397,35 +397,3 @@ int _ta_os_cpu_count(void)
     return n > 0 ? (int)n : 1;
 }
 
-/* A limit file's value: "max" and absurd v1 values (no limit) are 0. */
-static size_t read_limit(const char *path)
-{
-    char buf[64];
-    if (read_small_file(path, buf, sizeof buf) <= 0 || buf[0] < '0' || buf[0] > '9')
-        return 0;
-    unsigned long long v = 0;
-    for (const char *c = buf; *c >= '0' && *c <= '9' && v < (1ULL << 60); c++)
-        v = v * 10 + (unsigned long long)(*c - '0');
-    return v >= (1ULL << 60) ? 0 : (size_t)v;
-}
-
-size_t _ta_os_cgroup_memory_limit(void)
-{
-    /* v2: "0::/path" in /proc/self/cgroup names this process's group. */
-    char groups[4096], path[4200];
-    if (read_small_file("/proc/self/cgroup", groups, sizeof groups) > 0) {
-        for (char *line = groups; line && *line;) {
-            char *next = strchr(line, '\n');
-            if (next)
-                *next++ = '\0';
-            if (strncmp(line, "0::", 3) == 0) {
-                snprintf(path, sizeof path, "/sys/fs/cgroup%s/memory.max", line + 3);
-                size_t v = read_limit(path);
-                if (v)
-                    return v;
-            }
-            line = next;
-        }
-    }
-    return read_limit("/sys/fs/cgroup/memory/memory.limit_in_bytes");
-}
