@@ -1522,6 +1522,12 @@ Test(cache, every_bad_option_is_refused_by_name)
     expect_bad_option(cfg, "keep_alive_ms");
     cfg.keep_alive_ms = TA_CACHE_MAX_KEEP_ALIVE_MS + 1;
     expect_bad_option(cfg, "keep_alive_ms");
+    cfg = ok;
+    cfg.pressure = (ta_cache_pressure_t)2;
+    expect_bad_option(cfg, "pressure");
+    cfg = ok;
+    cfg.pressure_calm_ms = TA_CACHE_MAX_PRESSURE_CALM_MS + 1;
+    expect_bad_option(cfg, "pressure_calm_ms");
     /* the limits themselves are accepted, and so are the largest budgets */
     cfg = ok;
     cfg.load_chunk = TA_CACHE_MAX_LOAD_CHUNK;
@@ -2000,4 +2006,90 @@ Test(cache, a_mapped_entry_whose_copy_fails_is_refused_not_served)
     cr_assert_eq(ta_cache_remove(lc->c, "m"), 0);
     ta_cache_destroy(lc->c);
     free(lc);
+}
+
+/* ---- memory pressure ---------------------------------------------------- */
+
+typedef struct {
+    int calls;
+    ta_cache_pressure_event_t last;
+} pressure_seen_t;
+
+static void heard_pressure(const ta_cache_pressure_event_t *ev, void *arg)
+{
+    pressure_seen_t *s = arg;
+    s->calls++;
+    s->last = *ev;
+}
+
+Test(cache, pressure_evicts_unlocked_entries_lru_first_down_to_the_floor_then_the_budget_grows_back)
+{
+    pressure_seen_t seen = {0};
+    ta_cache_config_t cfg = {.size = sizeof cfg,
+                             .ram_budget = 16 * MiB,
+                             .pressure_floor = 5 * MiB,
+                             .pressure_calm_ms = 300,
+                             .on_pressure = heard_pressure,
+                             .on_pressure_arg = &seen};
+    ta_cache_t *c;
+    cr_assert_eq(ta_cache_create(&cfg, &c), 0);
+    const char *keys[] = {"a", "b", "c", "d", "e", "f", "g", "h"};
+    for (int i = 0; i < 8; i++)
+        cr_assert_eq(put(c, keys[i], 2 * MiB, i), 0);
+    ta_entry_t *locked;
+    cr_assert_eq(ta_cache_get(c, "a", &locked), 0); /* the least recent, but locked */
+    ta_entry_t *b;
+    cr_assert_eq(ta_cache_get(c, "b", &b), 0); /* b, got: now the most recent */
+    ta_entry_unlock(b);
+    ta_trim();
+    cr_assert_eq(ta_pressure_signal(), 0);
+    ta_cache_stats_t st = cstats(c);
+    cr_assert_eq(seen.calls, 1);
+    cr_assert_eq(st.pressure_events, 1);
+    /* a quarter of 16 MiB, less the little the allocator gave back: 2 entries */
+    cr_assert_geq(seen.last.evicted_entries, 1, "evicted %" PRIu64, seen.last.evicted_entries);
+    cr_assert_eq(st.pressure_evicted_bytes, seen.last.evicted_bytes);
+    cr_assert_lt(st.budget_now, 16 * MiB);
+    cr_assert_leq(st.ram_used, st.budget_now);
+    cr_assert(!present(c, "c"), "c, the least recent unlocked entry, is still there");
+    cr_assert(present(c, "a") && present(c, "b"), "a locked or a recent entry went first");
+    /* again and again: never below the floor, never the locked entry */
+    for (int i = 0; i < 6; i++)
+        ta_pressure_signal();
+    st = cstats(c);
+    cr_assert_geq(st.ram_used, 4 * MiB, "%" PRIu64 " bytes left, under the 5 MiB floor",
+                  st.ram_used);
+    cr_assert_eq(st.budget_now, 5 * MiB);
+    cr_assert(present(c, "a"));
+    /* under the lowered budget a load that does not fit is refused, and says why */
+    cr_assert_eq(put(c, "big", 4 * MiB, 1), TA_ECACHEFULL);
+    cr_assert(strstr(cache_error(), "lowered by memory pressure") != NULL, "%s", cache_error());
+    /* calm: an eighth of the budget back each 300 ms */
+    usleep(700 * 1000);
+    uint64_t grown = cstats(c).budget_now;
+    cr_assert(grown >= 5 * MiB + 4 * MiB && grown < 16 * MiB, "budget %" PRIu64, grown);
+    usleep(2500 * 1000);
+    cr_assert_eq(cstats(c).budget_now, 16 * MiB);
+    ta_entry_unlock(locked);
+    ta_cache_destroy(c); /* stops listening: a later signal does not reach it */
+    ta_pressure_signal();
+    cr_assert_eq(seen.calls, 7, "%d calls: heard after its cache was destroyed", seen.calls);
+}
+
+Test(cache, a_cache_that_ignores_pressure_keeps_its_entries)
+{
+    pressure_seen_t seen = {0};
+    ta_cache_config_t cfg = {.size = sizeof cfg,
+                             .ram_budget = 8 * MiB,
+                             .pressure = TA_CACHE_PRESSURE_IGNORE,
+                             .on_pressure = heard_pressure,
+                             .on_pressure_arg = &seen};
+    ta_cache_t *c;
+    cr_assert_eq(ta_cache_create(&cfg, &c), 0);
+    cr_assert_eq(put(c, "a", 4 * MiB, 1), 0);
+    ta_pressure_signal();
+    cr_assert(present(c, "a"));
+    cr_assert_eq(seen.calls, 0);
+    cr_assert_eq(cstats(c).budget_now, 8 * MiB);
+    ta_cache_destroy(c);
 }

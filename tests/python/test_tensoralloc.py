@@ -685,6 +685,40 @@ class Budgets(Base):
             del e1, e2
 
 
+class Pressure(Base):
+    def test_on_pressure_hears_what_the_cache_gave_way(self):
+        size = 2 * MiB
+        paths = {k: self.file(k, model(i, n=1, size=size)) for i, k in enumerate("abcd")}
+        heard = []
+        c = ta.ModelCache(8 * size, pressure_floor=size, on_pressure=heard.append)
+        for k in "abcd":
+            c.load(k, paths[k]).close()
+        with c.get("a") as locked:  # most recent and locked: never evicted
+            ta.trim()  # the allocator keeps nothing: the eviction is the cache's quarter
+            ta.pressure_signal()
+            self.assertEqual(len(heard), 1, heard)
+            ev = heard[0]
+            self.assertEqual(ev["sources"], 16)  # TA_PRESSURE_CALLER
+            self.assertGreaterEqual(ev["evicted_entries"], 1, ev)
+            self.assertEqual(ev["ram_used"], c.stats()["ram_used"])
+            self.assertIn("a", c.keys())
+            self.assertNotIn("b", c.keys())  # the least recently used went first
+            s = c.stats()
+            self.assertEqual(s["pressure_events"], 1)
+            self.assertEqual(s["pressure_evicted_bytes"], ev["evicted_bytes"])
+            self.assertLess(s["budget_now"], s["ram_budget"])
+            self.assertEqual(locked.key, "a")
+        ignoring = ta.ModelCache(8 * size, give_way=False, on_pressure=heard.append)
+        ignoring.load("b", paths["b"]).close()
+        ta.pressure_signal()
+        self.assertEqual(ignoring.keys(), ["b"])
+        self.assertEqual(len(heard), 2)  # only c heard it
+        with self.assertRaises(TypeError):
+            ta.ModelCache(size, on_pressure=3)
+        c.close()
+        ignoring.close()
+
+
 class Threads(Base):
     def test_several_threads_load_and_get_at_once(self):
         paths = [self.file(f"m{i}", model(i, n=4, size=256 * 1024)) for i in range(6)]

@@ -24,7 +24,7 @@ if not hasattr(_c, "DTYPE_SIZES"):  # an older install's extension, imported bef
 __version__ = _c.library_version
 __all__ = ["ModelCache", "Entry", "save_safetensors", "FormatError", "CacheFullError",
            "NoDeviceError", "MemorySnapshot", "get_pretty_snapshot_diff", "mallinfo2", "stats",
-           "trim", "parse_bytes", "budget_rule", "preload_path", "NUMPY_DTYPES", "TORCH_DTYPES"]
+           "trim", "pressure_signal", "parse_bytes", "budget_rule", "preload_path", "NUMPY_DTYPES", "TORCH_DTYPES"]
 
 # safetensors dtype -> numpy dtype name. numpy has no bfloat16 and no 8-bit
 # floats: their bits come as uint16 and uint8 (entry.torch gives the real
@@ -90,18 +90,22 @@ class ModelCache:
     least recently used evicted first; see docs/python.md."""
 
     def __init__(self, ram_budget, vram_budget=0, device=0, keep_ram_copy=True,
-                 overflow="refuse", log=None, load_threads=0, page_cache="keep", keep_alive=0):
+                 overflow="refuse", log=None, load_threads=0, page_cache="keep", keep_alive=0,
+                 give_way=True, pressure_floor=0, on_pressure=None):
         if overflow not in _c.OVERFLOW_MODES:
             raise ValueError(f"overflow is {_one_of(_c.OVERFLOW_MODES)}, not {overflow!r}")
         if page_cache not in _c.PAGE_CACHE_MODES:
             raise ValueError(f"page_cache is {_one_of(_c.PAGE_CACHE_MODES)}, not {page_cache!r}")
         if keep_alive < 0:
             raise ValueError("keep_alive (seconds) must be >= 0")
+        if on_pressure is not None and not callable(on_pressure):
+            raise TypeError("on_pressure is a callable(event: dict) or None")
         self._cache = _c.Cache(parse_bytes(ram_budget), parse_bytes(vram_budget), int(device),
                                bool(keep_ram_copy), _c.OVERFLOW_MODES[overflow],
                                _log_callable(log), int(load_threads),
                                _c.PAGE_CACHE_MODES[page_cache],
-                               int(keep_alive * 1000))
+                               int(keep_alive * 1000), bool(give_way),
+                               parse_bytes(pressure_floor), on_pressure)
 
     def load(self, key, path, to_device=False):
         """The entry for key, locked: the cached one (a hit), else path's
@@ -360,6 +364,13 @@ def stats():
 def trim():
     """Give what the allocator retains back to the kernel now (ta_trim)."""
     _c.trim()
+
+
+def pressure_signal():
+    """Respond now as to the kernel's memory-pressure signal
+    (ta_pressure_signal): the allocator gives back what it keeps, caches
+    evict down to their lowered budget and call their on_pressure."""
+    _c.pressure_signal()
 
 
 def _mapped_files(prefix):

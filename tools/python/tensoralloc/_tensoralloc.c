@@ -136,6 +136,7 @@ typedef struct {
     module_state *st;
     log_gate_t *log_gate; /* the module's, for the callback (no GIL there) */
     PyObject *log;        /* callable(level: str, message: str) or NULL */
+    PyObject *on_pressure; /* callable(event: dict) or NULL */
     Py_ssize_t handles;   /* live handles: each holds one lock of an entry */
     Py_ssize_t calls;     /* calls inside the C cache now, the GIL released */
     Py_ssize_t hold_hits; /* hits counted for the second locks of moves */
@@ -163,6 +164,37 @@ static void log_to_python(void *arg, ta_log_level_t level, const char *message)
             else
                 PyErr_WriteUnraisable(log);
             Py_DECREF(log);
+        }
+        PyGILState_Release(g);
+    }
+    atomic_fetch_sub(&gate->calls, 1);
+}
+
+/* config.on_pressure: on the allocator's purge thread, after an eviction
+ * for memory pressure; the same gate as the log's. */
+static void pressure_to_python(const ta_cache_pressure_event_t *ev, void *arg)
+{
+    CacheObject *self = arg;
+    log_gate_t *gate = self->log_gate;
+    atomic_fetch_add(&gate->calls, 1);
+    if (!atomic_load(&gate->closed) && !interpreter_finalizing()) {
+        PyGILState_STATE g = PyGILState_Ensure();
+        PyObject *fn = self->on_pressure;
+        if (fn) {
+            Py_INCREF(fn);
+            PyObject *d = Py_BuildValue(
+                "{s:I,s:s,s:K,s:K,s:K,s:K,s:K}", "sources", (unsigned)ev->sources, "figure",
+                ev->figure, "released_bytes", (unsigned long long)ev->released_bytes,
+                "evicted_bytes", (unsigned long long)ev->evicted_bytes, "evicted_entries",
+                (unsigned long long)ev->evicted_entries, "ram_used",
+                (unsigned long long)ev->ram_used, "budget", (unsigned long long)ev->budget);
+            PyObject *r = d ? PyObject_CallFunctionObjArgs(fn, d, NULL) : NULL;
+            if (r)
+                Py_DECREF(r);
+            else
+                PyErr_WriteUnraisable(fn);
+            Py_XDECREF(d);
+            Py_DECREF(fn);
         }
         PyGILState_Release(g);
     }
@@ -208,14 +240,21 @@ static void cache_leave(CacheObject *self)
 
 static int Cache_init(CacheObject *self, PyObject *args, PyObject *kw)
 {
-    static char *names[] = {"ram_budget", "vram_budget",  "device",     "keep_ram_copy", "overflow",
-                            "log",        "load_threads", "page_cache", "keep_alive_ms", NULL};
-    unsigned long long ram = 0, vram = 0, keep_alive = 0;
-    int device = 0, keep = 1, overflow = 0, threads = 0, page_cache = 0;
-    PyObject *log = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "K|KipiOiiK", names, &ram, &vram, &device, &keep,
-                                     &overflow, &log, &threads, &page_cache, &keep_alive))
+    static char *names[] = {"ram_budget",    "vram_budget",    "device",         "keep_ram_copy",
+                            "overflow",      "log",            "load_threads",   "page_cache",
+                            "keep_alive_ms", "give_way",       "pressure_floor", "on_pressure",
+                            NULL};
+    unsigned long long ram = 0, vram = 0, keep_alive = 0, floor = 0;
+    int device = 0, keep = 1, overflow = 0, threads = 0, page_cache = 0, give_way = 1;
+    PyObject *log = Py_None, *on_pressure = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "K|KipiOiiKpKO", names, &ram, &vram, &device, &keep,
+                                     &overflow, &log, &threads, &page_cache, &keep_alive,
+                                     &give_way, &floor, &on_pressure))
         return -1;
+    if (on_pressure != Py_None && !PyCallable_Check(on_pressure)) {
+        PyErr_SetString(PyExc_TypeError, "on_pressure must be callable or None");
+        return -1;
+    }
     if (self->cache || self->closed) {
         PyErr_SetString(PyExc_RuntimeError, "already initialised");
         return -1;
@@ -235,13 +274,21 @@ static int Cache_init(CacheObject *self, PyObject *args, PyObject *kw)
                              .log_level = TA_LOG_DEBUG,
                              .load_threads = threads,
                              .page_cache = (ta_page_cache_t)page_cache,
-                             .keep_alive_ms = keep_alive};
+                             .keep_alive_ms = keep_alive,
+                             .pressure = give_way ? TA_CACHE_PRESSURE_GIVE_WAY
+                                                  : TA_CACHE_PRESSURE_IGNORE,
+                             .pressure_floor = (size_t)floor,
+                             .on_pressure = on_pressure != Py_None ? pressure_to_python : NULL,
+                             .on_pressure_arg = self};
     self->st = state_of((PyObject *)self);
     if (!self->log_gate)
         self->log_gate = log_gate_ref(self->st->log_gate);
     self->keep_ram_copy = keep;
     PyObject *old = self->log;
     self->log = log != Py_None ? Py_NewRef(log) : NULL;
+    Py_XDECREF(old);
+    old = self->on_pressure;
+    self->on_pressure = on_pressure != Py_None ? Py_NewRef(on_pressure) : NULL;
     Py_XDECREF(old);
     ta_cache_t *c = NULL;
     int rc = ta_cache_create(&cfg, &c);
@@ -257,12 +304,14 @@ static int Cache_traverse(CacheObject *self, visitproc visit, void *arg)
 {
     Py_VISIT(Py_TYPE((PyObject *)self));
     Py_VISIT(self->log);
+    Py_VISIT(self->on_pressure);
     return 0;
 }
 
 static int Cache_clear(CacheObject *self)
 {
     Py_CLEAR(self->log);
+    Py_CLEAR(self->on_pressure);
     return 0;
 }
 
@@ -273,6 +322,7 @@ static void Cache_dealloc(CacheObject *self)
     cache_destroy(self); /* no call is in flight: each holds a reference */
     log_gate_unref(self->log_gate);
     Py_CLEAR(self->log);
+    Py_CLEAR(self->on_pressure);
     PyObject_GC_Del(self); /* the type's tp_free: a GC type that takes no subclasses */
     Py_DECREF(tp);
 }
@@ -523,7 +573,8 @@ static PyType_Slot cache_slots[] = {
     {Py_tp_methods, Cache_methods},
     {Py_tp_getset, Cache_getset},
     {Py_tp_doc, "Cache(ram_budget, vram_budget=0, device=0, keep_ram_copy=True, overflow=0, "
-                "log=None, load_threads=0, page_cache=0, keep_alive_ms=0): a ta_cache_t"},
+                "log=None, load_threads=0, page_cache=0, keep_alive_ms=0, give_way=True, "
+                "pressure_floor=0, on_pressure=None): a ta_cache_t"},
     {0, NULL}};
 
 static PyType_Spec cache_spec = {.name = "tensoralloc._tensoralloc.Cache",
@@ -780,6 +831,20 @@ static PyObject *mod_trim(PyObject *m, PyObject *noargs)
     Py_RETURN_NONE;
 }
 
+/* ta_pressure_signal: the response to memory pressure, now, the GIL
+ * released (a cache's on_pressure callback takes it). */
+static PyObject *mod_pressure_signal(PyObject *m, PyObject *noargs)
+{
+    (void)m;
+    (void)noargs;
+    PyThreadState *ts = PyEval_SaveThread();
+    int rc = ta_pressure_signal();
+    PyEval_RestoreThread(ts);
+    if (rc)
+        return PyErr_Format(PyExc_RuntimeError, "ta_pressure_signal: %s", ta_strerror(rc));
+    Py_RETURN_NONE;
+}
+
 static PyObject *mod_snapshot(PyObject *m, PyObject *noargs)
 {
     (void)m, (void)noargs;
@@ -844,6 +909,7 @@ static PyMethodDef module_methods[] = {
     {"mallinfo2", mod_mallinfo2, METH_NOARGS, "ta_mallinfo2 as a dict"},
     {"stats", mod_stats, METH_NOARGS, "ta_stats_get as a dict (names from ta_stats_field)"},
     {"trim", mod_trim, METH_NOARGS, "ta_trim"},
+    {"pressure_signal", mod_pressure_signal, METH_NOARGS, "ta_pressure_signal"},
     {"snapshot", mod_snapshot, METH_NOARGS, "ta_memory_snapshot as a tuple"},
     {"snapshot_diff", mod_snapshot_diff, METH_VARARGS, "ta_memory_snapshot_diff of two tuples"},
     {"budget_rule", mod_budget_rule, METH_VARARGS, "ta_cache_budget_rule(memory, vram, working)"},
