@@ -167,13 +167,14 @@ typedef struct {
 } ta_pressure_event_t;
 
 /* Called on the purge thread (or ta_pressure_signal's caller), after the
- * allocator's own release, one call at a time; it must not call the
- * ta_pressure_* functions (EDEADLK). */
+ * allocator's own release, one call at a time; ta_pressure_listen and
+ * ta_pressure_signal from it give EDEADLK. */
 typedef void (*ta_pressure_fn)(const ta_pressure_event_t *event, void *arg);
 /* Adds a listener: 0, EINVAL (fn NULL), EEXIST (fn, arg already listen),
  * ENOSPC (16 listen already). */
 TA_API int ta_pressure_listen(ta_pressure_fn fn, void *arg);
-/* Removes it, waiting for a call of it in progress: 0 or ENOENT. */
+/* Removes it, waiting for a call of it in progress (from a listener, it
+ * takes effect at once: the response calls it no more): 0 or ENOENT. */
 TA_API int ta_pressure_unlisten(ta_pressure_fn fn, void *arg);
 /* Responds as to the kernel's signal, now, in the calling thread (a
  * program with signals of its own, and tests). 0, or EDEADLK from a

@@ -1360,7 +1360,7 @@ Test(cache, each_load_is_recorded_in_the_statistics)
         loaded_and_checked(lc, path, key, "2 readers");
     }
     ta_cache_stats_t s = cstats(lc->c);
-    cr_assert_eq(s.version, 3);
+    cr_assert_eq(s.version, 4);
     cr_assert_eq(s.mapped_loads, 0);
     cr_assert_eq(s.last_load_bytes, data);
     cr_assert_gt(s.last_load_seconds, 0);
@@ -2015,6 +2015,12 @@ typedef struct {
     ta_cache_pressure_event_t last;
 } pressure_seen_t;
 
+static void heard_pressure_plain(const ta_pressure_event_t *ev, void *arg)
+{
+    (void)ev;
+    (void)arg;
+}
+
 static void heard_pressure(const ta_cache_pressure_event_t *ev, void *arg)
 {
     pressure_seen_t *s = arg;
@@ -2092,4 +2098,43 @@ Test(cache, a_cache_that_ignores_pressure_keeps_its_entries)
     cr_assert_eq(seen.calls, 0);
     cr_assert_eq(cstats(c).budget_now, 8 * MiB);
     ta_cache_destroy(c);
+}
+
+/* A cache destroyed by another cache's on_pressure (a Python callback
+ * that closes one, or the garbage collector running in it) is not called
+ * again by that response or any later one. */
+static ta_cache_t *victim_cache;
+
+static void destroy_the_other(const ta_cache_pressure_event_t *ev, void *arg)
+{
+    (void)ev;
+    pressure_seen_t *s = arg;
+    s->calls++;
+    ta_cache_destroy(victim_cache);
+    victim_cache = NULL;
+}
+
+Test(cache, a_cache_destroyed_by_another_caches_callback_is_heard_no_more)
+{
+    pressure_seen_t seen_a = {0}, seen_b = {0};
+    ta_cache_config_t cfg = {.size = sizeof cfg, .ram_budget = 8 * MiB,
+                             .on_pressure = destroy_the_other, .on_pressure_arg = &seen_a};
+    ta_cache_t *a, *b;
+    cr_assert_eq(ta_cache_create(&cfg, &a), 0);
+    cfg.on_pressure = heard_pressure;
+    cfg.on_pressure_arg = &seen_b;
+    cr_assert_eq(ta_cache_create(&cfg, &b), 0); /* listens after a: called after it */
+    victim_cache = b;
+    cr_assert_eq(ta_pressure_signal(), 0);
+    cr_assert_eq(seen_a.calls, 1);
+    cr_assert_eq(seen_b.calls, 0, "the destroyed cache was called in the same response");
+    cr_assert_eq(ta_pressure_signal(), 0);
+    cr_assert_eq(seen_b.calls, 0);
+    /* its slot is free again: 16 listeners fit besides a */
+    static int args[15];
+    for (int i = 0; i < 15; i++)
+        cr_assert_eq(ta_pressure_listen(heard_pressure_plain, &args[i]), 0, "listener %d", i);
+    for (int i = 0; i < 15; i++)
+        ta_pressure_unlisten(heard_pressure_plain, &args[i]);
+    ta_cache_destroy(a);
 }

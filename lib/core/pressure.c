@@ -65,7 +65,13 @@ void _ta_pressure_respond(unsigned sources)
     _ta_log(false, "tensoralloc: memory pressure (%s): gave back %llu KiB\n", figure,
             (unsigned long long)(ev.released_bytes >> 10));
     for (int i = 0; i < listener_count; i++)
-        listeners[i].fn(&ev, listeners[i].arg);
+        if (listeners[i].fn) /* NULL: removed by an earlier listener of this response */
+            listeners[i].fn(&ev, listeners[i].arg);
+    int kept = 0;
+    for (int i = 0; i < listener_count; i++)
+        if (listeners[i].fn)
+            listeners[kept++] = listeners[i];
+    listener_count = kept;
     if (listener_count) { /* what they freed (evicted entries) goes back too, not RETAIN_MS later */
         _ta_large_trim(true);
         _ta_small_release_now();
@@ -107,20 +113,27 @@ int ta_pressure_listen(ta_pressure_fn fn, void *arg)
     return rc;
 }
 
+/* From a listener of the response in progress (a cache destroyed by
+ * another's callback) the entry is only marked: the response's loop skips
+ * it and drops it at its end, so nothing calls the freed listener. */
 int ta_pressure_unlisten(ta_pressure_fn fn, void *arg)
 {
-    if (inside_response())
-        return EDEADLK;
+    bool inside = inside_response(); /* then respond_mutex is this thread's */
     int rc = ENOENT;
-    pthread_mutex_lock(&respond_mutex);
+    if (!inside)
+        pthread_mutex_lock(&respond_mutex);
     for (int i = 0; i < listener_count; i++) {
         if (listeners[i].fn == fn && listeners[i].arg == arg) {
-            listeners[i] = listeners[--listener_count];
+            if (inside)
+                listeners[i].fn = NULL;
+            else
+                listeners[i] = listeners[--listener_count];
             rc = 0;
             break;
         }
     }
-    pthread_mutex_unlock(&respond_mutex);
+    if (!inside)
+        pthread_mutex_unlock(&respond_mutex);
     return rc;
 }
 

@@ -239,6 +239,9 @@ static void purge_forget_parent(void)
     int self = _ta_os_pid();
     if (owner == self || owner == 0) /* 0: set-up has not finished */
         return;
+    /* The parent's watcher descriptors are forgotten, not closed: this
+     * child may have closed them and reused their numbers since. */
+    _ta_os_pressure_forget();
     _ta_purge_fork_child();
     __atomic_store_n(&purge_pid, self, __ATOMIC_RELAXED);
 }
@@ -290,7 +293,9 @@ void _ta_purge_start(void)
     if (!start)
         return;
 
-    if (_ta_os_background_thread(purge_main, (size_t)128 << 10) != 0) {
+    /* A normal thread's stack: pressure listeners run on it (a cache's
+     * callbacks, Python's among them); it is address space, not memory. */
+    if (_ta_os_background_thread(purge_main, (size_t)8 << 20) != 0) {
         uint64_t now = _ta_os_now_ms();
         atomic_store(&purge_failed_ms, now ? now : 1);
         atomic_store(&purge_running, false);

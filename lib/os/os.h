@@ -183,6 +183,9 @@ enum {
  * (without WAKE); _ta_os_pressure_wakeable says whether the wake-up is. */
 unsigned _ta_os_pressure_open(bool listen);
 void _ta_os_pressure_close(void);
+/* A _Fork child: the parent's descriptors are dropped without a close
+ * (the child may have closed and reused their numbers). */
+void _ta_os_pressure_forget(void);
 bool _ta_os_pressure_wakeable(void);
 /* Ends a wait now or the next one at once (async-signal-safe, no lock). */
 void _ta_os_pressure_wake(void);

@@ -112,7 +112,10 @@ static void find_groups(char *v1, char *v2)
             *next++ = '\0';
         /* "hierarchy-id:controllers:path" */
         char *c1 = strchr(line, ':'), *c2 = c1 ? strchr(c1 + 1, ':') : NULL;
-        if (c2 && strcmp(c2 + 1, "/") != 0) {
+        /* "/" too: in a cgroup namespace it is the container's own group
+         * (on the host the root's limit reads as none, and its files as
+         * the machine's). */
+        if (c2) {
             const char *path = c2 + 1;
             bool is_v2 = strncmp(line, "0::", 3) == 0;
             bool memory = false;
@@ -194,7 +197,10 @@ static uint64_t v1_limit(const char *dir)
 
 uint64_t _ta_os_cgroup_v1_limit(void)
 {
-    return v1_limit(v1_dir);
+    int saved = errno;
+    uint64_t v = v1_limit(v1_dir);
+    errno = saved;
+    return v;
 }
 
 size_t _ta_os_cgroup_memory_limit(void)
@@ -251,11 +257,19 @@ unsigned _ta_os_pressure_open(bool listen)
 
 void _ta_os_pressure_close(void)
 {
+    int saved = errno;
     for (int i = 0; i < SLOTS; i++) {
         if (fds[i] >= 0)
             close(fds[i]);
         fds[i] = -1;
     }
+    errno = saved;
+}
+
+void _ta_os_pressure_forget(void)
+{
+    for (int i = 0; i < SLOTS; i++)
+        fds[i] = -1;
 }
 
 bool _ta_os_pressure_wakeable(void)
@@ -319,22 +333,26 @@ unsigned _ta_os_pressure_wait(long timeout_ms)
 
 uint64_t _ta_os_cgroup_usage(void)
 {
+    int saved = errno;
     char path[600];
+    uint64_t v = 0;
     if (v1_dir[0]) {
         snprintf(path, sizeof path, "%s/memory.usage_in_bytes", v1_dir);
-        return read_number(path);
-    }
-    if (v2_dir[0]) {
+        v = read_number(path);
+    } else if (v2_dir[0]) {
         snprintf(path, sizeof path, "%s/memory.current", v2_dir);
-        return read_number(path);
+        v = read_number(path);
     }
-    return 0;
+    errno = saved;
+    return v;
 }
 
 uint64_t _ta_os_cgroup_working_set(void)
 {
+    int saved = errno;
     uint64_t usage = _ta_os_cgroup_usage();
     uint64_t inactive = v1_dir[0] ? v1_stat(v1_dir, "total_inactive_file") : 0;
+    errno = saved;
     return usage > inactive ? usage - inactive : 0;
 }
 
@@ -362,9 +380,11 @@ int _ta_os_pressure_figure(char *out, size_t len)
     }
     if (v1_dir[0] && at < len) {
         uint64_t limit = _ta_os_cgroup_v1_limit();
-        at += (size_t)snprintf(out + at, len - at, ", cgroup in use %llu of %llu MiB",
-                               (unsigned long long)(_ta_os_cgroup_working_set() >> 20),
-                               (unsigned long long)(limit >> 20));
+        at += (size_t)snprintf(out + at, len - at, ", cgroup in use %llu MiB",
+                               (unsigned long long)(_ta_os_cgroup_working_set() >> 20));
+        if (limit && at < len)
+            at += (size_t)snprintf(out + at, len - at, " of %llu MiB",
+                                   (unsigned long long)(limit >> 20));
     }
     errno = saved;
     return (int)(at < len ? at : len - 1);

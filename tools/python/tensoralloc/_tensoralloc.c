@@ -291,7 +291,11 @@ static int Cache_init(CacheObject *self, PyObject *args, PyObject *kw)
     self->on_pressure = on_pressure != Py_None ? Py_NewRef(on_pressure) : NULL;
     Py_XDECREF(old);
     ta_cache_t *c = NULL;
+    /* Without the GIL: creation joins the allocator's pressure listeners,
+     * whose lock a response holds while its callbacks wait for the GIL. */
+    PyThreadState *ts = PyEval_SaveThread();
     int rc = ta_cache_create(&cfg, &c);
+    PyEval_RestoreThread(ts);
     if (rc) {
         raise_rc(self->st, rc, cache_error());
         return -1;
