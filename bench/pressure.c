@@ -20,6 +20,8 @@
  *          second process in the group then takes 200 MiB. Without
  *          pressure handling the cache's process is OOM-killed; with it,
  *          it evicts, finishes, and the locked model is whole.
+ *   rule:  a cache with ram_budget 0 in a 6 GiB group has the rule's 3 GiB;
+ *          the limit lowered to 4 GiB, it has 2 GiB.
  *
  * TAP output; every case skips with the reason where there is no cgroup
  * v1 memory controller or the program is not root. The roles run as
@@ -156,7 +158,7 @@ static unsigned char model_byte(int model, size_t i)
 static void log_stderr(void *arg, ta_log_level_t level, const char *message)
 {
     (void)arg;
-    if (level <= TA_LOG_WARN || strstr(message, "pressure") != NULL)
+    if (level <= TA_LOG_WARN || strstr(message, "memory pressure") != NULL)
         fprintf(stderr, "cache: %s\n", message);
 }
 
@@ -270,6 +272,27 @@ static int role_cache(const char *dir, int full_fd, bool pressure, const scenari
     return pressure && sc->rounds == 0 && (st.pressure_events == 0 || st.pressure_evicted_bytes == 0)
                ? 3
                : 0;
+}
+
+/* A cache with ram_budget 0 reports the rule's budget for its group's
+ * limit, then again after the parent lowered the limit (the rule is looked
+ * at again at most once a second). */
+static int role_rule(int fd)
+{
+    ta_cache_config_t cfg = {.size = sizeof cfg, .ram_budget = 0};
+    ta_cache_t *c;
+    if (ta_cache_create(&cfg, &c))
+        return 4;
+    for (int i = 0; i < 2; i++) {
+        if (i)
+            usleep(1500000); /* the parent changes the limit meanwhile */
+        ta_cache_stats_t st = {.size = sizeof st};
+        ta_cache_stats_get(c, &st);
+        if (write(fd, &st.ram_budget, sizeof st.ram_budget) != sizeof st.ram_budget)
+            return 4;
+    }
+    ta_cache_destroy(c);
+    return 0;
 }
 
 /* ---- the cases ---------------------------------------------------------- */
@@ -448,6 +471,38 @@ static void case_cache(const char *dir, bool pressure)
             how_ended(r.status_a, how, sizeof how), how_b, r.oom_kills);
 }
 
+static void case_rule(void)
+{
+    char group[512], path[600];
+    if (!make_group(group, sizeof group, "rule", 6144)) {
+        tap(false, "rule: cannot make a 6 GiB group: %s", strerror(errno));
+        return;
+    }
+    int fds[2];
+    if (pipe2(fds, O_CLOEXEC) != 0) {
+        tap(false, "rule: pipe: %s", strerror(errno));
+        return;
+    }
+    char fd_arg[16];
+    snprintf(fd_arg, sizeof fd_arg, "%d", fds[1]);
+    char *args[] = {"pressure", "rule", fd_arg, NULL};
+    pid_t pid = spawn(group, args, "1", fds[1], NULL);
+    close(fds[1]);
+    uint64_t before = 0, after = 0;
+    bool got = read(fds[0], &before, sizeof before) == sizeof before;
+    snprintf(path, sizeof path, "%s/memory.limit_in_bytes", group);
+    write_file(path, "4294967296");
+    got = got && read(fds[0], &after, sizeof after) == sizeof after;
+    close(fds[0]);
+    int status;
+    waitpid(pid, &status, 0);
+    tap(got && before == ((uint64_t)3 << 30) && after == ((uint64_t)2 << 30),
+        "ram_budget 0 follows the group's limit: %" PRIu64 " MiB under 6 GiB, then %" PRIu64
+        " MiB under 4 GiB (the rule: 3072, then 2048)",
+        before >> 20, after >> 20);
+    rmdir(group);
+}
+
 static const char *skip_reason(void)
 {
     if (geteuid() != 0)
@@ -559,6 +614,8 @@ int main(int argc, char **argv)
             return role_pool(pressure);
         if (strcmp(argv[1], "cache") == 0 && argc == 4)
             return role_cache(argv[2], atoi(argv[3]), pressure, &sc);
+        if (strcmp(argv[1], "rule") == 0 && argc == 3)
+            return role_rule(atoi(argv[2]));
         if (strcmp(argv[1], "plain") == 0 && argc == 4)
             return role_plain(argv[2], atoi(argv[3]), &sc);
         if (strcmp(argv[1], "grow") == 0) {
@@ -568,10 +625,10 @@ int main(int argc, char **argv)
         }
         return 2;
     }
-    printf("TAP version 13\n1..4\n");
+    printf("TAP version 13\n1..5\n");
     const char *why = skip_reason();
     if (why) {
-        for (int i = 1; i <= 4; i++)
+        for (int i = 1; i <= 5; i++)
             printf("ok %d # SKIP %s\n", i, why);
         return 0;
     }
@@ -584,6 +641,7 @@ int main(int argc, char **argv)
     case_pool(true);
     case_cache(dir, false);
     case_cache(dir, true);
+    case_rule();
     remove_models(dir);
     return 0;
 }

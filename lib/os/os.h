@@ -199,8 +199,7 @@ int _ta_os_pressure_figure(char *out, size_t len);
  * hierarchical limit (0 where unknown; both after _ta_os_pressure_open). */
 uint64_t _ta_os_cgroup_usage(void);
 uint64_t _ta_os_cgroup_v1_limit(void);
-/* In use less the inactive page cache (v1; v2: in use), as the kubelet
- * counts a working set. */
+/* In use less the page cache's file pages (v1; v2: in use). */
 uint64_t _ta_os_cgroup_working_set(void);
 
 /* Counters of the kernel calls made so far (relaxed reads). */

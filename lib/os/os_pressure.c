@@ -35,6 +35,12 @@ static const unsigned slot_source[SLOTS] = {
 static int fds[SLOTS] = {-1, -1, -1, -1, -1};
 static char v1_dir[512], v2_dir[512]; /* the watched groups; "" where none */
 static uint64_t usage_threshold;       /* v1: the threshold registered */
+/* v1: usage (page cache included) is past the threshold, so the kernel
+ * will not say when the memory in use crosses it: the wait looks every
+ * USAGE_LOOK_MS until usage falls back under it. ws_above: the working
+ * set was past it at the last look (an event is the crossing). */
+#define USAGE_LOOK_MS 100
+static bool usage_above, ws_above;
 
 static long read_file(const char *path, char *buf, size_t cap)
 {
@@ -224,6 +230,7 @@ unsigned _ta_os_pressure_open(bool listen)
     int saved = errno;
     unsigned sources = 0;
     _ta_os_pressure_close();
+    usage_above = ws_above = false;
     fds[SLOT_WAKE] = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (fds[SLOT_WAKE] < 0 || !listen) {
         errno = saved;
@@ -246,6 +253,8 @@ unsigned _ta_os_pressure_open(bool listen)
             usage_threshold = limit - limit / 8;
             snprintf(arg, sizeof arg, "%llu", (unsigned long long)usage_threshold);
             fds[SLOT_USAGE] = open_v1_event("memory.usage_in_bytes", arg);
+            /* already past it: no crossing will come until usage falls */
+            usage_above = fds[SLOT_USAGE] >= 0 && _ta_os_cgroup_usage() >= usage_threshold;
         }
     }
     for (int i = SLOT_MACHINE; i < SLOTS; i++)
@@ -300,6 +309,8 @@ unsigned _ta_os_pressure_wait(long timeout_ms)
         slot[n++] = i;
     }
     unsigned fired = 0;
+    if (usage_above && (timeout_ms < 0 || timeout_ms > USAGE_LOOK_MS))
+        timeout_ms = USAGE_LOOK_MS;
     if (n > 0 && poll(p, (nfds_t)n, timeout_ms < 0 ? -1 : (int)timeout_ms) > 0) {
         for (int k = 0; k < n; k++) {
             int i = slot[k];
@@ -317,15 +328,23 @@ unsigned _ta_os_pressure_wait(long timeout_ms)
                 if (read(fds[i], &count, sizeof count) != sizeof count)
                     continue;
             }
-            /* A threshold is crossed both ways: only upwards is pressure,
-             * and only of memory in use: the page cache's inactive files
-             * go first and cheaply (the kubelet's working set). */
-            if (i == SLOT_USAGE && _ta_os_cgroup_working_set() < usage_threshold)
+            if (i == SLOT_USAGE) { /* crossed, one way or the other: looked at below */
+                usage_above = true;
                 continue;
+            }
             fired |= slot_source[i];
         }
     } else if (n == 0 && timeout_ms > 0) {
         _ta_os_sleep_ms(timeout_ms);
+    }
+    /* Only memory in use crossing the threshold upwards is pressure: the
+     * page cache's files go first and cheaply. */
+    if (usage_above && fds[SLOT_USAGE] >= 0) {
+        usage_above = _ta_os_cgroup_usage() >= usage_threshold;
+        bool above = usage_above && _ta_os_cgroup_working_set() >= usage_threshold;
+        if (above && !ws_above)
+            fired |= TA_OS_PRESSURE_CGROUP1;
+        ws_above = above;
     }
     errno = saved;
     return fired;
@@ -351,9 +370,14 @@ uint64_t _ta_os_cgroup_working_set(void)
 {
     int saved = errno;
     uint64_t usage = _ta_os_cgroup_usage();
-    uint64_t inactive = v1_dir[0] ? v1_stat(v1_dir, "total_inactive_file") : 0;
+    /* All file pages, active ones too: a file read again after reclaim
+     * comes back active (refault), and is still the kernel's to drop
+     * (thrashing shows in PSI instead). */
+    uint64_t files = v1_dir[0] ? v1_stat(v1_dir, "total_inactive_file") +
+                                     v1_stat(v1_dir, "total_active_file")
+                               : 0;
     errno = saved;
-    return usage > inactive ? usage - inactive : 0;
+    return usage > files ? usage - files : 0;
 }
 
 /* "some avg10=1.23" of a PSI file, into out. */
