@@ -532,6 +532,11 @@ static int cmp_double(const void *a, const void *b)
  * backwards), with and without the second process. */
 static int bench(int reps, size_t limit)
 {
+    if (reps < 1 || reps > 64 || limit < 200 || limit > ((size_t)1 << 20)) {
+        fprintf(stderr, "pressure bench: repetitions 1-64 and a limit of 200 MiB to 1 TiB, not "
+                        "%d and %zu\n", reps, limit);
+        return 2;
+    }
     const char *why = skip_reason();
     if (why) {
         fprintf(stderr, "pressure bench: %s\n", why);
@@ -555,7 +560,7 @@ static int bench(int reps, size_t limit)
            "process takes %zu MiB; %d rounds of switches, 10 ms apart; %d repetitions, "
            "interleaved; medians (min-max).\n\n",
            sc.limit, sc.model, sc.budget, sc.grow, sc.rounds, reps);
-    printf("| configuration | second process | runs finished | OOM kills (either process) | time s "
+    printf("| configuration | second process | runs without an OOM kill | OOM kills (either process) | time s "
            "| peak RSS MiB |\n");
     printf("| --- | --- | --- | --- | --- | --- |\n");
     for (int grow = 1; grow >= 0; grow--) {
@@ -601,7 +606,7 @@ static int bench(int reps, size_t limit)
 int main(int argc, char **argv)
 {
     if (argc > 1 && strcmp(argv[1], "bench") == 0)
-        return bench(argc > 2 ? atoi(argv[2]) : 3, argc > 3 ? (size_t)atol(argv[3]) : 1000);
+        return bench(argc > 2 ? atoi(argv[2]) : 3, argc > 3 ? (size_t)strtoull(argv[3], NULL, 10) : 1000);
     if (argc > 1 && strcmp(argv[1], "test") != 0) { /* a role, run in a group */
         const char *p = getenv("TENSORALLOC_PRESSURE");
         bool pressure = p && strcmp(p, "1") == 0;
