@@ -138,14 +138,15 @@ static int role_pool(bool pressure)
         ta_free(b[i]);
     if (stats_now().pool_bytes < 150 * MiB)
         return 5; /* the pool must hold them for the case to mean anything */
-    for (int i = 0; i < 200 && pressure && !(stats_now().pressure_sources & TA_PRESSURE_CGROUP1); i++)
+    for (int i = 0; i < 200 && pressure && !(stats_now().pressure_sources & TA_PRESSURE_CGROUP1);
+         i++)
         usleep(10000);
     if (pressure && !(stats_now().pressure_sources & TA_PRESSURE_CGROUP1))
         return 6;
     grow(160, 500);
     ta_stats_t st = stats_now();
-    fprintf(stderr, "pool role: %" PRIu64 " events, %" PRIu64 " MiB given back, pool %" PRIu64
-                    " MiB\n",
+    fprintf(stderr,
+            "pool role: %" PRIu64 " events, %" PRIu64 " MiB given back, pool %" PRIu64 " MiB\n",
             st.pressure_events, st.pressure_released_bytes >> 20, st.pool_bytes >> 20);
     return pressure && (st.pressure_events == 0 || st.pressure_released_bytes < 100 * MiB) ? 3 : 0;
 }
@@ -269,7 +270,8 @@ static int role_cache(const char *dir, int full_fd, bool pressure, const scenari
             switches, st.pressure_events, st.pressure_evicted_bytes >> 20, st.budget_now >> 20);
     ta_cache_destroy(c);
     /* the test's scenario must have been met with pressure */
-    return pressure && sc->rounds == 0 && (st.pressure_events == 0 || st.pressure_evicted_bytes == 0)
+    return pressure && sc->rounds == 0 &&
+                   (st.pressure_events == 0 || st.pressure_evicted_bytes == 0)
                ? 3
                : 0;
 }
@@ -399,11 +401,11 @@ static bool make_models(const char *dir, size_t model_mib)
 /* One run of the cache scenario in a fresh group: how the cache's
  * process (A) and the second one (B) ended, A's time and peak RSS. */
 typedef struct {
-    bool full;            /* A filled its budget and B ran */
+    bool full; /* A filled its budget and B ran */
     int status_a, status_b;
     uint64_t oom_kills;
-    double seconds;       /* A's wall time */
-    double peak_rss_mib;  /* A's */
+    double seconds;      /* A's wall time */
+    double peak_rss_mib; /* A's */
 } run_t;
 
 /* mode: "plain", "cache"; pressure: TENSORALLOC_PRESSURE and the cache's
@@ -533,8 +535,10 @@ static int cmp_double(const void *a, const void *b)
 static int bench(int reps, size_t limit)
 {
     if (reps < 1 || reps > 64 || limit < 200 || limit > ((size_t)1 << 20)) {
-        fprintf(stderr, "pressure bench: repetitions 1-64 and a limit of 200 MiB to 1 TiB, not "
-                        "%d and %zu\n", reps, limit);
+        fprintf(stderr,
+                "pressure bench: repetitions 1-64 and a limit of 200 MiB to 1 TiB, not "
+                "%d and %zu\n",
+                reps, limit);
         return 2;
     }
     const char *why = skip_reason();
@@ -542,8 +546,11 @@ static int bench(int reps, size_t limit)
         fprintf(stderr, "pressure bench: %s\n", why);
         return 77;
     }
-    const scenario_t sc = {.limit = limit, .model = limit / 10, .budget = limit / 2,
-                           .grow = limit * 6 / 10, .rounds = 40};
+    const scenario_t sc = {.limit = limit,
+                           .model = limit / 10,
+                           .budget = limit / 2,
+                           .grow = limit * 6 / 10,
+                           .rounds = 40};
     static const struct {
         const char *name, *mode;
         bool pressure;
@@ -560,7 +567,8 @@ static int bench(int reps, size_t limit)
            "process takes %zu MiB; %d rounds of switches, 10 ms apart; %d repetitions, "
            "interleaved; medians (min-max).\n\n",
            sc.limit, sc.model, sc.budget, sc.grow, sc.rounds, reps);
-    printf("| configuration | second process | runs without an OOM kill | OOM kills (either process) | time s "
+    printf("| configuration | second process | runs without an OOM kill | OOM kills (either "
+           "process) | time s "
            "| peak RSS MiB |\n");
     printf("| --- | --- | --- | --- | --- | --- |\n");
     for (int grow = 1; grow >= 0; grow--) {
@@ -569,16 +577,16 @@ static int bench(int reps, size_t limit)
         for (int rep = 0; rep < reps && rep < 64; rep++) {
             for (int k = 0; k < CONFIGS; k++) {
                 int c = rep % 2 ? CONFIGS - 1 - k : k;
-                run_t r = run_scenario(dir, configs[c].mode, configs[c].pressure, grow, &sc,
-                                       "bench");
+                run_t r =
+                    run_scenario(dir, configs[c].mode, configs[c].pressure, grow, &sc, "bench");
                 kills[c] += (int)r.oom_kills;
                 if (r.oom_kills == 0 && WIFEXITED(r.status_a) && WEXITSTATUS(r.status_a) == 0) {
                     secs[c][done[c]] = r.seconds;
                     rss[c][done[c]++] = r.peak_rss_mib;
                 } else {
                     char a[64], b[64];
-                    fprintf(stderr, "%s, %s: cache process %s, second process %s, %" PRIu64
-                                    " OOM kills\n",
+                    fprintf(stderr,
+                            "%s, %s: cache process %s, second process %s, %" PRIu64 " OOM kills\n",
                             configs[c].name, grow ? "grows" : "none",
                             how_ended(r.status_a, a, sizeof a), how_ended(r.status_b, b, sizeof b),
                             r.oom_kills);
@@ -606,7 +614,8 @@ static int bench(int reps, size_t limit)
 int main(int argc, char **argv)
 {
     if (argc > 1 && strcmp(argv[1], "bench") == 0)
-        return bench(argc > 2 ? atoi(argv[2]) : 3, argc > 3 ? (size_t)strtoull(argv[3], NULL, 10) : 1000);
+        return bench(argc > 2 ? atoi(argv[2]) : 3,
+                     argc > 3 ? (size_t)strtoull(argv[3], NULL, 10) : 1000);
     if (argc > 1 && strcmp(argv[1], "test") != 0) { /* a role, run in a group */
         const char *p = getenv("TENSORALLOC_PRESSURE");
         bool pressure = p && strcmp(p, "1") == 0;

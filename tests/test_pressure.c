@@ -151,8 +151,10 @@ Test(pressure, the_purge_thread_watches_the_kernel_without_spending_cpu)
         usleep(10000);
         sources = stats_now().pressure_sources;
     }
-    cr_assert(sources & TA_PRESSURE_MACHINE, "the purge thread watches %" PRIu64 ", not the "
-              "machine's PSI", sources);
+    cr_assert(sources & TA_PRESSURE_MACHINE,
+              "the purge thread watches %" PRIu64 ", not the "
+              "machine's PSI",
+              sources);
     double cpu = cpu_seconds();
     usleep(1000000);
     cpu = cpu_seconds() - cpu;

@@ -26,7 +26,7 @@ static struct {
     void *arg;
 } listeners[MAX_LISTENERS];
 static int listener_count;                /* guarded by respond_mutex */
-static _Atomic(pthread_t) responder;       /* the thread inside a response, else 0 */
+static _Atomic(pthread_t) responder;      /* the thread inside a response, else 0 */
 static _Atomic uint64_t events, released; /* statistics */
 static _Atomic unsigned watching;         /* TA_PRESSURE_* sources the purge thread opened */
 

@@ -28,13 +28,13 @@
 static const char *const psi_triggers[] = {"some 150000 1000000", "some 300000 2000000"};
 
 enum { SLOT_WAKE, SLOT_MACHINE, SLOT_CGROUP2, SLOT_LEVEL, SLOT_USAGE, SLOTS };
-static const unsigned slot_source[SLOTS] = {
-    TA_OS_PRESSURE_WAKE, TA_OS_PRESSURE_MACHINE, TA_OS_PRESSURE_CGROUP2,
-    TA_OS_PRESSURE_CGROUP1, TA_OS_PRESSURE_CGROUP1};
+static const unsigned slot_source[SLOTS] = {TA_OS_PRESSURE_WAKE, TA_OS_PRESSURE_MACHINE,
+                                            TA_OS_PRESSURE_CGROUP2, TA_OS_PRESSURE_CGROUP1,
+                                            TA_OS_PRESSURE_CGROUP1};
 
 static int fds[SLOTS] = {-1, -1, -1, -1, -1};
 static char v1_dir[512], v2_dir[512]; /* the watched groups; "" where none */
-static uint64_t usage_threshold;       /* v1: the threshold registered */
+static uint64_t usage_threshold;      /* v1: the threshold registered */
 /* v1: usage (page cache included) is past the threshold, so the kernel
  * will not say when the memory in use crosses it: the wait looks every
  * USAGE_LOOK_MS until usage falls back under it. ws_above: the working
@@ -305,7 +305,8 @@ unsigned _ta_os_pressure_wait(long timeout_ms)
         if (fds[i] < 0)
             continue;
         /* PSI triggers signal POLLPRI; eventfds are readable. */
-        p[n] = (struct pollfd){.fd = fds[i], .events = i == SLOT_MACHINE || i == SLOT_CGROUP2 ? POLLPRI : POLLIN};
+        p[n] = (struct pollfd){.fd = fds[i],
+                               .events = i == SLOT_MACHINE || i == SLOT_CGROUP2 ? POLLPRI : POLLIN};
         slot[n++] = i;
     }
     unsigned fired = 0;
@@ -373,9 +374,9 @@ uint64_t _ta_os_cgroup_working_set(void)
     /* All file pages, active ones too: a file read again after reclaim
      * comes back active (refault), and is still the kernel's to drop
      * (thrashing shows in PSI instead). */
-    uint64_t files = v1_dir[0] ? v1_stat(v1_dir, "total_inactive_file") +
-                                     v1_stat(v1_dir, "total_active_file")
-                               : 0;
+    uint64_t files =
+        v1_dir[0] ? v1_stat(v1_dir, "total_inactive_file") + v1_stat(v1_dir, "total_active_file")
+                  : 0;
     errno = saved;
     return usage > files ? usage - files : 0;
 }
