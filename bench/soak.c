@@ -6,10 +6,12 @@
  * block before it is freed or resized. Reports operations, peak RSS and
  * the RSS once everything is freed. Exit status 1 on any corruption.
  *
- *   soak [threads] [seconds] [live blocks per thread] [trim every ms]
+ *   soak [threads] [seconds] [live blocks per thread] [trim every ms] [pressure]
  *
  * With the last argument (ta_* build only), one more thread calls ta_trim
- * at that period: trims race the workers (run so under TSan by CI).
+ * at that period: trims race the workers (run so under TSan by CI); with
+ * "pressure" after it, ta_pressure_signal instead (the memory-pressure
+ * response: every heap's free pages at once, from another thread).
  */
 #include "bench.h"
 
@@ -21,6 +23,7 @@
 enum { HANDOFF = 256 };
 
 static int nthreads = 4, live = 2000, trim_ms;
+static bool trim_by_pressure;
 static double seconds = 10;
 static atomic_long total_ops, corruptions;
 static _Atomic(unsigned char *) handoff[HANDOFF];
@@ -150,7 +153,10 @@ static void *trimmer(void *arg)
 {
     long *trims = arg;
     while (!atomic_load(&stop_trimming)) {
-        ta_trim();
+        if (trim_by_pressure)
+            ta_pressure_signal();
+        else
+            ta_trim();
         (*trims)++;
         usleep((useconds_t)trim_ms * 1000);
     }
@@ -164,9 +170,11 @@ int main(int argc, char **argv)
     seconds = argc > 2 ? atof(argv[2]) : 10;
     live = argc > 3 ? atoi(argv[3]) : 2000;
     trim_ms = argc > 4 ? atoi(argv[4]) : 0;
-    if (nthreads < 1 || nthreads > 256 || seconds <= 0 || live < 1 || trim_ms < 0) {
-        fprintf(stderr,
-                "usage: soak [threads] [seconds] [live blocks per thread] [trim every ms]\n");
+    trim_by_pressure = argc > 5 && strcmp(argv[5], "pressure") == 0;
+    if (nthreads < 1 || nthreads > 256 || seconds <= 0 || live < 1 || trim_ms < 0 ||
+        (argc > 5 && !trim_by_pressure)) {
+        fprintf(stderr, "usage: soak [threads] [seconds] [live blocks per thread] [trim every ms] "
+                        "[pressure]\n");
         return 2;
     }
     size_t rss_start = status_bytes("VmRSS");
