@@ -60,7 +60,7 @@ static const int exit_check_ms[] = {0, 10, 50, 200, 1000, 3000};
 #define PURGE_RETRY_CREATE_MS 1000
 /* Events closer together than this are one response: cgroup v1 reports a
  * level for every reclaim batch. */
-#define RESPOND_SPACING_MS 250
+#define RESPOND_SPACING_MS 100
 
 static pthread_mutex_t purge_mutex = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t purge_cond = PTHREAD_COND_INITIALIZER;

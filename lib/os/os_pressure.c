@@ -179,6 +179,32 @@ static int open_v1_event(const char *file, const char *args)
     return efd;
 }
 
+static uint64_t v1_limit(const char *dir);
+
+/* A usage threshold an eighth below the v1 group's limit (none without
+ * one): a warning that comes with the charge itself, before reclaim has
+ * to fail. Registered again when the limit changes. */
+static uint64_t watched_limit, limit_look_ms;
+#define LIMIT_LOOK_MS 1000
+
+static void watch_usage(uint64_t limit)
+{
+    if (fds[SLOT_USAGE] >= 0)
+        close(fds[SLOT_USAGE]);
+    fds[SLOT_USAGE] = -1;
+    usage_above = ws_above = false;
+    watched_limit = limit;
+    limit_look_ms = _ta_os_now_ms();
+    if (limit == 0)
+        return;
+    char arg[32];
+    usage_threshold = limit - limit / 8;
+    snprintf(arg, sizeof arg, "%llu", (unsigned long long)usage_threshold);
+    fds[SLOT_USAGE] = open_v1_event("memory.usage_in_bytes", arg);
+    /* already past it: no crossing will come until usage falls */
+    usage_above = fds[SLOT_USAGE] >= 0 && _ta_os_cgroup_usage() >= usage_threshold;
+}
+
 /* A field of a v1 group's memory.stat, 0 where absent. */
 static uint64_t v1_stat(const char *dir, const char *field)
 {
@@ -231,6 +257,7 @@ unsigned _ta_os_pressure_open(bool listen)
     unsigned sources = 0;
     _ta_os_pressure_close();
     usage_above = ws_above = false;
+    v1_dir[0] = v2_dir[0] = '\0';
     fds[SLOT_WAKE] = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (fds[SLOT_WAKE] < 0 || !listen) {
         errno = saved;
@@ -245,17 +272,7 @@ unsigned _ta_os_pressure_open(bool listen)
     }
     if (v1_dir[0]) {
         fds[SLOT_LEVEL] = open_v1_event("memory.pressure_level", "medium");
-        /* A usage threshold an eighth below the limit: a warning that comes
-         * with the charge itself, before reclaim has to fail. */
-        uint64_t limit = _ta_os_cgroup_v1_limit();
-        if (limit) {
-            char arg[32];
-            usage_threshold = limit - limit / 8;
-            snprintf(arg, sizeof arg, "%llu", (unsigned long long)usage_threshold);
-            fds[SLOT_USAGE] = open_v1_event("memory.usage_in_bytes", arg);
-            /* already past it: no crossing will come until usage falls */
-            usage_above = fds[SLOT_USAGE] >= 0 && _ta_os_cgroup_usage() >= usage_threshold;
-        }
+        watch_usage(v1_limit(v1_dir));
     }
     for (int i = SLOT_MACHINE; i < SLOTS; i++)
         if (fds[i] >= 0)
@@ -310,7 +327,7 @@ unsigned _ta_os_pressure_wait(long timeout_ms)
         slot[n++] = i;
     }
     unsigned fired = 0;
-    if (usage_above && (timeout_ms < 0 || timeout_ms > USAGE_LOOK_MS))
+    if (usage_above && fds[SLOT_USAGE] >= 0 && (timeout_ms < 0 || timeout_ms > USAGE_LOOK_MS))
         timeout_ms = USAGE_LOOK_MS;
     if (n > 0 && poll(p, (nfds_t)n, timeout_ms < 0 ? -1 : (int)timeout_ms) > 0) {
         for (int k = 0; k < n; k++) {
@@ -340,8 +357,18 @@ unsigned _ta_os_pressure_wait(long timeout_ms)
     }
     /* Only memory in use crossing the threshold upwards is pressure: the
      * page cache's files go first and cheaply. */
+    /* A limit changed at run time moves the threshold, seen at the first
+     * wake-up a second or more after the last look (no wake-up of its own). */
+    if (v1_dir[0] && fds[SLOT_WAKE] >= 0 && _ta_os_now_ms() - limit_look_ms >= LIMIT_LOOK_MS) {
+        uint64_t limit = v1_limit(v1_dir);
+        limit_look_ms = _ta_os_now_ms();
+        if (limit != watched_limit)
+            watch_usage(limit);
+    }
     if (usage_above && fds[SLOT_USAGE] >= 0) {
-        usage_above = _ta_os_cgroup_usage() >= usage_threshold;
+        /* a margin under it: the kernel checks thresholds only every 128
+         * page events, so a look may see usage a little lower than it did */
+        usage_above = _ta_os_cgroup_usage() + (usage_threshold >> 6) >= usage_threshold;
         bool above = usage_above && _ta_os_cgroup_working_set() >= usage_threshold;
         if (above && !ws_above)
             fired |= TA_OS_PRESSURE_CGROUP1;
