@@ -95,8 +95,8 @@ typedef enum {
 } ta_cache_pressure_t;
 
 /* What a pressure event did, for config.on_pressure (called on the
- * allocator's purge thread, after the eviction; it must not destroy the
- * cache). */
+ * allocator's purge thread, after the eviction; it may destroy a cache,
+ * its own too). */
 typedef struct {
     uint32_t sources;         /* TA_PRESSURE_* bits (tensoralloc.h) that fired */
     const char *figure;       /* the kernel's figures, one line */
