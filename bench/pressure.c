@@ -455,7 +455,7 @@ typedef struct {
 /* mode: "plain", "cache"; pressure: TENSORALLOC_PRESSURE and the cache's
  * policy; grow: whether B runs at all. */
 static run_t run_scenario(const char *dir, const char *mode, bool pressure, bool grow,
-                          const scenario_t *sc, const char *name)
+                          const scenario_t *sc, const char *name, const char *preload)
 {
     run_t r = {0};
     char group[512];
@@ -473,7 +473,10 @@ static run_t run_scenario(const char *dir, const char *mode, bool pressure, bool
     snprintf(fd_arg, sizeof fd_arg, "%d", fds[1]);
     char *args_a[] = {"pressure", (char *)mode, (char *)dir, fd_arg, NULL};
     uint64_t start = now_ms();
+    if (preload) /* the plain program under another allocator */
+        setenv("LD_PRELOAD", preload, 1);
     pid_t a = spawn(group, args_a, pressure ? "1" : "0", fds[1], sc);
+    unsetenv("LD_PRELOAD");
     close(fds[1]);
     char full = 0;
     r.full = read(fds[0], &full, 1) == 1; /* the cache holds its whole budget */
@@ -498,7 +501,8 @@ static void case_cache(const char *dir, bool pressure)
 {
     const scenario_t sc = {.limit = 400, .model = 40, .budget = 320, .grow = 200};
     char how[64], how_b[64];
-    run_t r = run_scenario(dir, "cache", pressure, true, &sc, pressure ? "cache-on" : "cache-off");
+    run_t r =
+        run_scenario(dir, "cache", pressure, true, &sc, pressure ? "cache-on" : "cache-off", NULL);
     if (r.status_a == -1) {
         tap(false, "cache: cannot make a 400 MiB group: %s", strerror(errno));
         return;
@@ -601,13 +605,22 @@ static int bench(int reps, size_t limit)
                            .budget = limit / 2,
                            .grow = limit * 6 / 10,
                            .rounds = 40};
+    /* The peers run the plain program too, with the second process only:
+     * a fixed budget is a fixed budget whoever allocates it (their runs
+     * without it would take glibc's minute and a half each). */
     static const struct {
         const char *name, *mode;
         bool pressure;
-    } configs[] = {{"glibc, fixed budget", "plain", false},
-                   {"tensoralloc, pressure ignored", "cache", false},
-                   {"tensoralloc, giving way", "cache", true}};
-    enum { CONFIGS = 3 };
+        const char *preload;
+    } configs[] = {
+        {"glibc, fixed budget", "plain", false, NULL},
+        {"jemalloc, fixed budget", "plain", false, "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"},
+        {"mimalloc, fixed budget", "plain", false, "/usr/lib/x86_64-linux-gnu/libmimalloc.so.2"},
+        {"tcmalloc, fixed budget", "plain", false,
+         "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"},
+        {"tensoralloc, pressure ignored", "cache", false, NULL},
+        {"tensoralloc, giving way", "cache", true, NULL}};
+    enum { CONFIGS = 6 };
     char dir[] = "/tmp/ta-pressure-bench-XXXXXX";
     if (!mkdtemp(dir) || !make_models(dir, sc.model)) {
         fprintf(stderr, "pressure bench: cannot write the model files in /tmp\n");
@@ -627,8 +640,11 @@ static int bench(int reps, size_t limit)
         for (int rep = 0; rep < reps && rep < 64; rep++) {
             for (int k = 0; k < CONFIGS; k++) {
                 int c = rep % 2 ? CONFIGS - 1 - k : k;
-                run_t r =
-                    run_scenario(dir, configs[c].mode, configs[c].pressure, grow, &sc, "bench");
+                const char *pre = configs[c].preload;
+                if (pre && (!grow || access(pre, R_OK) != 0))
+                    continue;
+                run_t r = run_scenario(dir, configs[c].mode, configs[c].pressure, grow, &sc,
+                                       "bench", pre);
                 kills[c] += (int)r.oom_kills;
                 if (r.oom_kills == 0 && WIFEXITED(r.status_a) && WEXITSTATUS(r.status_a) == 0) {
                     secs[c][done[c]] = r.seconds;
@@ -644,6 +660,12 @@ static int bench(int reps, size_t limit)
             }
         }
         for (int c = 0; c < CONFIGS; c++) {
+            const char *pre = configs[c].preload;
+            if (pre && (!grow || access(pre, R_OK) != 0)) {
+                if (grow)
+                    printf("| %s | grows | not installed | | | |\n", configs[c].name);
+                continue;
+            }
             printf("| %s | %s | %d of %d | %d |", configs[c].name, grow ? "grows" : "none", done[c],
                    reps, kills[c]);
             if (done[c] == 0) {
