@@ -144,30 +144,47 @@ typedef struct {
     int keep_ram_copy;
 } CacheObject;
 
+/* A callback from a thread of the library's (the log's, on_pressure's):
+ * whether it may enter Python, counted until gate_leave. Counted before the
+ * gate is read, and the exit handler closes the gate before it reads the
+ * count (both sequentially consistent): either this call sees the gate
+ * closed, or the handler waits for it. */
+static bool gate_enter(log_gate_t *gate)
+{
+    atomic_fetch_add(&gate->calls, 1);
+    return !atomic_load(&gate->closed) && !interpreter_finalizing();
+}
+
+static void gate_leave(log_gate_t *gate)
+{
+    atomic_fetch_sub(&gate->calls, 1);
+}
+
+/* Calls fn (a new reference is held: the callback may drop the cache's)
+ * with args, the GIL held; failures are reported as unraisable. */
+static void call_back(PyObject *fn, PyObject *args)
+{
+    Py_INCREF(fn);
+    PyObject *r = args ? PyObject_CallObject(fn, args) : NULL;
+    if (r)
+        Py_DECREF(r);
+    else
+        PyErr_WriteUnraisable(fn);
+    Py_XDECREF(args);
+    Py_DECREF(fn);
+}
+
 static void log_to_python(void *arg, ta_log_level_t level, const char *message)
 {
     static const char *const names[] = {"error", "warning", "info", "debug"};
     CacheObject *self = arg;
-    log_gate_t *gate = self->log_gate;
-    /* Counted before the gate is read, and the exit handler closes the gate
-     * before it reads the count (both sequentially consistent): either this
-     * call sees the gate closed, or the handler waits for it. */
-    atomic_fetch_add(&gate->calls, 1);
-    if (!atomic_load(&gate->closed) && !interpreter_finalizing()) {
+    if (gate_enter(self->log_gate)) {
         PyGILState_STATE g = PyGILState_Ensure();
-        PyObject *log = self->log;
-        if (log) {
-            Py_INCREF(log); /* the callback may drop the cache's reference */
-            PyObject *r = PyObject_CallFunction(log, "ss", names[level], message);
-            if (r)
-                Py_DECREF(r);
-            else
-                PyErr_WriteUnraisable(log);
-            Py_DECREF(log);
-        }
+        if (self->log)
+            call_back(self->log, Py_BuildValue("(ss)", names[level], message));
         PyGILState_Release(g);
     }
-    atomic_fetch_sub(&gate->calls, 1);
+    gate_leave(self->log_gate);
 }
 
 /* config.on_pressure: on the allocator's purge thread, after an eviction
@@ -175,30 +192,20 @@ static void log_to_python(void *arg, ta_log_level_t level, const char *message)
 static void pressure_to_python(const ta_cache_pressure_event_t *ev, void *arg)
 {
     CacheObject *self = arg;
-    log_gate_t *gate = self->log_gate;
-    atomic_fetch_add(&gate->calls, 1);
-    if (!atomic_load(&gate->closed) && !interpreter_finalizing()) {
+    if (gate_enter(self->log_gate)) {
         PyGILState_STATE g = PyGILState_Ensure();
-        PyObject *fn = self->on_pressure;
-        if (fn) {
-            Py_INCREF(fn);
-            PyObject *d = Py_BuildValue(
-                "{s:I,s:s,s:K,s:K,s:K,s:K,s:K}", "sources", (unsigned)ev->sources, "figure",
-                ev->figure, "released_bytes", (unsigned long long)ev->released_bytes,
-                "evicted_bytes", (unsigned long long)ev->evicted_bytes, "evicted_entries",
-                (unsigned long long)ev->evicted_entries, "ram_used",
-                (unsigned long long)ev->ram_used, "budget", (unsigned long long)ev->budget);
-            PyObject *r = d ? PyObject_CallFunctionObjArgs(fn, d, NULL) : NULL;
-            if (r)
-                Py_DECREF(r);
-            else
-                PyErr_WriteUnraisable(fn);
-            Py_XDECREF(d);
-            Py_DECREF(fn);
-        }
+        if (self->on_pressure)
+            call_back(self->on_pressure,
+                      Py_BuildValue("({s:I,s:s,s:K,s:K,s:K,s:K,s:K})", "sources",
+                                    (unsigned)ev->sources, "figure", ev->figure, "released_bytes",
+                                    (unsigned long long)ev->released_bytes, "evicted_bytes",
+                                    (unsigned long long)ev->evicted_bytes, "evicted_entries",
+                                    (unsigned long long)ev->evicted_entries, "ram_used",
+                                    (unsigned long long)ev->ram_used, "budget",
+                                    (unsigned long long)ev->budget));
         PyGILState_Release(g);
     }
-    atomic_fetch_sub(&gate->calls, 1);
+    gate_leave(self->log_gate);
 }
 
 static void cache_destroy(CacheObject *self)
