@@ -4,9 +4,12 @@
  * files, done two ways so they can be compared under any allocator:
  *
  *   tensoralloc-cache-demo make DIR [--models N] [--scale F] [--shape mix|transformer]
+ *                          [--chunk-mib N]
  *       writes N synthetic models: mix, hundreds of tensors of 256 B to tens
  *       of MiB; transformer, TinyLlama-1.1B's tensors (hidden 2048, MLP
- *       5632, 4 KV heads of 64, vocabulary 32000, bf16) with 22 x F layers
+ *       5632, 4 KV heads of 64, vocabulary 32000, bf16) with 22 x F layers;
+ *       each tensor in one write as safetensors writes them, or with
+ *       --chunk-mib N in writes of N MiB (a downloader's buffer)
  *   tensoralloc-cache-demo load FILE... [--mode cache|plain] [--rounds N]
  *                          [--threads N] [--chunk-mib N]
  *                          [--page-cache keep|drop|bypass|map] [--cold] [--to-device]
@@ -143,7 +146,77 @@ static int transformer_tensors(cJSON *hdr, double scale, uint64_t *off)
     return count + 3;
 }
 
-static int make_models(const char *dir, int models, double scale, bool transformer)
+static int write_all(int fd, const unsigned char *p, size_t n, const char *path)
+{
+    while (n) {
+        ssize_t k = write(fd, p, n);
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k <= 0) {
+            perror(path);
+            return -1;
+        }
+        p += k;
+        n -= (size_t)k;
+    }
+    return 0;
+}
+
+/* Each tensor's bytes go out in one write, as safetensors' own writer
+ * (serialize_to_file: a BufWriter and write_all per tensor) does; with
+ * chunk set, in writes of chunk bytes instead, as a downloader with a
+ * small buffer does. The page cache keeps a file in folios of the sizes
+ * it was written in (Linux 6.16+ on ext4), which decides how fast a
+ * mapping of it fills (docs/benchmarks.md "Mapped loads"). Byte x of the
+ * data is (x mod 1 MiB) x 31 + the model's number either way. */
+static int write_model(const char *path, const char *text, cJSON *hdr, uint64_t total, int m,
+                       size_t chunk)
+{
+    const size_t period = (size_t)1 << 20;
+    size_t largest = 0;
+    for (cJSON *t = hdr->child; t; t = t->next) {
+        cJSON *offs = cJSON_GetObjectItem(t, "data_offsets");
+        size_t n = (size_t)(cJSON_GetArrayItem(offs, 1)->valuedouble -
+                            cJSON_GetArrayItem(offs, 0)->valuedouble);
+        largest = n > largest ? n : largest;
+    }
+    size_t piece = chunk ? chunk : largest;
+    unsigned char *pattern = malloc(piece + period);
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (!pattern || fd < 0) {
+        perror(path);
+        free(pattern);
+        if (fd >= 0)
+            close(fd);
+        return 1;
+    }
+    for (size_t i = 0; i < piece + period; i++)
+        pattern[i] = (unsigned char)((i % period) * 31 + (size_t)m);
+    uint64_t n = strlen(text);
+    unsigned char len8[8];
+    for (int i = 0; i < 8; i++)
+        len8[i] = (unsigned char)(n >> (8 * i));
+    int rc = write_all(fd, len8, 8, path) || write_all(fd, (const unsigned char *)text, n, path);
+    /* tensors lie in order, back to back (add_tensor) */
+    for (cJSON *t = hdr->child; t && rc == 0 && !chunk; t = t->next) {
+        cJSON *offs = cJSON_GetObjectItem(t, "data_offsets");
+        uint64_t at = (uint64_t)cJSON_GetArrayItem(offs, 0)->valuedouble;
+        uint64_t to = (uint64_t)cJSON_GetArrayItem(offs, 1)->valuedouble;
+        rc = write_all(fd, pattern + at % period, (size_t)(to - at), path);
+    }
+    for (uint64_t at = 0; at < total && rc == 0 && chunk; at += chunk) {
+        size_t k = total - at < chunk ? (size_t)(total - at) : chunk;
+        rc = write_all(fd, pattern + at % period, k, path);
+    }
+    if (close(fd) != 0 && rc == 0) {
+        perror(path);
+        rc = -1;
+    }
+    free(pattern);
+    return rc ? 1 : 0;
+}
+
+static int make_models(const char *dir, int models, double scale, bool transformer, size_t chunk)
 {
     if (mkdir(dir, 0755) != 0 && errno != EEXIST) {
         perror(dir);
@@ -158,29 +231,13 @@ static int make_models(const char *dir, int models, double scale, bool transform
         char *text = cJSON_PrintUnformatted(hdr);
         char path[4096];
         snprintf(path, sizeof path, "%s/model%d.safetensors", dir, m);
-        FILE *f = fopen(path, "wb");
-        if (!f) {
-            perror(path);
-            return 1;
-        }
-        uint64_t n = strlen(text);
-        unsigned char len8[8];
-        for (int i = 0; i < 8; i++)
-            len8[i] = (unsigned char)(n >> (8 * i));
-        fwrite(len8, 1, 8, f);
-        fwrite(text, 1, n, f);
-        static unsigned char block[1 << 20];
-        for (size_t i = 0; i < sizeof block; i++)
-            block[i] = (unsigned char)(i * 31 + (size_t)m);
-        for (uint64_t left = off; left;) {
-            size_t k = left < sizeof block ? (size_t)left : sizeof block;
-            fwrite(block, 1, k, f);
-            left -= k;
-        }
-        fclose(f);
-        printf("%s: %d tensors, %.1f MiB\n", path, count, (double)off / MiB);
+        int rc = write_model(path, text, hdr, off, m, chunk);
+        if (rc == 0)
+            printf("%s: %d tensors, %.1f MiB\n", path, count, (double)off / MiB);
         cJSON_free(text);
         cJSON_Delete(hdr);
+        if (rc)
+            return rc;
     }
     return 0;
 }
@@ -458,7 +515,7 @@ static int load_files(char **files, int nfiles, const load_args_t *a)
 static __attribute__((noreturn)) void usage(void)
 {
     fprintf(stderr, "usage: tensoralloc-cache-demo make DIR [--models N] [--scale F] [--shape "
-                    "mix|transformer]\n"
+                    "mix|transformer] [--chunk-mib N]\n"
                     "       tensoralloc-cache-demo run DIR [--mode cache|plain] [--budget-mib N]\n"
                     "                                  [--switches N] [--page-cache "
                     "keep|drop|bypass|map] [--verbose]\n"
@@ -518,7 +575,7 @@ int main(int argc, char **argv)
     bool transformer = strcmp(shape, "transformer") == 0;
     if (strcmp(cmd, "make") == 0 && models > 0 && scale > 0 &&
         (transformer || !strcmp(shape, "mix")))
-        return make_models(dir, models, scale, transformer);
+        return make_models(dir, models, scale, transformer, la.chunk);
     if (strcmp(cmd, "run") == 0 && switches > 0 && budget > 0 && known_mode)
         return run(dir, mode, budget, switches, verbose, la.page_cache);
     if (strcmp(cmd, "load") == 0 && la.rounds > 0 && la.threads >= 0 && known_mode &&

@@ -103,7 +103,8 @@ int _ta_os_populate_write(void *addr, size_t size);
 /* Map size bytes of file fd from its start, private and writable: its
  * pages are the page cache's until written (then copied). An access past
  * the end of the file (it shrank) raises SIGBUS: the model cache's file
- * guard (lib/cache/file_guard.c) prevents that. */
+ * guard (lib/cache/file_guard.c) prevents that. From 2 MiB up the mapping
+ * starts on a huge-page boundary. */
 int _ta_os_map_file(int fd, size_t size, void **out);
 /* Fault a mapped range in for reading now (MADV_POPULATE_READ; EINVAL on
  * kernels before 5.14); EFAULT where a file mapping ends past its file. */

@@ -444,14 +444,39 @@ int _ta_os_populate_read(void *addr, size_t size)
     return advise(addr, size, MADV_POPULATE_READ);
 }
 
-int _ta_os_map_file(int fd, size_t size, void **out)
+static int raw_map_file(int fd, size_t size, void *at, void **out)
 {
     int saved = errno, rc;
     if (kcall_enter(&call_map, &rc)) {
-        void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
+        void *p = mmap(at, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | (at ? MAP_FIXED : 0), fd, 0);
         rc = p == MAP_FAILED ? errno : 0;
         if (rc == 0)
             *out = p;
     }
     return kcall_leave(&call_map, rc, saved);
+}
+
+/* On a huge-page boundary from 2 MiB up, as file offset 0 is: the page
+ * cache's 2 MiB folios (ext4 from Linux 6.16, XFS, tmpfs) can then be
+ * mapped whole, by one page-table entry each. Linux 6.18 places such file
+ * mappings on the boundary itself; elsewhere the mapping goes into an
+ * aligned part of a larger anonymous one (MAP_FIXED over our own range). */
+int _ta_os_map_file(int fd, size_t size, void **out)
+{
+    void *p, *room;
+    int rc = raw_map_file(fd, size, NULL, &p);
+    if (rc != 0 || size < TA_HUGE_PAGE || ((uintptr_t)p & (TA_HUGE_PAGE - 1)) == 0) {
+        if (rc == 0)
+            *out = p;
+        return rc;
+    }
+    _ta_os_unmap(p, size);
+    if ((rc = map_with_slack(size, TA_HUGE_PAGE, &room)) != 0)
+        return rc;
+    if ((rc = raw_map_file(fd, size, room, &p)) != 0) {
+        _ta_os_unmap(room, size);
+        return rc;
+    }
+    *out = p;
+    return 0;
 }
