@@ -481,12 +481,38 @@ static bool block_shape(size_t size, size_t alignment, size_t *cap, size_t *alig
     return true;
 }
 
+/* Under huge pages, the fresh part of a block still gets 4 KiB pages in
+ * the 2 MiB region where its end falls (the region passes the mapping's
+ * end) and, in a grown block, in the region where the old pages end (it
+ * has 4 KiB pages already): up to 511 faults each, which cost 7-8 us apiece
+ * on this project's VM, where one MADV_POPULATE_WRITE fills the region's
+ * pages in a loop of the kernel's. Those regions are populated now, since
+ * the block was advised as one its program writes whole: large-window
+ * (20 blocks of 5-25 MiB) took 88 K faults a run, 400 of them huge pages
+ * (docs/benchmarks.md "large-window against tcmalloc, counted in pages"). */
+static void populate_edges(uintptr_t p, size_t cap, size_t fresh_bytes)
+{
+    uintptr_t end = p + cap, fresh = end - fresh_bytes;
+    uintptr_t head_end = _ta_align_up(fresh, TA_HUGE_PAGE);
+    if (head_end > end)
+        head_end = end;
+    if (fresh < head_end && (fresh & (TA_HUGE_PAGE - 1)) != 0)
+        _ta_os_populate_write((void *)fresh, head_end - fresh);
+    uintptr_t tail = end & ~(TA_HUGE_PAGE - 1);
+    if (tail < head_end)
+        tail = head_end;
+    if (tail < end)
+        _ta_os_populate_write((void *)tail, end - tail);
+}
+
 /* Always the whole mapping: advising part of it would split the VMA, and
  * mremap refuses (EFAULT) to move or grow a range spanning two VMAs. */
 static void name_and_advise(void *p, size_t cap, size_t fresh_bytes, unsigned how)
 {
-    if (_ta_thp_advise(p, cap, fresh_bytes, how & TA_LARGE_FILLED))
+    if (_ta_thp_advise(p, cap, fresh_bytes, how & TA_LARGE_FILLED)) {
         _ta_os_advise_hugepage(p, cap);
+        populate_edges((uintptr_t)p, cap, fresh_bytes);
+    }
     _ta_os_name(p, cap, "tensoralloc");
 }
 
