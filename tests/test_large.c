@@ -50,6 +50,40 @@ Test(large, huge_blocks_are_advised_hugepage)
     ta_free(p);
 }
 
+/* Pages of [p, p + size) resident. */
+static size_t resident_pages(const void *p, size_t size)
+{
+    static unsigned char vec[(64 * MiB) / 4096];
+    size_t page = (size_t)sysconf(_SC_PAGESIZE), n = 0;
+    cr_assert_leq(size / page, sizeof vec);
+    cr_assert_eq(mincore((void *)p, size, vec), 0);
+    for (size_t i = 0; i < size / page; i++)
+        n += vec[i] & 1;
+    return n;
+}
+
+/* Under huge pages a block's last 2 MiB region passes its mapping's end
+ * and would fault 4 KiB at a time (up to 511 faults): it is populated at
+ * once, in one call. So is the region where a grown block's old pages
+ * end. The whole huge pages between stay untouched until written. */
+Test(large, huge_blocks_have_their_edge_regions_populated)
+{
+    if (!_ta_os_thp_available())
+        cr_skip_test("transparent huge pages are disabled on this machine");
+    cr_assert_eq(ta_option_set(TA_OPT_THP, 1), 0);
+    const size_t tail = MiB + 12 * 1024, pages = tail / 4096;
+    unsigned char *p = ta_malloc(4 * MiB + tail);
+    cr_assert_eq((uintptr_t)p % (2 * MiB), 0);
+    cr_assert_eq(resident_pages(p + 4 * MiB, tail), pages, "the last region is populated");
+    cr_assert_eq(resident_pages(p, 4 * MiB), 0, "the whole huge pages wait for the program");
+    unsigned char *q = ta_realloc(p, 8 * MiB + tail);
+    cr_assert_not_null(q);
+    cr_assert_eq(resident_pages(q + 4 * MiB, 2 * MiB), 512, "the old end's region is filled up");
+    cr_assert_eq(resident_pages(q + 6 * MiB, 2 * MiB), 0);
+    cr_assert_eq(resident_pages(q + 8 * MiB, tail), pages, "the grown block's last region too");
+    ta_free(q);
+}
+
 /* THP=auto, the default: the first fresh mapping is a probe, left
  * unadvised; once a probe was seen written whole, fresh mappings are
  * advised. */
@@ -65,17 +99,6 @@ Test(large, thp_auto_by_default_advises_blocks_written_whole)
     ta_free(second);
 }
 
-/* Pages of [p, p + size) resident. */
-static size_t resident_pages(const void *p, size_t size)
-{
-    static unsigned char vec[(64 * MiB) / 4096];
-    size_t page = (size_t)sysconf(_SC_PAGESIZE), n = 0;
-    cr_assert_leq(size / page, sizeof vec);
-    cr_assert_eq(mincore((void *)p, size, vec), 0);
-    for (size_t i = 0; i < size / page; i++)
-        n += vec[i] & 1;
-    return n;
-}
 
 /* Blocks touched on their first and last page only (large-scale) must not
  * get huge pages: each would make 2 MiB resident per touch. With huge
