@@ -99,7 +99,6 @@ Test(large, thp_auto_by_default_advises_blocks_written_whole)
     ta_free(second);
 }
 
-
 /* Blocks touched on their first and last page only (large-scale) must not
  * get huge pages: each would make 2 MiB resident per touch. With huge
  * pages for every block (the default for a day) 5,000 such blocks held
