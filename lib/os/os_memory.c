@@ -471,6 +471,8 @@ int _ta_os_map_file(int fd, size_t size, void **out)
         return rc;
     }
     _ta_os_unmap(p, size);
+    size_t page = _ta_os_page_size(); /* the slack's unmap must be page-aligned */
+    size = (size + page - 1) & ~(page - 1);
     if ((rc = map_with_slack(size, TA_HUGE_PAGE, &room)) != 0)
         return rc;
     if ((rc = raw_map_file(fd, size, room, &p)) != 0) {
