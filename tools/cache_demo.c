@@ -169,16 +169,23 @@ static int write_all(int fd, const unsigned char *p, size_t n, const char *path)
  * it was written in (Linux 6.16+ on ext4), which decides how fast a
  * mapping of it fills (docs/benchmarks.md "Mapped loads"). Byte x of the
  * data is (x mod 1 MiB) x 31 + the model's number either way. */
+/* Where tensor t's bytes lie in the data (its data_offsets). */
+static void tensor_range(const cJSON *t, uint64_t *at, uint64_t *to)
+{
+    const cJSON *offs = cJSON_GetObjectItem(t, "data_offsets");
+    *at = (uint64_t)cJSON_GetArrayItem(offs, 0)->valuedouble;
+    *to = (uint64_t)cJSON_GetArrayItem(offs, 1)->valuedouble;
+}
+
 static int write_model(const char *path, const char *text, cJSON *hdr, uint64_t total, int m,
                        size_t chunk)
 {
     const size_t period = (size_t)1 << 20;
     size_t largest = 0;
     for (cJSON *t = hdr->child; t; t = t->next) {
-        cJSON *offs = cJSON_GetObjectItem(t, "data_offsets");
-        size_t n = (size_t)(cJSON_GetArrayItem(offs, 1)->valuedouble -
-                            cJSON_GetArrayItem(offs, 0)->valuedouble);
-        largest = n > largest ? n : largest;
+        uint64_t at, to;
+        tensor_range(t, &at, &to);
+        largest = to - at > largest ? (size_t)(to - at) : largest;
     }
     size_t piece = chunk ? chunk : largest;
     unsigned char *pattern = malloc(piece + period);
@@ -199,9 +206,8 @@ static int write_model(const char *path, const char *text, cJSON *hdr, uint64_t 
     int rc = write_all(fd, len8, 8, path) || write_all(fd, (const unsigned char *)text, n, path);
     /* tensors lie in order, back to back (add_tensor) */
     for (cJSON *t = hdr->child; t && rc == 0 && !chunk; t = t->next) {
-        cJSON *offs = cJSON_GetObjectItem(t, "data_offsets");
-        uint64_t at = (uint64_t)cJSON_GetArrayItem(offs, 0)->valuedouble;
-        uint64_t to = (uint64_t)cJSON_GetArrayItem(offs, 1)->valuedouble;
+        uint64_t at, to;
+        tensor_range(t, &at, &to);
         rc = write_all(fd, pattern + at % period, (size_t)(to - at), path);
     }
     for (uint64_t at = 0; at < total && rc == 0 && chunk; at += chunk) {

@@ -870,8 +870,9 @@ static int map_entry(ta_cache_t *c, ta_entry_t *e, const char *path, int *fd,
     /* Pages the readers fault in from disk come as 2 MiB folios (readahead
      * by huge pages, Linux 6.16+ on ext4), which this and every later
      * mapping of the file takes whole: a 2 GiB model in about a
-     * millisecond (docs/benchmarks.md "Mapped loads"). Refused where
-     * transparent huge pages are off: the mapping then works page by page. */
+     * millisecond (docs/benchmarks.md "Mapped loads"). Refused where the
+     * kernel has no transparent huge pages: the mapping then works page by
+     * page. */
     if (end >= TA_HUGE_PAGE)
         _ta_os_advise_hugepage(map, (size_t)end);
     /* leased now: the file cannot shrink from here on */

@@ -123,16 +123,24 @@ int _ta_os_vma_count(long *out)
     return rc;
 }
 
-static int raw_map(size_t size, void **out)
+/* One private, writable mmap: anonymous (fd -1) or of a file from its
+ * start; at, if set, is fixed (a range of our own). */
+static int map_call(void *at, size_t size, int fd, void **out)
 {
+    int flags = MAP_PRIVATE | (fd < 0 ? MAP_ANONYMOUS : 0) | (at ? MAP_FIXED : 0);
     int saved = errno, rc;
     if (kcall_enter(&call_map, &rc)) {
-        void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        void *p = mmap(at, size, PROT_READ | PROT_WRITE, flags, fd, 0);
         rc = p == MAP_FAILED ? errno : 0;
         if (rc == 0)
             *out = p;
     }
     return kcall_leave(&call_map, rc, saved);
+}
+
+static int raw_map(size_t size, void **out)
+{
+    return map_call(NULL, size, -1, out);
 }
 
 int _ta_os_unmap(void *addr, size_t size)
@@ -444,18 +452,6 @@ int _ta_os_populate_read(void *addr, size_t size)
     return advise(addr, size, MADV_POPULATE_READ);
 }
 
-static int raw_map_file(int fd, size_t size, void *at, void **out)
-{
-    int saved = errno, rc;
-    if (kcall_enter(&call_map, &rc)) {
-        void *p = mmap(at, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | (at ? MAP_FIXED : 0), fd, 0);
-        rc = p == MAP_FAILED ? errno : 0;
-        if (rc == 0)
-            *out = p;
-    }
-    return kcall_leave(&call_map, rc, saved);
-}
-
 /* On a huge-page boundary from 2 MiB up, as file offset 0 is: the page
  * cache's 2 MiB folios (ext4 from Linux 6.16, XFS, tmpfs) can then be
  * mapped whole, by one page-table entry each. Linux 6.18 places such file
@@ -464,7 +460,7 @@ static int raw_map_file(int fd, size_t size, void *at, void **out)
 int _ta_os_map_file(int fd, size_t size, void **out)
 {
     void *p, *room;
-    int rc = raw_map_file(fd, size, NULL, &p);
+    int rc = map_call(NULL, size, fd, &p);
     if (rc != 0 || size < TA_HUGE_PAGE || ((uintptr_t)p & (TA_HUGE_PAGE - 1)) == 0) {
         if (rc == 0)
             *out = p;
@@ -475,7 +471,7 @@ int _ta_os_map_file(int fd, size_t size, void **out)
     size = (size + page - 1) & ~(page - 1);
     if ((rc = map_with_slack(size, TA_HUGE_PAGE, &room)) != 0)
         return rc;
-    if ((rc = raw_map_file(fd, size, room, &p)) != 0) {
+    if ((rc = map_call(room, size, fd, &p)) != 0) {
         _ta_os_unmap(room, size);
         return rc;
     }
