@@ -542,6 +542,20 @@ static int page_cache_mode(const char *s)
     usage();
 }
 
+/* A whole number from lo to hi, or the usage (atoi took "-1" and "2x"). */
+static long long number_arg(const char *s, long long lo, long long hi)
+{
+    char *end;
+    errno = 0;
+    long long v = strtoll(s, &end, 10);
+    if (errno != 0 || end == s || *end != '\0' || v < lo || v > hi) {
+        fprintf(stderr, "tensoralloc-cache-demo: '%s' is not a number from %lld to %lld\n", s, lo,
+                hi);
+        usage();
+    }
+    return v;
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 3)
@@ -561,16 +575,16 @@ int main(int argc, char **argv)
     optind = 2;
     while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
         switch (c) {
-        case 'm': models = atoi(optarg); break;
+        case 'm': models = (int)number_arg(optarg, 1, 1000); break;
         case 's': scale = atof(optarg); break;
         case 'o': mode = optarg; break;
-        case 'b': budget = (size_t)atoll(optarg) << 20; break;
-        case 'w': switches = atoi(optarg); break;
+        case 'b': budget = (size_t)number_arg(optarg, 1, 1 << 30) << 20; break;
+        case 'w': switches = (int)number_arg(optarg, 1, 1 << 30); break;
         case 'v': verbose = 1; break;
         case 'S': shape = optarg; break;
-        case 'r': la.rounds = atoi(optarg); break;
-        case 't': la.threads = atoi(optarg); break;
-        case 'c': la.chunk = (size_t)atoll(optarg) << 20; break;
+        case 'r': la.rounds = (int)number_arg(optarg, 1, 1 << 30); break;
+        case 't': la.threads = (int)number_arg(optarg, 0, 1024); break;
+        case 'c': la.chunk = (size_t)number_arg(optarg, 0, 1 << 20) << 20; break;
         case 'p': la.page_cache = (ta_page_cache_t)page_cache_mode(optarg); break;
         case 'C': la.cold = true; break;
         case 'D': la.to_device = true; break;
