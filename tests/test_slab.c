@@ -408,8 +408,8 @@ Test(slab, new_spans_reuse_waiting_pages_before_fresh_ones)
      * pages can hold */
     void *other = ta_malloc(500);
     cr_assert_not_null(other);
-    cr_log_info("%d blocks freed from the first segment; a 500 B block went to %s one",
-                freed, (uintptr_t)other >> 22 == first_seg ? "the first" : "a newer");
+    cr_log_info("%d blocks freed from the first segment; a 500 B block went to %s one", freed,
+                (uintptr_t)other >> 22 == first_seg ? "the first" : "a newer");
     cr_assert_eq((uintptr_t)other >> 22, first_seg,
                  "a new span took fresh pages while freed ones waited");
     ta_free(other);
