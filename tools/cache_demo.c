@@ -335,6 +335,15 @@ static int count_models(const char *dir)
     }
 }
 
+/* ta_cache_create refused its configuration: say why. */
+static int create_failed(void)
+{
+    const char *why = NULL;
+    ta_cache_last_error(&why);
+    fprintf(stderr, "tensoralloc-cache-demo: cannot create the cache: %s\n", why ? why : "?");
+    return 1;
+}
+
 static int run(const char *dir, const char *mode, size_t budget, int switches, int verbose,
                ta_page_cache_t page_cache)
 {
@@ -358,7 +367,7 @@ static int run(const char *dir, const char *mode, size_t budget, int switches, i
                                  .page_cache = page_cache};
         ta_cache_t *c;
         if (ta_cache_create(&cfg, &c) != 0)
-            return 1;
+            return create_failed();
         for (int k = 0; k < switches; k++) {
             int m = (int)(rng(&s) % (uint64_t)models);
             snprintf(key, sizeof key, "model%d", m);
@@ -471,7 +480,7 @@ static int load_files(char **files, int nfiles, const load_args_t *a)
                              .keep_ram_copy = !a->to_device};
     ta_cache_t *c = NULL;
     if (a->cache && ta_cache_create(&cfg, &c) != 0)
-        return 1;
+        return create_failed();
     double seconds = 0, warm_seconds = 0;
     uint64_t bytes = 0, warm_bytes = 0;
     for (int r = 0; r < a->rounds; r++)
@@ -584,7 +593,7 @@ int main(int argc, char **argv)
         case 'S': shape = optarg; break;
         case 'r': la.rounds = (int)number_arg(optarg, 1, 1 << 30); break;
         case 't': la.threads = (int)number_arg(optarg, 0, 1024); break;
-        case 'c': la.chunk = (size_t)number_arg(optarg, 0, 1 << 20) << 20; break;
+        case 'c': la.chunk = (size_t)number_arg(optarg, 0, TA_CACHE_MAX_LOAD_CHUNK >> 20) << 20; break;
         case 'p': la.page_cache = (ta_page_cache_t)page_cache_mode(optarg); break;
         case 'C': la.cold = true; break;
         case 'D': la.to_device = true; break;

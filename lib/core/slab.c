@@ -558,6 +558,13 @@ static void links_purge(segment_t *seg)
     }
 }
 
+#ifdef TA_TEST_HOOKS
+_Atomic uint64_t _ta_small_waiting_walks;
+#define COUNT_WAITING_WALK() atomic_fetch_add_explicit(&_ta_small_waiting_walks, 1, memory_order_relaxed)
+#else
+#define COUNT_WAITING_WALK() ((void)0)
+#endif
+
 static span_t *span_new(heap_t *h, int c)
 {
     const class_info_t *ci = &classes[c];
@@ -568,12 +575,18 @@ static span_t *span_new(heap_t *h, int c)
     int first = -1, unit = -1;
     pages_lock_own(h);
     /* Free pages still backed by memory first: taking fresh ones while
-     * those wait grows the resident set by what waits (rptest: 10.7 MiB
-     * peak against 7.5 with nothing waiting). */
-    for (seg = h->segments; seg; seg = seg->next)
-        if ((first = find_run(seg->used_pages | ~seg->dirty_pages, ci->pages)) >= 0 &&
-            (unit = link_units_take(seg, units)) >= 0)
-            break;
+     * those wait grows the resident set by what waits (rptest's peak RSS
+     * 11.2 -> 9.6 MiB). Only while enough wait: a heap that only grows
+     * would otherwise walk all its full segments for every span. */
+    seg = NULL;
+    if (atomic_load_explicit(&h->dirty_bytes, memory_order_relaxed) >= span_bytes)
+        for (seg = h->segments; seg; seg = seg->next) {
+            COUNT_WAITING_WALK();
+            if (__builtin_popcountll(seg->dirty_pages) >= ci->pages &&
+                (first = find_run(seg->used_pages | ~seg->dirty_pages, ci->pages)) >= 0 &&
+                (unit = link_units_take(seg, units)) >= 0)
+                break;
+        }
     if (seg == NULL)
         for (seg = h->segments; seg; seg = seg->next)
             if ((first = find_run(seg->used_pages, ci->pages)) >= 0 &&

@@ -64,6 +64,8 @@ void _ta_small_set_purge_hooks(void (*wake)(void), void (*thread_exiting)(void),
  * up, after its last tidy (0) and after it is marked abandoned (1), in the
  * thread giving it up. */
 extern void (*_Atomic _ta_small_abandon_hook)(int stage);
+/* Tests: segments span_new looked at for waiting pages, counted. */
+extern _Atomic uint64_t _ta_small_waiting_walks;
 
 
 /* ---- the layout malloc's inline fast path reads (the rest is slab.c's) -- */
