@@ -62,24 +62,17 @@ static size_t resident_pages(const void *p, size_t size)
     return n;
 }
 
+/* Whether the kernel populates on request (Linux 5.14 and later). */
+static bool kernel_populates(void)
+{
+    static _Alignas(4096) char probe[4096];
+    return _ta_os_populate_write(probe, sizeof probe) == 0;
+}
+
 /* Under huge pages a block's last 2 MiB region passes its mapping's end
  * and would fault 4 KiB at a time (up to 511 faults): it is populated at
  * once, in one call. So is the region where a grown block's old pages
  * end. The whole huge pages between stay untouched until written. */
-#ifndef MADV_POPULATE_WRITE
-#define MADV_POPULATE_WRITE 23
-#endif
-
-/* Whether the kernel populates on request (Linux 5.14 and later). */
-static bool kernel_populates(void)
-{
-    void *p = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    cr_assert_neq(p, MAP_FAILED);
-    bool ok = madvise(p, 4096, MADV_POPULATE_WRITE) == 0;
-    munmap(p, 4096);
-    return ok;
-}
-
 Test(large, huge_blocks_have_their_edge_regions_populated)
 {
     if (!_ta_os_thp_available())

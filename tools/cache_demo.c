@@ -162,13 +162,6 @@ static int write_all(int fd, const unsigned char *p, size_t n, const char *path)
     return 0;
 }
 
-/* Each tensor's bytes go out in one write, as safetensors' own writer
- * (serialize_to_file: a BufWriter and write_all per tensor) does; with
- * chunk set, in writes of chunk bytes instead, as a downloader with a
- * small buffer does. The page cache keeps a file in folios of the sizes
- * it was written in (Linux 6.16+ on ext4), which decides how fast a
- * mapping of it fills (docs/benchmarks.md "Mapped loads"). Byte x of the
- * data is (x mod 1 MiB) x 31 + the model's number either way. */
 /* Where tensor t's bytes lie in the data (its data_offsets). */
 static void tensor_range(const cJSON *t, uint64_t *at, uint64_t *to)
 {
@@ -177,6 +170,13 @@ static void tensor_range(const cJSON *t, uint64_t *at, uint64_t *to)
     *to = (uint64_t)cJSON_GetArrayItem(offs, 1)->valuedouble;
 }
 
+/* Each tensor's bytes go out in one write, as safetensors' own writer
+ * (serialize_to_file: a BufWriter and write_all per tensor) does; with
+ * chunk set, in writes of chunk bytes instead, as a downloader with a
+ * small buffer does. The page cache keeps a file in folios of the sizes
+ * it was written in (Linux 6.16+ on ext4), which decides how fast a
+ * mapping of it fills (docs/benchmarks.md "Mapped loads"). Byte x of the
+ * data is (x mod 1 MiB) x 31 + the model's number either way. */
 static int write_model(const char *path, const char *text, cJSON *hdr, uint64_t total, int m,
                        size_t chunk)
 {

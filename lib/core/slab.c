@@ -565,33 +565,43 @@ _Atomic uint64_t _ta_small_waiting_walks;
 #define COUNT_WAITING_WALK() ((void)0)
 #endif
 
+/* The first of h's segments with a run of `pages` free pages (free pages
+ * still backed by memory, when waiting_only) and room for `units` link
+ * units, which it takes; NULL if none (pages_lock held). */
+static segment_t *span_place(heap_t *h, int pages, size_t units, bool waiting_only, int *first,
+                             int *unit)
+{
+    for (segment_t *seg = h->segments; seg; seg = seg->next) {
+        uint64_t busy = seg->used_pages;
+        if (waiting_only) {
+            COUNT_WAITING_WALK();
+            if (__builtin_popcountll(seg->dirty_pages) < pages)
+                continue;
+            busy |= ~seg->dirty_pages;
+        }
+        if ((*first = find_run(busy, pages)) >= 0 && (*unit = link_units_take(seg, units)) >= 0)
+            return seg;
+    }
+    return NULL;
+}
+
 static span_t *span_new(heap_t *h, int c)
 {
     const class_info_t *ci = &classes[c];
     size_t span_bytes = (size_t)ci->pages * SLAB_PAGE_SIZE;
     size_t entries = (span_bytes - 1) / ci->block_size + 1; /* every index a pointer can give */
     size_t units = (entries * sizeof(uint16_t) + LINK_UNIT - 1) / LINK_UNIT;
-    segment_t *seg;
+    segment_t *seg = NULL;
     int first = -1, unit = -1;
     pages_lock_own(h);
     /* Free pages still backed by memory first: taking fresh ones while
      * those wait grows the resident set by what waits (rptest's peak RSS
      * 11.2 -> 9.6 MiB). Only while enough wait: a heap that only grows
      * would otherwise walk all its full segments for every span. */
-    seg = NULL;
     if (atomic_load_explicit(&h->dirty_bytes, memory_order_relaxed) >= span_bytes)
-        for (seg = h->segments; seg; seg = seg->next) {
-            COUNT_WAITING_WALK();
-            if (__builtin_popcountll(seg->dirty_pages) >= ci->pages &&
-                (first = find_run(seg->used_pages | ~seg->dirty_pages, ci->pages)) >= 0 &&
-                (unit = link_units_take(seg, units)) >= 0)
-                break;
-        }
+        seg = span_place(h, ci->pages, units, true, &first, &unit);
     if (seg == NULL)
-        for (seg = h->segments; seg; seg = seg->next)
-            if ((first = find_run(seg->used_pages, ci->pages)) >= 0 &&
-                (unit = link_units_take(seg, units)) >= 0)
-                break;
+        seg = span_place(h, ci->pages, units, false, &first, &unit);
     if (seg == NULL) {
         if ((seg = segment_new(h)) == NULL) {
             _ta_unlock(&h->pages_lock);
